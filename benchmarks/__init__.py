@@ -1,0 +1,1 @@
+"""Speed benchmarks and paper experiments: `python -m benchmarks.<name>`."""

@@ -1,0 +1,1 @@
+"""Fine-tuning, schedules and evaluation metrics (never imports scoring)."""

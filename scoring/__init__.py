@@ -1,0 +1,25 @@
+"""Unit scorers behind one interface (higher score = more important = keep).
+
+>>> import scoring
+>>> scoring.list_scorers()            # doctest: +SKIP
+['apoz', 'entropy', 'fpgm', 'l1', 'nisp', 'random', 'selectivity']
+>>> scorer = scoring.create("entropy")
+>>> scores = scorer(layer, class_batches)  # [C] float32, higher = keep
+"""
+
+from scoring.base import ClassBatch, LayerSpec, Scorer, ScorerInfo
+from scoring.registry import create, list_scorers, register, scorer_info
+
+# Importing a scorer module registers it.
+from scoring import activations, control, entropy, nisp, weights  # noqa: E402,F401
+
+__all__ = [
+    "ClassBatch",
+    "LayerSpec",
+    "Scorer",
+    "ScorerInfo",
+    "create",
+    "list_scorers",
+    "register",
+    "scorer_info",
+]

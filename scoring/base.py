@@ -1,0 +1,88 @@
+"""The one contract every scorer follows.
+
+A scorer turns one prunable layer into a 1-D float tensor over the layer's output channels,
+**higher = more important = keep**. It works like a streaming metric:
+
+    scorer.reset(layer)                # a new layer
+    for batch in class_batches:        # one class at a time (data-driven scorers only)
+        scorer.update(batch)
+    scores = scorer.compute()          # [C], float32, higher = keep
+
+or in one call: ``scores = scorer(layer, class_batches)``. Data-driven scorers never need
+more than one class's activations of one layer at once, so the caller can stream them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ScorerInfo:
+    """What `list_scorers()` and `--help` show about a scorer."""
+
+    name: str
+    needs_data: bool
+    description: str
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The layer being scored.
+
+    model: the whole network (already pruned at shallower layers in a progressive run).
+    conv: the layer's conv module; its output channels are the units.
+    name: qualified module name of `conv` inside `model`.
+    """
+
+    model: nn.Module
+    conv: nn.Conv2d
+    name: str
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.conv.out_channels)
+
+
+@dataclass(frozen=True)
+class ClassBatch:
+    """Activations of one class at one layer.
+
+    class_index: the class these images belong to.
+    images: [N, 3, H, W] network inputs (what produced the activations).
+    activations: [N, C, m, m] the layer's units after their activation (ReLU).
+    """
+
+    class_index: int
+    images: torch.Tensor
+    activations: torch.Tensor
+
+
+class Scorer(ABC):
+    """Base class: subclasses set `info` and implement `reset`/`update`/`compute`."""
+
+    info: ClassVar[ScorerInfo]
+
+    def reset(self, layer: LayerSpec) -> None:
+        """Start scoring `layer`; forget earlier state."""
+        self.layer = layer
+
+    def update(self, batch: ClassBatch) -> None:
+        """Take one class's activations. Weight-only scorers ignore them."""
+
+    @abstractmethod
+    def compute(self) -> torch.Tensor:
+        """Scores [C] (float32, CPU), higher = keep."""
+
+    @torch.no_grad()
+    def __call__(self, layer: LayerSpec, batches: Iterable[ClassBatch] = ()) -> torch.Tensor:
+        self.reset(layer)
+        for batch in batches:
+            self.update(batch)
+        return self.compute()
