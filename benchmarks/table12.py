@@ -1,0 +1,66 @@
+"""Paper Table 12: VGG16 params and FLOPs at pruning ratios 0, 0.4, 0.5, 0.6.
+
+`python -m benchmarks.table12 [--json PATH] [--rounding floor-keep|round]`
+
+torchvision vgg16 (random weights, 224²), pruned through the same selection and surgery as
+the main job with the weight-only `l1` scorer (which channels go does not change the counts),
+no fine-tuning. The paper's counts follow "keep ⌊(1−r)·C⌋ channels" (`floor-keep`);
+`round` (remove round(r·C)) is the toolkit's default and is shown for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torchvision
+
+import scoring
+from benchmarks.common import RESULTS, machine, markdown_table
+from prune.counting import count_cost
+from prune.files import write_json
+from prune.selection import select_and_prune
+from prune.surgery import Surgeon
+
+PAPER = {0.0: (138.0e6, 30.96e9), 0.4: (87.8e6, 11.15e9), 0.5: (75.9e6, 7.87e9), 0.6: (64.2e6, 5.02e9)}
+
+
+def vgg16_row(ratio: float, *, rounding: str) -> dict:
+    """Params/MACs/FLOPs of torchvision vgg16 pruned at `ratio`, beside the paper's numbers."""
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16(weights=None).eval()
+    surgeon = Surgeon(model, torch.zeros(1, 3, 224, 224))
+    select_and_prune(surgeon, scoring.create("l1"), source=None, ratio=ratio, rounding=rounding, quiet=True)
+    cost = count_cost(model, input_size=224)
+    paper_params, paper_flops = PAPER[ratio]
+    return {
+        "ratio": ratio,
+        "params": cost.params,
+        "macs": cost.macs,
+        "flops": cost.flops,
+        "paper_params": paper_params,
+        "paper_flops": paper_flops,
+        "params_rel_diff": cost.params / paper_params - 1,
+        "flops_rel_diff": cost.flops / paper_flops - 1,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.table12", description=__doc__.splitlines()[0])
+    p.add_argument("--json", type=Path, default=RESULTS / "table12.json")
+    p.add_argument("--rounding", choices=("floor-keep", "round"), default="floor-keep")
+    args = p.parse_args(argv)
+    rows = [vgg16_row(r, rounding=args.rounding) for r in PAPER]
+    print(f"VGG16 at 224², rounding {args.rounding}")
+    print(markdown_table(
+        ["ratio", "params (M)", "paper (M)", "Δ params", "FLOPs (G)", "paper (G)", "Δ FLOPs"],
+        [[r["ratio"], r["params"] / 1e6, r["paper_params"] / 1e6, f"{100 * r['params_rel_diff']:+.2f}%",
+          r["flops"] / 1e9, r["paper_flops"] / 1e9, f"{100 * r['flops_rel_diff']:+.2f}%"] for r in rows],
+    ))
+    write_json(args.json, {"machine": machine(), "rounding": args.rounding, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+"""Evaluation metrics: top-k accuracy, balanced accuracy, loss (from a confusion matrix)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """top1/top5/balanced_accuracy in [0, 1]; loss = mean cross-entropy; n = images."""
+
+    top1: float
+    top5: float
+    balanced_accuracy: float
+    loss: float
+    n: int
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def balanced_accuracy(confusion: torch.Tensor) -> float:
+    """Mean per-class recall of a confusion matrix [K, K] (rows = true class).
+
+    Classes with no images are left out of the mean.
+    """
+    support = confusion.sum(dim=1)
+    present = support > 0
+    recall = confusion.diagonal()[present].double() / support[present].double()
+    return float(recall.mean()) if len(recall) else 0.0
+
+
+def one_vs_rest_balanced_accuracy(confusion: torch.Tensor, cls: int) -> float:
+    """Balanced accuracy of class `cls` against the rest: (recall + true-negative rate) / 2."""
+    c = confusion.double()
+    tp = c[cls, cls]
+    fn = c[cls].sum() - tp
+    fp = c[:, cls].sum() - tp
+    tn = c.sum() - tp - fn - fp
+    recall = tp / (tp + fn) if tp + fn > 0 else torch.tensor(0.0)
+    tnr = tn / (tn + fp) if tn + fp > 0 else torch.tensor(0.0)
+    return float((recall + tnr) / 2)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, loader: DataLoader, *, device: torch.device | str = "cpu", quiet: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, K] (float32, CPU) and labels [N] for every image in `loader`."""
+    model.eval()
+    logits, labels = [], []
+    for x, y in tqdm(loader, desc="evaluate", disable=quiet, leave=False):
+        logits.append(model(x.to(device)).float().cpu())
+        labels.append(y)
+    return torch.cat(logits), torch.cat(labels)
+
+
+def summarize(logits: torch.Tensor, labels: torch.Tensor) -> Evaluation:
+    """Metrics from logits [N, K] and labels [N]."""
+    k = logits.shape[1]
+    top = logits.topk(min(5, k), dim=1).indices
+    correct = top == labels[:, None]
+    confusion = torch.zeros(k, k, dtype=torch.long)
+    confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels), accumulate=True)
+    return Evaluation(
+        top1=float(correct[:, 0].float().mean()),
+        top5=float(correct.any(dim=1).float().mean()),
+        balanced_accuracy=balanced_accuracy(confusion),
+        loss=float(nn.functional.cross_entropy(logits, labels)),
+        n=len(labels),
+    )
+
+
+def evaluate(
+    model: nn.Module, loader: DataLoader, *, device: torch.device | str = "cpu", quiet: bool = True
+) -> Evaluation:
+    """Top-1, top-5, balanced accuracy and loss of `model` on `loader`."""
+    return summarize(*predict(model, loader, device=device, quiet=quiet))

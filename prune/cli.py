@@ -1,0 +1,92 @@
+"""`python -m prune`: prune a CNN's channels layer by layer and report what it cost and kept."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import scoring
+from prune.config import PruneConfig
+from prune.errors import UsageError
+
+DEFAULTS = PruneConfig()
+
+
+def _scorer_help() -> str:
+    return "; ".join(f"{n}: {scoring.scorer_info(n).description}" for n in scoring.list_scorers())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m prune",
+        description="Score every conv channel (unit), remove the lowest-scoring ones layer by layer "
+        "(shallow to deep) with torch-pruning, fine-tune, and report params, FLOPs, accuracy and speed. "
+        "With no arguments it runs on the embedded shapes data set and model (no download).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    a = p.add_argument
+    a("--model", default=DEFAULTS.model, help="'embedded', a torchvision name (vgg16, resnet34, ...) or timm:<name>")
+    a("--weights", default=None, help="checkpoint path (state_dict) or torchvision weights name (IMAGENET1K_V1); "
+      "default: shipped weights for 'embedded', random init otherwise")
+    a("--data", default=None, help="ImageFolder root with train/ and val/ class folders; default: embedded shapes set")
+    a("--ratio", type=float, default=DEFAULTS.ratio, help="fraction of channels removed at each prunable conv, in [0, 1)")
+    a("--scorer", default=DEFAULTS.scorer, help=f"channel scorer (higher = keep). {_scorer_help()}")
+    a("--classes", type=int, default=None, metavar="K", help="classes whose images score the units (default: min(10, all))")
+    a("--samples-per-class", type=int, default=DEFAULTS.samples_per_class, metavar="N", help="training images per class for scoring")
+    a("--schedule", choices=("progressive", "oneshot"), default=DEFAULTS.schedule,
+      help="progressive: score each layer on the net already pruned above it; oneshot: score all on the original net")
+    a("--rounding", choices=("round", "floor-keep"), default=DEFAULTS.rounding,
+      help="channels removed per layer: round(ratio*C), or keep floor((1-ratio)*C) as the paper's Table 12")
+    a("--epochs", type=int, default=DEFAULTS.epochs, help="fine-tuning epochs; lr is divided by 10 after each")
+    a("--lr", type=float, default=DEFAULTS.lr, help="initial SGD learning rate for fine-tuning")
+    a("--momentum", type=float, default=DEFAULTS.momentum, help="SGD momentum")
+    a("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="SGD weight decay")
+    a("--no-finetune", action="store_true", help="skip fine-tuning")
+    a("--batch-size", type=int, default=DEFAULTS.batch_size, help="batch size for fine-tuning and evaluation")
+    a("--input-size", type=int, default=None, help="image side in pixels (default: 32 embedded, 224 otherwise)")
+    a("--device", default=DEFAULTS.device, help="cpu, cuda or cuda:N")
+    a("--seed", type=int, default=DEFAULTS.seed, help="seed for class/image choice, scorers and fine-tuning")
+    a("--out", type=Path, default=None, help="output folder (default: runs/<model>-<scorer>-r<ratio>)")
+    a("--overwrite", action="store_true", help="replace an --out folder that holds a different run")
+    a("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    return PruneConfig(
+        model=args.model, weights=args.weights, data=args.data, ratio=args.ratio, scorer=args.scorer,
+        classes=args.classes, samples_per_class=args.samples_per_class, schedule=args.schedule,
+        rounding=args.rounding, finetune=not args.no_finetune, epochs=args.epochs, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
+        input_size=args.input_size, device=args.device, seed=args.seed,
+    )
+
+
+def default_out(config: PruneConfig) -> Path:
+    model = config.model.replace(":", "-").replace("/", "-")
+    return Path("runs") / f"{model}-{config.scorer}-r{config.ratio:g}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, with a one-line message)."""
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    out = args.out or default_out(config)
+    from prune.run import run
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+            report = run(config, out=out, overwrite=args.overwrite, quiet=args.quiet)
+    except (UsageError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    b, a = report["before"], report["after"]
+    print(
+        f"{config.model} · {config.scorer} · ratio {config.ratio}: params {b['params']:,} → {a['params']:,}, "
+        f"FLOPs {b['flops'] / 1e6:.1f}M → {a['flops'] / 1e6:.1f}M, top-1 {b['top1']:.4f} → {a['top1']:.4f} "
+        f"(pruned, before fine-tune {report['pruned_before_finetune']['top1']:.4f}); report: {out / 'report.md'}"
+    )
+    return 0

@@ -1,0 +1,51 @@
+"""Model cost as an analysis object, counted by fvcore (conv + linear layers only).
+
+fvcore's "flop" is one multiply-add, i.e. a MAC; FLOPs here are 2 × MACs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+_COUNTED = (nn.Conv2d, nn.Linear)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """params: all parameters; macs/flops: conv + linear at one input of `input_size`²."""
+
+    params: int
+    macs: int
+    input_size: int
+    by_module: dict[str, int] = field(default_factory=dict, repr=False)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def as_dict(self) -> dict[str, int]:
+        return {"params": self.params, "macs": self.macs, "flops": self.flops}
+
+
+def count_cost(model: nn.Module, *, input_size: int) -> ModelCost:
+    """Count `model` for one [1, 3, input_size, input_size] image on its own device."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, 3, input_size, input_size, device=device)
+    logging.getLogger("fvcore").setLevel(logging.ERROR)
+    analysis = FlopCountAnalysis(model, x)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    per_module = analysis.by_module()
+    by_module = {
+        name: int(per_module.get(name, 0)) for name, m in model.named_modules() if isinstance(m, _COUNTED)
+    }
+    model.train(was_training)
+    params = sum(p.numel() for p in model.parameters())
+    return ModelCost(params=params, macs=sum(by_module.values()), input_size=input_size, by_module=by_module)

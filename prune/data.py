@@ -1,0 +1,171 @@
+"""Data: the embedded shapes set, or an ImageFolder root with train/ and val/.
+
+Scoring draws `samples_per_class` training images of each of K classes; fine-tuning uses the
+whole train split; evaluation uses val (the embedded set's test split).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision import datasets, transforms
+
+from prune.errors import UsageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """train/val datasets yield (image [3, s, s] float32, label); `train_targets[i]` is the
+    label of train item i; `classes` are the class names."""
+
+    train: Dataset
+    val: Dataset
+    classes: tuple[str, ...]
+    train_targets: tuple[int, ...]
+    input_size: int
+
+
+class TolerantImageFolder(datasets.ImageFolder):
+    """ImageFolder that yields None for an unreadable image instead of raising.
+
+    Grayscale and RGBA files are converted to RGB. `skipped` counts the unreadable files.
+    """
+
+    def __init__(self, root: str, transform: transforms.Compose) -> None:
+        super().__init__(root, transform=transform)
+        self.skipped: set[str] = set()
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        path, target = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                image = img.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError):
+            self.skipped.add(path)
+            return None
+        return self.transform(image), target
+
+
+def skip_none_collate(batch: list):
+    """Collate that drops the None items a TolerantImageFolder yields for corrupt files."""
+    kept = [b for b in batch if b is not None]
+    if not kept:
+        return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
+    return default_collate(kept)
+
+
+def folder_transform(input_size: int) -> transforms.Compose:
+    """Resize to 256/224 of the input size, center-crop, ImageNet normalisation."""
+    return transforms.Compose(
+        [
+            transforms.Resize(round(input_size * 256 / 224)),
+            transforms.CenterCrop(input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def _image_folder(root: Path, input_size: int) -> TolerantImageFolder:
+    if not root.is_dir():
+        raise UsageError(f"data folder {root} does not exist; --data needs train/ and val/ class folders")
+    try:
+        return TolerantImageFolder(str(root), folder_transform(input_size))
+    except (FileNotFoundError, RuntimeError) as exc:
+        raise UsageError(f"no images under {root} ({str(exc).splitlines()[0]}); put images in class folders") from None
+
+
+def load_data(root: str | None, *, input_size: int | None = None) -> DataBundle:
+    """The embedded set (root None) or an ImageFolder root with train/ and val/."""
+    if root is None:
+        from prune.embedded_model import EMBEDDED_INPUT_SIZE
+        from prune.shapes import CLASSES, make_shapes
+
+        size = input_size or EMBEDDED_INPUT_SIZE
+        train = make_shapes("train", size=size)
+        return DataBundle(
+            train=train,
+            val=make_shapes("test", size=size),
+            classes=tuple(CLASSES),
+            train_targets=tuple(int(t) for t in train.tensors[1]),
+            input_size=size,
+        )
+    base = Path(root)
+    if not base.is_dir():
+        raise UsageError(f"data path {base} does not exist; pass an ImageFolder root with train/ and val/")
+    size = input_size or 224
+    train = _image_folder(base / "train", size)
+    val = _image_folder(base / "val", size)
+    if train.classes != val.classes:
+        raise UsageError(f"{base}/train and {base}/val have different class folders; make them match")
+    return DataBundle(
+        train=train,
+        val=val,
+        classes=tuple(train.classes),
+        train_targets=tuple(train.targets),
+        input_size=size,
+    )
+
+
+def choose_classes(data: DataBundle, k: int, *, seed: int) -> list[int]:
+    """K class indices: all classes if K equals their number, else a seeded random choice, sorted."""
+    n = len(data.classes)
+    if not 1 <= k <= n:
+        raise UsageError(f"--classes {k} is not possible: the data has {n} classes; use 1..{n}")
+    if k == n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+
+def class_images(data: DataBundle, cls: int, n: int, *, seed: int) -> torch.Tensor:
+    """`n` training images of class `cls` (seeded choice) → [n, 3, s, s].
+
+    Unreadable files are skipped with a warning; too few readable images raise UsageError.
+    """
+    indices = [i for i, t in enumerate(data.train_targets) if t == cls]
+    if len(indices) < n:
+        raise UsageError(
+            f"class {data.classes[cls]!r} has {len(indices)} training images but "
+            f"--samples-per-class is {n}; lower it or add images"
+        )
+    g = torch.Generator().manual_seed(seed * 100_003 + cls)
+    order = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
+    images: list[torch.Tensor] = []
+    skipped = 0
+    for i in order:
+        item = data.train[i]
+        if item is None:
+            skipped += 1
+            continue
+        images.append(item[0])
+        if len(images) == n:
+            break
+    if skipped:
+        warnings.warn(f"skipped {skipped} unreadable image(s) of class {data.classes[cls]!r}", stacklevel=2)
+    if len(images) < n:
+        raise UsageError(
+            f"class {data.classes[cls]!r} has only {len(images)} readable training images "
+            f"(need {n}); lower --samples-per-class or fix the files"
+        )
+    return torch.stack(images)
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int = 0) -> DataLoader:
+    """A seeded DataLoader that tolerates unreadable images."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        collate_fn=skip_none_collate,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -1,0 +1,111 @@
+"""Model loading: the embedded default, torchvision names, and `timm:<name>`."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from prune.errors import UsageError
+
+EMBEDDED = "embedded"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild a model: `name` as given on the command line and its class count."""
+
+    name: str
+    num_classes: int
+
+
+def torchvision_names() -> list[str]:
+    """Classification model names torchvision knows."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def _unknown_model(name: str) -> UsageError:
+    known = [EMBEDDED, *torchvision_names()]
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    return UsageError(
+        f"unknown model {name!r}; use 'embedded', a torchvision name ({', '.join(known[1:12])}, …) "
+        f"or 'timm:<name>'.{hint}"
+    )
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """An untrained instance of `spec` (no download)."""
+    if spec.name == EMBEDDED:
+        from prune.embedded_model import EmbeddedVGG
+
+        return EmbeddedVGG(num_classes=spec.num_classes)
+    if spec.name.startswith("timm:"):
+        import timm
+
+        timm_name = spec.name.split(":", 1)[1]
+        if not timm.is_model(timm_name):
+            near = difflib.get_close_matches(timm_name, timm.list_models(), n=1)
+            hint = f" Did you mean 'timm:{near[0]}'?" if near else ""
+            raise UsageError(f"unknown timm model {timm_name!r}; see timm.list_models().{hint}")
+        return timm.create_model(timm_name, pretrained=False, num_classes=spec.num_classes)
+    if spec.name not in torchvision_names():
+        raise _unknown_model(spec.name)
+    return torchvision.models.get_model(spec.name, weights=None, num_classes=spec.num_classes)
+
+
+def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file or not a tensor checkpoint
+        raise UsageError(f"cannot read weights from {path}: {type(exc).__name__}; pass a state_dict file") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise UsageError(f"weights in {path} do not fit the model ({first}); check --model") from None
+
+
+def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module:
+    """Build `name` and load `weights`.
+
+    name: 'embedded', a torchvision name (e.g. 'vgg16', 'resnet34') or 'timm:<name>'.
+    weights: None (embedded: the shipped weights; others: random init), a checkpoint path
+    (a state_dict, loaded with weights_only=True), or a torchvision weights name such as
+    'IMAGENET1K_V1' / 'DEFAULT' (needs the torchvision weights cache or network).
+    """
+    if name == EMBEDDED and weights is None:
+        from prune.embedded_model import load_embedded
+
+        model = load_embedded(pretrained=True)
+        if num_classes != model.num_classes:
+            raise UsageError(
+                f"the embedded model predicts {model.num_classes} classes but the data has {num_classes}; "
+                "pass --weights PATH or use the embedded data"
+            )
+        return model
+    if weights is not None and Path(weights).exists():
+        model = build_model(ModelSpec(name, num_classes))
+        _load_checkpoint_weights(model, Path(weights))
+        return model
+    if weights is not None:
+        if name.startswith("timm:") or name == EMBEDDED:
+            raise UsageError(f"weights file {weights!r} not found; pass an existing checkpoint path")
+        if name not in torchvision_names():
+            raise _unknown_model(name)
+        try:
+            return torchvision.models.get_model(name, weights=weights)
+        except (ValueError, KeyError) as exc:
+            raise UsageError(f"unknown weights {weights!r} for {name}: {exc}") from None
+        except OSError as exc:
+            raise UsageError(
+                f"cannot fetch torchvision weights {weights!r} ({type(exc).__name__}); "
+                "put them in the torch hub cache or pass a checkpoint path"
+            ) from None
+    return build_model(ModelSpec(name, num_classes))

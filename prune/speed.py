@@ -1,0 +1,80 @@
+"""Inference throughput: images per second with warm-up and synchronised timing."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """img_per_s measured over `iters` batches after `warmup` batches."""
+
+    img_per_s: float
+    device: str
+    batch_size: int
+    dtype: str
+    threads: int
+    warmup: int
+    iters: int
+    channels_last: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def device_name(device: torch.device) -> str:
+    """A human-readable device name (GPU model or 'cpu')."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_throughput(
+    model: nn.Module,
+    *,
+    input_size: int,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    channels_last: bool = False,
+    warmup: int = 3,
+    iters: int = 10,
+) -> Throughput:
+    """Images per second of `model` in eval mode on random [batch, 3, s, s] inputs.
+
+    amp: bf16 autocast on CPU, fp16 on CUDA. channels_last: NHWC memory format.
+    """
+    device = torch.device(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device).eval().to(memory_format=fmt)
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device).to(memory_format=fmt)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+        for _ in range(warmup):
+            model(x)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            model(x)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    return Throughput(
+        img_per_s=batch_size * iters / elapsed,
+        device=device_name(device),
+        batch_size=batch_size,
+        dtype=str(amp_dtype).replace("torch.", "") if amp else "float32",
+        threads=torch.get_num_threads(),
+        warmup=warmup,
+        iters=iters,
+        channels_last=channels_last,
+    )

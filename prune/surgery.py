@@ -1,0 +1,145 @@
+"""Channel surgery. The only module that touches torch-pruning's DependencyGraph.
+
+A `PrunableGroup` is a set of conv layers whose output channels must be removed together
+(one conv in a plain net; every conv feeding one residual addition in a ResNet). Groups come
+in depth order (forward-execution order of their first conv), which torch-pruning itself
+does not guarantee.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from prune.errors import UsageError
+
+
+@dataclass(frozen=True)
+class PrunableGroup:
+    """Convs tied by a dependency; `names[0]`/`convs[0]` is the shallowest (the root)."""
+
+    names: tuple[str, ...]
+    convs: tuple[nn.Conv2d, ...]
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.convs[0].out_channels)
+
+
+def channels_to_remove(num_channels: int, ratio: float, *, rule: str = "round") -> int:
+    """How many of `num_channels` to remove at `ratio` (at least one channel is kept).
+
+    rule "round": round(ratio·C) (the default). rule "floor-keep": keep ⌊(1−ratio)·C⌋, the
+    rounding that reproduces the paper's Table 12 counts.
+    """
+    if rule == "round":
+        n = round(ratio * num_channels)
+    elif rule == "floor-keep":
+        n = num_channels - math.floor((1.0 - ratio) * num_channels + 1e-9)
+    else:
+        raise UsageError(f"unknown rounding rule {rule!r}; use 'round' or 'floor-keep'")
+    return max(0, min(n, num_channels - 1))
+
+
+def _execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    order: list[nn.Module] = []
+    handles = [
+        m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        with torch.no_grad():
+            model(example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+class Surgeon:
+    """Owns the dependency graph of `model` and removes output channels of conv groups."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor,
+        *,
+        ignored_layers: Sequence[nn.Module] = (),
+    ) -> None:
+        self.model = model
+        self._names = {m: n for n, m in model.named_modules()}
+        self._ignored = list(ignored_layers)
+        with torch.enable_grad():
+            self.graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, ignored_layers=self._ignored, verbose=False
+            )
+        self.groups = self._find_groups(_execution_order(model, example_inputs))
+        if not self.groups:
+            raise UsageError(
+                "the model has no prunable conv layer (needs nn.Conv2d with groups=1); "
+                "choose a CNN such as vgg16 or resnet34"
+            )
+
+    def _is_root_candidate(self, m: nn.Module) -> bool:
+        return isinstance(m, nn.Conv2d) and m.groups == 1 and m not in self._ignored and m.out_channels > 1
+
+    def _find_groups(self, order: list[nn.Module]) -> list[PrunableGroup]:
+        depth = {m: i for i, m in enumerate(order)}
+        seen: set[nn.Module] = set()
+        groups: list[PrunableGroup] = []
+        for conv in order:
+            if conv in seen or not self._is_root_candidate(conv):
+                continue
+            members = self._out_channel_convs(conv)
+            seen.update(members)
+            members = sorted(members, key=lambda m: depth.get(m, len(depth)))
+            groups.append(
+                PrunableGroup(
+                    names=tuple(self._names[m] for m in members),
+                    convs=tuple(members),
+                )
+            )
+        return groups
+
+    def _group(self, conv: nn.Conv2d, idxs: Sequence[int]) -> tp.dependency.Group:
+        return self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(idxs))
+
+    def _out_channel_convs(self, conv: nn.Conv2d) -> list[nn.Conv2d]:
+        group = self._group(conv, [0])
+        return [
+            item.dep.target.module
+            for item in group
+            if isinstance(item.dep.target.module, nn.Conv2d)
+            and item.dep.target.module.groups == 1
+            and self.graph.is_out_channel_pruning_fn(item.dep.handler)
+        ]
+
+    def prune(self, group: PrunableGroup, removed: Sequence[int]) -> None:
+        """Remove output channels `removed` of every conv in `group` (and what depends on them)."""
+        if not removed:
+            return
+        tp_group = self._group(group.convs[0], sorted(int(i) for i in removed))
+        if not self.graph.check_pruning_group(tp_group):
+            raise RuntimeError(f"torch-pruning refused to prune group {group.name}")
+        tp_group.prune()
+
+    def history(self) -> list:
+        """torch-pruning's pruning history (plain lists: safe for weights_only loading)."""
+        return [list(h) for h in self.graph.pruning_history()]
+
+
+def replay_history(model: nn.Module, example_inputs: torch.Tensor, history: list) -> None:
+    """Apply a saved pruning history to a freshly built, unpruned `model` in place."""
+    with torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    graph.load_pruning_history([tuple(h) for h in history])
