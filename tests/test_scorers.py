@@ -23,7 +23,7 @@ OWNED = ["apoz", "fpgm", "l1", "nisp", "random", "selectivity"]
 
 
 def tiny_net(seed: int = 0) -> nn.Sequential:
-    """Conv(3→4) → ReLU → MaxPool(2) → Flatten → Linear(64→6) → ReLU → Linear(6→3); 8×8 in."""
+    """Conv(3→4), ReLU, MaxPool(2), Flatten, Linear(64→6), ReLU, Linear(6→3); 8×8 input."""
     torch.manual_seed(seed)
     return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
