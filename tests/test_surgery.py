@@ -1,0 +1,103 @@
+"""Surgery, channel counts and the paper's Table 12 (params and FLOPs of pruned VGG16)."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import scoring
+from benchmarks.table12 import PAPER, vgg16_row
+from prune.counting import count_cost
+from prune.models import build_model, ModelSpec
+from prune.selection import lowest, select_and_prune
+from prune.surgery import Surgeon, channels_to_remove
+
+
+@pytest.mark.parametrize("ratio", sorted(PAPER))
+def test_table12_params_and_flops_within_half_percent(ratio):
+    row = vgg16_row(ratio, rounding="floor-keep")
+    assert abs(row["params_rel_diff"]) < 0.005, row
+    assert abs(row["flops_rel_diff"]) < 0.005, row
+
+
+def test_unpruned_vgg16_flops_are_twice_the_conv_and_linear_macs():
+    model = torchvision.models.vgg16(weights=None)
+    cost = count_cost(model, input_size=224)
+    # Hand count: Σ over convs of Cin·Cout·9·s² plus the three linear layers.
+    cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+    cin, s, macs = 3, 224, 0
+    for v in cfg:
+        if v == "M":
+            s //= 2
+            continue
+        macs += cin * v * 9 * s * s
+        cin = v
+    macs += 25088 * 4096 + 4096 * 4096 + 4096 * 1000
+    assert cost.macs == macs
+    assert cost.flops == 2 * macs
+    assert cost.params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "channels,ratio,rule,expected",
+    [(64, 0.5, "round", 32), (128, 0.4, "round", 51), (128, 0.4, "floor-keep", 52), (512, 0.6, "floor-keep", 308),
+     (10, 0.0, "round", 0), (1, 0.9, "round", 0), (4, 0.99, "round", 3)],
+)
+def test_channels_to_remove(channels, ratio, rule, expected):
+    assert channels_to_remove(channels, ratio, rule=rule) == expected
+
+
+def test_lowest_breaks_ties_by_index():
+    assert lowest(torch.tensor([0.5, 0.1, 0.1, 0.9, 0.1]), 2) == (1, 2)
+
+
+def _prune_l1(model: nn.Module, size: int, ratio: float = 0.5):
+    surgeon = Surgeon(model.eval(), torch.zeros(1, 3, size, size))
+    decisions = select_and_prune(surgeon, scoring.create("l1"), None, ratio=ratio, quiet=True)
+    return surgeon, decisions
+
+
+def test_vgg_groups_are_in_depth_order_and_classifier_keeps_its_outputs():
+    model = torchvision.models.vgg11(weights=None, num_classes=7)
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    surgeon, decisions = _prune_l1(model, 32)
+    assert [d.name for d in decisions] == convs
+    for d in decisions:
+        conv = model.get_submodule(d.name)
+        assert conv.out_channels == d.channels_after == d.channels_before // 2
+    assert model.classifier[-1].out_features == 7
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_removed_channels_are_the_lowest_l1_filters():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 3), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 8, 8))
+    with torch.no_grad():
+        for i, scale in enumerate([5, 0.1, 3, 0.2, 4, 0.3]):
+            model[0].weight[i] = scale
+    kept_weights = model[0].weight[[0, 2, 4]].clone()
+    _, decisions = _prune_l1(model, 8)
+    assert decisions[0].removed == (1, 3, 5)
+    assert torch.equal(model[0].weight, kept_weights)
+    assert model[2].in_channels == 3
+
+
+@pytest.mark.parametrize("name", ["resnet34", "timm:convnext_atto", "timm:mobilenetv3_small_050"])
+def test_residual_and_timm_models_prune_at_half_and_run(name):
+    model = build_model(ModelSpec(name, 10))
+    before = count_cost(model, input_size=64)
+    surgeon, decisions = _prune_l1(model, 64)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    for d in decisions:
+        for member in d.members:
+            assert model.get_submodule(member).out_channels == d.channels_after
+    after = count_cost(model, input_size=64)
+    assert after.params < 0.5 * before.params
+
+
+def test_resnet_residual_group_holds_every_conv_feeding_the_addition():
+    model = build_model(ModelSpec("resnet34", 10))
+    surgeon = Surgeon(model.eval(), torch.zeros(1, 3, 64, 64))
+    stage2 = next(g for g in surgeon.groups if "layer2.0.downsample.0" in g.names)
+    assert set(stage2.names) == {"layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2", "layer2.2.conv2", "layer2.3.conv2"}
