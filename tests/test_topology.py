@@ -1,0 +1,272 @@
+"""Birth-time engine vs the gudhi reference, hand-made filtrations, input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from scoring.topology import (
+    betti1_curve,
+    betti1_integral,
+    betti1_max,
+    birth_thresholds,
+    birth_times,
+    cubical_birth_times,
+    gudhi_birth_time,
+)
+
+KINDS = (
+    "uniform", "integer", "binary", "negative", "relu", "symmetric", "constant",
+    "blobs", "planted", "planted_tied", "tree_block", "float32",
+)
+
+
+def _blobs(rng: np.random.Generator, m: int) -> np.ndarray:
+    yy, xx = np.mgrid[:m, :m]
+    out = np.zeros((m, m))
+    for _ in range(int(rng.integers(1, 4))):
+        cy, cx = rng.uniform(0, m, 2)
+        s = rng.uniform(0.5, max(1.0, m / 4))
+        out += rng.uniform(0.5, 2) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+    return np.maximum(out - rng.uniform(0, 0.5), 0)
+
+
+def _planted(rng: np.random.Generator, m: int, tied: bool) -> np.ndarray:
+    """Noise with a cycle of strong entries, some chords, optionally all tied."""
+    U = rng.random((m, m)) * (rng.integers(0, 3, (m, m)) if tied else 1)
+    if m < 3:
+        return U
+    length = int(rng.integers(3, m + 1))
+    cyc = rng.permutation(m)[:length]
+    for k in range(length):
+        i, j = cyc[k], cyc[(k + 1) % length]
+        U[i, j] = 5.0 if tied else 5.0 + rng.random()
+    for _ in range(int(rng.integers(0, 3))):
+        i, j = rng.choice(cyc, 2, replace=False)
+        U[j, i] = 5.0 if tied or rng.random() < 0.5 else 4.5
+    return U
+
+
+def _tree_block(rng: np.random.Generator, m: int) -> np.ndarray:
+    """A spanning path of distinct high values, then one tied block of random chords:
+    the block is usually stuck for the greedy rule and needs the GF(2) rank."""
+    U = np.zeros((m, m))
+    path = rng.permutation(m)
+    for k in range(m - 1):
+        U[path[k], path[k + 1]] = 10.0 + k
+    chords = rng.random((m, m)) < rng.uniform(0.05, 0.6)
+    U[chords & (U == 0)] = 5.0
+    return U
+
+
+def random_map(rng: np.random.Generator, m: int, kind: str) -> np.ndarray:
+    """One m×m test map of the given kind."""
+    if kind == "uniform":
+        return rng.random((m, m))
+    if kind == "integer":
+        return rng.integers(0, int(rng.integers(2, 6)), (m, m)).astype(np.float64)
+    if kind == "binary":
+        return (rng.random((m, m)) < rng.uniform(0.05, 0.95)).astype(np.float64)
+    if kind == "negative":
+        return -rng.random((m, m)) * 10 - 3
+    if kind == "relu":
+        return np.maximum(rng.normal(size=(m, m)), 0)
+    if kind == "symmetric":
+        A = rng.integers(-3, 4, (m, m)).astype(np.float64)
+        return A + A.T
+    if kind == "constant":
+        return np.full((m, m), float(rng.integers(-2, 3)))
+    if kind == "blobs":
+        return _blobs(rng, m)
+    if kind == "planted":
+        return _planted(rng, m, tied=False)
+    if kind == "planted_tied":
+        return _planted(rng, m, tied=True)
+    if kind == "tree_block":
+        return _tree_block(rng, m)
+    if kind == "float32":
+        return rng.normal(size=(m, m)).astype(np.float32).round(1)
+    raise ValueError(kind)
+
+
+def _mismatches(seed: int, count: int, sizes: np.ndarray) -> list[tuple]:
+    rng = np.random.default_rng(seed)
+    cases = [
+        random_map(rng, int(rng.choice(sizes)), KINDS[k % len(KINDS)]) for k in range(count)
+    ]
+    bad = []
+    for m in sorted({c.shape[0] for c in cases}):
+        batch = [c for c in cases if c.shape[0] == m]
+        got = birth_times(np.stack(batch))
+        for U, b in zip(batch, got):
+            ref = gudhi_birth_time(U)
+            if b != ref:
+                bad.append((m, int(b), ref, U.tolist()))
+    return bad
+
+
+def test_engine_matches_gudhi_random_kinds() -> None:
+    assert _mismatches(seed=0, count=480, sizes=np.arange(1, 41)) == []
+
+
+def test_engine_matches_gudhi_large_maps() -> None:
+    assert _mismatches(seed=1, count=12, sizes=np.array([64, 100])) == []
+
+
+@pytest.mark.slow
+def test_engine_matches_gudhi_ten_thousand() -> None:
+    assert _mismatches(seed=2, count=10_000, sizes=np.arange(1, 41)) == []
+
+
+@pytest.mark.slow
+def test_engine_matches_gudhi_large_many() -> None:
+    assert _mismatches(seed=3, count=60, sizes=np.array([64, 100, 128])) == []
+
+
+def _four_cycle(values: list[float]) -> np.ndarray:
+    """Paper Fig. 2 style: top entries at (0,1), (3,2), (1,3), (2,0) form a 4-cycle."""
+    U = np.arange(16, dtype=np.float64).reshape(4, 4) / 100.0
+    for (i, j), v in zip([(0, 1), (3, 2), (1, 3), (2, 0)], values):
+        U[i, j] = v
+    return U
+
+
+def test_fig2_cycle_distinct_values_is_born_at_4() -> None:
+    U = _four_cycle([10.0, 9.0, 8.0, 7.0])
+    assert birth_times(U) == 4 == gudhi_birth_time(U)
+    assert birth_thresholds(U) == 7.0
+    assert list(betti1_curve(U)[:5]) == [0, 0, 0, 1, 1]
+
+
+def test_fig2_cycle_as_one_tied_block_is_born_at_1() -> None:
+    U = _four_cycle([10.0] * 4)
+    assert birth_times(U) == 1 == gudhi_birth_time(U)
+
+
+def test_triangle_gives_no_birth() -> None:
+    U = np.array([[0, 9, 0], [0, 0, 8], [7, 0, 0]], dtype=float)
+    assert birth_times(U) == 0 == gudhi_birth_time(U)
+    # top three entries form a triangle in a 4-map: β1 stays 0 at step 3
+    U4 = np.zeros((4, 4))
+    U4[0, 1], U4[1, 2], U4[2, 0] = 9, 8, 7
+    assert betti1_curve(U4)[2] == 0
+    assert birth_times(U4) == gudhi_birth_time(U4)
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5, -3.0])
+def test_constant_map_has_no_birth(value: float) -> None:
+    assert birth_times(np.full((9, 9), value)) == 0
+    assert birth_times(np.zeros((3, 20, 20))).tolist() == [0, 0, 0]
+
+
+def test_tied_block_that_closes_and_fills_a_cycle() -> None:
+    U = _four_cycle([10.0] * 4)
+    U[0, 3] = 10.0  # a chord in the same block: two triangles, no hole
+    assert birth_times(U) == 0 == gudhi_birth_time(U)
+    # a path a–p–q–w–x, then one block {a,w}, {a,x}: both stuck for the greedy rule;
+    # they fill triangle a-w-x but leave the 4-cycle a-p-q-w open
+    P = np.zeros((5, 5))
+    P[0, 1], P[1, 2], P[2, 3], P[3, 4] = 9, 8, 7, 6
+    P[0, 3] = P[0, 4] = 5
+    assert birth_times(P) == gudhi_birth_time(P) == 5
+
+
+def test_stuck_block_decided_by_rank() -> None:
+    """After a spanning path, one tied block of 9 chords: 8 of them fail the one-edge
+    rule (connected, no common neighbour) yet together they leave β1 = 0."""
+    path = [1, 2, 0, 5, 4, 3, 6]
+    U = np.zeros((7, 7))
+    for k in range(6):
+        U[path[k], path[k + 1]] = 10.0 + k
+    for i, j in [(0, 4), (0, 6), (1, 3), (1, 4), (1, 5), (1, 6), (2, 3), (2, 6), (5, 6)]:
+        U[i, j] = 5.0
+    assert birth_times(U) == gudhi_birth_time(U) == 0
+    U[1, 6] = 0.0  # drop one chord: the block now leaves a hole
+    assert birth_times(U) == gudhi_birth_time(U) == 7
+
+
+@pytest.mark.parametrize("kind", ["uniform", "integer", "relu", "planted_tied"])
+def test_births_invariant_under_scale_and_shift(kind: str) -> None:
+    rng = np.random.default_rng(5)
+    maps = np.stack([random_map(rng, 12, kind) for _ in range(20)])
+    base = birth_times(maps)
+    assert np.array_equal(birth_times(maps * 4.0), base)
+    assert np.array_equal(birth_times(maps * 0.25 + 7.0), base)
+
+
+def test_shapes_dtypes_and_torch_input() -> None:
+    rng = np.random.default_rng(6)
+    maps = rng.random((2, 3, 10, 10))
+    ref = birth_times(maps)
+    assert ref.shape == (2, 3) and ref.dtype == np.int64
+    assert np.array_equal(birth_times(torch.from_numpy(maps)), ref)
+    assert np.array_equal(birth_times(maps.astype(np.float32)), birth_times(
+        torch.from_numpy(maps).to(torch.float32)))
+    half = torch.from_numpy(maps).to(torch.float16)
+    assert np.array_equal(birth_times(half), birth_times(half.float().numpy()))
+    assert birth_times(maps[0, 0]).shape == ()
+    assert birth_times(np.zeros((0, 5, 5))).shape == (0,)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_maps_smaller_than_four_have_no_birth(m: int) -> None:
+    assert birth_times(np.random.default_rng(m).random((4, m, m))).tolist() == [0] * 4
+
+
+@pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "Inf"), (-np.inf, "Inf")])
+def test_non_finite_maps_raise(bad: float, word: str) -> None:
+    maps = np.zeros((2, 5, 5))
+    maps[1, 2, 3] = bad
+    with pytest.raises(ValueError, match=rf"{word} at index \(1, 2, 3\)"):
+        birth_times(maps)
+
+
+def test_bad_shapes_and_convention_raise() -> None:
+    with pytest.raises(ValueError, match="square"):
+        birth_times(np.zeros((2, 4, 5)))
+    with pytest.raises(ValueError, match=r"\[\.\.\., m, m\]"):
+        birth_times(np.zeros(5))
+    with pytest.raises(ValueError, match="convention"):
+        birth_times(np.zeros((4, 4)), convention="exact")
+
+
+def test_reference_convention_counts_distinct_edge_values() -> None:
+    U = _four_cycle([10.0, 9.0, 8.0, 7.0])
+    assert birth_times(U, convention="reference") == 4
+    U[0, 0] = U[1, 1] = 50.0  # the diagonal does not count in the reference steps
+    assert birth_times(U, convention="reference") == 4
+    assert birth_times(U) == 6
+    dense = np.ones((5, 5))  # no birth at all
+    assert birth_times(dense, convention="reference") == 0
+
+
+def test_reference_convention_density_cap_and_late_births() -> None:
+    rng = np.random.default_rng(7)
+    maps = rng.random((30, 30, 30))
+    ref = birth_times(maps, convention="reference")
+    assert ((ref >= 0) & (ref <= 50)).all()
+    late = _tree_block(rng, 80) * 0  # no birth at all
+    assert birth_times(late, convention="reference") == 0
+
+
+def test_betti_curve_characterisations() -> None:
+    U = _four_cycle([10.0, 9.0, 8.0, 7.0])
+    curve = betti1_curve(U)
+    assert curve.shape == (16,) and curve.dtype == np.int64
+    assert betti1_max(U) == curve.max() == 1
+    assert betti1_integral(U) == curve.sum()
+    first = int(np.flatnonzero(curve)[0]) + 1
+    assert first == birth_times(U)
+
+
+def test_cubical_birth_times() -> None:
+    ring = np.zeros((5, 5))
+    ring[1:4, 1:4] = np.arange(3.0, 12.0).reshape(3, 3)
+    ring[2, 2] = 0.0  # a bright ring around a dark pixel: H1 born when the ring closes
+    ring[1, 2] = 2.0  # ... which needs its dimmest pixel (pixels touching at corners connect)
+    assert cubical_birth_times(ring) == 8
+    ring[1:4, 1:4] = 1.0
+    ring[2, 2] = 0.0
+    assert cubical_birth_times(ring) == 1  # the whole ring enters as one tied block
+    assert cubical_birth_times(np.ones((2, 4, 4))).tolist() == [0, 0]
