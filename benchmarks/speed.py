@@ -1,0 +1,94 @@
+"""Inference speed of a model before and after pruning, measured in one run.
+
+`python -m benchmarks.speed --model vgg16 --ratio 0.5 [--device cuda] [--amp] [--channels-last] [--json PATH]`
+
+Random weights (the speed does not depend on them); channels chosen by the weight-only `l1`
+scorer through the main job's selection and surgery. Timing: `--warmup` batches, then
+`--iters` synchronised batches, alternating unpruned/pruned `--repeats` times, best taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+import scoring
+from benchmarks.common import RESULTS, machine
+from prune.counting import count_cost
+from prune.files import write_json
+from prune.models import ModelSpec, build_model
+from prune.selection import select_and_prune
+from prune.speed import measure_throughput
+from prune.surgery import Surgeon
+
+
+def pruned_pair(name: str, ratio: float, input_size: int, rounding: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(unpruned, pruned) copies of model `name` with random weights."""
+    torch.manual_seed(0)
+    unpruned = build_model(ModelSpec(name, 1000)).eval()
+    pruned = build_model(ModelSpec(name, 1000)).eval()
+    pruned.load_state_dict(unpruned.state_dict())
+    surgeon = Surgeon(pruned, torch.zeros(1, 3, input_size, input_size))
+    select_and_prune(surgeon, scoring.create("l1"), None, ratio=ratio, rounding=rounding, quiet=True)
+    return unpruned, pruned
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vgg16")
+    p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--rounding", choices=("round", "floor-keep"), default="round")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 16 on CPU, 256 on CUDA")
+    p.add_argument("--input-size", type=int, default=224)
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CPU, fp16 on CUDA")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=None, help="default: 3 on CPU, 30 on CUDA")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/speed-<model>-r<ratio>-<device>.json")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    batch = args.batch_size or (256 if cuda else 16)
+    iters = args.iters or (30 if cuda else 3)
+    unpruned, pruned = pruned_pair(args.model, args.ratio, args.input_size, args.rounding)
+    flops = {k: count_cost(m, input_size=args.input_size).flops for k, m in (("unpruned", unpruned), ("pruned", pruned))}
+    best: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for key, model in (("unpruned", unpruned), ("pruned", pruned)):
+            t = measure_throughput(model, input_size=args.input_size, batch_size=batch, device=args.device,
+                                   amp=args.amp, channels_last=args.channels_last, warmup=args.warmup, iters=iters)
+            if key not in best or t.img_per_s > best[key]["img_per_s"]:
+                best[key] = {**t.as_dict(), "flops": flops[key]}
+    result = {
+        "model": args.model,
+        "ratio": args.ratio,
+        "rounding": args.rounding,
+        "input_size": args.input_size,
+        "unpruned": best["unpruned"],
+        "pruned": best["pruned"],
+        "speedup": best["pruned"]["img_per_s"] / best["unpruned"]["img_per_s"],
+        "flops_ratio": flops["unpruned"] / flops["pruned"],
+        "settings": {"batch_size": batch, "amp": args.amp, "channels_last": args.channels_last,
+                     "threads": torch.get_num_threads(), "warmup": args.warmup, "iters": iters, "repeats": args.repeats},
+        "machine": machine(),
+    }
+    result["speedup_over_flops_ratio"] = result["speedup"] / result["flops_ratio"]
+    print(f"{args.model} r={args.ratio} on {best['pruned']['device']} (batch {batch}, "
+          f"{best['pruned']['dtype']}, channels_last={args.channels_last}, {torch.get_num_threads()} threads): "
+          f"unpruned {best['unpruned']['img_per_s']:.1f} img/s, pruned {best['pruned']['img_per_s']:.1f} img/s, "
+          f"speedup {result['speedup']:.2f}x, FLOPs ratio {result['flops_ratio']:.2f}x "
+          f"(speedup/FLOPs ratio {result['speedup_over_flops_ratio']:.2f})")
+    device_tag = "cuda" if cuda else "cpu"
+    suffix = ("-amp" if args.amp else "") + ("-cl" if args.channels_last else "")
+    write_json(args.json or RESULTS / f"speed-{args.model}-r{args.ratio:g}-{device_tag}{suffix}.json", result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
