@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from finetune import ddp
 from finetune.schedule import step_lr
 
 
@@ -34,18 +35,24 @@ def train_one_epoch(
     desc: str = "fine-tune",
     quiet: bool = False,
 ) -> float:
-    """One pass over `loader`; returns the mean training loss."""
+    """One pass over `loader`; returns the mean training loss (over all ranks under DDP).
+
+    Empty batches (every image unreadable) are skipped.
+    """
     model.train()
     total, count = 0.0, 0
-    for x, y in tqdm(loader, desc=desc, disable=quiet, leave=False):
-        x, y = x.to(device), y.to(device)
-        loss = nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss.item() * len(y)
-        count += len(y)
-    return total / max(count, 1)
+    with ddp.join(model):
+        for x, y in tqdm(loader, desc=desc, disable=quiet, leave=False):
+            if len(y) == 0:
+                continue
+            x, y = x.to(device), y.to(device)
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(y)
+            count += len(y)
+    return ddp.mean_over_ranks(total, count, torch.device(device))
 
 
 def finetune(
@@ -76,6 +83,8 @@ def finetune(
         generator = getattr(loader.sampler, "generator", None)
         if generator is not None:
             generator.manual_seed(seed + epoch)
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
         for group in optimizer.param_groups:
             group["lr"] = step_lr(config.lr, epoch, decay=config.lr_decay)
         loss = train_one_epoch(

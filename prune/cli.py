@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import scoring
@@ -18,8 +21,15 @@ def _scorer_help() -> str:
     return "; ".join(f"{n}: {scoring.scorer_info(n).description}" for n in scoring.list_scorers())
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors raise UsageError (one line, exit 2) instead of printing usage."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message}; see python -m prune --help")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m prune",
         description="Score every conv channel (unit), remove the lowest-scoring ones layer by layer "
         "(shallow to deep) with torch-pruning, fine-tune, and report params, FLOPs, accuracy and speed. "
@@ -69,20 +79,43 @@ def default_out(config: PruneConfig) -> Path:
     return Path("runs") / f"{model}-{config.scorer}-r{config.ratio:g}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for bad input, with a one-line message)."""
-    args = build_parser().parse_args(argv)
-    config = config_from_args(args)
-    out = args.out or default_out(config)
-    from prune.run import run
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
 
+
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Inside: library warnings are hidden and topoprune's own are one line each."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning
+        warnings.simplefilter("ignore")
+        warnings.filterwarnings("default", module=r"prune(\.|$)")
+        yield
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, with a one-line message on stderr).
+
+    Under torchrun every process runs this; only rank 0 prints.
+    """
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+        with quiet_libraries():
+            args = build_parser().parse_args(argv)
+            config = config_from_args(args)
+            out = args.out or default_out(config)
+            from prune.run import run
+
             report = run(config, out=out, overwrite=args.overwrite, quiet=args.quiet)
     except (UsageError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if _is_main_process():
+            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    if not report:
+        return 0
     b, a = report["before"], report["after"]
     print(
         f"{config.model} · {config.scorer} · ratio {config.ratio}: params {b['params']:,} → {a['params']:,}, "

@@ -6,13 +6,13 @@ whole train split; evaluation uses val (the embedded set's test split).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import datasets, transforms
 
 from prune.errors import UsageError
@@ -39,9 +39,10 @@ class TolerantImageFolder(datasets.ImageFolder):
     Grayscale and RGBA files are converted to RGB. `skipped` counts the unreadable files.
     """
 
-    def __init__(self, root: str, transform: transforms.Compose) -> None:
+    def __init__(self, root: str, transform: transforms.Compose, *, input_size: int) -> None:
         super().__init__(root, transform=transform)
         self.skipped: set[str] = set()
+        self.image_shape = (3, input_size, input_size)
 
     def __getitem__(self, index: int):  # type: ignore[override]
         path, target = self.samples[index]
@@ -54,11 +55,24 @@ class TolerantImageFolder(datasets.ImageFolder):
         return self.transform(image), target
 
 
-def skip_none_collate(batch: list):
-    """Collate that drops the None items a TolerantImageFolder yields for corrupt files."""
+def readable(path: str) -> bool:
+    """True if PIL can decode the image file at `path`."""
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+    return True
+
+
+def skip_none_collate(batch: list, image_shape: tuple[int, ...] = (3, 1, 1)):
+    """Collate that drops the None items a TolerantImageFolder yields for corrupt files.
+
+    An all-None batch becomes an empty batch of images [0, *image_shape].
+    """
     kept = [b for b in batch if b is not None]
     if not kept:
-        return torch.zeros(0, 3, 1, 1), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, *image_shape), torch.zeros(0, dtype=torch.long)
     return default_collate(kept)
 
 
@@ -78,7 +92,7 @@ def _image_folder(root: Path, input_size: int) -> TolerantImageFolder:
     if not root.is_dir():
         raise UsageError(f"data folder {root} does not exist; --data needs train/ and val/ class folders")
     try:
-        return TolerantImageFolder(str(root), folder_transform(input_size))
+        return TolerantImageFolder(str(root), folder_transform(input_size), input_size=input_size)
     except (FileNotFoundError, RuntimeError) as exc:
         raise UsageError(f"no images under {root} ({str(exc).splitlines()[0]}); put images in class folders") from None
 
@@ -126,22 +140,60 @@ def choose_classes(data: DataBundle, k: int, *, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
 
-def class_images(data: DataBundle, cls: int, n: int, *, seed: int) -> torch.Tensor:
-    """`n` training images of class `cls` (seeded choice) → [n, 3, s, s].
-
-    Unreadable files are skipped with a warning; too few readable images raise UsageError.
-    """
+def _class_order(data: DataBundle, cls: int, n: int, *, seed: int) -> list[int]:
+    """Train indices of class `cls` in the seeded order scoring reads them; UsageError if < n."""
     indices = [i for i, t in enumerate(data.train_targets) if t == cls]
     if len(indices) < n:
         raise UsageError(
             f"class {data.classes[cls]!r} has {len(indices)} training images but "
-            f"--samples-per-class is {n}; lower it or add images"
+            f"--samples-per-class is {n}; lower --samples-per-class or add images"
         )
     g = torch.Generator().manual_seed(seed * 100_003 + cls)
-    order = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
+    return [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
+
+
+def _too_few(data: DataBundle, cls: int, found: int, n: int, skipped: int) -> UsageError:
+    return UsageError(
+        f"class {data.classes[cls]!r} has only {found} readable training images ({skipped} unreadable "
+        f"skipped) but --samples-per-class is {n}; lower --samples-per-class or fix the files"
+    )
+
+
+def check_scoring_images(data: DataBundle, classes: list[int], n: int, *, seed: int) -> int:
+    """Check, before any output, that each class has `n` readable scoring images.
+
+    Returns how many unreadable files scoring will skip; raises UsageError if a class has
+    too few images (counts only for in-memory data; folders are decoded file by file).
+    """
+    skipped_total = 0
+    samples = getattr(data.train, "samples", None)
+    for cls in classes:
+        order = _class_order(data, cls, n, seed=seed)
+        if samples is None:
+            continue
+        found = skipped = 0
+        for i in order:
+            if found == n:
+                break
+            if readable(samples[i][0]):
+                found += 1
+            else:
+                skipped += 1
+        if found < n:
+            raise _too_few(data, cls, found, n, skipped)
+        skipped_total += skipped
+    return skipped_total
+
+
+def class_images(data: DataBundle, cls: int, n: int, *, seed: int) -> torch.Tensor:
+    """`n` training images of class `cls` (seeded choice) → [n, 3, s, s].
+
+    Unreadable files are skipped (`check_scoring_images` counts them up front); too few
+    readable images raise UsageError.
+    """
     images: list[torch.Tensor] = []
     skipped = 0
-    for i in order:
+    for i in _class_order(data, cls, n, seed=seed):
         item = data.train[i]
         if item is None:
             skipped += 1
@@ -149,23 +201,22 @@ def class_images(data: DataBundle, cls: int, n: int, *, seed: int) -> torch.Tens
         images.append(item[0])
         if len(images) == n:
             break
-    if skipped:
-        warnings.warn(f"skipped {skipped} unreadable image(s) of class {data.classes[cls]!r}", stacklevel=2)
     if len(images) < n:
-        raise UsageError(
-            f"class {data.classes[cls]!r} has only {len(images)} readable training images "
-            f"(need {n}); lower --samples-per-class or fix the files"
-        )
+        raise _too_few(data, cls, len(images), n, skipped)
     return torch.stack(images)
 
 
-def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int = 0) -> DataLoader:
-    """A seeded DataLoader that tolerates unreadable images."""
+def make_loader(
+    dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int = 0, sampler: Sampler | None = None
+) -> DataLoader:
+    """A seeded DataLoader that tolerates unreadable images (`sampler`, e.g. a
+    DistributedSampler, replaces `shuffle`)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
         num_workers=workers,
-        collate_fn=skip_none_collate,
+        collate_fn=partial(skip_none_collate, image_shape=getattr(dataset, "image_shape", (3, 1, 1))),
         generator=torch.Generator().manual_seed(seed),
     )

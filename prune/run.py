@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import platform
 import time
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,17 +15,18 @@ import torch_pruning as tp
 from torch import nn
 
 import scoring
+from finetune import ddp
 from finetune.metrics import evaluate
 from finetune.train import FinetuneConfig, finetune
-from prune import __version__
+from prune import __version__, distributed
 from prune.checkpoint import read_checkpoint, save_pruned
 from prune.config import PruneConfig
 from prune.counting import count_cost
-from prune.data import DataBundle, choose_classes, load_data, make_loader
+from prune.data import DataBundle, check_scoring_images, choose_classes, class_images, load_data, make_loader
 from prune.errors import UsageError
 from prune.files import torch_save, write_json
 from prune.models import ModelSpec, load_model
-from prune.outdir import claim
+from prune.outdir import Claim, claim
 from prune.report import write_report
 from prune.selection import LayerDecision, ScoringData, select_and_prune
 from prune.speed import device_name, measure_throughput
@@ -31,6 +34,12 @@ from prune.surgery import PrunableGroup, Surgeon
 
 FINETUNE_FORMAT = "topoprune/finetune-state/v1"
 SCORES_FORMAT = "topoprune/scores/v1"
+PROBE_IMAGES = 4
+"""Scoring images per class forwarded through the whole model to find NaN/Inf early."""
+
+
+class UnreadableImages(UserWarning):
+    """Some image files could not be decoded and are skipped."""
 
 
 def validate(config: PruneConfig) -> None:
@@ -85,45 +94,103 @@ def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: tor
     }
 
 
-def _score_cache(out: Path, resume: bool):
-    """Per-layer score files in `out/cache`: reused on resume, written after each layer."""
+def _score_cache(out: Path, resume: bool, world: distributed.World):
+    """Per-layer score files in `out/cache`: reused on resume, written after each layer.
+
+    Rank 0 reads and writes the files; the scores it finds are broadcast to every rank. An
+    unreadable cache file is scored again.
+    """
+
+    def stored(path: Path, group: PrunableGroup) -> torch.Tensor | None:
+        if not (world.is_main and resume and path.exists()):
+            return None
+        try:
+            blob = read_checkpoint(path, SCORES_FORMAT)
+        except UsageError:
+            return None
+        return blob["scores"] if blob.get("layer") == group.name else None
 
     def cached(i: int, group: PrunableGroup, compute) -> torch.Tensor:
         path = out / "cache" / f"scores-{i:03d}.pt"
-        if resume and path.exists():
-            blob = read_checkpoint(path, SCORES_FORMAT)
-            if blob["layer"] == group.name:
-                return blob["scores"]
+        hit = distributed.broadcast(stored(path, group))
+        if hit is not None:
+            return hit
         scores = compute()
-        torch_save(path, {"format": SCORES_FORMAT, "layer": group.name, "scores": scores})
+        if world.is_main:
+            torch_save(path, {"format": SCORES_FORMAT, "layer": group.name, "scores": scores})
         return scores
 
     return cached
 
 
-def _finetune(model, data, config, device, out: Path, resume: bool, quiet: bool) -> list[float]:
-    """Fine-tune with a checkpoint after each epoch; resume from it if present."""
+def _finetune_state(path: Path, resume: bool, world: distributed.World) -> dict | None:
+    """The last fine-tuning checkpoint (read by rank 0, broadcast to all), or None."""
+    state = None
+    if world.is_main and resume and path.exists():
+        try:
+            state = read_checkpoint(path, FINETUNE_FORMAT)
+        except UsageError:
+            state = None
+    return distributed.broadcast(state)
+
+
+def _finetune(model, data, config, device, out: Path, resume: bool, quiet: bool, world: distributed.World) -> list[float]:
+    """Fine-tune with a checkpoint after each epoch (rank 0 writes it); resume from it if present.
+
+    Under torchrun the model is wrapped in DistributedDataParallel and each rank trains on
+    its DistributedSampler share of the training set.
+    """
     ft = FinetuneConfig(epochs=config.epochs, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    optimizer = torch.optim.SGD(model.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
     path = out / "cache" / "finetune.pt"
-    start, losses = 0, []
-    if resume and path.exists():
-        state = read_checkpoint(path, FINETUNE_FORMAT)
+    state = _finetune_state(path, resume, world)
+    if state is not None:
         model.load_state_dict(state["model"])
+    net = ddp.wrap(model, device)
+    optimizer = torch.optim.SGD(net.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
+    start, losses = 0, []
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         start, losses = int(state["epoch"]) + 1, list(state["losses"])
 
     def checkpoint(epoch: int, opt: torch.optim.Optimizer, loss: float) -> None:
         losses.append(loss)
-        torch_save(
-            path,
-            {"format": FINETUNE_FORMAT, "epoch": epoch, "losses": losses, "model": model.state_dict(), "optimizer": opt.state_dict()},
-        )
+        if world.is_main:
+            torch_save(
+                path,
+                {"format": FINETUNE_FORMAT, "epoch": epoch, "losses": losses,
+                 "model": model.state_dict(), "optimizer": opt.state_dict()},
+            )
 
-    loader = make_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
-    finetune(model, loader, config=ft, device=device, quiet=quiet, start_epoch=start, optimizer=optimizer,
+    sampler = ddp.sampler(data.train, seed=config.seed)
+    loader = make_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed, sampler=sampler)
+    finetune(net, loader, config=ft, device=device, quiet=quiet, start_epoch=start, optimizer=optimizer,
              on_epoch_end=checkpoint, seed=config.seed)
     return losses
+
+
+@torch.no_grad()
+def check_finite(model: nn.Module, images: torch.Tensor) -> None:
+    """UsageError if any conv output or the logits of `images` [n, 3, s, s] hold NaN/Inf."""
+    bad: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        if not bad and isinstance(output, torch.Tensor) and not torch.isfinite(output).all():
+            bad.append(names[module])
+
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_hook(hook) for m in convs]
+    try:
+        logits = model(images.to(next(model.parameters()).device))
+    finally:
+        for h in handles:
+            h.remove()
+    if bad or not torch.isfinite(logits).all():
+        where = f"layer {bad[0]}" if bad else "the output"
+        raise UsageError(
+            f"activations at {where} contain NaN or Inf; check the model's weights (--weights) "
+            "and the input normalisation"
+        )
 
 
 def versions() -> dict[str, str]:
@@ -141,37 +208,116 @@ def versions() -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What the job works on, loaded and checked before any output is written."""
+
+    data: DataBundle
+    classes: list[int]
+    model: nn.Module
+    surgeon: Surgeon
+    scorer: scoring.Scorer
+    unreadable: int
+
+
+def load(config: PruneConfig, device: torch.device) -> Loaded:
+    """Load data and model and check every input (UsageError), writing nothing.
+
+    Checks: the K classes exist and each has N readable scoring images, the model has a
+    prunable conv, and its activations on a few scoring images are finite.
+    """
+    data = load_data(config.data, input_size=config.input_size)
+    k = config.classes if config.classes is not None else min(10, len(data.classes))
+    classes = choose_classes(data, k, seed=config.seed)
+    unreadable = check_scoring_images(data, classes, config.samples_per_class, seed=config.seed)
+    model = load_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
+    example = torch.zeros(1, 3, data.input_size, data.input_size, device=device)
+    surgeon = Surgeon(model, example)
+    probe = min(config.samples_per_class, PROBE_IMAGES)
+    check_finite(model, torch.cat([class_images(data, c, probe, seed=config.seed) for c in classes]))
+    scorer = scoring.create(config.scorer)
+    return Loaded(data, classes, model, surgeon, scorer, unreadable)
+
+
+def _claim(out: Path, config: PruneConfig, overwrite: bool, world: distributed.World) -> tuple[Claim | None, bool]:
+    """Rank 0 claims `out`; every rank learns whether to resume (or gets rank 0's UsageError)."""
+    result: Claim | str | None = None
+    if world.is_main:
+        try:
+            result = claim(out, config.fingerprint(), overwrite=overwrite, processes=world.size)
+        except UsageError as exc:
+            result = str(exc)
+    shared = distributed.broadcast(result if isinstance(result, str) else result is not None and result.resume)
+    if isinstance(shared, str):
+        raise UsageError(shared)
+    return (result if isinstance(result, Claim) else None), bool(shared)
+
+
 def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Run the main job and write its outputs into `out`; returns the report dict."""
+    """Run the main job and write its outputs into `out`; returns the report dict.
+
+    Bad input raises UsageError before `out` is touched, or (found later, e.g. NaN units in
+    a deeper layer) after undoing this run's changes to `out`. Started by torchrun, every
+    process runs this: scoring is split by class, fine-tuning uses DDP, rank 0 writes every
+    file and returns the report (other ranks return an empty dict).
+    """
     validate(config)
-    out = Path(out)
+    device = resolve_device(config.device)
+    world = distributed.init(device)
+    try:
+        return _run(config, Path(out), overwrite, quiet or not world.is_main, world,
+                    distributed.local_device(device, world))
+    finally:
+        distributed.shutdown()
+
+
+def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: distributed.World,
+         device: torch.device) -> dict:
     timings: dict[str, float] = {}
     torch.manual_seed(config.seed)
-    device = resolve_device(config.device)
     with _timed(timings, "load"):
-        data = load_data(config.data, input_size=config.input_size)
-        k = config.classes if config.classes is not None else min(10, len(data.classes))
-        classes = choose_classes(data, k, seed=config.seed)
-        model = load_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
-        example = torch.zeros(1, 3, data.input_size, data.input_size, device=device)
-        surgeon = Surgeon(model, example)
-        scorer = scoring.create(config.scorer)
-    resume = claim(out, config.fingerprint(), overwrite=overwrite)
+        loaded = load(config, device)
+    if loaded.unreadable and world.is_main:
+        warnings.warn(f"skipping {loaded.unreadable} unreadable image file(s) among the scoring images; "
+                      "remove or replace them", UnreadableImages, stacklevel=2)
+    claimed, resume = _claim(out, config, overwrite, world)
+    try:
+        report = _job(config, loaded, out, resume, quiet, world, device, timings)
+    except UsageError:
+        if claimed is not None:
+            claimed.rollback()
+        raise
+    if claimed is not None:
+        claimed.commit()
+    return report
+
+
+def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bool, world: distributed.World,
+         device: torch.device, timings: dict[str, float]) -> dict:
+    """Measure, select and prune, fine-tune, measure, save (files by rank 0 only)."""
+    data, model, surgeon = loaded.data, loaded.model, loaded.surgeon
+    before = None
     with _timed(timings, "evaluate_before"):
-        before = measure(model, data, config, device, quiet)
-    source = ScoringData(data=data, classes=classes, per_class=config.samples_per_class, seed=config.seed)
+        if world.is_main:
+            before = measure(model, data, config, device, quiet)
+    source = ScoringData(data=data, classes=loaded.classes, per_class=config.samples_per_class, seed=config.seed)
     with _timed(timings, "select_and_prune"):
         decisions = select_and_prune(
-            surgeon, scorer, source, ratio=config.ratio, schedule=config.schedule, rounding=config.rounding,
-            cache=_score_cache(out, resume), quiet=quiet,
+            surgeon, loaded.scorer, source, ratio=config.ratio, schedule=config.schedule, rounding=config.rounding,
+            cache=_score_cache(out, resume, world), quiet=quiet, world=world,
         )
+    pruned_eval = None
     with _timed(timings, "evaluate_pruned"):
-        pruned_eval = evaluate(model, make_loader(data.val, batch_size=config.batch_size, shuffle=False, seed=0), device=device)
+        if world.is_main:
+            loader = make_loader(data.val, batch_size=config.batch_size, shuffle=False, seed=0)
+            pruned_eval = evaluate(model, loader, device=device)
     losses: list[float] = []
     if config.finetune and config.epochs > 0:
         with _timed(timings, "finetune"):
-            losses = _finetune(model, data, config, device, out, resume, quiet)
+            losses = _finetune(model, data, config, device, out, resume, quiet, world)
     model.eval()
+    if not world.is_main:
+        return {}
     with _timed(timings, "evaluate_after"):
         after = measure(model, data, config, device, quiet)
     spec = ModelSpec(config.model, len(data.classes))
@@ -179,7 +325,9 @@ def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool 
     write_json(out / "scores.json", {d.name: [float(s) for s in d.scores] for d in decisions})
     report = {
         "settings": config.as_dict(),
-        "classes_used": [data.classes[c] for c in classes],
+        "processes": world.size,
+        "classes_used": [data.classes[c] for c in loaded.classes],
+        "unreadable_scoring_images": loaded.unreadable,
         "before": before,
         "pruned_before_finetune": pruned_eval.as_dict(),
         "after": after,

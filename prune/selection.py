@@ -1,18 +1,36 @@
-"""Layer-by-layer channel selection: score each group, remove its lowest-scoring channels."""
+"""Layer-by-layer channel selection: score each group, remove its lowest-scoring channels.
+
+Scoring streams: one layer at a time, one class at a time, and a class's units are filled
+chunk by chunk into one preallocated tensor [N, C, m, m] (no concatenation copy).
+
+Several processes (torchrun) split the *classes* of a layer between them. That is exact
+only where a scorer's state is a per-class sum, so `SHARDABLE` lists, per scorer, how to
+take the state one class leaves (`take`) and how to rebuild the state of all K classes in
+class order (`merge`), with the same floating-point operations in the same order as one
+process: entropy (sum of per-class entropies H_c and the class count), apoz (zero counts and
+totals), selectivity (per-class sums and counts). Every other scorer is computed in full on
+every process (identical results; weight scorers are cheap anyway).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 import scoring
+from prune import distributed
 from prune.data import DataBundle, class_images
-from prune.observe import collect_units
+from prune.errors import UsageError
+from prune.observe import observe, run_until_captured
 from prune.surgery import PrunableGroup, Surgeon, channels_to_remove
+
+CHUNK_BYTES = 1 << 28
+"""Units of one forward chunk are kept under this size (256 MiB) when scoring."""
 
 
 @dataclass(frozen=True)
@@ -50,21 +68,149 @@ class ScoringData:
     batch_size: int = 128
 
 
+@torch.no_grad()
+def collect_units(
+    model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, *, name: str, batch_size: int = 128
+) -> torch.Tensor:
+    """Units of `conv` for `images` [N, 3, H, W] → [N, C, m, m] float32 CPU, filled chunk by chunk.
+
+    The first chunk is one image; later chunks hold at most `batch_size` images and about
+    CHUNK_BYTES of units. NaN/Inf activations raise UsageError.
+    """
+    device = next(model.parameters()).device
+    units: torch.Tensor | None = None
+    start, step = 0, 1
+    with observe(model, conv) as captured:
+        while start < len(images):
+            run_until_captured(model, images[start : start + step].to(device))
+            chunk = captured.pop().float().cpu()
+            if not torch.isfinite(chunk).all():
+                raise UsageError(
+                    f"activations of layer {name} contain NaN or Inf; check the model's weights "
+                    "(--weights) and the input normalisation"
+                )
+            if units is None:
+                units = torch.empty((len(images), *chunk.shape[1:]), dtype=torch.float32)
+                step = max(1, min(batch_size, CHUNK_BYTES // max(chunk[0].numel() * 4, 1)))
+            units[start : start + len(chunk)] = chunk
+            start += len(chunk)
+            del chunk
+    assert units is not None
+    return units
+
+
+def class_batch(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringData, cls: int) -> scoring.ClassBatch:
+    """The ClassBatch of class `cls` at `conv`: its scoring images and their units."""
+    images = class_images(source.data, cls, source.per_class, seed=source.seed)
+    units = collect_units(model, conv, images, name=name, batch_size=source.batch_size)
+    return scoring.ClassBatch(class_index=cls, images=images, activations=units)
+
+
 def class_batches(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringData) -> Iterator[scoring.ClassBatch]:
     """One ClassBatch per class, made lazily (one class's units in memory at a time)."""
     for cls in source.classes:
-        images = class_images(source.data, cls, source.per_class, seed=source.seed)
-        units = collect_units(model, conv, images, name=name, batch_size=source.batch_size)
-        yield scoring.ClassBatch(class_index=cls, images=images, activations=units)
+        yield class_batch(model, conv, name, source, cls)
 
 
-def score_group(model: nn.Module, group: PrunableGroup, scorer: scoring.Scorer, source: ScoringData) -> torch.Tensor:
+# ---------------------------------------------------------------- exact class sharding
+
+
+@dataclass(frozen=True)
+class ClassSharding:
+    """`take(scorer)`: the state one class's update() left; `merge(scorer, states)`: set the
+    state of all classes (states in class order) on a scorer just reset."""
+
+    take: Callable[[scoring.Scorer], Any]
+    merge: Callable[[scoring.Scorer, list[Any]], None]
+
+
+def _merge_entropy(scorer: Any, states: list[Any]) -> None:
+    total = None
+    for h in states:
+        total = h if total is None else total + h
+    scorer._total, scorer._classes = total, len(states)
+
+
+def _merge_apoz(scorer: Any, states: list[Any]) -> None:
+    for zeros, total in states:
+        scorer._zeros += zeros
+        scorer._total += total
+
+
+def _merge_selectivity(scorer: Any, states: list[Any]) -> None:
+    for sums, counts in states:
+        for k, v in sums.items():
+            scorer._sums[k] = scorer._sums.get(k, 0) + v
+            scorer._counts[k] = scorer._counts.get(k, 0) + counts[k]
+
+
+SHARDABLE: dict[str, ClassSharding] = {
+    "entropy": ClassSharding(take=lambda s: s._total.copy(), merge=_merge_entropy),
+    "apoz": ClassSharding(take=lambda s: (s._zeros.clone(), s._total), merge=_merge_apoz),
+    "selectivity": ClassSharding(take=lambda s: (dict(s._sums), dict(s._counts)), merge=_merge_selectivity),
+}
+
+
+def class_states(
+    scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, classes: Sequence[int], how: ClassSharding
+) -> list[tuple[int, Any]]:
+    """(class, state) of each class in `classes`, each from a freshly reset scorer."""
+    states = []
+    for cls in classes:
+        scorer.reset(layer)
+        scorer.update(class_batch(layer.model, layer.conv, layer.name, source, cls))
+        states.append((cls, how.take(scorer)))
+    return states
+
+
+def merged_scores(
+    scorer: scoring.Scorer, layer: scoring.LayerSpec, states: dict[int, Any], classes: Sequence[int], how: ClassSharding
+) -> torch.Tensor:
+    """Scores [C] from per-class states, merged in the order of `classes`."""
+    scorer.reset(layer)
+    how.merge(scorer, [states[c] for c in classes])
+    return scorer.compute()
+
+
+def _sharded_scores(
+    scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, world: distributed.World, how: ClassSharding
+) -> torch.Tensor:
+    """Scores [C] with this rank's classes scored here and the states gathered from all ranks.
+
+    A failure on any rank is raised on every rank (no rank is left waiting).
+    """
+    mine: list[tuple[int, Any]] = []
+    error: tuple[bool, str] | None = None
+    try:
+        mine = class_states(scorer, layer, source, distributed.shard(source.classes, world), how)
+    except Exception as exc:  # reported to every rank below
+        error = (isinstance(exc, (UsageError, ValueError)), str(exc))
+    gathered = distributed.gather((mine, error))
+    for _, err in gathered:
+        if err is not None:
+            raise (UsageError if err[0] else RuntimeError)(err[1])
+    states = {cls: state for part, _ in gathered for cls, state in part}
+    return merged_scores(scorer, layer, states, source.classes, how)
+
+
+def score_group(
+    model: nn.Module,
+    group: PrunableGroup,
+    scorer: scoring.Scorer,
+    source: ScoringData | None,
+    world: distributed.World = distributed.SINGLE,
+) -> torch.Tensor:
     """Scores [C] of a group: the mean of its member convs' scores (higher = keep)."""
+    how = SHARDABLE.get(scorer.info.name) if world.active and scorer.info.needs_data else None
     member_scores = []
     for name, conv in zip(group.names, group.convs):
         layer = scoring.LayerSpec(model=model, conv=conv, name=name)
-        batches = class_batches(model, conv, name, source) if scorer.info.needs_data else ()
-        member_scores.append(scorer(layer, batches).float().cpu())
+        if how is not None:
+            scores = _sharded_scores(scorer, layer, source, world, how)
+        else:
+            batches = class_batches(model, conv, name, source) if scorer.info.needs_data else ()
+            scores = scorer(layer, batches)
+        member_scores.append(scores.float().cpu())
     return torch.stack(member_scores).mean(dim=0)
 
 
@@ -91,13 +237,16 @@ def select_and_prune(
     rounding: str = "round",
     cache: ScoreCache = _no_cache,
     quiet: bool = False,
+    world: distributed.World = distributed.SINGLE,
 ) -> list[LayerDecision]:
     """Prune every group of `surgeon`'s model, shallow → deep.
 
     progressive: group l is scored on the network already pruned at groups < l (paper A.7.2).
     oneshot: every group is scored on the original network first, then all are pruned.
     `cache(i, group, compute)` may return stored scores instead of computing them (resume).
-    `source` may be None for weight-only scorers.
+    `source` may be None for weight-only scorers. With several processes (`world`), every
+    process must call this with the same arguments; each scores its share of the classes
+    and all end with the same decisions.
     """
     if source is None and scorer.info.needs_data:
         raise ValueError(f"scorer {scorer.info.name!r} needs data: pass a ScoringData source")
@@ -105,17 +254,15 @@ def select_and_prune(
     model.eval()
     groups = list(surgeon.groups)
     decisions: list[LayerDecision] = []
+
+    def compute(g: PrunableGroup) -> Callable[[], torch.Tensor]:
+        return lambda: score_group(model, g, scorer, source, world)
+
     if schedule == "oneshot":
-        all_scores = [
-            cache(i, g, lambda g=g: score_group(model, g, scorer, source))
-            for i, g in enumerate(tqdm(groups, desc="score", disable=quiet))
-        ]
+        all_scores = [cache(i, g, compute(g)) for i, g in enumerate(tqdm(groups, desc="score", disable=quiet))]
     for i, group in enumerate(tqdm(groups, desc="prune layers", disable=quiet)):
         before = group.num_channels
-        if schedule == "oneshot":
-            scores = all_scores[i]
-        else:
-            scores = cache(i, group, lambda: score_group(model, group, scorer, source))
+        scores = all_scores[i] if schedule == "oneshot" else cache(i, group, compute(group))
         removed = lowest(scores, channels_to_remove(before, ratio, rule=rounding))
         surgeon.prune(group, removed)
         decisions.append(LayerDecision(group.name, group.names, before, scores, removed))
