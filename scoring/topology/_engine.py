@@ -12,9 +12,11 @@ components or close a triangle are added greedily (each keeps β1 = 0); the k ed
 all lie inside components, so β1 after the block = dim H1(X ∪ R, X) = k − rank ∂2|R over
 GF(2), where ∂2|R maps every new triangle to its R-edges.
 
-Only the top of the edge list is materialised: a threshold t taken from a small sample of
-edge weights selects every edge of weight ≥ t (so tied blocks are always complete); the
-sweep continues below t with a lower threshold when no birth was found.
+Only the top of the edge list is materialised: a threshold t, read off a strided sample
+of U's entries so that about 2m entries lie above it, selects every edge of weight ≥ t
+(tied blocks are therefore always complete) into a max-heap; if no birth is found the
+sweep goes on below t with a lower threshold (twice as many entries), and small maps take
+all their edges at once. At a birth, b = 1 + #{entries of U > w*} is one pass over U.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import numpy as np
 from numba import njit
 
 _ONE = np.uint64(1)
-_SMALL_N = 512  # at most this many edges: collect them all at once
-_MAX_SAMPLE = 256  # edge weights sampled to choose the selection threshold
+_SMALL_N = 100  # at most this many edges: collect them all at once
+_MAX_SAMPLE = 128  # entries sampled to choose the selection threshold
+_ENTRIES_PER_THREAD = 200_000  # smaller batches run on one thread
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _find(parent: np.ndarray, x: int) -> int:
     while parent[x] != x:
         parent[x] = parent[parent[x]]
@@ -38,13 +41,13 @@ def _find(parent: np.ndarray, x: int) -> int:
     return x
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _set_edge(adj: np.ndarray, u: int, w: int) -> None:
     adj[u, w >> 6] |= _ONE << np.uint64(w & 63)
     adj[w, u >> 6] |= _ONE << np.uint64(u & 63)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _try_add(parent: np.ndarray, adj: np.ndarray, u: int, w: int) -> bool:
     """Add edge {u, w} if it keeps β1 = 0 (joins components or closes a triangle)."""
     ru = _find(parent, u)
@@ -60,7 +63,7 @@ def _try_add(parent: np.ndarray, adj: np.ndarray, u: int, w: int) -> bool:
     return False
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _lowest_bit(x: np.uint64) -> int:
     i = 0
     while (x & _ONE) == 0:
@@ -163,7 +166,7 @@ def _block_has_cycle(
     return _stuck_edges_leave_cycle(pend, npend, bu, bv, adj, ridx, m)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _sift_down(keys: np.ndarray, ids: np.ndarray, i: int, size: int) -> None:
     """Restore the max-heap keys[:size] below position i (ids move along)."""
     key = keys[i]
@@ -184,47 +187,122 @@ def _sift_down(keys: np.ndarray, ids: np.ndarray, i: int, size: int) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _sample_weights(U: np.ndarray, nedges: int) -> np.ndarray:
-    """A deterministic pseudo-random sample of edge weights, sorted descending."""
+def _sample_entries(U: np.ndarray, out: np.ndarray) -> int:
+    """Fill out[:s] with a strided sample of U's entries (sequential access); returns s
+    (0 for small maps: then every edge is taken at once)."""
     m = U.shape[0]
-    s = min(_MAX_SAMPLE, max(32, nedges // 8))
-    out = np.empty(s, np.float64)
+    if m * (m - 1) // 2 <= _SMALL_N:
+        return 0
+    size = m * m
+    s = min(out.shape[0], max(16, size // 8))
+    step = max(1, size // s)
+    while np.gcd(step, m) != 1:
+        step += 1
     for r in range(s):
-        f = (r * 2654435761 + 97) % (m * m)
-        i = f // m
-        j = f % m
-        if i == j:
-            j = (j + 1) % m
-        out[r] = max(U[i, j], U[j, i])
-    out.sort()
-    return out[::-1].copy()
+        k = (r * step + step // 2) % size
+        out[r] = U[k // m, k % m]
+    return s
 
 
 @njit(cache=True, nogil=True)
-def _threshold(sample: np.ndarray, target: int, nedges: int, hi: float) -> float:
-    """Weight t with about `target` edges ≥ t (−inf: take every edge below `hi`)."""
-    if sample.shape[0] == 0 or 2 * target >= nedges:
+def _threshold(
+    sample: np.ndarray, s: int, target: int, m: int, hi: float, top: np.ndarray
+) -> float:
+    """Value t with about 2·target entries (so ≥ target edges) of U in [t, hi): a rank of
+    the sample below hi, found by insertion into `top`; −inf takes every edge left."""
+    if s == 0 or 4 * target >= m * (m - 1):
         return -np.inf
-    r = (target * sample.shape[0]) // nedges
-    while r < sample.shape[0] and sample[r] >= hi:
-        r += 1
-    if r >= sample.shape[0]:
-        return -np.inf
-    return sample[r]
+    r = (2 * target * s) // (m * m)
+    filled = 0
+    for q in range(s):
+        v = sample[q]
+        if v >= hi:
+            continue
+        if filled <= r:
+            p = filled
+            filled += 1
+        elif v > top[r]:
+            p = r
+        else:
+            continue
+        while p > 0 and top[p - 1] < v:
+            top[p] = top[p - 1]
+            p -= 1
+        top[p] = v
+    return top[r] if filled > r else -np.inf
+
+
+@njit(cache=True, nogil=True)
+def _collect_all(U: np.ndarray, hi: float, hk: np.ndarray, hid: np.ndarray) -> int:
+    """Every edge with weight < hi into (hk, hid); returns their number."""
+    m = U.shape[0]
+    size = 0
+    for i in range(m):
+        for j in range(i + 1, m):
+            e = max(U[i, j], U[j, i])
+            if e < hi:
+                hk[size] = e
+                hid[size] = i * m + j
+                size += 1
+    return size
+
+
+@njit(cache=True, nogil=True)
+def _collect_above(
+    U: np.ndarray, t: float, hi: float, hk: np.ndarray, hid: np.ndarray, qu: np.ndarray,
+    qv: np.ndarray,
+) -> tuple[int, int]:
+    """Edges with t < weight < hi into (hk, hid) and weight == t into (qu, qv).
+
+    Scans U row by row (an edge is found through its larger entry, taken once).
+    Returns the two counts.
+    """
+    m = U.shape[0]
+    size = 0
+    neq = 0
+    for i in range(m):
+        for j in range(m):
+            x = U[i, j]
+            if x >= t and x < hi and i != j:
+                c = U[j, i]
+                if c > x or (c == x and i > j):
+                    continue  # {i, j} is taken at (j, i), in this round or before
+                lo = min(i, j)
+                up = max(i, j)
+                if x > t:
+                    hk[size] = x
+                    hid[size] = lo * m + up
+                    size += 1
+                else:
+                    qu[neq] = lo
+                    qv[neq] = up
+                    neq += 1
+    return size, neq
+
+
+@njit(cache=True, nogil=True)
+def _count_above(U: np.ndarray, w: float) -> int:
+    """#{entries of U > w} (the diagonal included)."""
+    m = U.shape[0]
+    count = 0
+    for i in range(m):
+        for j in range(m):
+            count += U[i, j] > w
+    return count
 
 
 @njit(cache=True, nogil=True)
 def _birth_one(
     U: np.ndarray, hk: np.ndarray, hid: np.ndarray, bu: np.ndarray, bv: np.ndarray,
-    qu: np.ndarray, qv: np.ndarray, raw: np.ndarray, parent: np.ndarray, adj: np.ndarray,
-    pend: np.ndarray, ridx: np.ndarray,
+    qu: np.ndarray, qv: np.ndarray, parent: np.ndarray, adj: np.ndarray,
+    pend: np.ndarray, ridx: np.ndarray, sample: np.ndarray, top: np.ndarray,
 ) -> tuple[int, float]:
     """(birth, w*) of one m×m map; (0, nan) when β1 stays 0.
 
     Rounds: select the edges with t ≤ weight < hi (t from the sample; the ones equal to t
     form one complete tied block, kept aside), pop the others from a max-heap block by
     block, then the block at t; lower t and repeat until a birth or no edge is left.
-    Every entry of U in [t, hi) goes to `raw`, so 1 + #{entries > w*} is counted there.
+    At a birth, b = 1 + #{entries of U > w*} is counted in one pass over U.
     """
     m = U.shape[0]
     if m < 4:
@@ -232,44 +310,19 @@ def _birth_one(
     nedges = m * (m - 1) // 2
     for i in range(m):
         parent[i] = i
-        adj[i, :] = 0
-    if nedges <= _SMALL_N:
-        sample = np.empty(0, np.float64)
-    else:
-        sample = _sample_weights(U, nedges)
+        for k in range(adj.shape[1]):
+            adj[i, k] = 0
+    nsample = _sample_entries(U, sample)
     hi = np.inf
     target = m
-    nraw = 0
     npresent = 0
     while True:
-        t = _threshold(sample, target, nedges, hi)
-        size = 0
-        neq = 0
-        for i in range(m):
-            d = U[i, i]
-            if d >= t and d < hi:
-                raw[nraw] = d
-                nraw += 1
-            for j in range(i + 1, m):
-                a = U[i, j]
-                c = U[j, i]
-                e = max(a, c)
-                if e >= t:
-                    if e < hi:
-                        if e > t:
-                            hk[size] = e
-                            hid[size] = i * m + j
-                            size += 1
-                        else:
-                            qu[neq] = i
-                            qv[neq] = j
-                            neq += 1
-                    if a >= t and a < hi:
-                        raw[nraw] = a
-                        nraw += 1
-                    if c >= t and c < hi:
-                        raw[nraw] = c
-                        nraw += 1
+        t = _threshold(sample, nsample, target, m, hi, top)
+        if t == -np.inf:
+            size = _collect_all(U, hi, hk, hid)
+            neq = 0
+        else:
+            size, neq = _collect_above(U, t, hi, hk, hid, qu, qv)
         for i in range(size // 2 - 1, -1, -1):
             _sift_down(hk, hid, i, size)
         wstar = np.nan
@@ -284,7 +337,11 @@ def _birth_one(
                 hk[0] = hk[size]
                 hid[0] = hid[size]
                 _sift_down(hk, hid, 0, size)
-            if _block_has_cycle(bu, bv, nb, npresent, nedges, parent, adj, pend, ridx, m):
+            if nb == 1 and npresent + 1 < nedges:  # common case: one edge, no tie
+                if not _try_add(parent, adj, bu[0], bv[0]):
+                    wstar = w
+                    break
+            elif _block_has_cycle(bu, bv, nb, npresent, nedges, parent, adj, pend, ridx, m):
                 wstar = w
                 break
             npresent += nb
@@ -293,11 +350,7 @@ def _birth_one(
                 wstar = t
             npresent += neq
         if not np.isnan(wstar):
-            above = 0
-            for r in range(nraw):
-                if raw[r] > wstar:
-                    above += 1
-            return above + 1, wstar
+            return 1 + _count_above(U, wstar), wstar
         if t == -np.inf or npresent == nedges:
             return 0, np.nan
         hi = t
@@ -315,13 +368,15 @@ def _births_into(maps: np.ndarray, births: np.ndarray, wstars: np.ndarray) -> No
     bv = np.empty(nedges, np.int64)
     qu = np.empty(nedges, np.int64)
     qv = np.empty(nedges, np.int64)
-    raw = np.empty(m * m, np.float64)
     parent = np.empty(m, np.int64)
     adj = np.empty((m, max((m + 63) >> 6, 1)), np.uint64)
     pend = np.empty(nedges, np.int64)
     ridx = np.full(m * m, -1, np.int64)
+    sample = np.empty(_MAX_SAMPLE, np.float64)
+    top = np.empty(_MAX_SAMPLE, np.float64)
     for k in range(maps.shape[0]):
-        b, w = _birth_one(maps[k], hk, hid, bu, bv, qu, qv, raw, parent, adj, pend, ridx)
+        b, w = _birth_one(maps[k], hk, hid, bu, bv, qu, qv, parent, adj, pend, ridx,
+                          sample, top)
         births[k] = b
         wstars[k] = w
 
@@ -336,7 +391,7 @@ def births_batch(maps: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.nda
     n = maps.shape[0]
     births = np.zeros(n, np.int64)
     wstars = np.full(n, np.nan)
-    threads = max(1, min(threads, n))
+    threads = max(1, min(threads, n, n * maps.shape[1] ** 2 // _ENTRIES_PER_THREAD))
     if threads == 1:
         _births_into(maps, births, wstars)
         return births, wstars
