@@ -33,9 +33,25 @@ def _unknown_model(name: str) -> UsageError:
     near = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean {near[0]!r}?" if near else ""
     return UsageError(
-        f"unknown model {name!r}; use 'embedded', a torchvision name ({', '.join(known[1:12])}, …) "
-        f"or 'timm:<name>'.{hint}"
+        f"unknown model {name!r}; use 'embedded', 'timm:<name>' or a torchvision name ({', '.join(known[1:])}).{hint}"
     )
+
+
+def check_model_name(name: str) -> None:
+    """UsageError (listing the known names) unless `name` is a model `build_model` knows."""
+    if name == EMBEDDED:
+        return
+    if name.startswith("timm:"):
+        import timm
+
+        timm_name = name.split(":", 1)[1]
+        if not timm.is_model(timm_name):
+            near = difflib.get_close_matches(timm_name, timm.list_models(), n=1)
+            hint = f" Did you mean 'timm:{near[0]}'?" if near else ""
+            raise UsageError(f"unknown timm model {timm_name!r}; see timm.list_models().{hint}")
+        return
+    if name not in torchvision_names():
+        raise _unknown_model(name)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
@@ -44,17 +60,11 @@ def build_model(spec: ModelSpec) -> nn.Module:
         from prune.embedded_model import EmbeddedVGG
 
         return EmbeddedVGG(num_classes=spec.num_classes)
+    check_model_name(spec.name)
     if spec.name.startswith("timm:"):
         import timm
 
-        timm_name = spec.name.split(":", 1)[1]
-        if not timm.is_model(timm_name):
-            near = difflib.get_close_matches(timm_name, timm.list_models(), n=1)
-            hint = f" Did you mean 'timm:{near[0]}'?" if near else ""
-            raise UsageError(f"unknown timm model {timm_name!r}; see timm.list_models().{hint}")
-        return timm.create_model(timm_name, pretrained=False, num_classes=spec.num_classes)
-    if spec.name not in torchvision_names():
-        raise _unknown_model(spec.name)
+        return timm.create_model(spec.name.split(":", 1)[1], pretrained=False, num_classes=spec.num_classes)
     return torchvision.models.get_model(spec.name, weights=None, num_classes=spec.num_classes)
 
 

@@ -25,8 +25,9 @@ from prune.counting import count_cost
 from prune.data import DataBundle, check_scoring_images, choose_classes, class_images, load_data, make_loader
 from prune.errors import UsageError
 from prune.files import torch_save, write_json
-from prune.models import ModelSpec, load_model
+from prune.models import ModelSpec, check_model_name, load_model
 from prune.outdir import Claim, claim
+from prune.outdir import check as check_out
 from prune.report import write_report
 from prune.selection import LayerDecision, ScoringData, select_and_prune
 from prune.speed import device_name, measure_throughput
@@ -50,6 +51,7 @@ def validate(config: PruneConfig) -> None:
         scoring.scorer_info(config.scorer)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    check_model_name(config.model)
     if config.schedule not in ("progressive", "oneshot"):
         raise UsageError(f"--schedule {config.schedule!r} is unknown; use progressive or oneshot")
     for flag, value in (("--samples-per-class", config.samples_per_class), ("--batch-size", config.batch_size)):
@@ -263,6 +265,8 @@ def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool 
     """
     validate(config)
     device = resolve_device(config.device)
+    if distributed.env_world().is_main:  # refuse a foreign --out before loading anything
+        check_out(Path(out), config.fingerprint(), overwrite=overwrite, processes=distributed.env_world().size)
     world = distributed.init(device)
     try:
         return _run(config, Path(out), overwrite, quiet or not world.is_main, world,
