@@ -33,7 +33,7 @@ _MAX_SAMPLE = 128  # entries sampled to choose the selection threshold
 _ENTRIES_PER_THREAD = 200_000  # smaller batches run on one thread
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _find(parent: np.ndarray, x: int) -> int:
     while parent[x] != x:
         parent[x] = parent[parent[x]]
@@ -41,13 +41,13 @@ def _find(parent: np.ndarray, x: int) -> int:
     return x
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _set_edge(adj: np.ndarray, u: int, w: int) -> None:
     adj[u, w >> 6] |= _ONE << np.uint64(w & 63)
     adj[w, u >> 6] |= _ONE << np.uint64(u & 63)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _try_add(parent: np.ndarray, adj: np.ndarray, u: int, w: int) -> bool:
     """Add edge {u, w} if it keeps β1 = 0 (joins components or closes a triangle)."""
     ru = _find(parent, u)
@@ -63,7 +63,7 @@ def _try_add(parent: np.ndarray, adj: np.ndarray, u: int, w: int) -> bool:
     return False
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _lowest_bit(x: np.uint64) -> int:
     i = 0
     while (x & _ONE) == 0:
@@ -166,7 +166,7 @@ def _block_has_cycle(
     return _stuck_edges_leave_cycle(pend, npend, bu, bv, adj, ridx, m)
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _sift_down(keys: np.ndarray, ids: np.ndarray, i: int, size: int) -> None:
     """Restore the max-heap keys[:size] below position i (ids move along)."""
     key = keys[i]
