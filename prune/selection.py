@@ -29,8 +29,8 @@ from prune.errors import UsageError
 from prune.observe import observe, run_until_captured
 from prune.surgery import PrunableGroup, Surgeon, channels_to_remove
 
-CHUNK_BYTES = 1 << 28
-"""Units of one forward chunk are kept under this size (256 MiB) when scoring."""
+CHUNK_BYTES = 1 << 27
+"""Units of one forward chunk are kept under this size (128 MiB) when scoring."""
 
 
 @dataclass(frozen=True)
@@ -208,10 +208,22 @@ def score_group(
         if how is not None:
             scores = _sharded_scores(scorer, layer, source, world, how)
         else:
-            batches = class_batches(model, conv, name, source) if scorer.info.needs_data else ()
-            scores = scorer(layer, batches)
+            scores = _streamed_scores(scorer, layer, source)
         member_scores.append(scores.float().cpu())
     return torch.stack(member_scores).mean(dim=0)
+
+
+@torch.no_grad()
+def _streamed_scores(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData | None) -> torch.Tensor:
+    """Scores [C]: reset, update class by class (each class's units freed before the next is
+    collected, so one class's units are held at a time), compute."""
+    scorer.reset(layer)
+    if scorer.info.needs_data:
+        for cls in source.classes:
+            batch = class_batch(layer.model, layer.conv, layer.name, source, cls)
+            scorer.update(batch)
+            del batch
+    return scorer.compute()
 
 
 def lowest(scores: torch.Tensor, n: int) -> tuple[int, ...]:
