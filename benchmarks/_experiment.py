@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ import scoring
 from benchmarks.common import RESULTS, machine, markdown_table
 from finetune.metrics import one_vs_rest_balanced_accuracy
 from prune.data import DataBundle, class_images, load_data, make_loader
+from prune.errors import UsageError
 from prune.files import write_json, write_text
 from prune.models import load_model
 from prune.observe import _following_norm, collect_units
@@ -41,8 +43,9 @@ QUICK_PER_CLASS = {"train": 30, "test": 20}
 # ---------------------------------------------------------------- flags and setup
 
 
-def base_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """Parser with the flags every experiment shares (model/data like `python -m prune`)."""
+def base_parser(prog: str, doc: str, *, analysis: bool = True) -> argparse.ArgumentParser:
+    """Parser with the flags every experiment shares (model/data like `python -m prune`);
+    `analysis` adds --test-per-class and --class (experiments that evaluate by themselves)."""
     p = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{prog}",
         description=doc,
@@ -53,8 +56,9 @@ def base_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     a("--weights", default=None, help="checkpoint path or torchvision weights name (default: shipped embedded weights)")
     a("--data", default=None, help="ImageFolder root with train/ and val/ (default: embedded shapes10)")
     a("--input-size", type=int, default=None, help="image side (default: 32 embedded, 224 otherwise)")
-    a("--test-per-class", type=int, default=None, help="cap on test images per class (default: all; 20 with --quick)")
-    a("--class", dest="cls", type=int, default=0, help="the class studied where one class is used")
+    if analysis:
+        a("--test-per-class", type=int, default=None, help="cap on test images per class (default: all; 20 with --quick)")
+        a("--class", dest="cls", type=int, default=0, help="the class studied where one class is used")
     a("--seed", type=int, default=0, help="seed of every random choice")
     a("--quick", action="store_true", help="small, fast mode (tests); writes <name>-quick.*")
     a("--quiet", action="store_true", help="no progress bars")
@@ -131,7 +135,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
     cap = args.test_per_class if args.test_per_class is not None else (QUICK_PER_CLASS["test"] if args.quick else None)
     test = dataset_tensors(data.val, per_class=cap, seed=args.seed)
     if not 0 <= args.cls < len(data.classes):
-        raise SystemExit(f"error: --class {args.cls} is not a class index; use 0..{len(data.classes) - 1}")
+        raise UsageError(f"--class {args.cls} is not a class index; use 0..{len(data.classes) - 1}")
     return Setup(model=model, data=data, test=test, args=args)
 
 
@@ -152,6 +156,16 @@ def torch_threads(args: argparse.Namespace) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def guarded(body: Callable[[], object]) -> int:
+    """Run `body`; a UsageError or missing file becomes a one-line error and exit code 2."""
+    try:
+        body()
+    except (UsageError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 # ---------------------------------------------------------------- layers and units
 
 
@@ -164,13 +178,13 @@ def find_conv(model: nn.Module, name: str | None) -> tuple[str, nn.Conv2d]:
     """The conv called `name`, or the last conv when `name` is None."""
     convs = conv_layers(model)
     if not convs:
-        raise SystemExit("error: the model has no Conv2d layer")
+        raise UsageError("the model has no Conv2d layer; pass a CNN")
     if name is None:
         return convs[-1]
     for n, m in convs:
         if n == name:
             return n, m
-    raise SystemExit(f"error: no conv layer {name!r}; choose one of {', '.join(n for n, _ in convs)}")
+    raise UsageError(f"no conv layer {name!r}; choose one of {', '.join(n for n, _ in convs)}")
 
 
 def unit_module(model: nn.Module, conv: nn.Conv2d) -> nn.Module:
@@ -205,6 +219,22 @@ def score_layer(
     scorer = scoring.create(scorer_name, **options)
     layer = scoring.LayerSpec(model=model, conv=conv, name=name)
     return scorer(layer, batches if scorer.info.needs_data else ()).float()
+
+
+def layer_entropy(acts: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Units [N, C, m, m] → (feature entropy [C] in nats, selective rate ε [C]) over the N images."""
+    from scoring.entropy import feature_entropy, selective_rate
+    from scoring.topology import birth_times
+
+    births = birth_times(acts).T  # [C, N]
+    return feature_entropy(births), selective_rate(births)
+
+
+def pick_unit(entropy: np.ndarray, rate: np.ndarray, *, min_rate: float = 0.5) -> int:
+    """The reference unit: lowest feature entropy among units with ε ≥ `min_rate` (a unit
+    with few births also has a low entropy, paper Eq. 9); among all units if none has."""
+    ok = rate >= min_rate
+    return int(np.argmin(np.where(ok, entropy, np.inf))) if ok.any() else int(np.argmin(entropy))
 
 
 def fold_bn(model: nn.Module, conv: nn.Conv2d) -> None:
@@ -414,7 +444,7 @@ def train_epochs(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += float(loss) * len(idx)
+            loss_sum += loss.item() * len(idx)
             step += 1
         model.eval()
         if on_epoch_end is not None:
@@ -511,12 +541,15 @@ __all__ = [
     "conv_layers",
     "dataset_tensors",
     "find_conv",
+    "guarded",
     "fold_bn",
     "load_setup",
     "markdown_table",
     "mean_std",
     "new_figure",
+    "layer_entropy",
     "per_class_count",
+    "pick_unit",
     "predict",
     "score_layer",
     "setup_info",

@@ -40,6 +40,7 @@ from benchmarks._experiment import (
     class_batch,
     class_metrics,
     find_conv,
+    guarded,
     load_setup,
     markdown_table,
     new_figure,
@@ -234,16 +235,18 @@ def main(argv: list[str] | None = None) -> int:
     """Run the experiment and write ablation.{json,md} and ablation-*.png; returns 0."""
     started = time.perf_counter()
     args = parse_args(argv)
-    with torch_threads(args):
+
+    def body() -> None:
         setup = load_setup(args)
         result = run_ablation(setup, args)
         text = markdown(result)
-        write_results(
-            args.results_dir, "ablation", quick=args.quick, payload=result, markdown=text, figures=figures(result), started=started
-        )
-    if not args.quiet:
-        print(text)
-    return 0
+        figs = figures(result)
+        write_results(args.results_dir, "ablation", quick=args.quick, payload=result, markdown=text, figures=figs, started=started)
+        if not args.quiet:
+            print(text)
+
+    with torch_threads(args):
+        return guarded(body)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,186 @@
+"""Accuracy after fine-tuning vs pruning ratio and vs the number of classes K (paper Fig. 13).
+
+    python -m benchmarks.pruning_curve [--quick] [--ratios 0.4,0.5,0.6] [--ks 1,2,5,10]
+
+Every point is one run of the main job, `prune.run.run(PruneConfig(...))` (progressive,
+layer by layer, then the paper's fine-tuning: SGD, lr 1e-3 ÷10 per epoch, 3 epochs) with the
+entropy scorer, in a temporary output folder. Fig. 13B: the ratios at K = the largest of
+`--ks` (at most the number of classes); Fig. 13A: the Ks at ratio `--k-ratio`. A `random`
+scorer run at `--k-ratio` (`--baseline`) shows what the criterion adds.
+
+With `--quick` and no `--data`, the shrunk shapes10 set (30 train / 20 test images per class)
+is written to a temporary ImageFolder whose pixel values are mapped so that the folder
+transform's ImageNet normalisation gives back the shapes normalisation (images padded to
+37² so Resize(37) + CenterCrop(32) returns them unchanged); the main job then loads it in
+well under a second instead of generating the full set.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from benchmarks._experiment import (
+    base_parser,
+    guarded,
+    markdown_table,
+    new_figure,
+    quick_embedded_data,
+    torch_threads,
+    write_results,
+)
+from benchmarks.common import machine
+from prune.config import PruneConfig
+from prune.data import IMAGENET_MEAN, IMAGENET_STD
+from prune.run import run
+
+
+def parse_args(argv: list[str] | None):
+    p = base_parser("pruning_curve", __doc__, analysis=False)
+    a = p.add_argument
+    a("--scorer", default="entropy", help="scorer of the curves (default: entropy)")
+    a("--baseline", default=None, help="scorer run once at --k-ratio for comparison (random; none quick; '' for none)")
+    a("--ratios", default=None, help="pruning ratios of Fig. 13B (0.4,0.5,0.6; 0.6 quick, plus --k-ratio)")
+    a("--ks", default=None, help="numbers of classes of Fig. 13A (1,2,5,10; 1,2 quick)")
+    a("--k-ratio", type=float, default=0.5, help="ratio of the K sweep")
+    a("--samples-per-class", type=int, default=None, help="scoring images per class (100; 10 quick)")
+    a("--epochs", type=int, default=None, help="fine-tuning epochs (3; 1 quick)")
+    a("--batch-size", type=int, default=64, help="fine-tuning and evaluation batch size")
+    a("--device", default="cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+    q = args.quick
+    args.ratio_list = [float(v) for v in (args.ratios or ("0.6" if q else "0.4,0.5,0.6")).split(",")]
+    args.baseline = args.baseline if args.baseline is not None else ("" if q else "random")
+    args.k_list = sorted({int(v) for v in (args.ks or ("1,2" if q else "1,2,5,10")).split(",")})
+    args.samples_per_class = args.samples_per_class or (10 if q else 100)
+    args.epochs = args.epochs if args.epochs is not None else (1 if q else 3)
+    return args
+
+
+def export_quick_folder(root: Path) -> Path:
+    """Write the shrunk shapes10 set as an ImageFolder (train/, val/) under `root`."""
+    data = quick_embedded_data()
+    inet_mean, inet_std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    for split, dataset in (("train", data.train), ("val", data.val)):
+        images, labels = dataset.tensors
+        for i, (x, y) in enumerate(zip(images, labels.tolist())):
+            pixels = inet_mean + inet_std * x  # (pixels − ImageNet mean) / ImageNet std = x
+            pixels = torch.nn.functional.pad(pixels.unsqueeze(0), (2, 3, 2, 3), mode="replicate")[0]
+            arr = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+            folder = root / split / f"{y:02d}-{data.classes[y].replace(' ', '_')}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(folder / f"{i:05d}.png")
+    return root
+
+
+def one_run(args, data: str | None, input_size: int | None, *, ratio: float, k: int, scorer: str, work: Path) -> dict:
+    """One main-job run; the numbers of its report that the curves need."""
+    config = PruneConfig(
+        model=args.model, weights=args.weights, data=data, ratio=ratio, scorer=scorer, classes=k,
+        samples_per_class=args.samples_per_class, epochs=args.epochs, batch_size=args.batch_size,
+        input_size=input_size, device=args.device, seed=args.seed,
+    )
+    start = time.perf_counter()
+    report = run(config, out=work / f"{scorer}-r{ratio:g}-k{k}", quiet=True)
+    b, p, a = report["before"], report["pruned_before_finetune"], report["after"]
+    return {
+        "ratio": ratio, "classes": k, "scorer": scorer,
+        "top1_before": b["top1"], "top1_pruned": p["top1"], "top1_after": a["top1"],
+        "balanced_accuracy_after": a["balanced_accuracy"], "top1_drop": b["top1"] - a["top1"],
+        "params_before": b["params"], "params_after": a["params"], "flops_before": b["flops"], "flops_after": a["flops"],
+        "finetune_losses": report["finetune_losses"], "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def plan(args) -> list[tuple[float, int, str]]:
+    """(ratio, K, scorer) of every run, without duplicates."""
+    k_top = max(args.k_list)
+    ratios = sorted({*args.ratio_list, args.k_ratio})
+    runs = [(r, k_top, args.scorer) for r in ratios] + [(args.k_ratio, k, args.scorer) for k in args.k_list]
+    if args.baseline:
+        runs.append((args.k_ratio, k_top, args.baseline))
+    return list(dict.fromkeys(runs))
+
+
+def run_curves(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="pruning_curve-") as tmp:
+        work = Path(tmp)
+        data, size = args.data, args.input_size
+        if args.quick and data is None and size is None:
+            data, size = str(export_quick_folder(work / "data")), quick_embedded_data().input_size
+        rows = [
+            one_run(args, data, size, ratio=r, k=k, scorer=s, work=work)
+            for r, k, s in tqdm(plan(args), desc="runs", disable=args.quiet)
+        ]
+    return {
+        "experiment": "pruning curves (paper Fig. 13)",
+        "setup": {"model": args.model, "weights": args.weights, "data": args.data or "embedded shapes10",
+                  "quick": bool(args.quick), "seed": args.seed, "samples_per_class": args.samples_per_class,
+                  "epochs": args.epochs, "machine": {**machine(), "torch_threads": torch.get_num_threads()}},
+        "scorer": args.scorer,
+        "k_ratio": args.k_ratio,
+        "ratio_classes": max(args.k_list),
+        "rows": rows,
+    }
+
+
+def markdown(r: dict) -> str:
+    rows = r["rows"]
+    unchanged = rows[0]["top1_before"]
+    return "\n\n".join(
+        [
+            f"## Pruning curves — scorer `{r['scorer']}`, unchanged top-1 {unchanged:.4f}",
+            markdown_table(
+                ["scorer", "ratio", "K", "top-1 pruned", "top-1 fine-tuned", "drop", "balanced acc.", "params", "MFLOPs", "s"],
+                [[w["scorer"], w["ratio"], w["classes"], w["top1_pruned"], w["top1_after"], w["top1_drop"],
+                  w["balanced_accuracy_after"], w["params_after"], w["flops_after"] / 1e6, w["seconds"]] for w in rows],
+            ),
+        ]
+    )
+
+
+def figures(r: dict) -> dict:
+    fig, ax = new_figure(1, 2, size=(4.5, 3.5))
+    main = [w for w in r["rows"] if w["scorer"] == r["scorer"]]
+    by_k = sorted((w for w in main if w["ratio"] == r["k_ratio"]), key=lambda w: w["classes"])
+    by_r = sorted((w for w in main if w["classes"] == r["ratio_classes"]), key=lambda w: w["ratio"])
+    for a, rows, key, label in ((ax[0][0], by_k, "classes", "classes K"), (ax[0][1], by_r, "ratio", "pruning ratio")):
+        a.plot([w[key] for w in rows], [w["top1_after"] for w in rows], "o-", label=f"{r['scorer']}, fine-tuned")
+        a.plot([w[key] for w in rows], [w["top1_pruned"] for w in rows], "x:", label=f"{r['scorer']}, before fine-tuning")
+        a.axhline(r["rows"][0]["top1_before"], color="grey", ls="--", label="unchanged")
+        for w in r["rows"]:
+            if w["scorer"] != r["scorer"] and (key == "ratio" or w["ratio"] == r["k_ratio"]):
+                a.plot([w[key]], [w["top1_after"]], "s", label=f"{w['scorer']}, fine-tuned")
+        a.set_xlabel(label)
+        a.set_ylabel("top-1")
+    ax[0][0].set_xscale("log")
+    ax[0][0].set_title(f"A: ratio {r['k_ratio']}")
+    ax[0][1].set_title(f"B: K = {r['ratio_classes']}")
+    ax[0][1].legend(fontsize=7)
+    return {"curves": fig}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the main job per point and write pruning_curve.{json,md,-curves.png}; returns 0."""
+    started = time.perf_counter()
+    args = parse_args(argv)
+
+    def body() -> None:
+        result = run_curves(args)
+        text = markdown(result)
+        figs = figures(result)
+        write_results(args.results_dir, "pruning_curve", quick=args.quick, payload=result, markdown=text, figures=figs, started=started)
+        if not args.quiet:
+            print(text)
+
+    with torch_threads(args):
+        return guarded(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
