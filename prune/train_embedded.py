@@ -1,0 +1,180 @@
+"""Train the embedded default model on shapes10 and write its state_dict.
+
+    python -m prune.train_embedded                   # writes prune/assets/embedded_vgg.pt
+    python -m prune.train_embedded --epochs 2 --out /tmp/vgg.pt --quiet
+
+Seeded and deterministic on CPU for a given thread count: SGD with Nesterov momentum, a
+cosine learning-rate schedule with one warm-up epoch, random horizontal and vertical flips
+(every shapes10 class is closed under them). Prints the test top-1 at the end.
+``--per-class`` shrinks both splits (for quick checks and tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from tqdm import tqdm
+
+from prune.embedded_model import EMBEDDED_INPUT_SIZE, EMBEDDED_WEIGHTS, EmbeddedVGG
+from prune.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
+
+__all__ = ["TrainConfig", "evaluate", "main", "train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters (defaults reproduce the shipped weights)."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    seed: int = 0
+
+
+def _lr_at(step: int, *, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _augment(x: torch.Tensor, *, gen: torch.Generator) -> torch.Tensor:
+    """Random horizontal and vertical flips per image, [B, 3, H, W] → [B, 3, H, W]."""
+    b = x.shape[0]
+    hflip = (torch.rand(b, generator=gen) < 0.5).view(b, 1, 1, 1)
+    vflip = (torch.rand(b, generator=gen) < 0.5).view(b, 1, 1, 1)
+    x = torch.where(hflip, x.flip(3), x)
+    return torch.where(vflip, x.flip(2), x)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorDataset, *, batch_size: int = 500) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` (put in eval mode) on ``data``."""
+    model.eval()
+    images, labels = data.tensors
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        logits = model(images[i : i + batch_size])
+        correct += int((logits.argmax(1) == labels[i : i + batch_size]).sum())
+    return correct / len(labels)
+
+
+def train(*, data: TensorDataset, config: TrainConfig, quiet: bool = False) -> EmbeddedVGG:
+    """Train a fresh EmbeddedVGG on ``data`` (images [N, 3, 32, 32], labels [N]) from scratch."""
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    model = EmbeddedVGG(num_classes=len(CLASSES))
+    opt = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    loss_fn = nn.CrossEntropyLoss()
+    images, labels = data.tensors
+    steps_per_epoch = math.ceil(len(labels) / config.batch_size)
+    total = config.epochs * steps_per_epoch
+    step = 0
+    bar = tqdm(total=total, desc="train", unit="batch", disable=quiet, file=sys.stderr)
+    for epoch in range(config.epochs):
+        model.train()
+        order = torch.randperm(len(labels), generator=gen)
+        for i in range(0, len(labels), config.batch_size):
+            idx = order[i : i + config.batch_size]
+            lr = _lr_at(step, total=total, warmup=config.warmup_epochs * steps_per_epoch, base=config.lr)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = loss_fn(model(_augment(images[idx], gen=gen)), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
+    bar.close()
+    return model.eval()
+
+
+def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    """torch.save to a temp file next to ``path``, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m prune.train_embedded",
+        description="Train the embedded default model (EmbeddedVGG on shapes10) and write its state_dict.",
+    )
+    defaults = TrainConfig()
+    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="training epochs (default %(default)s)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for data and training (default %(default)s)")
+    p.add_argument("--out", type=Path, default=EMBEDDED_WEIGHTS, help="state_dict path (default: the shipped asset)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--per-class",
+        type=_positive_int,
+        default=None,
+        help=f"images per class in each split (default {DEFAULT_PER_CLASS['train']} train / "
+        f"{DEFAULT_PER_CLASS['test']} test); smaller for quick checks",
+    )
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit code."""
+    args = _parser().parse_args(argv)
+    if args.seed < 0:
+        print("error: --seed must be >= 0: pass e.g. --seed 0", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    per_test = None if args.per_class is None else min(args.per_class, DEFAULT_PER_CLASS["test"])
+    train_set = make_shapes("train", per_class=args.per_class, size=EMBEDDED_INPUT_SIZE, seed=args.seed)
+    test_set = make_shapes("test", per_class=per_test, size=EMBEDDED_INPUT_SIZE, seed=args.seed)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    start = time.perf_counter()
+    try:
+        model = train(data=train_set, config=TrainConfig(epochs=args.epochs, seed=args.seed), quiet=args.quiet)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    seconds = time.perf_counter() - start
+    top1 = evaluate(model, test_set)
+    _save_atomic(model.state_dict(), args.out)
+    print(
+        f"test top-1 {100 * top1:.2f}% on {len(test_set)} images; trained {args.epochs} epochs "
+        f"on {len(train_set)} images in {seconds:.0f}s with {torch.get_num_threads()} threads; wrote {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
