@@ -94,9 +94,10 @@ def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module
         from prune.embedded_model import load_embedded
 
         model = load_embedded(pretrained=True)
-        if num_classes != model.num_classes:
+        predicted = model.classifier[-1].out_features
+        if num_classes != predicted:
             raise UsageError(
-                f"the embedded model predicts {model.num_classes} classes but the data has {num_classes}; "
+                f"the embedded model predicts {predicted} classes but the data has {num_classes}; "
                 "pass --weights PATH or use the embedded data"
             )
         return model
