@@ -35,7 +35,9 @@ def quick_setup() -> E.Setup:
     """The model and test data the --quick runs use."""
     from benchmarks.ablation import parse_args
 
-    return E.load_setup(parse_args(["--quick"]))
+    args = parse_args(["--quick"])
+    with E.torch_threads(args):  # one thread, as the --quick runs
+        return E.load_setup(args)
 
 
 # ---------------------------------------------------------------- helpers, no weights needed
