@@ -151,8 +151,8 @@ def clique_vs_cubical(setup: Setup, n: int) -> list[dict]:
 # ---------------------------------------------------------------- A.4
 
 
-def sample_size(setup: Setup, layers: list[str], unit: int) -> dict:
-    """Entropy of the reference unit (last layer) and layer means vs images per class."""
+def sample_size(setup: Setup, layers: list[str], unit: int, unit_layer: str) -> dict:
+    """Layer means of feature entropy (and that of `unit` in `unit_layer`) vs images per class."""
     args, model = setup.args, setup.model
     total = per_class_count(setup.data, 10**9)
     sizes = [s for s in args.size_list if s < total] + [total]
@@ -169,8 +169,9 @@ def sample_size(setup: Setup, layers: list[str], unit: int) -> dict:
             for _ in range(reps):
                 h = feature_entropy(births[:, g.choice(total, size=s, replace=False)])
                 layer_means.append(h.mean())
-                unit_vals.append(h[unit] if unit < len(h) else np.nan)
-            per_size.append({"size": s, "repeats": reps, "layer": mean_std(layer_means), "unit": mean_std(unit_vals)})
+                unit_vals.append(h[unit] if name == unit_layer else np.nan)
+            unit_stat = mean_std(unit_vals) if name == unit_layer else None
+            per_size.append({"size": s, "repeats": reps, "layer": mean_std(layer_means), "unit": unit_stat})
         out["layers"][name] = per_size
     return out
 
@@ -198,7 +199,7 @@ def run_characterise(setup: Setup) -> dict:
         "max_images": args.max_images,
         "table5": table5(setup, layer, unit, units, acts),
         "cubical": clique_vs_cubical(setup, n),
-        "sample_size": sample_size(setup, a4_layers, unit),
+        "sample_size": sample_size(setup, a4_layers, unit, layer),
     }
 
 
@@ -207,8 +208,9 @@ def markdown(r: dict) -> str:
     a4 = []
     for name, rows in ss["layers"].items():
         for w in rows:
+            u = w["unit"]
             a4.append([name, w["size"], w["repeats"], f"{w['layer']['mean']:.4f} ± {w['layer']['std']:.4f}",
-                       f"{w['unit']['mean']:.4f} ± {w['unit']['std']:.4f}"])
+                       "-" if u is None else f"{u['mean']:.4f} ± {u['std']:.4f}"])
     return "\n\n".join(
         [
             f"## Characterisations — layer `{r['layer']}`, reference unit {r['unit']}, class {r['class']} ({r['class_name']!r})",
@@ -255,7 +257,7 @@ def figures(r: dict) -> dict:
     for name, rows_ in r["sample_size"]["layers"].items():
         s = [w["size"] for w in rows_]
         for col, key in enumerate(("layer", "unit")):
-            if key == "unit" and name != r["layer"]:
+            if rows_[0][key] is None:
                 continue
             ax[0][col].errorbar(s, [w[key]["mean"] for w in rows_], [w[key]["std"] for w in rows_], marker="o", capsize=3, label=name)
     ax[0][0].set_ylabel("layer mean feature entropy")
