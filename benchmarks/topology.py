@@ -169,7 +169,7 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "threads": 1,
-            "numba_threads": numba.get_num_threads(), "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "numba": numba.__version__, "gudhi": gudhi.__version__, "numpy": np.__version__,
             "timer": "wall clock (perf_counter; engine best of 3); *_cpu: process_time",
@@ -200,9 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     if images < 1:
         parser.error("--images must be ≥ 1")
 
-    import numba
-
-    numba.set_num_threads(1)
     torch.set_num_threads(1)
     if not args.quiet:
         print(f"{'m':>5} {'family':>7} {'engine ms':>12} {'gudhi ms':>12} {'speedup':>11}"

@@ -407,6 +407,12 @@ def births_batch(maps: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.nda
 
 
 def num_threads() -> int:
-    """Threads the engine uses by default: numba's setting (NUMBA_NUM_THREADS,
-    ``numba.set_num_threads``)."""
-    return int(numba.get_num_threads())
+    """Threads the engine uses by default: torch's CPU thread count (``torch.set_num_threads``).
+
+    The engine runs its nogil kernels on plain Python threads. It never asks numba for its
+    thread count: that would start numba's OpenMP layer, whose idle threads then compete
+    with torch's and slow every later training step about tenfold.
+    """
+    import torch
+
+    return int(torch.get_num_threads())
