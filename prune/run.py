@@ -29,7 +29,7 @@ from prune.models import ModelSpec, check_model_name, load_model
 from prune.outdir import Claim, claim
 from prune.outdir import check as check_out
 from prune.report import write_report
-from prune.selection import LayerDecision, ScoringData, select_and_prune
+from prune.selection import ScoringData, select_and_prune
 from prune.speed import device_name, measure_throughput
 from prune.surgery import PrunableGroup, Surgeon
 
@@ -197,7 +197,6 @@ def check_finite(model: nn.Module, images: torch.Tensor) -> None:
 
 def versions() -> dict[str, str]:
     """Versions of the software that produced a report."""
-    import fvcore  # noqa: F401
     import gudhi
 
     return {

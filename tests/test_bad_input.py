@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from prune.outdir import RUN_FILE, RUN_FORMAT, claim
+from helpers import image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--classes", "2", "--samples-per-class", "2", "--no-finetune", "--quiet"]
@@ -43,26 +43,10 @@ def snapshot(path: Path) -> dict[str, bytes] | None:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def image_folder(root: Path, classes: int, per_class: int, *, mode: str = "RGB", corrupt: int = 0) -> Path:
-    """ImageFolder root with train/ and val/: tiny 8×8 images of `mode`, plus `corrupt` random-byte .jpg per class."""
-    g = torch.Generator().manual_seed(0)
-    for split in ("train", "val"):
-        for c in range(classes):
-            folder = root / split / f"class{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
-                pixels = torch.randint(0, 256, (8, 8, channels), generator=g, dtype=torch.uint8).squeeze(-1)
-                Image.fromarray(pixels.numpy(), mode).save(folder / f"img{i}.png")
-            for i in range(corrupt):
-                (folder / f"bad{i}.jpg").write_bytes(torch.randint(0, 256, (64,), generator=g, dtype=torch.uint8).numpy().tobytes())
-    return root
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> list[str]:
     """--data/--input-size of a 10-class folder of 8×8 images (quicker than the embedded set)."""
-    root = image_folder(tmp_path_factory.mktemp("tiny") / "data", classes=10, per_class=2)
+    root = image_folder(tmp_path_factory.mktemp("tiny") / "data", classes=10, train=2, val=2, size=8)
     return ["--data", str(root), "--input-size", "32", *SMALL]
 
 
@@ -114,21 +98,21 @@ def test_empty_data_folder(tmp_path):
 
 
 def test_fewer_classes_than_asked(tmp_path):
-    data = image_folder(tmp_path / "data", classes=2, per_class=2)
+    data = image_folder(tmp_path / "data", classes=2, train=2, val=2, size=8)
     result = prune_cli("--data", str(data), "--classes", "5", "--out", str(tmp_path / "out"))
     assert_usage_error(result, "--classes 5", "2 classes")
     assert not (tmp_path / "out").exists()
 
 
 def test_fewer_images_than_asked_fails_before_out_is_created(tmp_path):
-    data = image_folder(tmp_path / "data", classes=10, per_class=2)
+    data = image_folder(tmp_path / "data", classes=10, train=2, val=2, size=8)
     result = prune_cli("--data", str(data), "--samples-per-class", "5", "--out", str(tmp_path / "out"))
     assert_usage_error(result, "--samples-per-class")
     assert not (tmp_path / "out").exists()
 
 
 def test_too_few_readable_images(tmp_path):
-    data = image_folder(tmp_path / "data", classes=10, per_class=1, corrupt=2)
+    data = image_folder(tmp_path / "data", classes=10, train=1, val=1, size=8, corrupt=2)
     result = prune_cli("--data", str(data), "--samples-per-class", "2", "--input-size", "32", "--out", str(tmp_path / "out"))
     assert_usage_error(result, "readable", "unreadable")
     assert not (tmp_path / "out").exists()
@@ -137,7 +121,7 @@ def test_too_few_readable_images(tmp_path):
 @pytest.mark.parametrize("mode", ["L", "RGBA"])
 def test_grayscale_rgba_and_corrupt_images_are_handled(tmp_path, mode, embedded_weights):
     """Grayscale/RGBA files are converted; corrupt ones are skipped with one warning line."""
-    data = image_folder(tmp_path / "data", classes=10, per_class=2, mode=mode, corrupt=1)
+    data = image_folder(tmp_path / "data", classes=10, train=2, val=2, size=8, mode=mode, corrupt=1)
     out = tmp_path / "out"
     result = prune_cli("--data", str(data), "--input-size", "32", "--weights", str(embedded_weights),
                        "--batch-size", "8", "--out", str(out), *SMALL)

@@ -10,39 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from torch.utils.data import TensorDataset
 
 import scoring
-from prune.data import DataBundle, choose_classes
+from prune.data import choose_classes
 from prune.distributed import World, shard
 from prune.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
 from prune.selection import SHARDABLE, ScoringData, class_batches, class_states, merged_scores
+from helpers import image_folder, small_data
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--classes", "4", "--samples-per-class", "10", "--scorer", "entropy", "--quiet"]
-
-
-def small_data(classes: int = 5, per_class: int = 10, size: int = 32) -> DataBundle:
-    """A seeded in-memory data set of random images [3, size, size], `per_class` per class."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(classes * per_class, 3, size, size, generator=g)
-    y = torch.arange(classes).repeat_interleave(per_class)
-    ds = TensorDataset(x, y)
-    return DataBundle(ds, ds, tuple(f"c{i}" for i in range(classes)), tuple(y.tolist()), size)
-
-
-def image_folder(root: Path, *, classes: int = 10, train: int = 12, val: int = 3, size: int = 32) -> Path:
-    """ImageFolder root (train/, val/) of seeded random RGB PNGs, `classes` class folders."""
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            folder = root / split / f"class{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy(), "RGB").save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

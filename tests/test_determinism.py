@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import scoring
-from prune.data import DataBundle, choose_classes
+from prune.data import choose_classes
 from prune.embedded_model import EmbeddedVGG
 from prune.selection import ScoringData, select_and_prune
 from prune.surgery import Surgeon
-
-
-def small_data(classes: int = 5, per_class: int = 10, size: int = 32) -> DataBundle:
-    """A seeded in-memory data set of random images [3, size, size], `per_class` per class."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(classes * per_class, 3, size, size, generator=g)
-    y = torch.arange(classes).repeat_interleave(per_class)
-    ds = TensorDataset(x, y)
-    return DataBundle(ds, ds, tuple(f"c{i}" for i in range(classes)), tuple(y.tolist()), size)
+from helpers import small_data
 
 
 def _select(seed: int, scorer: str) -> list:

@@ -13,32 +13,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from prune.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
+from helpers import image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["--classes", "10", "--samples-per-class", "12", "--epochs", "8", "--batch-size", "4", "--quiet"]
-
-
-def image_folder(root: Path, *, classes: int = 10, train: int = 16, val: int = 3, size: int = 32) -> Path:
-    """ImageFolder root (train/, val/) of seeded random RGB PNGs."""
-    g = torch.Generator().manual_seed(0)
-    for split, n in (("train", train), ("val", val)):
-        for c in range(classes):
-            folder = root / split / f"class{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = torch.randint(0, 256, (size, size, 3), generator=g, dtype=torch.uint8)
-                Image.fromarray(pixels.numpy(), "RGB").save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
 def args(tmp_path_factory) -> list[str]:
     """Settings of the job: the embedded model on a small 10-class folder at 32 px."""
     root = tmp_path_factory.mktemp("resume")
-    out = ["--data", str(image_folder(root / "data")), "--input-size", "32", *SETTINGS]
+    out = ["--data", str(image_folder(root / "data", train=16)), "--input-size", "32", *SETTINGS]
     if not EMBEDDED_WEIGHTS.exists():
         torch.manual_seed(0)
         torch.save(EmbeddedVGG(num_classes=10).state_dict(), root / "embedded.pt")
