@@ -14,11 +14,8 @@ alongside (robust when other jobs share the cores).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from benchmarks.common import machine
+from prune.files import write_json
 
 SIZES = (7, 14, 28, 56, 112, 224)
 QUICK_SIZES = (7, 14, 28, 56)
@@ -156,34 +156,14 @@ def bench_vgg16(images: int, chunk: int = 5, quiet: bool = False) -> dict[str, A
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU, thread settings and library versions of this run."""
+    """The machine (benchmarks.common.machine) plus this benchmark's thread and timer settings."""
     import gudhi
     import numba
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": 1,
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "numba": numba.__version__, "gudhi": gudhi.__version__, "numpy": np.__version__,
+    return {**machine(), "threads": 1, "numba": numba.__version__, "gudhi": gudhi.__version__,
+            "numpy": np.__version__,
             "timer": "wall clock (perf_counter; engine best of 3); *_cpu: process_time",
             "load_average": os.getloadavg()}  # fmt: skip
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` to `path` atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
