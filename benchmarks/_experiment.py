@@ -559,3 +559,26 @@ __all__ = [
     "unit_module",
     "write_results",
 ]
+
+
+def run_experiment(
+    name: str,
+    args: argparse.Namespace,
+    compute: Callable[[], dict],
+    markdown: Callable[[dict], str],
+    figures: Callable[[dict], dict],
+) -> int:
+    """Compute a result under the --threads setting, write `<name>.{json,md}` and
+    `<name>-*.png`, print the table unless --quiet; exit code 2 with one line on bad input."""
+    started = time.perf_counter()
+
+    def body() -> None:
+        result = compute()
+        text = markdown(result)
+        write_results(args.results_dir, name, quick=args.quick, payload=result, markdown=text,
+                      figures=figures(result), started=started)
+        if not args.quiet:
+            print(text)
+
+    with torch_threads(args):
+        return guarded(body)

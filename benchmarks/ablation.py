@@ -26,7 +26,6 @@ averaged over the classes.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import torch
@@ -41,15 +40,13 @@ from benchmarks._experiment import (
     class_batch,
     class_metrics,
     find_conv,
-    guarded,
     load_setup,
     markdown_table,
     new_figure,
     per_class_count,
+    run_experiment,
     score_layer,
     setup_info,
-    torch_threads,
-    write_results,
 )
 
 ORDERS = ("ascending", "descending")
@@ -234,20 +231,8 @@ def figures(result: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the experiment and write ablation.{json,md} and ablation-*.png; returns 0."""
-    started = time.perf_counter()
     args = parse_args(argv)
-
-    def body() -> None:
-        setup = load_setup(args)
-        result = run_ablation(setup, args)
-        text = markdown(result)
-        figs = figures(result)
-        write_results(args.results_dir, "ablation", quick=args.quick, payload=result, markdown=text, figures=figs, started=started)
-        if not args.quiet:
-            print(text)
-
-    with torch_threads(args):
-        return guarded(body)
+    return run_experiment("ablation", args, lambda: run_ablation(load_setup(args), args), markdown, figures)
 
 
 if __name__ == "__main__":

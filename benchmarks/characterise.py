@@ -31,7 +31,6 @@ from benchmarks._experiment import (
     class_batch,
     conv_layers,
     find_conv,
-    guarded,
     layer_entropy,
     load_setup,
     markdown_table,
@@ -39,9 +38,8 @@ from benchmarks._experiment import (
     new_figure,
     per_class_count,
     pick_unit,
+    run_experiment,
     setup_info,
-    torch_threads,
-    write_results,
 )
 from scoring.entropy import feature_entropy, selective_rate
 from scoring.topology import betti1_curve, birth_times, cubical_birth_times
@@ -272,20 +270,8 @@ def figures(r: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the three parts and write characterise.{json,md} and characterise-*.png; returns 0."""
-    started = time.perf_counter()
     args = parse_args(argv)
-
-    def body() -> None:
-        setup = load_setup(args)
-        result = run_characterise(setup)
-        text = markdown(result)
-        figs = figures(result)
-        write_results(args.results_dir, "characterise", quick=args.quick, payload=result, markdown=text, figures=figs, started=started)
-        if not args.quiet:
-            print(text)
-
-    with torch_threads(args):
-        return guarded(body)
+    return run_experiment("characterise", args, lambda: run_characterise(load_setup(args)), markdown, figures)
 
 
 if __name__ == "__main__":

@@ -27,12 +27,10 @@ from tqdm.auto import tqdm
 
 from benchmarks._experiment import (
     base_parser,
-    guarded,
     markdown_table,
     new_figure,
     quick_embedded_data,
-    torch_threads,
-    write_results,
+    run_experiment,
 )
 from benchmarks.common import machine
 from prune.config import PruneConfig
@@ -167,19 +165,8 @@ def figures(r: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the main job per point and write pruning_curve.{json,md,-curves.png}; returns 0."""
-    started = time.perf_counter()
     args = parse_args(argv)
-
-    def body() -> None:
-        result = run_curves(args)
-        text = markdown(result)
-        figs = figures(result)
-        write_results(args.results_dir, "pruning_curve", quick=args.quick, payload=result, markdown=text, figures=figs, started=started)
-        if not args.quiet:
-            print(text)
-
-    with torch_threads(args):
-        return guarded(body)
+    return run_experiment("pruning_curve", args, lambda: run_curves(args), markdown, figures)
 
 
 if __name__ == "__main__":

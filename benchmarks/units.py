@@ -28,7 +28,6 @@ selectivity (over the images of all classes) and feature entropy H and selective
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import torch
@@ -44,7 +43,6 @@ from benchmarks._experiment import (
     conv_layers,
     dataset_tensors,
     find_conv,
-    guarded,
     fold_bn,
     layer_entropy,
     load_setup,
@@ -54,11 +52,10 @@ from benchmarks._experiment import (
     per_class_count,
     pick_unit,
     predict,
+    run_experiment,
     score_layer,
     setup_info,
-    torch_threads,
     train_epochs,
-    write_results,
 )
 from prune.data import DataBundle
 from prune.errors import UsageError
@@ -421,20 +418,8 @@ def figures(r: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run all five parts and write units.{json,md} and units-*.png; returns 0."""
-    started = time.perf_counter()
     args = parse_args(argv)
-
-    def body() -> None:
-        setup = load_setup(args)
-        result = run_units(setup)
-        text = markdown(result)
-        figs = figures(result)
-        write_results(args.results_dir, "units", quick=args.quick, payload=result, markdown=text, figures=figs, started=started)
-        if not args.quiet:
-            print(text)
-
-    with torch_threads(args):
-        return guarded(body)
+    return run_experiment("units", args, lambda: run_units(load_setup(args)), markdown, figures)
 
 
 if __name__ == "__main__":
