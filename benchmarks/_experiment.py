@@ -34,7 +34,7 @@ from prune.data import DataBundle, class_images, load_data, make_loader
 from prune.errors import UsageError
 from prune.files import write_json, write_text
 from prune.models import load_model
-from prune.observe import _following_norm, collect_units
+from prune.observe import following_norm, collect_units
 
 QUICK_PER_CLASS = {"train": 30, "test": 20}
 """Images per class of the embedded data in --quick mode."""
@@ -189,7 +189,7 @@ def find_conv(model: nn.Module, name: str | None) -> tuple[str, nn.Conv2d]:
 
 def unit_module(model: nn.Module, conv: nn.Conv2d) -> nn.Module:
     """The module whose output becomes the units after ReLU: the BN right after `conv`, or `conv`."""
-    norm = _following_norm(model, conv)
+    norm = following_norm(model, conv)
     return conv if norm is None else norm
 
 
@@ -243,7 +243,7 @@ def fold_bn(model: nn.Module, conv: nn.Conv2d) -> None:
     W' = W·γ/σ, b' = (b − μ)·γ/σ + β per output channel. Afterwards scaling the conv's weight
     and bias by s scales the layer's units by exactly s (for s a power of two).
     """
-    norm = _following_norm(model, conv)
+    norm = following_norm(model, conv)
     if norm is None:
         return
     with torch.no_grad():
@@ -422,7 +422,7 @@ def train_epochs(
 ) -> None:
     """Train `model` in place like `prune.train_embedded` (SGD + Nesterov, warm-up + cosine,
     flips if `augment`); `on_epoch_end(epoch, model, mean_loss)` after each epoch (1-based)."""
-    from prune.train_embedded import TrainConfig, _augment, _lr_at
+    from prune.train_embedded import TrainConfig, augment_flips, warmup_cosine_lr
 
     cfg = TrainConfig(seed=seed)
     base = cfg.lr if lr is None else lr
@@ -438,8 +438,8 @@ def train_epochs(
         for i in range(0, len(labels), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, total=total, warmup=min(per_epoch, total // 4), base=base)
-            x = _augment(images[idx], gen=gen) if augment else images[idx]
+                group["lr"] = warmup_cosine_lr(step, total=total, warmup=min(per_epoch, total // 4), base=base)
+            x = augment_flips(images[idx], gen=gen) if augment else images[idx]
             loss = nn.functional.cross_entropy(model(x), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -20,7 +20,7 @@ class _Captured(Exception):
     """Raised inside a hook to end the forward pass early."""
 
 
-def _following_norm(model: nn.Module, conv: nn.Conv2d) -> nn.Module | None:
+def following_norm(model: nn.Module, conv: nn.Conv2d) -> nn.Module | None:
     """The BatchNorm registered right after `conv` with matching width, if any."""
     modules = list(model.modules())
     i = next(k for k, m in enumerate(modules) if m is conv)
@@ -37,7 +37,7 @@ def observe(model: nn.Module, conv: nn.Conv2d) -> Iterator[list[torch.Tensor]]:
     Use `run_until_captured(model, x)` to forward; the hooks are removed on exit.
     """
     captured: list[torch.Tensor] = []
-    norm = _following_norm(model, conv)
+    norm = following_norm(model, conv)
     conv_out: dict[str, torch.Tensor] = {}
 
     def finish(t: torch.Tensor) -> None:

@@ -44,7 +44,7 @@ class TrainConfig:
     seed: int = 0
 
 
-def _lr_at(step: int, *, total: int, warmup: int, base: float) -> float:
+def warmup_cosine_lr(step: int, *, total: int, warmup: int, base: float) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
     if step < warmup:
         return base * (step + 1) / warmup
@@ -52,7 +52,7 @@ def _lr_at(step: int, *, total: int, warmup: int, base: float) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _augment(x: torch.Tensor, *, gen: torch.Generator) -> torch.Tensor:
+def augment_flips(x: torch.Tensor, *, gen: torch.Generator) -> torch.Tensor:
     """Random horizontal and vertical flips per image, [B, 3, H, W] → [B, 3, H, W]."""
     b = x.shape[0]
     hflip = (torch.rand(b, generator=gen) < 0.5).view(b, 1, 1, 1)
@@ -92,10 +92,10 @@ def train(*, data: TensorDataset, config: TrainConfig, quiet: bool = False) -> E
         order = torch.randperm(len(labels), generator=gen)
         for i in range(0, len(labels), config.batch_size):
             idx = order[i : i + config.batch_size]
-            lr = _lr_at(step, total=total, warmup=config.warmup_epochs * steps_per_epoch, base=config.lr)
+            lr = warmup_cosine_lr(step, total=total, warmup=config.warmup_epochs * steps_per_epoch, base=config.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = loss_fn(model(_augment(images[idx], gen=gen)), labels[idx])
+            loss = loss_fn(model(augment_flips(images[idx], gen=gen)), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
