@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="progressive: score each layer on the net already pruned above it; oneshot: score all on the original net")
     a("--rounding", choices=("round", "floor-keep"), default=DEFAULTS.rounding,
       help="channels removed per layer: round(ratio*C), or keep floor((1-ratio)*C) as the paper's Table 12")
+    a("--bn-recalibration", type=int, default=DEFAULTS.bn_recalibration, metavar="BATCHES",
+      help="after pruning, re-estimate BatchNorm statistics on this many training batches (0: off, as the paper)")
     a("--epochs", type=int, default=DEFAULTS.epochs, help="fine-tuning epochs; lr is divided by 10 after each")
     a("--lr", type=float, default=DEFAULTS.lr, help="initial SGD learning rate for fine-tuning")
     a("--momentum", type=float, default=DEFAULTS.momentum, help="SGD momentum")
@@ -68,7 +70,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(
         model=args.model, weights=args.weights, data=args.data, ratio=args.ratio, scorer=args.scorer,
         classes=args.classes, samples_per_class=args.samples_per_class, schedule=args.schedule,
-        rounding=args.rounding, finetune=not args.no_finetune, epochs=args.epochs, lr=args.lr,
+        rounding=args.rounding, bn_recalibration=args.bn_recalibration, finetune=not args.no_finetune, epochs=args.epochs, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
         input_size=args.input_size, device=args.device, seed=args.seed,
     )

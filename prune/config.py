@@ -19,6 +19,7 @@ class PruneConfig:
     samples_per_class: int = 100
     schedule: str = "progressive"
     rounding: str = "round"
+    bn_recalibration: int = 0
     finetune: bool = True
     epochs: int = 3
     lr: float = 1e-3

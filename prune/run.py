@@ -16,6 +16,7 @@ from torch import nn
 
 import scoring
 from finetune import ddp
+from finetune.batchnorm import recalibrate_batchnorm
 from finetune.metrics import evaluate
 from finetune.train import FinetuneConfig, finetune
 from prune import __version__, distributed
@@ -57,8 +58,8 @@ def validate(config: PruneConfig) -> None:
     for flag, value in (("--samples-per-class", config.samples_per_class), ("--batch-size", config.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if config.epochs < 0 or config.lr <= 0:
-        raise UsageError("--epochs must be >= 0 and --lr > 0")
+    if config.epochs < 0 or config.lr <= 0 or config.bn_recalibration < 0:
+        raise UsageError("--epochs and --bn-recalibration must be >= 0 and --lr > 0")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -311,6 +312,10 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
             surgeon, loaded.scorer, source, ratio=config.ratio, schedule=config.schedule, rounding=config.rounding,
             cache=_score_cache(out, resume, world), quiet=quiet, world=world,
         )
+    if config.bn_recalibration > 0:
+        with _timed(timings, "bn_recalibration"):
+            recal_loader = make_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+            recalibrate_batchnorm(model, recal_loader, batches=config.bn_recalibration, device=device)
     pruned_eval = None
     with _timed(timings, "evaluate_pruned"):
         if world.is_main:
