@@ -4,12 +4,10 @@ Scoring streams: one layer at a time, one class at a time, and a class's units a
 chunk by chunk into one preallocated tensor [N, C, m, m] (no concatenation copy).
 
 Several processes (torchrun) split the *classes* of a layer between them. That is exact
-only where a scorer's state is a per-class sum, so `SHARDABLE` lists, per scorer, how to
-take the state one class leaves (`take`) and how to rebuild the state of all K classes in
-class order (`merge`), with the same floating-point operations in the same order as one
-process: entropy (sum of per-class entropies H_c and the class count), apoz (zero counts and
-totals), selectivity (per-class sums and counts). Every other scorer is computed in full on
-every process (identical results; weight scorers are cheap anyway).
+only where a scorer's state is a per-class sum: such scorers implement `state()` (what one
+class leaves) and `merge(states)` (the state of all K classes, rebuilt in class order with the
+same floating-point operations as one process): entropy, apoz and selectivity. Every other
+scorer is computed in full on every process (identical results; weight scorers are cheap).
 """
 
 from __future__ import annotations
@@ -115,65 +113,29 @@ def class_batches(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringD
 # ---------------------------------------------------------------- exact class sharding
 
 
-@dataclass(frozen=True)
-class ClassSharding:
-    """`take(scorer)`: the state one class's update() left; `merge(scorer, states)`: set the
-    state of all classes (states in class order) on a scorer just reset."""
-
-    take: Callable[[scoring.Scorer], Any]
-    merge: Callable[[scoring.Scorer, list[Any]], None]
-
-
-def _merge_entropy(scorer: Any, states: list[Any]) -> None:
-    total = None
-    for h in states:
-        total = h if total is None else total + h
-    scorer._total, scorer._classes = total, len(states)
-
-
-def _merge_apoz(scorer: Any, states: list[Any]) -> None:
-    for zeros, total in states:
-        scorer._zeros += zeros
-        scorer._total += total
-
-
-def _merge_selectivity(scorer: Any, states: list[Any]) -> None:
-    for sums, counts in states:
-        for k, v in sums.items():
-            scorer._sums[k] = scorer._sums.get(k, 0) + v
-            scorer._counts[k] = scorer._counts.get(k, 0) + counts[k]
-
-
-SHARDABLE: dict[str, ClassSharding] = {
-    "entropy": ClassSharding(take=lambda s: s._total.copy(), merge=_merge_entropy),
-    "apoz": ClassSharding(take=lambda s: (s._zeros.clone(), s._total), merge=_merge_apoz),
-    "selectivity": ClassSharding(take=lambda s: (dict(s._sums), dict(s._counts)), merge=_merge_selectivity),
-}
-
-
 def class_states(
-    scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, classes: Sequence[int], how: ClassSharding
+    scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, classes: Sequence[int]
 ) -> list[tuple[int, Any]]:
     """(class, state) of each class in `classes`, each from a freshly reset scorer."""
     states = []
     for cls in classes:
         scorer.reset(layer)
         scorer.update(class_batch(layer.model, layer.conv, layer.name, source, cls))
-        states.append((cls, how.take(scorer)))
+        states.append((cls, scorer.state()))
     return states
 
 
 def merged_scores(
-    scorer: scoring.Scorer, layer: scoring.LayerSpec, states: dict[int, Any], classes: Sequence[int], how: ClassSharding
+    scorer: scoring.Scorer, layer: scoring.LayerSpec, states: dict[int, Any], classes: Sequence[int]
 ) -> torch.Tensor:
     """Scores [C] from per-class states, merged in the order of `classes`."""
     scorer.reset(layer)
-    how.merge(scorer, [states[c] for c in classes])
+    scorer.merge([states[c] for c in classes])
     return scorer.compute()
 
 
 def _sharded_scores(
-    scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, world: distributed.World, how: ClassSharding
+    scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, world: distributed.World
 ) -> torch.Tensor:
     """Scores [C] with this rank's classes scored here and the states gathered from all ranks.
 
@@ -182,7 +144,7 @@ def _sharded_scores(
     mine: list[tuple[int, Any]] = []
     error: tuple[bool, str] | None = None
     try:
-        mine = class_states(scorer, layer, source, distributed.shard(source.classes, world), how)
+        mine = class_states(scorer, layer, source, distributed.shard(source.classes, world))
     except Exception as exc:  # reported to every rank below
         error = (isinstance(exc, (UsageError, ValueError)), str(exc))
     gathered = distributed.gather((mine, error))
@@ -190,7 +152,7 @@ def _sharded_scores(
         if err is not None:
             raise (UsageError if err[0] else RuntimeError)(err[1])
     states = {cls: state for part, _ in gathered for cls, state in part}
-    return merged_scores(scorer, layer, states, source.classes, how)
+    return merged_scores(scorer, layer, states, source.classes)
 
 
 def score_group(
@@ -201,12 +163,12 @@ def score_group(
     world: distributed.World = distributed.SINGLE,
 ) -> torch.Tensor:
     """Scores [C] of a group: the mean of its member convs' scores (higher = keep)."""
-    how = SHARDABLE.get(scorer.info.name) if world.active and scorer.info.needs_data else None
+    sharded = world.active and scorer.info.needs_data and scorer.shardable()
     member_scores = []
     for name, conv in zip(group.names, group.convs):
         layer = scoring.LayerSpec(model=model, conv=conv, name=name)
-        if how is not None:
-            scores = _sharded_scores(scorer, layer, source, world, how)
+        if sharded:
+            scores = _sharded_scores(scorer, layer, source, world)
         else:
             scores = _streamed_scores(scorer, layer, source)
         member_scores.append(scores.float().cpu())

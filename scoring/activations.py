@@ -6,6 +6,8 @@ activations [N, C, m, m] are ever held.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
@@ -50,6 +52,15 @@ class APoZScorer(Scorer):
         self._zeros += (acts <= 0).sum(dim=(0, 2, 3)).to(torch.float64)
         self._total += acts.shape[0] * acts.shape[2] * acts.shape[3]
 
+    def state(self) -> tuple[torch.Tensor, int]:
+        """(zero counts [C], number of activations per channel) seen so far."""
+        return self._zeros.clone(), self._total
+
+    def merge(self, states: Sequence[tuple[torch.Tensor, int]]) -> None:
+        for zeros, total in states:
+            self._zeros += zeros
+            self._total += total
+
     def compute(self) -> torch.Tensor:
         if getattr(self, "_total", 0) == 0:
             raise ValueError("apoz: no activations seen; call update() with class batches")
@@ -81,6 +92,16 @@ class SelectivityScorer(Scorer):
         per_image = acts.mean(dim=(2, 3)).sum(dim=0)  # [C]
         self._sums[k] = self._sums.get(k, 0) + per_image
         self._counts[k] = self._counts.get(k, 0) + acts.shape[0]
+
+    def state(self) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+        """Per-class sums of spatial means [C] and image counts seen so far."""
+        return dict(self._sums), dict(self._counts)
+
+    def merge(self, states: Sequence[tuple[dict[int, torch.Tensor], dict[int, int]]]) -> None:
+        for sums, counts in states:
+            for k, v in sums.items():
+                self._sums[k] = self._sums.get(k, 0) + v
+                self._counts[k] = self._counts.get(k, 0) + counts[k]
 
     def compute(self) -> torch.Tensor:
         sums = getattr(self, "_sums", {})

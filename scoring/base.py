@@ -15,9 +15,9 @@ more than one class's activations of one layer at once, so the caller can stream
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -79,6 +79,23 @@ class Scorer(ABC):
     @abstractmethod
     def compute(self) -> torch.Tensor:
         """Scores [C] (float32, CPU), higher = keep."""
+
+    # Exact sharding by class (multi-process scoring). Scorers whose state is a sum over
+    # classes override both: `state()` after updating with one class, then `merge(states)` on
+    # a scorer just reset, must equal updating with every class in that order.
+
+    def state(self) -> Any:
+        """The state the updates so far left (only for class-shardable scorers)."""
+        raise NotImplementedError(f"scorer {self.info.name!r} cannot be sharded by class")
+
+    def merge(self, states: Sequence[Any]) -> None:
+        """Set, on a scorer just reset, the state of all classes from each class's `state()`."""
+        raise NotImplementedError(f"scorer {self.info.name!r} cannot be sharded by class")
+
+    @classmethod
+    def shardable(cls) -> bool:
+        """True if `state`/`merge` are implemented, so classes can be scored on several processes."""
+        return cls.merge is not Scorer.merge
 
     @torch.no_grad()
     def __call__(self, layer: LayerSpec, batches: Iterable[ClassBatch] = ()) -> torch.Tensor:

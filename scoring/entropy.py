@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -122,6 +123,15 @@ class FeatureEntropyScorer(Scorer):
             )
         self._total = h if self._total is None else self._total + h
         self._classes += 1
+
+    def state(self) -> np.ndarray:
+        """Sum of the per-class entropies H_c [C] seen so far."""
+        return self._total.copy()
+
+    def merge(self, states: Sequence[np.ndarray]) -> None:
+        for h in states:
+            self._total = h if self._total is None else self._total + h
+        self._classes = len(states)
 
     def compute(self) -> torch.Tensor:
         """Scores [C] float32 CPU: −mean_c H_c (higher = more stable = keep)."""

@@ -15,7 +15,7 @@ import scoring
 from prune.data import choose_classes
 from prune.distributed import World, shard
 from prune.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
-from prune.selection import SHARDABLE, ScoringData, class_batches, class_states, merged_scores
+from prune.selection import ScoringData, class_batches, class_states, merged_scores
 from helpers import image_folder, small_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,14 @@ def model_args(tmp_path_factory) -> list[str]:
     return [*args, "--weights", str(root / "embedded.pt")]
 
 
-@pytest.mark.parametrize("name", sorted(SHARDABLE))
+SHARDABLE = sorted(n for n in scoring.list_scorers() if scoring.create(n).shardable())
+
+
+def test_the_class_sum_scorers_are_shardable():
+    assert SHARDABLE == ["apoz", "entropy", "selectivity"]
+
+
+@pytest.mark.parametrize("name", SHARDABLE)
 def test_class_sharding_is_exact(name):
     """Scores merged from 3 ranks' per-class states equal one scorer fed every class (bitwise)."""
     torch.manual_seed(0)
@@ -44,12 +51,12 @@ def test_class_sharding_is_exact(name):
     source = ScoringData(data=data, classes=choose_classes(data, 4, seed=0), per_class=5, seed=0)
     conv = model.features[3]
     layer = scoring.LayerSpec(model=model, conv=conv, name="features.3")
-    scorer, how = scoring.create(name), SHARDABLE[name]
+    scorer = scoring.create(name)
     whole = scorer(layer, class_batches(model, conv, "features.3", source))
     states = {}
     for rank in range(3):
-        states.update(class_states(scorer, layer, source, shard(source.classes, World(rank, 3)), how))
-    assert torch.equal(merged_scores(scorer, layer, states, source.classes, how), whole)
+        states.update(class_states(scorer, layer, source, shard(source.classes, World(rank, 3))))
+    assert torch.equal(merged_scores(scorer, layer, states, source.classes), whole)
 
 
 def test_shard_covers_every_item_once():
