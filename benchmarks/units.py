@@ -70,18 +70,18 @@ def parse_args(argv: list[str] | None):
     a("--layer", default=None, help="conv layer of the reference unit (default: the last conv)")
     a("--unit", type=int, default=None, help="reference unit index (default: lowest feature entropy on --class)")
     a("--samples-per-class", type=int, default=None, help="training images per class (100; 20 quick)")
-    a("--random-inits", type=int, default=None, help="random initialisations in Table 2 (100; 3 quick)")
+    a("--random-inits", type=int, default=None, help="random initialisations in Table 2 (50; 3 quick; the paper uses 100)")
     a("--layer-classes", type=int, default=None, help="classes averaged in parts 3-5 (all; 2 quick)")
-    a("--train-epochs", type=int, default=None, help="epochs of the training analysis (12, the shipped recipe; 1 quick)")
+    a("--train-epochs", type=int, default=None, help="epochs of the training analysis (8; 1 quick; the shipped recipe trains 12)")
     a("--corruptions", default=None, help="label-corruption fractions (0,0.2,0.4,0.6,0.8,1; 0,0.5,1 quick)")
     a("--corrupt-per-class", type=int, default=None, help="training images per class of the corrupted-label models (50; 10 quick)")
     a("--corrupt-epochs", type=int, default=None, help="epochs of the corrupted-label models (40; 3 quick)")
     args = p.parse_args(argv)
     q = args.quick
     args.samples_per_class = args.samples_per_class or (20 if q else 100)
-    args.random_inits = args.random_inits or (3 if q else 100)
+    args.random_inits = args.random_inits or (3 if q else 50)
     args.layer_classes = args.layer_classes or (2 if q else None)
-    args.train_epochs = args.train_epochs or (1 if q else 12)
+    args.train_epochs = args.train_epochs or (1 if q else 8)
     text = args.corruptions or ("0,0.5,1" if q else "0,0.2,0.4,0.6,0.8,1")
     args.corruption_list = [float(v) for v in text.split(",")]
     if any(not 0.0 <= v <= 1.0 for v in args.corruption_list):
