@@ -15,6 +15,9 @@ from torch import nn
 
 from prune.errors import UsageError
 
+CHUNK_BYTES = 1 << 27
+"""Units of one forward chunk are kept under this size (128 MiB) when scoring."""
+
 
 class _Captured(Exception):
     """Raised inside a hook to end the forward pass early."""
@@ -75,18 +78,28 @@ def run_until_captured(model: nn.Module, images: torch.Tensor) -> None:
 def collect_units(
     model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, *, name: str, batch_size: int = 128
 ) -> torch.Tensor:
-    """Units of `conv` for `images` [N, 3, H, W] → [N, C, m, m] float32 on CPU.
+    """Units of `conv` for `images` [N, 3, H, W] → [N, C, m, m] float32 CPU, filled chunk by chunk.
 
-    Raises UsageError if the activations contain NaN or Inf.
+    The first chunk is one image; later chunks hold at most `batch_size` images and about
+    CHUNK_BYTES of units. NaN/Inf activations raise UsageError.
     """
     device = next(model.parameters()).device
+    units: torch.Tensor | None = None
+    start, step = 0, 1
     with observe(model, conv) as captured:
-        for start in range(0, len(images), batch_size):
-            run_until_captured(model, images[start : start + batch_size].to(device))
-    units = torch.cat([c.float().cpu() for c in captured])
-    if not torch.isfinite(units).all():
-        raise UsageError(
-            f"activations of layer {name} contain NaN or Inf; check the model's weights "
-            "and the input normalisation"
-        )
+        while start < len(images):
+            run_until_captured(model, images[start : start + step].to(device))
+            chunk = captured.pop().float().cpu()
+            if not torch.isfinite(chunk).all():
+                raise UsageError(
+                    f"activations of layer {name} contain NaN or Inf; check the model's weights "
+                    "(--weights) and the input normalisation"
+                )
+            if units is None:
+                units = torch.empty((len(images), *chunk.shape[1:]), dtype=torch.float32)
+                step = max(1, min(batch_size, CHUNK_BYTES // max(chunk[0].numel() * 4, 1)))
+            units[start : start + len(chunk)] = chunk
+            start += len(chunk)
+            del chunk
+    assert units is not None
     return units

@@ -24,12 +24,8 @@ import scoring
 from prune import distributed
 from prune.data import DataBundle, class_images
 from prune.errors import UsageError
-from prune.observe import observe, run_until_captured
+from prune.observe import collect_units
 from prune.surgery import PrunableGroup, Surgeon, channels_to_remove
-
-CHUNK_BYTES = 1 << 27
-"""Units of one forward chunk are kept under this size (128 MiB) when scoring."""
-
 
 @dataclass(frozen=True)
 class LayerDecision:
@@ -64,37 +60,6 @@ class ScoringData:
     per_class: int
     seed: int
     batch_size: int = 128
-
-
-@torch.no_grad()
-def collect_units(
-    model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, *, name: str, batch_size: int = 128
-) -> torch.Tensor:
-    """Units of `conv` for `images` [N, 3, H, W] → [N, C, m, m] float32 CPU, filled chunk by chunk.
-
-    The first chunk is one image; later chunks hold at most `batch_size` images and about
-    CHUNK_BYTES of units. NaN/Inf activations raise UsageError.
-    """
-    device = next(model.parameters()).device
-    units: torch.Tensor | None = None
-    start, step = 0, 1
-    with observe(model, conv) as captured:
-        while start < len(images):
-            run_until_captured(model, images[start : start + step].to(device))
-            chunk = captured.pop().float().cpu()
-            if not torch.isfinite(chunk).all():
-                raise UsageError(
-                    f"activations of layer {name} contain NaN or Inf; check the model's weights "
-                    "(--weights) and the input normalisation"
-                )
-            if units is None:
-                units = torch.empty((len(images), *chunk.shape[1:]), dtype=torch.float32)
-                step = max(1, min(batch_size, CHUNK_BYTES // max(chunk[0].numel() * 4, 1)))
-            units[start : start + len(chunk)] = chunk
-            start += len(chunk)
-            del chunk
-    assert units is not None
-    return units
 
 
 def class_batch(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringData, cls: int) -> scoring.ClassBatch:
