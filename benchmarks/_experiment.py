@@ -30,11 +30,11 @@ from tqdm.auto import tqdm
 import scoring
 from benchmarks.common import RESULTS, machine, markdown_table
 from finetune.metrics import one_vs_rest_balanced_accuracy
-from prune.data import DataBundle, class_images, load_data, make_loader
+from prune.zoo.data import DataBundle, class_images, load_data, make_loader
 from prune.errors import UsageError
-from prune.files import write_json, write_text
-from prune.models import load_model
-from prune.observe import following_norm, collect_units
+from prune.outputs.files import write_json, write_text
+from prune.zoo.models import load_model
+from prune.pipeline.observe import following_norm, collect_units
 
 QUICK_PER_CLASS = {"train": 30, "test": 20}
 """Images per class of the embedded data in --quick mode."""
@@ -83,8 +83,8 @@ class Setup:
 
 def quick_embedded_data() -> DataBundle:
     """The embedded shapes10 set, shrunk to QUICK_PER_CLASS images per class."""
-    from prune.embedded_model import EMBEDDED_INPUT_SIZE
-    from prune.shapes import CLASSES, make_shapes
+    from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE
+    from prune.zoo.shapes import CLASSES, make_shapes
 
     train = make_shapes("train", per_class=QUICK_PER_CLASS["train"], size=EMBEDDED_INPUT_SIZE)
     val = make_shapes("test", per_class=QUICK_PER_CLASS["test"], size=EMBEDDED_INPUT_SIZE)
@@ -420,9 +420,9 @@ def train_epochs(
     quiet: bool = True,
     desc: str = "train",
 ) -> None:
-    """Train `model` in place like `prune.train_embedded` (SGD + Nesterov, warm-up + cosine,
+    """Train `model` in place like `prune.zoo.train_embedded` (SGD + Nesterov, warm-up + cosine,
     flips if `augment`); `on_epoch_end(epoch, model, mean_loss)` after each epoch (1-based)."""
-    from prune.train_embedded import TrainConfig, augment_flips, warmup_cosine_lr
+    from prune.zoo.train_embedded import TrainConfig, augment_flips, warmup_cosine_lr
 
     cfg = TrainConfig(seed=seed)
     base = cfg.lr if lr is None else lr

@@ -15,7 +15,7 @@ After each step the test accuracy and mean cross-entropy on c's test images and 
 one-vs-rest balanced accuracy of c on the whole test split are recorded. "Zeroing a unit" is
 done at the output of the BN after the conv (or the conv itself), so the unit after its
 ReLU is exactly 0 (where a residual addition follows, only this branch is zeroed, matching
-the units `prune.observe` scores). The unit module's output on the test images is computed once and only
+the units `prune.pipeline.observe` scores). The unit module's output on the test images is computed once and only
 the rest of the network is re-run per step (torch.fx split; a whole forward with a masking
 hook when the model cannot be split).
 

@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import scoring  # noqa: E402
 from benchmarks.common import RESULTS, machine, markdown_table  # noqa: E402
 from prune.config import PruneConfig  # noqa: E402
-from prune.files import write_json, write_text  # noqa: E402
-from prune.run import run  # noqa: E402
+from prune.outputs.files import write_json, write_text  # noqa: E402
+from prune.pipeline.run import run  # noqa: E402
 
 # Two-sided 95% Student-t quantiles for n-1 degrees of freedom (n = number of seeds).
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}

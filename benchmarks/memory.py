@@ -4,7 +4,7 @@
     python -m benchmarks.memory --quick         # K = 2, N = 10, first 4 layers (a minute or two)
     python -m benchmarks.memory --json PATH     # default benchmarks/results/memory.json
 
-Scoring streams one layer and one class at a time (prune.selection), progressively pruned
+Scoring streams one layer and one class at a time (prune.pipeline.selection), progressively pruned
 at `--ratio` as the main job does. Images are seeded noise made on demand (no download, no
 data set held in memory). Memory is the process's resident-set high-water mark
 (getrusage ru_maxrss), so it counts torch, numpy and numba allocations alike; the JSON is
@@ -25,10 +25,10 @@ from torch.utils.data import Dataset
 
 import scoring
 from benchmarks.common import RESULTS, machine
-from prune.data import DataBundle
-from prune.files import write_json
-from prune.selection import ScoringData, lowest, score_group
-from prune.surgery import Surgeon, channels_to_remove
+from prune.zoo.data import DataBundle
+from prune.outputs.files import write_json
+from prune.pipeline.selection import ScoringData, lowest, score_group
+from prune.pipeline.surgery import Surgeon, channels_to_remove
 
 GIB = 1024**3
 

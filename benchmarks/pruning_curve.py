@@ -2,7 +2,7 @@
 
     python -m benchmarks.pruning_curve [--quick] [--ratios 0.4,0.5,0.6] [--ks 1,2,5,10]
 
-Every point is one run of the main job, `prune.run.run(PruneConfig(...))` (progressive,
+Every point is one run of the main job, `prune.pipeline.run.run(PruneConfig(...))` (progressive,
 layer by layer, then the paper's fine-tuning: SGD, lr 1e-3 ÷10 per epoch, 3 epochs) with the
 entropy scorer, in a temporary output folder. Fig. 13B: the ratios at K = the largest of
 `--ks` (at most the number of classes); Fig. 13A: the Ks at ratio `--k-ratio`. A `random`
@@ -34,8 +34,8 @@ from benchmarks._experiment import (
 )
 from benchmarks.common import machine
 from prune.config import PruneConfig
-from prune.data import IMAGENET_MEAN, IMAGENET_STD
-from prune.run import run
+from prune.zoo.data import IMAGENET_MEAN, IMAGENET_STD
+from prune.pipeline.run import run
 
 
 def parse_args(argv: list[str] | None):

@@ -16,12 +16,12 @@ import torch
 
 import scoring
 from benchmarks.common import RESULTS, machine
-from prune.counting import count_cost
-from prune.files import write_json
-from prune.models import ModelSpec, build_model
-from prune.selection import select_and_prune
-from prune.speed import measure_throughput
-from prune.surgery import Surgeon
+from prune.pipeline.counting import count_cost
+from prune.outputs.files import write_json
+from prune.zoo.models import ModelSpec, build_model
+from prune.pipeline.selection import select_and_prune
+from prune.pipeline.speed import measure_throughput
+from prune.pipeline.surgery import Surgeon
 
 
 def pruned_pair(name: str, ratio: float, input_size: int, rounding: str) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -18,10 +18,10 @@ import torchvision
 
 import scoring
 from benchmarks.common import RESULTS, machine, markdown_table
-from prune.counting import count_cost
-from prune.files import write_json
-from prune.selection import select_and_prune
-from prune.surgery import Surgeon
+from prune.pipeline.counting import count_cost
+from prune.outputs.files import write_json
+from prune.pipeline.selection import select_and_prune
+from prune.pipeline.surgery import Surgeon
 
 PAPER = {0.0: (138.0e6, 30.96e9), 0.4: (87.8e6, 11.15e9), 0.5: (75.9e6, 7.87e9), 0.6: (64.2e6, 5.02e9)}
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import machine
-from prune.files import write_json
+from prune.outputs.files import write_json
 
 SIZES = (7, 14, 28, 56, 112, 224)
 QUICK_SIZES = (7, 14, 28, 56)

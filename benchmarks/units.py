@@ -17,7 +17,7 @@ selectivity (over the images of all classes) and feature entropy H and selective
 2. Table 2 — the trained unit vs the same unit in R random initialisations (mean, std).
 3. Layers (Fig. 5A) — mean feature entropy and selective rate per conv layer, trained vs a
    random initialisation, for the class and averaged over classes.
-4. Training (Fig. 5B) — a fresh model trained for a few epochs (prune.train_embedded's
+4. Training (Fig. 5B) — a fresh model trained for a few epochs (prune.zoo.train_embedded's
    recipe): last-layer feature entropy vs training loss and test accuracy after each epoch.
 5. Corrupted labels (§4.4, Fig. 6B) — models trained on a subset whose labels are replaced by
    uniform random ones with probability p, without augmentation: last-layer feature entropy on
@@ -57,9 +57,9 @@ from benchmarks._experiment import (
     setup_info,
     train_epochs,
 )
-from prune.data import DataBundle
+from prune.zoo.data import DataBundle
 from prune.errors import UsageError
-from prune.models import ModelSpec, build_model
+from prune.zoo.models import ModelSpec, build_model
 
 INDICATORS = ("l1", "apoz", "selectivity", "entropy", "selective_rate")
 

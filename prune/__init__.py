@@ -1,9 +1,10 @@
 """topoprune: prune CNN channels by feature entropy and other scorers."""
-__version__ = "0.1.0"
+
+from prune.version import __version__
 
 
 def load_pruned(path):
-    """Rebuild a pruned model written by `python -m prune` (see prune.checkpoint.load_pruned)."""
-    from prune.checkpoint import load_pruned as _load
+    """Rebuild a pruned model written by `python -m prune` (see prune.outputs.checkpoint.load_pruned)."""
+    from prune.outputs.checkpoint import load_pruned as _load
 
     return _load(path)

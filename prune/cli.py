@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             config = config_from_args(args)
             out = args.out or default_out(config)
-            from prune.run import run
+            from prune.pipeline.run import run
 
             report = run(config, out=out, overwrite=args.overwrite, quiet=args.quiet)
     except (UsageError, FileNotFoundError) as exc:

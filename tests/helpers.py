@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from prune.data import DataBundle
+from prune.zoo.data import DataBundle
 
 _CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prune.outdir import RUN_FILE, RUN_FORMAT, claim
+from prune.outputs.outdir import RUN_FILE, RUN_FORMAT, claim
 from helpers import image_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def tiny(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="module")
 def embedded_weights(tmp_path_factory) -> Path:
     """A state_dict for the embedded architecture (random init, seeded)."""
-    from prune.embedded_model import EmbeddedVGG
+    from prune.zoo.embedded_model import EmbeddedVGG
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "embedded.pt"
@@ -143,7 +143,7 @@ def test_nan_activations_leave_no_output(tmp_path, embedded_weights, tiny):
 
 def test_model_without_prunable_conv(tmp_path, tiny):
     code = (
-        "import sys, warnings; warnings.simplefilter('ignore'); import torch, prune.run as r; "
+        "import sys, warnings; warnings.simplefilter('ignore'); import torch, prune.pipeline.run as r; "
         "r.load_model = lambda *a, **k: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)); "
         "from prune.cli import main; sys.exit(main(sys.argv[1:]))"
     )

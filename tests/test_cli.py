@@ -7,7 +7,7 @@ import torch
 
 import prune
 from prune.cli import main
-from prune.data import load_data
+from prune.zoo.data import load_data
 
 SMALL = ["--classes", "3", "--samples-per-class", "12", "--epochs", "1", "--quiet"]
 

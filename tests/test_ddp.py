@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import scoring
-from prune.data import choose_classes
-from prune.distributed import World, shard
-from prune.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
-from prune.selection import ScoringData, class_batches, class_states, merged_scores
+from prune.zoo.data import choose_classes
+from prune.pipeline.distributed import World, shard
+from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
+from prune.pipeline.selection import ScoringData, class_batches, class_states, merged_scores
 from helpers import image_folder, small_data
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import scoring
-from prune.data import choose_classes
-from prune.embedded_model import EmbeddedVGG
-from prune.selection import ScoringData, select_and_prune
-from prune.surgery import Surgeon
+from prune.zoo.data import choose_classes
+from prune.zoo.embedded_model import EmbeddedVGG
+from prune.pipeline.selection import ScoringData, select_and_prune
+from prune.pipeline.surgery import Surgeon
 from helpers import small_data
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from prune import train_embedded
-from prune.embedded_model import EMBEDDED_INPUT_SIZE, EMBEDDED_WEIGHTS, EmbeddedVGG, load_embedded
-from prune.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
+from prune.zoo import train_embedded
+from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, EMBEDDED_WEIGHTS, EmbeddedVGG, load_embedded
+from prune.zoo.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
 
 
 def test_classes_are_named_and_enough() -> None:
@@ -79,7 +79,7 @@ def test_last_conv_maps_are_at_least_8x8() -> None:
 
 
 def test_shipped_weights_load_and_are_accurate() -> None:
-    assert EMBEDDED_WEIGHTS.is_file(), "run `python -m prune.train_embedded`"
+    assert EMBEDDED_WEIGHTS.is_file(), "run `python -m prune.zoo.train_embedded`"
     assert EMBEDDED_WEIGHTS.stat().st_size < 2 * 1024 * 1024
     state = torch.load(EMBEDDED_WEIGHTS, map_location="cpu", weights_only=True)
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
@@ -90,7 +90,7 @@ def test_shipped_weights_load_and_are_accurate() -> None:
 
 
 def test_missing_weights_name_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="python -m prune.train_embedded"):
+    with pytest.raises(FileNotFoundError, match="python -m prune.zoo.train_embedded"):
         load_embedded(weights=tmp_path / "absent.pt")
     assert isinstance(load_embedded(pretrained=False), EmbeddedVGG)
 

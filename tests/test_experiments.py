@@ -17,7 +17,7 @@ from torch import nn
 import scoring
 from benchmarks import _experiment as E
 from finetune.metrics import one_vs_rest_balanced_accuracy
-from prune.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
+from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
 
 needs_weights = pytest.mark.skipif(not EMBEDDED_WEIGHTS.is_file(), reason="embedded weights not built yet")
 
@@ -94,7 +94,7 @@ def test_layer_tail_matches_a_full_forward_with_a_mask_hook():
 
 
 def test_fold_bn_keeps_the_units_and_makes_filter_rescaling_exact():
-    from prune.observe import collect_units
+    from prune.pipeline.observe import collect_units
 
     model = _random_vgg()
     name, conv = E.find_conv(model, "features.14")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prune.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
+from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
 from helpers import image_folder
 
 ROOT = Path(__file__).resolve().parents[1]

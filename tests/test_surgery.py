@@ -7,10 +7,10 @@ from torch import nn
 
 import scoring
 from benchmarks.table12 import PAPER, vgg16_row
-from prune.counting import count_cost
-from prune.models import build_model, ModelSpec
-from prune.selection import lowest, select_and_prune
-from prune.surgery import Surgeon, channels_to_remove
+from prune.pipeline.counting import count_cost
+from prune.zoo.models import build_model, ModelSpec
+from prune.pipeline.selection import lowest, select_and_prune
+from prune.pipeline.surgery import Surgeon, channels_to_remove
 
 
 @pytest.mark.parametrize("ratio", sorted(PAPER))

@@ -1,7 +1,7 @@
 """Train the embedded default model on shapes10 and write its state_dict.
 
-    python -m prune.train_embedded                   # writes prune/assets/embedded_vgg.pt
-    python -m prune.train_embedded --epochs 2 --out /tmp/vgg.pt --quiet
+    python -m prune.zoo.train_embedded                   # writes prune/zoo/assets/embedded_vgg.pt
+    python -m prune.zoo.train_embedded --epochs 2 --out /tmp/vgg.pt --quiet
 
 Seeded and deterministic on CPU for a given thread count: SGD with Nesterov momentum, a
 cosine learning-rate schedule with one warm-up epoch, random horizontal and vertical flips
@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from prune.embedded_model import EMBEDDED_INPUT_SIZE, EMBEDDED_WEIGHTS, EmbeddedVGG
-from prune.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
+from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, EMBEDDED_WEIGHTS, EmbeddedVGG
+from prune.zoo.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
 
 __all__ = ["TrainConfig", "evaluate", "main", "train"]
 
@@ -129,7 +129,7 @@ def _positive_int(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m prune.train_embedded",
+        prog="python -m prune.zoo.train_embedded",
         description="Train the embedded default model (EmbeddedVGG on shapes10) and write its state_dict.",
     )
     defaults = TrainConfig()

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prune import __version__
+from prune.version import __version__
 from prune.errors import UsageError
-from prune.files import torch_save
-from prune.models import ModelSpec, build_model
-from prune.surgery import replay_history
+from prune.outputs.files import torch_save
+from prune.zoo.models import ModelSpec, build_model
+from prune.pipeline.surgery import replay_history
 
 FORMAT = "topoprune/pruned-model/v1"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prune.files import write_json, write_text
+from prune.outputs.files import write_json, write_text
 
 
 def _fmt(value: float, unit: str = "") -> str:

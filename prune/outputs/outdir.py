@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prune.errors import UsageError
-from prune.files import write_json
+from prune.outputs.files import write_json
 
 RUN_FILE = "run.json"
 RUN_FORMAT = "topoprune/run/v1"

@@ -3,9 +3,9 @@
 Ten classes of shapes and textures, drawn at a random position, scale, rotation (where it
 means something) and colour over a cluttered, noisy background. It is generated in memory in
 a second or two, bit-for-bit the same for the same arguments, so the embedded default model
-(:mod:`prune.embedded_model`) can be scored and fine-tuned on a machine with no download.
+(:mod:`prune.zoo.embedded_model`) can be scored and fine-tuned on a machine with no download.
 
->>> from prune.shapes import CLASSES, make_shapes
+>>> from prune.zoo.shapes import CLASSES, make_shapes
 >>> train = make_shapes("train")              # 10 x 600 images
 >>> images, labels = train.tensors            # [6000, 3, 32, 32] float32, [6000] int64
 

@@ -57,7 +57,7 @@ def check_model_name(name: str) -> None:
 def build_model(spec: ModelSpec) -> nn.Module:
     """An untrained instance of `spec` (no download)."""
     if spec.name == EMBEDDED:
-        from prune.embedded_model import EmbeddedVGG
+        from prune.zoo.embedded_model import EmbeddedVGG
 
         return EmbeddedVGG(num_classes=spec.num_classes)
     check_model_name(spec.name)
@@ -91,7 +91,7 @@ def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module
     'IMAGENET1K_V1' / 'DEFAULT' (needs the torchvision weights cache or network).
     """
     if name == EMBEDDED and weights is None:
-        from prune.embedded_model import load_embedded
+        from prune.zoo.embedded_model import load_embedded
 
         model = load_embedded(pretrained=True)
         predicted = model.classifier[-1].out_features

@@ -21,11 +21,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import scoring
-from prune import distributed
-from prune.data import DataBundle, class_images
+from prune.pipeline import distributed
+from prune.zoo.data import DataBundle, class_images
 from prune.errors import UsageError
-from prune.observe import collect_units
-from prune.surgery import PrunableGroup, Surgeon, channels_to_remove
+from prune.pipeline.observe import collect_units
+from prune.pipeline.surgery import PrunableGroup, Surgeon, channels_to_remove
 
 @dataclass(frozen=True)
 class LayerDecision:

@@ -100,8 +100,8 @@ def _image_folder(root: Path, input_size: int) -> TolerantImageFolder:
 def load_data(root: str | None, *, input_size: int | None = None) -> DataBundle:
     """The embedded set (root None) or an ImageFolder root with train/ and val/."""
     if root is None:
-        from prune.embedded_model import EMBEDDED_INPUT_SIZE
-        from prune.shapes import CLASSES, make_shapes
+        from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE
+        from prune.zoo.shapes import CLASSES, make_shapes
 
         size = input_size or EMBEDDED_INPUT_SIZE
         train = make_shapes("train", size=size)

@@ -19,20 +19,21 @@ from finetune import ddp
 from finetune.batchnorm import recalibrate_batchnorm
 from finetune.metrics import evaluate
 from finetune.train import FinetuneConfig, finetune
-from prune import __version__, distributed
-from prune.checkpoint import read_checkpoint, save_pruned
+from prune.version import __version__
+from prune.pipeline import distributed
+from prune.outputs.checkpoint import read_checkpoint, save_pruned
 from prune.config import PruneConfig
-from prune.counting import count_cost
-from prune.data import DataBundle, check_scoring_images, choose_classes, class_images, load_data, make_loader
+from prune.pipeline.counting import count_cost
+from prune.zoo.data import DataBundle, check_scoring_images, choose_classes, class_images, load_data, make_loader
 from prune.errors import UsageError
-from prune.files import torch_save, write_json
-from prune.models import ModelSpec, check_model_name, load_model
-from prune.outdir import Claim, claim
-from prune.outdir import check as check_out
-from prune.report import write_report
-from prune.selection import ScoringData, select_and_prune
-from prune.speed import device_name, measure_throughput
-from prune.surgery import PrunableGroup, Surgeon
+from prune.outputs.files import torch_save, write_json
+from prune.zoo.models import ModelSpec, check_model_name, load_model
+from prune.outputs.outdir import Claim, claim
+from prune.outputs.outdir import check as check_out
+from prune.outputs.report import write_report
+from prune.pipeline.selection import ScoringData, select_and_prune
+from prune.pipeline.speed import device_name, measure_throughput
+from prune.pipeline.surgery import PrunableGroup, Surgeon
 
 FINETUNE_FORMAT = "topoprune/finetune-state/v1"
 SCORES_FORMAT = "topoprune/scores/v1"

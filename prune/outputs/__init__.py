@@ -1,0 +1,1 @@
+"""Outputs: atomic files, checkpoints, the output folder, reports."""

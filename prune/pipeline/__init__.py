@@ -1,0 +1,1 @@
+"""The pipeline: choose units layer by layer (selection, observe), cut them (surgery), run the job."""
