@@ -43,12 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", default=None, help="ImageFolder root with train/ and val/ class folders; default: embedded shapes set")
     a("--ratio", type=float, default=DEFAULTS.ratio, help="fraction of channels removed at each prunable conv, in [0, 1)")
     a("--scorer", default=DEFAULTS.scorer, help=f"channel scorer (higher = keep). {_scorer_help()}")
+    a("--scorer-opt", action="append", default=[], metavar="KEY=VALUE",
+      help="scorer option, repeatable (e.g. convention=authors, p=0.1 for entropy); the seed comes from --seed")
     a("--classes", type=int, default=None, metavar="K", help="classes whose images score the units (default: min(10, all))")
     a("--samples-per-class", type=int, default=DEFAULTS.samples_per_class, metavar="N", help="training images per class for scoring")
     a("--schedule", choices=("progressive", "oneshot"), default=DEFAULTS.schedule,
       help="progressive: score each layer on the net already pruned above it; oneshot: score all on the original net")
     a("--rounding", choices=("round", "floor-keep"), default=DEFAULTS.rounding,
       help="channels removed per layer: round(ratio*C), or keep floor((1-ratio)*C) as the paper's Table 12")
+    a("--layer-bn-batches", type=int, default=DEFAULTS.layer_bn_batches, metavar="B",
+      help="progressive schedule: after each layer's surgery, re-estimate BatchNorm statistics on B training "
+      "batches before the next layer is scored (0: off; no effect on models without BatchNorm)")
     a("--bn-recalibration", type=int, default=DEFAULTS.bn_recalibration, metavar="BATCHES",
       help="after pruning, re-estimate BatchNorm statistics on this many training batches (0: off, as the paper)")
     a("--epochs", type=int, default=DEFAULTS.epochs, help="fine-tuning epochs; lr is divided by 10 after each")
@@ -66,11 +71,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def scorer_options(scorer: str, pairs: list[str]) -> tuple[tuple[str, object], ...]:
+    """`--scorer-opt KEY=VALUE` pairs → sorted (key, typed value) pairs; UsageError if one is bad."""
+    if not pairs:
+        return ()
+    try:
+        options = scoring.parse_options(scorer, pairs)
+    except ValueError as exc:
+        raise UsageError(f"{exc}; see python -m prune --help") from None
+    if "seed" in options:
+        raise UsageError("the scorer's seed comes from --seed; pass --seed N instead of --scorer-opt seed=N")
+    return tuple(sorted(options.items()))
+
+
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
     return PruneConfig(
         model=args.model, weights=args.weights, data=args.data, ratio=args.ratio, scorer=args.scorer,
-        classes=args.classes, samples_per_class=args.samples_per_class, schedule=args.schedule,
-        rounding=args.rounding, bn_recalibration=args.bn_recalibration, finetune=not args.no_finetune, epochs=args.epochs, lr=args.lr,
+        scorer_options=scorer_options(args.scorer, args.scorer_opt), classes=args.classes, samples_per_class=args.samples_per_class, schedule=args.schedule,
+        rounding=args.rounding, layer_bn_batches=args.layer_bn_batches, bn_recalibration=args.bn_recalibration, finetune=not args.no_finetune, epochs=args.epochs, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
         input_size=args.input_size, device=args.device, seed=args.seed,
     )

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Any
+
+LAYER_BN_BATCHES = 10
+"""Default training batches for re-estimating BatchNorm statistics after each layer's surgery."""
 
 
 @dataclass(frozen=True)
@@ -15,10 +19,12 @@ class PruneConfig:
     data: str | None = None
     ratio: float = 0.5
     scorer: str = "entropy"
+    scorer_options: tuple[tuple[str, Any], ...] = ()
     classes: int | None = None
     samples_per_class: int = 100
     schedule: str = "progressive"
     rounding: str = "round"
+    layer_bn_batches: int = LAYER_BN_BATCHES
     bn_recalibration: int = 0
     finetune: bool = True
     epochs: int = 3
@@ -31,7 +37,8 @@ class PruneConfig:
     seed: int = 0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The settings as JSON-ready values (`scorer_options` as a dict)."""
+        return {**asdict(self), "scorer_options": dict(self.scorer_options)}
 
     def fingerprint(self) -> str:
         """Stable text of the settings that decide the result (device excluded)."""

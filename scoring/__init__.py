@@ -8,7 +8,7 @@
 """
 
 from scoring.base import ClassBatch, LayerSpec, Scorer, ScorerInfo
-from scoring.registry import create, list_scorers, register, scorer_info
+from scoring.registry import create, list_scorers, parse_options, register, scorer_info, scorer_options
 
 # Importing a scorer module registers it.
 from scoring import activations, control, entropy, nisp, weights  # noqa: E402,F401
@@ -20,6 +20,8 @@ __all__ = [
     "ScorerInfo",
     "create",
     "list_scorers",
+    "parse_options",
     "register",
     "scorer_info",
+    "scorer_options",
 ]

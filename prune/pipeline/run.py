@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import platform
 import time
 import warnings
@@ -50,17 +51,25 @@ def validate(config: PruneConfig) -> None:
     if not 0.0 <= config.ratio < 1.0:
         raise UsageError(f"--ratio {config.ratio} is outside [0, 1); pass e.g. --ratio 0.5")
     try:
-        scoring.scorer_info(config.scorer)
+        make_scorer(config)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"{exc}; fix --scorer or --scorer-opt") from None
     check_model_name(config.model)
     if config.schedule not in ("progressive", "oneshot"):
         raise UsageError(f"--schedule {config.schedule!r} is unknown; use progressive or oneshot")
     for flag, value in (("--samples-per-class", config.samples_per_class), ("--batch-size", config.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if config.epochs < 0 or config.lr <= 0 or config.bn_recalibration < 0:
-        raise UsageError("--epochs and --bn-recalibration must be >= 0 and --lr > 0")
+    if config.epochs < 0 or config.lr <= 0 or config.bn_recalibration < 0 or config.layer_bn_batches < 0:
+        raise UsageError("--epochs, --layer-bn-batches and --bn-recalibration must be >= 0 and --lr > 0")
+
+
+def make_scorer(config: PruneConfig) -> scoring.Scorer:
+    """The configured scorer: its `--scorer-opt` options, and `--seed` if it draws anything."""
+    options = dict(config.scorer_options)
+    if "seed" in scoring.scorer_options(config.scorer):
+        options["seed"] = config.seed
+    return scoring.create(config.scorer, **options)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -197,6 +206,20 @@ def check_finite(model: nn.Module, images: torch.Tensor) -> None:
         )
 
 
+def _evaluate_bn_reestimated(model: nn.Module, loader, refit_batchnorm, config: PruneConfig, pruned_eval):
+    """Evaluation of the pruned network with its BatchNorm statistics re-estimated on
+    max(--bn-recalibration, --layer-bn-batches, 1) training batches, on a copy (the model is
+    untouched). Without BatchNorm it is the plain pruned evaluation."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return pruned_eval
+    state = copy.deepcopy(model.state_dict())
+    try:
+        refit_batchnorm(max(config.bn_recalibration, config.layer_bn_batches, 1))
+        return evaluate(model, loader, device=next(model.parameters()).device)
+    finally:
+        model.load_state_dict(state)
+
+
 def versions() -> dict[str, str]:
     """Versions of the software that produced a report."""
     import gudhi
@@ -238,7 +261,7 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     surgeon = Surgeon(model, example)
     probe = min(config.samples_per_class, PROBE_IMAGES)
     check_finite(model, torch.cat([class_images(data, c, probe, seed=config.seed) for c in classes]))
-    scorer = scoring.create(config.scorer)
+    scorer = make_scorer(config)
     return Loaded(data, classes, model, surgeon, scorer, unreadable)
 
 
@@ -308,20 +331,26 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
         if world.is_main:
             before = measure(model, data, config, device, quiet)
     source = ScoringData(data=data, classes=loaded.classes, per_class=config.samples_per_class, seed=config.seed)
+
+    def refit_batchnorm(batches: int) -> None:
+        loader = make_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+        recalibrate_batchnorm(model, loader, batches=batches, device=device)
+
     with _timed(timings, "select_and_prune"):
         decisions = select_and_prune(
             surgeon, loaded.scorer, source, ratio=config.ratio, schedule=config.schedule, rounding=config.rounding,
             cache=_score_cache(out, resume, world), quiet=quiet, world=world,
+            refit=(lambda: refit_batchnorm(config.layer_bn_batches)) if config.layer_bn_batches > 0 else None,
         )
-    if config.bn_recalibration > 0:
-        with _timed(timings, "bn_recalibration"):
-            recal_loader = make_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
-            recalibrate_batchnorm(model, recal_loader, batches=config.bn_recalibration, device=device)
-    pruned_eval = None
+    pruned_eval = pruned_bn_eval = None
     with _timed(timings, "evaluate_pruned"):
         if world.is_main:
             loader = make_loader(data.val, batch_size=config.batch_size, shuffle=False, seed=0)
             pruned_eval = evaluate(model, loader, device=device)
+            pruned_bn_eval = _evaluate_bn_reestimated(model, loader, refit_batchnorm, config, pruned_eval)
+    if config.bn_recalibration > 0:
+        with _timed(timings, "bn_recalibration"):
+            refit_batchnorm(config.bn_recalibration)
     losses: list[float] = []
     if config.finetune and config.epochs > 0:
         with _timed(timings, "finetune"):
@@ -341,6 +370,7 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
         "unreadable_scoring_images": loaded.unreadable,
         "before": before,
         "pruned_before_finetune": pruned_eval.as_dict(),
+        "pruned_bn_reestimated": pruned_bn_eval.as_dict(),
         "after": after,
         "finetune_losses": losses,
         "layers": [d.as_dict() for d in decisions],

@@ -29,13 +29,19 @@ from prune.pipeline.surgery import PrunableGroup, Surgeon, channels_to_remove
 
 @dataclass(frozen=True)
 class LayerDecision:
-    """What happened at one group: `scores` [C] (higher = keep) and the `removed` indices."""
+    """What happened at one group: `scores` [C] (higher = keep) and the `removed` indices.
+
+    map_size: side m of the units [m, m] that were scored. scoring_top1: top-1 of the whole
+    network on the scoring images at the moment the group was scored (None without data).
+    """
 
     name: str
     members: tuple[str, ...]
     channels_before: int
     scores: torch.Tensor
     removed: tuple[int, ...]
+    map_size: int = 0
+    scoring_top1: float | None = None
 
     @property
     def channels_after(self) -> int:
@@ -48,6 +54,8 @@ class LayerDecision:
             "channels_before": self.channels_before,
             "channels_after": self.channels_after,
             "removed": list(self.removed),
+            "map_size": self.map_size,
+            "scoring_top1": self.scoring_top1,
         }
 
 
@@ -153,6 +161,26 @@ def _streamed_scores(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: S
     return scorer.compute()
 
 
+@torch.no_grad()
+def scoring_top1(model: nn.Module, source: ScoringData) -> float:
+    """Top-1 in [0, 1] of `model` (eval mode) on the scoring images of `source`, labels = their classes."""
+    device = next(model.parameters()).device
+    correct = total = 0
+    for cls in source.classes:
+        images = class_images(source.data, cls, source.per_class, seed=source.seed)
+        for start in range(0, len(images), source.batch_size):
+            logits = model(images[start : start + source.batch_size].to(device))
+            correct += int((logits.argmax(1).cpu() == cls).sum())
+        total += len(images)
+    return correct / total
+
+
+@torch.no_grad()
+def map_size(model: nn.Module, conv: nn.Conv2d, example: torch.Tensor) -> int:
+    """Side m of `conv`'s units [m, m] for the model's input `example` [1, 3, s, s]."""
+    return int(collect_units(model, conv, example, name="map size").shape[-1])
+
+
 def lowest(scores: torch.Tensor, n: int) -> tuple[int, ...]:
     """Indices of the `n` lowest scores (ties broken by lower index), sorted ascending."""
     order = torch.argsort(scores, stable=True)
@@ -175,6 +203,7 @@ def select_and_prune(
     schedule: str = "progressive",
     rounding: str = "round",
     cache: ScoreCache = _no_cache,
+    refit: Callable[[], None] | None = None,
     quiet: bool = False,
     world: distributed.World = distributed.SINGLE,
 ) -> list[LayerDecision]:
@@ -183,6 +212,8 @@ def select_and_prune(
     progressive: group l is scored on the network already pruned at groups < l (paper A.7.2).
     oneshot: every group is scored on the original network first, then all are pruned.
     `cache(i, group, compute)` may return stored scores instead of computing them (resume).
+    `refit()`, if given, runs after each group's surgery in the progressive schedule (e.g.
+    re-estimating BatchNorm statistics) so the next group is scored on a network that fits.
     `source` may be None for weight-only scorers. With several processes (`world`), every
     process must call this with the same arguments; each scores its share of the classes
     and all end with the same decisions.
@@ -197,12 +228,22 @@ def select_and_prune(
     def compute(g: PrunableGroup) -> Callable[[], torch.Tensor]:
         return lambda: score_group(model, g, scorer, source, world)
 
+    def observed(g: PrunableGroup) -> tuple[int, float | None]:
+        top1 = None if source is None else scoring_top1(model, source)
+        return map_size(model, g.convs[0], surgeon.example), top1
+
     if schedule == "oneshot":
+        state = [observed(g) for g in groups]
         all_scores = [cache(i, g, compute(g)) for i, g in enumerate(tqdm(groups, desc="score", disable=quiet))]
     for i, group in enumerate(tqdm(groups, desc="prune layers", disable=quiet)):
         before = group.num_channels
-        scores = all_scores[i] if schedule == "oneshot" else cache(i, group, compute(group))
+        if schedule == "oneshot":
+            scores, (m, top1) = all_scores[i], state[i]
+        else:
+            (m, top1), scores = observed(group), cache(i, group, compute(group))
         removed = lowest(scores, channels_to_remove(before, ratio, rule=rounding))
         surgeon.prune(group, removed)
-        decisions.append(LayerDecision(group.name, group.names, before, scores, removed))
+        if refit is not None and schedule == "progressive":
+            refit()
+        decisions.append(LayerDecision(group.name, group.names, before, scores, removed, m, top1))
     return decisions

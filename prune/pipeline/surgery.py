@@ -77,6 +77,7 @@ class Surgeon:
         ignored_layers: Sequence[nn.Module] = (),
     ) -> None:
         self.model = model
+        self.example = example_inputs
         self._names = {m: n for n, m in model.named_modules()}
         self._ignored = list(ignored_layers)
         with torch.enable_grad():

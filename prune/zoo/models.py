@@ -12,7 +12,8 @@ from torch import nn
 
 from prune.errors import UsageError
 
-EMBEDDED = "embedded"
+EMBEDDED_NAMES = ("embedded", "embedded-plain")
+"""The shipped embedded models (see prune.zoo.embedded_model.VARIANTS)."""
 
 
 @dataclass(frozen=True)
@@ -29,17 +30,18 @@ def torchvision_names() -> list[str]:
 
 
 def _unknown_model(name: str) -> UsageError:
-    known = [EMBEDDED, *torchvision_names()]
+    known = [*EMBEDDED_NAMES, *torchvision_names()]
     near = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean {near[0]!r}?" if near else ""
     return UsageError(
-        f"unknown model {name!r}; use 'embedded', 'timm:<name>' or a torchvision name ({', '.join(known[1:])}).{hint}"
+        f"unknown model {name!r}; use 'embedded', 'embedded-plain', 'timm:<name>' or a torchvision name "
+        f"({', '.join(torchvision_names())}).{hint}"
     )
 
 
 def check_model_name(name: str) -> None:
     """UsageError (listing the known names) unless `name` is a model `build_model` knows."""
-    if name == EMBEDDED:
+    if name in EMBEDDED_NAMES:
         return
     if name.startswith("timm:"):
         import timm
@@ -56,10 +58,10 @@ def check_model_name(name: str) -> None:
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """An untrained instance of `spec` (no download)."""
-    if spec.name == EMBEDDED:
-        from prune.zoo.embedded_model import EmbeddedVGG
+    if spec.name in EMBEDDED_NAMES:
+        from prune.zoo.embedded_model import build_embedded
 
-        return EmbeddedVGG(num_classes=spec.num_classes)
+        return build_embedded(spec.name, num_classes=spec.num_classes)
     check_model_name(spec.name)
     if spec.name.startswith("timm:"):
         import timm
@@ -85,15 +87,15 @@ def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
 def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module:
     """Build `name` and load `weights`.
 
-    name: 'embedded', a torchvision name (e.g. 'vgg16', 'resnet34') or 'timm:<name>'.
+    name: 'embedded', 'embedded-plain', a torchvision name (e.g. 'vgg16', 'resnet34') or 'timm:<name>'.
     weights: None (embedded: the shipped weights; others: random init), a checkpoint path
     (a state_dict, loaded with weights_only=True), or a torchvision weights name such as
     'IMAGENET1K_V1' / 'DEFAULT' (needs the torchvision weights cache or network).
     """
-    if name == EMBEDDED and weights is None:
+    if name in EMBEDDED_NAMES and weights is None:
         from prune.zoo.embedded_model import load_embedded
 
-        model = load_embedded(pretrained=True)
+        model = load_embedded(pretrained=True, variant=name)
         predicted = model.classifier[-1].out_features
         if num_classes != predicted:
             raise UsageError(
@@ -106,7 +108,7 @@ def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module
         _load_checkpoint_weights(model, Path(weights))
         return model
     if weights is not None:
-        if name.startswith("timm:") or name == EMBEDDED:
+        if name.startswith("timm:") or name in EMBEDDED_NAMES:
             raise UsageError(f"weights file {weights!r} not found; pass an existing checkpoint path")
         if name not in torchvision_names():
             raise _unknown_model(name)

@@ -1,6 +1,7 @@
-"""Train the embedded default model on shapes10 and write its state_dict.
+"""Train an embedded model on shapes10 and write its state_dict.
 
     python -m prune.zoo.train_embedded                   # writes prune/zoo/assets/embedded_vgg.pt
+    python -m prune.zoo.train_embedded --model embedded-plain   # writes .../embedded_plain_vgg.pt
     python -m prune.zoo.train_embedded --epochs 2 --out /tmp/vgg.pt --quiet
 
 Seeded and deterministic on CPU for a given thread count: SGD with Nesterov momentum, a
@@ -17,7 +18,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
-from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, EMBEDDED_WEIGHTS, EmbeddedVGG
+from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, VARIANTS, EmbeddedVGG, build_embedded
 from prune.zoo.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
 
 __all__ = ["TrainConfig", "evaluate", "main", "train"]
@@ -42,6 +43,13 @@ class TrainConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     seed: int = 0
+
+
+RECIPES: dict[str, TrainConfig] = {
+    "embedded": TrainConfig(),
+    "embedded-plain": TrainConfig(lr=0.02, warmup_epochs=2),
+}
+"""The recipe that reproduces each shipped model (no BatchNorm: a lower rate, a longer warm-up)."""
 
 
 def warmup_cosine_lr(step: int, *, total: int, warmup: int, base: float) -> float:
@@ -73,11 +81,13 @@ def evaluate(model: nn.Module, data: TensorDataset, *, batch_size: int = 500) ->
     return correct / len(labels)
 
 
-def train(*, data: TensorDataset, config: TrainConfig, quiet: bool = False) -> EmbeddedVGG:
-    """Train a fresh EmbeddedVGG on ``data`` (images [N, 3, 32, 32], labels [N]) from scratch."""
+def train(
+    *, data: TensorDataset, config: TrainConfig, quiet: bool = False, variant: str = "embedded"
+) -> EmbeddedVGG:
+    """Train a fresh embedded model `variant` on ``data`` (images [N, 3, 32, 32], labels [N]) from scratch."""
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    model = EmbeddedVGG(num_classes=len(CLASSES))
+    model = build_embedded(variant, num_classes=len(CLASSES))
     opt = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
@@ -130,12 +140,13 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m prune.zoo.train_embedded",
-        description="Train the embedded default model (EmbeddedVGG on shapes10) and write its state_dict.",
+        description="Train an embedded model (EmbeddedVGG variant on shapes10) and write its state_dict.",
     )
     defaults = TrainConfig()
-    p.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="training epochs (default %(default)s)")
+    p.add_argument("--model", choices=tuple(VARIANTS), default="embedded", help="which embedded model (default %(default)s)")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="training epochs (default: the model's recipe)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed for data and training (default %(default)s)")
-    p.add_argument("--out", type=Path, default=EMBEDDED_WEIGHTS, help="state_dict path (default: the shipped asset)")
+    p.add_argument("--out", type=Path, default=None, help="state_dict path (default: the model's shipped asset)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--per-class",
@@ -159,19 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     per_test = None if args.per_class is None else min(args.per_class, DEFAULT_PER_CLASS["test"])
     train_set = make_shapes("train", per_class=args.per_class, size=EMBEDDED_INPUT_SIZE, seed=args.seed)
     test_set = make_shapes("test", per_class=per_test, size=EMBEDDED_INPUT_SIZE, seed=args.seed)
+    recipe = RECIPES[args.model]
+    config = replace(recipe, epochs=args.epochs or recipe.epochs, seed=args.seed)
+    out = args.out or VARIANTS[args.model].weights
     deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     start = time.perf_counter()
     try:
-        model = train(data=train_set, config=TrainConfig(epochs=args.epochs, seed=args.seed), quiet=args.quiet)
+        model = train(data=train_set, config=config, quiet=args.quiet, variant=args.model)
     finally:
         torch.use_deterministic_algorithms(deterministic)
     seconds = time.perf_counter() - start
     top1 = evaluate(model, test_set)
-    _save_atomic(model.state_dict(), args.out)
+    _save_atomic(model.state_dict(), out)
     print(
-        f"test top-1 {100 * top1:.2f}% on {len(test_set)} images; trained {args.epochs} epochs "
-        f"on {len(train_set)} images in {seconds:.0f}s with {torch.get_num_threads()} threads; wrote {args.out}"
+        f"{args.model}: test top-1 {100 * top1:.2f}% on {len(test_set)} images; trained {config.epochs} epochs "
+        f"on {len(train_set)} images in {seconds:.0f}s with {torch.get_num_threads()} threads; wrote {out}"
     )
     return 0
 
