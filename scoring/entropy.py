@@ -3,6 +3,13 @@
     births = birth_times(acts)            # [N, C] (0 = no birth), scoring.topology
     H = feature_entropy(births.T)         # [C] nats; low = stable unit
     scorer = scoring.create("entropy")    # score = −mean_c H_c, higher = keep
+
+The authors' released code (convention="authors", DESIGN.md) differs in the births (see
+`scoring.topology.birth_times`) and in the per-class quantity, the ineffectiveness d:
+
+    births = birth_times(acts, convention="authors")
+    d = ineffectiveness(births.T)         # [C]; low = better unit
+    scorer = scoring.create("entropy", convention="authors")   # score = −mean_c d_c
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
 from scoring.registry import register
-from scoring.topology import CONVENTIONS, birth_times
+from scoring.topology import birth_times, resolve_convention
 
 
 def _as_births(births: Any) -> np.ndarray:
@@ -49,56 +56,98 @@ def _run_counts(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return s, np.bincount(run.ravel(), minlength=rows * n)[run]
 
 
+def _check_p(p: Any) -> float:
+    """p as a float in [0, 1], else ValueError."""
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        raise ValueError(f"p must be a number in [0, 1]; got {p!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"p must be in [0, 1]; got {p!r}")
+    return value
+
+
+def _born_entropy(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [R, N] → (authors' H over the born images [R], #born [R]); H = 0 if none born."""
+    s, counts = _run_counts(arr)
+    born = s != 0
+    nborn = born.sum(axis=1)
+    denom = np.maximum(nborn, 1)[:, None]
+    logp = np.log(counts / denom, where=born, out=np.zeros(s.shape))
+    return -logp.sum(axis=1) / denom[:, 0] + 0.0, nborn
+
+
 def feature_entropy(births: Any, p: float = 0.1, convention: str = "paper") -> np.ndarray:
     """Feature entropy (nats) of birth times over images. Lower = more stable unit.
 
     births: [..., N] integers, 0 = no birth (numpy or torch). Returns float64 [...].
-    paper (Eq. 9–12): P(x) = #{i: b_i = x}/N over the images with a birth (so ΣP = ε);
-    H = −Σ P ln P; if ε < p then H = (1 − ε)·ln N.
-    reference (authors' code): P normalised by the images with a birth, no p rule;
-    ln N when no image has a birth.
+
+    paper (default, Eq. 9–12): P(x) = #{i: b_i = x}/N over the images with a birth (so
+    ΣP = ε, the selective rate); H = −Σ P ln P; if ε < p then H = (1 − ε)·ln N.
+
+    authors (the authors' released code): P(x) = #{i: b_i = x}/#born over the images with a
+    birth only (ΣP = 1), H = −Σ P ln P, 0 when no image has a birth; p is ignored. The
+    authors' scorer does not average this H but the ineffectiveness d = H/ε with its
+    worst-case rule: see :func:`ineffectiveness`. "reference" is a deprecated alias.
     """
-    if convention not in CONVENTIONS:
-        raise ValueError(f"unknown convention {convention!r}; use one of {CONVENTIONS}")
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be in [0, 1]; got {p}")
+    convention = resolve_convention(convention, stacklevel=2)
+    p = _check_p(p)
     arr = _as_births(births)
     lead, n = arr.shape[:-1], arr.shape[-1]
+    if convention == "authors":
+        return _born_entropy(arr.reshape(-1, n))[0].reshape(lead)
     s, counts = _run_counts(arr.reshape(-1, n))
     born = s != 0
-    nborn = born.sum(axis=1)
-    if convention == "paper":
-        logp = np.log(counts / n, where=born, out=np.zeros(s.shape))
-        h = -logp.sum(axis=1) / n
-        eps = nborn / n
-        h = np.where(eps < p, (1.0 - eps) * math.log(n), h)
-    else:
-        denom = np.maximum(nborn, 1)[:, None]
-        logp = np.log(counts / denom, where=born, out=np.zeros(s.shape))
-        h = np.where(nborn > 0, -logp.sum(axis=1) / np.maximum(nborn, 1), math.log(n))
+    logp = np.log(counts / n, where=born, out=np.zeros(s.shape))
+    h = -logp.sum(axis=1) / n
+    eps = born.sum(axis=1) / n
+    h = np.where(eps < p, (1.0 - eps) * math.log(n), h)
     return (h + 0.0).reshape(lead)
+
+
+WORST_INEFFECTIVENESS = 100.0 * math.log(100.0)  # authors' value for |d| < 0.1
+_SMALL_INEFFECTIVENESS = 0.1
+
+
+def ineffectiveness(births: Any) -> np.ndarray:
+    """The authors' per-class ineffectiveness d of each unit. Lower = better unit.
+
+    births: [..., N] integers, 0 = no birth (numpy or torch). Returns float64 [...], in
+    nats per unit of selective rate. With H the authors' entropy over the images with a
+    birth (:func:`feature_entropy` with convention="authors") and ε = #born/N:
+    d = H/ε (d = H = 0 when ε = 0); then |d| < 0.1 → d = 100·ln 100 (the worst value).
+    The last rule also rates a unit whose born images all share one birth time (H = 0),
+    or that is never born, as worst. The authors' layer score is −mean over classes of d.
+    """
+    arr = _as_births(births)
+    lead, n = arr.shape[:-1], arr.shape[-1]
+    h, nborn = _born_entropy(arr.reshape(-1, n))
+    d = np.where(nborn > 0, h / (np.maximum(nborn, 1) / n), h)
+    d = np.where(np.abs(d) < _SMALL_INEFFECTIVENESS, WORST_INEFFECTIVENESS, d)
+    return d.reshape(lead)
 
 
 @register(
     "entropy",
     needs_data=True,
-    description="feature entropy of topological birth times, −mean over classes",
+    description="feature entropy of topological birth times, −mean over classes "
+    "(convention: paper, or authors for the authors' released code)",
 )
 class FeatureEntropyScorer(Scorer):
-    """Score = −(mean over classes of the feature entropy H_c) per channel; higher = keep.
+    """Score = −(mean over classes of a per-class term) per channel; higher = keep.
 
-    p: selective-rate threshold of Eq. 12. convention: "paper" or "reference" (birth
-    times and entropy as in the authors' released code). Maps must be square (m×m, the
-    paper's setting); rectangular maps raise ValueError rather than being cropped.
+    convention="paper" (default): the term is the feature entropy H_c (Eq. 9–12) of the
+    paper-convention births; p is the selective-rate threshold of Eq. 12.
+    convention="authors": the term is the authors' ineffectiveness d_c
+    (:func:`ineffectiveness`) of the authors' births; p is not used (validated only).
+    "reference" is a deprecated alias of "authors" (one FutureWarning). Invalid options
+    raise ValueError. Maps must be square (m×m, the paper's setting); rectangular maps
+    raise ValueError rather than being cropped.
     """
 
     def __init__(self, p: float = 0.1, convention: str = "paper") -> None:
-        if convention not in CONVENTIONS:
-            raise ValueError(f"unknown convention {convention!r}; use one of {CONVENTIONS}")
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"p must be in [0, 1]; got {p}")
-        self.p = float(p)
-        self.convention = convention
+        self.convention = resolve_convention(convention, stacklevel=3)  # via scoring.create
+        self.p = _check_p(p)
         self._total: np.ndarray | None = None
         self._classes = 0
 
@@ -107,15 +156,21 @@ class FeatureEntropyScorer(Scorer):
         self._total = None
         self._classes = 0
 
+    def _class_term(self, births: np.ndarray) -> np.ndarray:
+        """births [C, N] → the per-class term [C] (H_c or d_c; lower = better unit)."""
+        if self.convention == "authors":
+            return ineffectiveness(births)
+        return feature_entropy(births, p=self.p, convention="paper")
+
     def update(self, batch: ClassBatch) -> None:
-        """Add one class: activations [N, C, m, m] → H_c [C] into the running sum."""
+        """Add one class: activations [N, C, m, m] → H_c or d_c [C] into the running sum."""
         acts = batch.activations
         if acts.ndim != 4:
             raise ValueError(
                 f"activations must be [N, C, m, m]; got shape {tuple(acts.shape)}"
             )
         births = birth_times(acts, convention=self.convention)  # [N, C]
-        h = feature_entropy(births.T, p=self.p, convention=self.convention)  # [C]
+        h = self._class_term(births.T)  # [C]
         if self._total is not None and self._total.shape != h.shape:
             raise ValueError(
                 f"class {batch.class_index} has {h.shape[0]} channels, earlier classes "
@@ -125,7 +180,7 @@ class FeatureEntropyScorer(Scorer):
         self._classes += 1
 
     def state(self) -> np.ndarray:
-        """Sum of the per-class entropies H_c [C] seen so far."""
+        """Sum of the per-class terms (H_c or d_c) [C] seen so far."""
         return self._total.copy()
 
     def merge(self, states: Sequence[np.ndarray]) -> None:
@@ -134,7 +189,7 @@ class FeatureEntropyScorer(Scorer):
         self._classes = len(states)
 
     def compute(self) -> torch.Tensor:
-        """Scores [C] float32 CPU: −mean_c H_c (higher = more stable = keep)."""
+        """Scores [C] float32 CPU: −mean_c of H_c or d_c (higher = more stable = keep)."""
         if self._total is None:
             raise ValueError("the entropy scorer needs data: call update() with a class first")
         return torch.from_numpy(-self._total / self._classes).to(torch.float32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 
 import scoring
 from scoring import ClassBatch, LayerSpec
-from scoring.entropy import feature_entropy, selective_rate
+from scoring.entropy import feature_entropy, ineffectiveness, selective_rate
 
 
 def test_entropy_by_hand() -> None:
@@ -52,12 +53,80 @@ def test_vectorised_over_leading_dims_and_torch() -> None:
     assert selective_rate(births).shape == (3, 4)
 
 
-def test_reference_convention_normalises_by_births() -> None:
+WORST = 100.0 * math.log(100.0)
+
+
+def test_authors_entropy_normalises_by_births() -> None:
+    births = np.array([2, 2, 4, 4, 0, 0, 0, 0, 0, 0])  # over the 4 born: P = 1/2, 1/2
+    assert feature_entropy(births, convention="authors") == pytest.approx(math.log(2))
+    assert feature_entropy(np.zeros(5, int), convention="authors") == 0.0  # none born
+
+
+def test_ineffectiveness_by_hand() -> None:
+    # N = 10, 4 born (ε = 0.4), H = ln 2 → d = ln 2 / 0.4
     births = np.array([2, 2, 4, 4, 0, 0, 0, 0, 0, 0])
-    assert feature_entropy(births, convention="reference") == pytest.approx(math.log(2))
-    assert feature_entropy(np.zeros(5, int), convention="reference") == pytest.approx(
-        math.log(5)
-    )
+    assert ineffectiveness(births) == pytest.approx(math.log(2) / 0.4, rel=1e-12)
+    # N = 8, 6 born as 3, 3, 3, 7, 7, 9: H = −(½ ln ½ + ⅓ ln ⅓ + ⅙ ln ⅙), ε = 0.75
+    births = np.array([3, 0, 3, 7, 3, 9, 0, 7])
+    h = -(0.5 * math.log(0.5) + math.log(1 / 3) / 3 + math.log(1 / 6) / 6)
+    assert ineffectiveness(births) == pytest.approx(h / 0.75, rel=1e-12)
+    # 9 × 3 and 1 × 5, all born: H = −(0.9 ln 0.9 + 0.1 ln 0.1) ≈ 0.325 ≥ 0.1, kept
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert ineffectiveness(np.array([3] * 9 + [5])) == pytest.approx(h, rel=1e-12)
+
+
+def test_ineffectiveness_worst_rule() -> None:
+    assert ineffectiveness(np.zeros(6, int)) == pytest.approx(WORST)  # ε = 0: d = H = 0
+    assert ineffectiveness(np.full(6, 4)) == pytest.approx(WORST)  # one birth time: H = 0
+    # 99 × 3 and 1 × 5: H = −(0.99 ln 0.99 + 0.01 ln 0.01) ≈ 0.056 < 0.1 → worst
+    assert -(0.99 * math.log(0.99) + 0.01 * math.log(0.01)) < 0.1
+    assert ineffectiveness(np.array([3] * 99 + [5])) == pytest.approx(WORST)
+    # the same entropy with ε = 0.5 doubles d to ≈ 0.112 ≥ 0.1: kept
+    births = np.array([3] * 99 + [5] + [0] * 100)
+    h = -(0.99 * math.log(0.99) + 0.01 * math.log(0.01))
+    assert ineffectiveness(births) == pytest.approx(h / 0.5, rel=1e-12)
+
+
+def test_ineffectiveness_vectorised_and_torch() -> None:
+    rng = np.random.default_rng(3)
+    births = rng.integers(0, 5, (3, 4, 12))
+    out = ineffectiveness(births)
+    assert out.shape == (3, 4) and out.dtype == np.float64
+    for i in range(3):
+        for j in range(4):
+            assert out[i, j] == ineffectiveness(births[i, j])
+    assert np.array_equal(ineffectiveness(torch.from_numpy(births)), out)
+
+
+def test_reference_alias_warns_once_and_matches_authors() -> None:
+    births = np.array([2, 2, 4, 4, 0, 0, 1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = feature_entropy(births, convention="reference")
+    assert [w.category for w in caught] == [FutureWarning]
+    assert got == feature_entropy(births, convention="authors")
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"convention": "gudhi"}, "unknown convention"),
+        ({"convention": None}, None),  # None options are dropped: the default applies
+        ({"p": 1.5}, "p must be in"),
+        ({"p": -0.1}, "p must be in"),
+        ({"p": float("nan")}, "p must be in"),
+        ({"p": "high"}, "p must be a number"),
+    ],
+)
+def test_invalid_options_raise_one_line(options: dict, match: str | None) -> None:
+    if match is None:
+        assert scoring.create("entropy", **options).convention == "paper"
+        return
+    with pytest.raises(ValueError, match=match) as err:
+        scoring.create("entropy", **options)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=match):
+        feature_entropy(np.array([1, 2]), **options)
 
 
 @pytest.mark.parametrize(
@@ -116,3 +185,59 @@ def test_scorer_rejects_bad_activations() -> None:
         scorer.compute()
     with pytest.raises(ValueError, match="convention"):
         scoring.create("entropy", convention="gudhi")
+
+
+def _fig2(values: list[float]) -> torch.Tensor:
+    """4×4 map whose pairs {0,1}, {2,3}, {1,3}, {0,2} (a 4-cycle) carry `values`; the other
+    two pairs are below 0.13. Authors' birth: [10, 9, 8, 7] → 3, [10, 9, 9, 7] → 2,
+    [10, 10, 8, 8] → 1, [10] * 4 → t* = 1 → none (see tests/test_topology.py)."""
+    U = torch.arange(16, dtype=torch.float64).reshape(4, 4) / 100.0
+    for (i, j), v in zip([(0, 1), (3, 2), (1, 3), (2, 0)], values):
+        U[i, j] = v
+    return U
+
+
+_BIRTH_MAPS = {3: [10.0, 9.0, 8.0, 7.0], 2: [10.0, 9.0, 9.0, 7.0], 1: [10.0, 10.0, 8.0, 8.0],
+               0: [10.0] * 4}
+
+
+def _acts(births: list[list[int]]) -> torch.Tensor:
+    """Activations [N, C, 4, 4] with the given authors' births [C][N]."""
+    return torch.stack(
+        [torch.stack([_fig2(_BIRTH_MAPS[b]) for b in unit]) for unit in births], dim=1
+    )
+
+
+def test_authors_scorer_is_minus_mean_ineffectiveness_by_hand() -> None:
+    classes = [
+        _acts([[3, 3, 3, 3], [3, 2, 0, 0]]),  # class 0
+        _acts([[3, 1, 0, 0], [2, 2, 1, 0]]),  # class 1
+    ]
+    assert scoring.topology.birth_times(classes[1], convention="authors").T.tolist() == [
+        [3, 1, 0, 0], [2, 2, 1, 0]
+    ]
+    # unit 0: class 0 one birth time → H = 0 → worst; class 1 ε = ½, H = ln 2 → d = 2 ln 2
+    # unit 1: class 0 as unit 0 of class 1 → 2 ln 2; class 1 ε = ¾, P = ⅔, ⅓
+    h = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    expected = [-(WORST + 2 * math.log(2)) / 2, -(2 * math.log(2) + h / 0.75) / 2]
+    batches = [_batch(k, a) for k, a in enumerate(classes)]
+    scores = scoring.create("entropy", convention="authors")(_layer(2), batches)
+    assert scores.dtype == torch.float32
+    assert np.allclose(scores.numpy(), expected, rtol=1e-6)
+    # class-sharded: each class's state, merged, gives the same scores bitwise
+    states = []
+    for batch in batches:
+        one = scoring.create("entropy", convention="authors")
+        one.reset(_layer(2))
+        one.update(batch)
+        states.append(one.state())
+    merged = scoring.create("entropy", convention="authors")
+    merged.reset(_layer(2))
+    merged.merge(states)
+    assert torch.equal(merged.compute(), scores)
+    # the deprecated name: one FutureWarning for the whole run, same scores
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = scoring.create("entropy", convention="reference")(_layer(2), batches)
+    assert [w.category for w in caught] == [FutureWarning]
+    assert torch.equal(old, scores)

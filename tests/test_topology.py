@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from scoring.topology import (
+    CONVENTIONS,
+    authors_step_limit,
     betti1_curve,
     betti1_integral,
     betti1_max,
@@ -14,6 +19,7 @@ from scoring.topology import (
     birth_times,
     cubical_birth_times,
     gudhi_birth_time,
+    resolve_convention,
 )
 
 KINDS = (
@@ -236,23 +242,154 @@ def test_bad_shapes_and_convention_raise() -> None:
         birth_times(np.zeros((4, 4)), convention="exact")
 
 
-def test_reference_convention_counts_distinct_edge_values() -> None:
+# ---------------------------------------------------------------- authors' convention
+# Steps: the distinct off-diagonal values of S = max(U, Uᵀ), descending, are steps 1, 2, …;
+# b = t* − 1 (t* = first step with β1 ≠ 0); none if b = 0, b > 50 or t* > ⌈0.8·C(m, 2)⌉.
+
+
+def test_authors_fig2_cycle_distinct_values() -> None:
+    # _four_cycle: S{0,1}=10 (t=1), S{2,3}=9 (t=2), S{1,3}=8 (t=3), S{0,2}=7 (t=4);
+    # S{0,3}=max(.03,.12)=.12 (t=5), S{1,2}=max(.06,.09)=.09 (t=6). At t=4 the edges 0-1,
+    # 1-3, 3-2, 2-0 form a 4-cycle without chords: t* = 4 ≤ T = ⌈0.8·6⌉ = 5, so b = 3.
     U = _four_cycle([10.0, 9.0, 8.0, 7.0])
-    assert birth_times(U, convention="reference") == 4
-    U[0, 0] = U[1, 1] = 50.0  # the diagonal does not count in the reference steps
-    assert birth_times(U, convention="reference") == 4
+    assert birth_times(U, convention="authors") == 3
+    # the diagonal never counts: two diagonal entries above every value shift the paper
+    # rank (1 + #entries > 7 = 1 + 5) but not the authors' steps
+    U[0, 0] = U[1, 1] = 50.0
+    assert birth_times(U, convention="authors") == 3
     assert birth_times(U) == 6
-    dense = np.ones((5, 5))  # no birth at all
-    assert birth_times(dense, convention="reference") == 0
 
 
-def test_reference_convention_density_cap_and_late_births() -> None:
-    rng = np.random.default_rng(7)
-    maps = rng.random((30, 30, 30))
-    ref = birth_times(maps, convention="reference")
-    assert ((ref >= 0) & (ref <= 50)).all()
-    late = _tree_block(rng, 80) * 0  # no birth at all
-    assert birth_times(late, convention="reference") == 0
+def test_authors_ties_enter_at_the_same_step() -> None:
+    # S{2,3} = S{1,3} = 9: both enter at t=2; S{0,2} = 7 is t=3 and closes the 4-cycle:
+    # t* = 3, b = 2 (the paper rank is 1 + #{entries > 7} = 4)
+    U = _four_cycle([10.0, 9.0, 9.0, 7.0])
+    assert birth_times(U, convention="authors") == 2
+    assert birth_times(U) == 4
+    # t=1 adds {0,1}, {2,3} (two disjoint edges), t=2 adds {1,3}, {0,2}: the cycle, b = 1
+    U = _four_cycle([10.0, 10.0, 8.0, 8.0])
+    assert birth_times(U, convention="authors") == 1
+
+
+def test_authors_tied_block_at_step_one_is_no_birth() -> None:
+    # all four cycle pairs share the largest value: the cycle exists at t* = 1, b = 0 →
+    # none (the paper convention gives 1)
+    U = _four_cycle([10.0] * 4)
+    assert birth_times(U, convention="authors") == 0
+    assert birth_times(U) == 1
+    assert birth_times(np.ones((5, 5)), convention="authors") == 0  # never a cycle
+
+
+def _gudhi_first_h1(U: np.ndarray) -> float | None:
+    """w*: minus the earliest H1 birth of the flag filtration of −max(U, Uᵀ) (gudhi)."""
+    import gudhi
+
+    filt = -np.maximum(U, U.T).astype(np.float64)
+    np.fill_diagonal(filt, filt.min() - 1.0)  # vertices before every edge
+    st = gudhi.SimplexTree.create_from_array(filt)
+    st.expansion(2)
+    st.persistence(homology_coeff_field=2, persistence_dim_max=True)
+    h1 = np.asarray(st.persistence_intervals_in_dimension(1)).reshape(-1, 2)
+    return -float(h1[:, 0].min()) if len(h1) else None
+
+
+def _pairs_map(m: int, steps: list[list[tuple[int, int]]], seed: int = 0) -> np.ndarray:
+    """Map whose step k (0-based) is the tied group steps[k]: S = 1000 − k there; every
+    other entry (incl. the lower side of listed pairs) is noise in [0, 1); diagonal 2000."""
+    U = np.random.default_rng(seed).random((m, m))
+    for k, group in enumerate(steps):
+        for i, j in group:
+            U[i, j] = 1000.0 - k
+    np.fill_diagonal(U, 2000.0)
+    return U
+
+
+def _late_cycle_steps(chords: int) -> list[list[tuple[int, int]]]:
+    """m = 12: star 0–1..10 (10 steps), `chords` pairs among 1..10 other than {1, 2}
+    (each closes a triangle with 0), {1, 11} (joins 11), then {2, 11}: 11 and 2 are
+    connected (11–1–0–2) and have no common neighbour, so the cycle 11-1-0-2 appears."""
+    star = [[(0, k)] for k in range(1, 11)]
+    inner = [[(i, j)] for i in range(1, 11) for j in range(i + 1, 11) if (i, j) != (1, 2)]
+    return star + inner[:chords] + [[(1, 11)], [(2, 11)]]
+
+
+@pytest.mark.parametrize("chords, expected", [(39, 50), (40, 0)])
+def test_authors_births_after_50_are_none(chords: int, expected: int) -> None:
+    # t* = 10 + chords + 2; b = t* − 1 = 50 (kept) or 51 (> 50 → none); T = ⌈0.8·66⌉ = 53
+    steps = _late_cycle_steps(chords)
+    U = _pairs_map(12, steps)
+    assert _gudhi_first_h1(U) == 1000.0 - (len(steps) - 1)  # the construction holds
+    assert birth_times(U, convention="authors") == expected
+
+
+def _dense_cycle_steps(tie_first: bool) -> list[list[tuple[int, int]]]:
+    """m = 10, G = complement of two stars 0–{1..4}, 5–{6..9} (37 pairs). Star from 1 to
+    2..9 (8), the other pairs among 2..9 (24, each closes a triangle with 1), 0–6 (joins
+    0), 0–7, 0–8, 0–9 (common neighbour 6), last 0–5: 0 has neighbours {6..9}, 5 has
+    {1..4}, no common one → the first cycle appears only with the 37th pair."""
+    h = {(5, 6), (5, 7), (5, 8), (5, 9)}
+    star = [[(1, k)] for k in range(2, 10)]
+    inner = [[(i, j)] for i in range(2, 10) for j in range(i + 1, 10) if (i, j) not in h]
+    steps = star + inner + [[(0, 6)], [(0, 7)], [(0, 8)], [(0, 9)], [(0, 5)]]
+    return ([steps[0] + steps[1]] + steps[2:]) if tie_first else steps
+
+
+@pytest.mark.parametrize("tie_first, expected", [(False, 0), (True, 35)])
+def test_authors_step_limit_cuts_late_dense_cycles(tie_first: bool, expected: int) -> None:
+    # T = ⌈0.8·45⌉ = 36. Distinct values: t* = 37 > T → none (b = 36 ≤ 50, so only T cuts).
+    # Tying the first two pairs (both safe) makes t* = 36 = T → b = 35.
+    assert authors_step_limit(10) == 36 == math.ceil(0.8 * 45)
+    steps = _dense_cycle_steps(tie_first)
+    U = _pairs_map(10, steps, seed=1)
+    assert _gudhi_first_h1(U) == 1000.0 - (len(steps) - 1)
+    assert birth_times(U, convention="authors") == expected
+    assert birth_times(U) > 0  # the paper convention has no such cap
+
+
+def test_authors_births_match_gudhi_distinct_counts() -> None:
+    """b = #{distinct off-diagonal S > gudhi's w*}, with the caps applied independently."""
+    rng = np.random.default_rng(11)
+    seen = {"kept": 0, "late": 0, "step one": 0, "none": 0}
+    cases = [(int(rng.integers(4, 41)), KINDS[k % len(KINDS)]) for k in range(252)]
+    # a tree block on m vertices, if it has a cycle, is born at b = m − 1: around the cap
+    cases += [(int(rng.integers(48, 60)), ("tree_block", "blobs")[k % 2]) for k in range(24)]
+    for m, kind in cases:
+        U = random_map(rng, m, kind)
+        w = _gudhi_first_h1(U)
+        sym = np.maximum(U, U.T)[~np.eye(m, dtype=bool)]
+        b = 0 if w is None else np.unique(sym[sym > w]).size
+        limit = math.ceil(0.8 * m * (m - 1) / 2)
+        case = ("none" if w is None else "step one" if b == 0 else "late" if b > 50
+                else "cut" if b + 1 > limit else "kept")
+        seen[case] = seen.get(case, 0) + 1
+        expected = b if case == "kept" else 0
+        assert birth_times(U, convention="authors") == expected, (case, U.tolist())
+    assert min(seen.values()) > 0, seen  # every regime was exercised
+
+
+def test_authors_batched_equals_one_by_one() -> None:
+    rng = np.random.default_rng(12)
+    maps = np.stack([random_map(rng, 16, KINDS[k % len(KINDS)]) for k in range(56)])
+    maps = maps.astype(np.float64)
+    batched = birth_times(maps.reshape(4, 14, 16, 16), convention="authors")
+    assert batched.shape == (4, 14)
+    one = [int(birth_times(U, convention="authors")) for U in maps]
+    assert batched.ravel().tolist() == one
+    assert np.array_equal(birth_times(torch.from_numpy(maps), convention="authors"), one)
+
+
+def test_reference_is_a_deprecated_alias_of_authors() -> None:
+    rng = np.random.default_rng(13)
+    maps = rng.random((5, 9, 9))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = birth_times(maps, convention="reference")
+    assert [w.category for w in caught] == [FutureWarning]
+    assert "authors" in str(caught[0].message) and "\n" not in str(caught[0].message)
+    assert np.array_equal(got, birth_times(maps, convention="authors"))
+    assert CONVENTIONS == ("paper", "authors")
+    with pytest.raises(ValueError, match="unknown convention"):
+        resolve_convention("Authors")
 
 
 def test_betti_curve_characterisations() -> None:

@@ -5,6 +5,9 @@ Fast exact engine (numba, compiled on first call):
 - :func:`birth_times` — birth time b(U) of the first Betti curve for every map,
   0 = no birth, higher = the cycle appears later in the filtration.
 - :func:`birth_thresholds` — the activation value w* at which the first cycle appears.
+- ``CONVENTIONS`` — ("paper", "authors"): how w* is turned into a step (see
+  :mod:`scoring.topology.births`); :func:`resolve_convention` checks a name ("reference" is
+  a deprecated alias of "authors").
 
 Slow full-persistence tools (gudhi), for tests, benchmarks and paper Table 5 / A.2:
 :func:`gudhi_birth_time`, :func:`betti1_curve`, :func:`betti1_max`,
@@ -14,7 +17,14 @@ Slow full-persistence tools (gudhi), for tests, benchmarks and paper Table 5 / A
 from __future__ import annotations
 
 from scoring.topology.maps import as_maps
-from scoring.topology.births import CONVENTIONS, birth_thresholds, birth_times
+from scoring.topology.births import (
+    AUTHORS_MAX_BIRTH,
+    CONVENTIONS,
+    authors_step_limit,
+    birth_thresholds,
+    birth_times,
+    resolve_convention,
+)
 from scoring.topology.persistence import (
     betti1_curve,
     betti1_integral,
@@ -24,8 +34,10 @@ from scoring.topology.persistence import (
 )
 
 __all__ = [
+    "AUTHORS_MAX_BIRTH",
     "CONVENTIONS",
     "as_maps",
+    "authors_step_limit",
     "betti1_curve",
     "betti1_integral",
     "betti1_max",
@@ -33,4 +45,5 @@ __all__ = [
     "birth_times",
     "cubical_birth_times",
     "gudhi_birth_time",
+    "resolve_convention",
 ]
