@@ -94,13 +94,18 @@ class EmbeddedVGG(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """torchvision VGG initialisation (Kaiming conv, unit BN, small normal linear)."""
+        """torchvision VGG initialisation (Kaiming conv, unit BN, small normal linear); without
+        BatchNorm the linear layers are Kaiming too (a small normal leaves the plain net stuck at chance)."""
+        plain = not any(isinstance(m, nn.BatchNorm2d) for m in self.modules())
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear) and plain:
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0, 0.01)
