@@ -1,15 +1,23 @@
 """Inference speed of a model before and after pruning, measured in one run.
 
 `python -m benchmarks.speed --model vgg16 --ratio 0.5 [--device cuda] [--amp] [--channels-last] [--json PATH]`
+`python -m benchmarks.speed --model vgg16 --ratio 0.5 --runtime onnxruntime [--threads 1]`
 
 Random weights (the speed does not depend on them); channels chosen by the weight-only `l1`
 scorer through the main job's selection and surgery. Timing: `--warmup` batches, then
 `--iters` synchronised batches, alternating unpruned/pruned `--repeats` times, best taken.
+
+`--runtime onnxruntime` (CPU): in the same process, with the same batch and threads, times
+each model in eager PyTorch (NCHW), eager channels-last, and ONNX Runtime (the graph
+`--export onnx` writes: opset 17, CPUExecutionProvider, all graph optimisations), and
+prints the pruned/unpruned speedup of each runtime and each runtime's speed over eager NCHW.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from pathlib import Path
 
 import torch
@@ -20,7 +28,7 @@ from prune.pipeline.counting import count_cost
 from prune.outputs.files import write_json
 from prune.zoo.models import ModelSpec, build_model
 from prune.pipeline.selection import select_and_prune
-from prune.pipeline.speed import measure_throughput
+from prune.pipeline.speed import Throughput, measure_throughput
 from prune.pipeline.surgery import Surgeon
 
 
@@ -49,8 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=None, help="default: 3 on CPU, 30 on CUDA")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="onnxruntime: also time both models in ONNX Runtime beside eager NCHW and channels-last (CPU)")
     p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/speed-<model>-r<ratio>-<device>.json")
     args = p.parse_args(argv)
+    if args.runtime == "onnxruntime" and (args.device != "cpu" or args.amp):
+        p.error("--runtime onnxruntime measures float32 on the CPU: drop --device and --amp")
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
@@ -58,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     iters = args.iters or (30 if cuda else 3)
     unpruned, pruned = pruned_pair(args.model, args.ratio, args.input_size, args.rounding)
     flops = {k: count_cost(m, input_size=args.input_size).flops for k, m in (("unpruned", unpruned), ("pruned", pruned))}
+    if args.runtime == "onnxruntime":
+        return compare_runtimes(args, {"unpruned": unpruned, "pruned": pruned}, flops, batch=batch, iters=iters)
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for key, model in (("unpruned", unpruned), ("pruned", pruned)):
@@ -87,6 +101,80 @@ def main(argv: list[str] | None = None) -> int:
     device_tag = "cuda" if cuda else "cpu"
     suffix = ("-amp" if args.amp else "") + ("-cl" if args.channels_last else "")
     write_json(args.json or RESULTS / f"speed-{args.model}-r{args.ratio:g}-{device_tag}{suffix}.json", result)
+    return 0
+
+
+def onnxruntime_throughput(graph: bytes, *, input_size: int, batch_size: int, warmup: int, iters: int) -> Throughput:
+    """Images per second of an ONNX `graph` in ONNX Runtime (CPU, torch's thread count) on random inputs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    x = {"images": torch.randn(batch_size, 3, input_size, input_size).numpy()}
+    for _ in range(warmup):
+        session.run(None, x)
+    start = time.perf_counter()
+    for _ in range(iters):
+        session.run(None, x)
+    elapsed = time.perf_counter() - start
+    return Throughput(img_per_s=batch_size * iters / elapsed, device="cpu (onnxruntime)", batch_size=batch_size,
+                      dtype="float32", threads=torch.get_num_threads(), warmup=warmup, iters=iters, channels_last=False)
+
+
+def compare_runtimes(args: argparse.Namespace, models: dict, flops: dict, *, batch: int, iters: int) -> int:
+    """Unpruned vs pruned in eager NCHW, eager channels-last and ONNX Runtime, one process; JSON + ratios."""
+    import onnxruntime
+
+    from prune.outputs.export import OPSET, onnx_bytes, require_onnx
+
+    require_onnx()
+    graphs = {k: onnx_bytes(m, input_size=args.input_size) for k, m in models.items()}
+    load_before = os.getloadavg()
+    timers = {
+        "eager": lambda k: measure_throughput(models[k], input_size=args.input_size, batch_size=batch,
+                                              warmup=args.warmup, iters=iters),
+        "eager_channels_last": lambda k: measure_throughput(models[k], input_size=args.input_size, batch_size=batch,
+                                                            channels_last=True, warmup=args.warmup, iters=iters),
+        "onnxruntime": lambda k: onnxruntime_throughput(graphs[k], input_size=args.input_size, batch_size=batch,
+                                                        warmup=args.warmup, iters=iters),
+    }
+    best: dict[str, dict[str, dict]] = {r: {} for r in timers}
+    started = time.perf_counter()
+    for _ in range(args.repeats):
+        for key in models:
+            for runtime, timer in timers.items():
+                t = timer(key).as_dict()
+                if key not in best[runtime] or t["img_per_s"] > best[runtime][key]["img_per_s"]:
+                    best[runtime][key] = {**t, "flops": flops[key]}
+    for runtime in best.values():
+        runtime["speedup"] = runtime["pruned"]["img_per_s"] / runtime["unpruned"]["img_per_s"]
+    over_eager = {r: {k: best[r][k]["img_per_s"] / best["eager"][k]["img_per_s"] for k in models} for r in best}
+    result = {
+        "model": args.model,
+        "ratio": args.ratio,
+        "rounding": args.rounding,
+        "input_size": args.input_size,
+        "runtimes": best,
+        "over_eager_nchw": over_eager,
+        "flops_ratio": flops["unpruned"] / flops["pruned"],
+        "settings": {"batch_size": batch, "threads": torch.get_num_threads(), "warmup": args.warmup, "iters": iters,
+                     "repeats": args.repeats, "opset": OPSET, "onnxruntime": onnxruntime.__version__,
+                     "providers": ["CPUExecutionProvider"]},
+        "measured_seconds": round(time.perf_counter() - started, 1),
+        "load_average_1_5_15": {"before": [round(v, 2) for v in load_before],
+                                "after": [round(v, 2) for v in os.getloadavg()]},
+        "machine": machine(),
+    }
+    for runtime, r in best.items():
+        print(f"{runtime:20s} unpruned {r['unpruned']['img_per_s']:7.2f} img/s  pruned {r['pruned']['img_per_s']:7.2f} img/s  "
+              f"speedup {r['speedup']:.2f}x  (vs eager NCHW: unpruned {over_eager[runtime]['unpruned']:.2f}x, "
+              f"pruned {over_eager[runtime]['pruned']:.2f}x)")
+    print(f"{args.model} r={args.ratio}, batch {batch}, {torch.get_num_threads()} threads, FLOPs ratio "
+          f"{result['flops_ratio']:.2f}x, onnxruntime {onnxruntime.__version__}, opset {OPSET}")
+    write_json(args.json or RESULTS / f"speed-{args.model}-r{args.ratio:g}-cpu-onnxruntime.json", result)
     return 0
 
 

@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default=DEFAULTS.device, help="cpu, cuda or cuda:N")
     a("--seed", type=int, default=DEFAULTS.seed, help="seed for class/image choice, scorers and fine-tuning")
     a("--out", type=Path, default=None, help="output folder (default: runs/<model>-<scorer>-r<ratio>)")
+    a("--export", choices=("onnx",), default=None,
+      help="also write the pruned model as <out>/model.onnx (opset 17, dynamic batch; needs pip install \"topoprune[export]\")")
     a("--overwrite", action="store_true", help="replace an --out folder that holds a different run")
     a("--quiet", action="store_true", help="no progress bars")
     return p
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or default_out(config)
             from prune.pipeline.run import run
 
-            report = run(config, out=out, overwrite=args.overwrite, quiet=args.quiet)
+            report = run(config, out=out, overwrite=args.overwrite, quiet=args.quiet, export=args.export)
     except (UsageError, FileNotFoundError) as exc:
         if _is_main_process():
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -23,6 +23,7 @@ from finetune.train import FinetuneConfig, finetune
 from prune.version import __version__
 from prune.pipeline import distributed
 from prune.outputs.checkpoint import read_checkpoint, save_pruned
+from prune.outputs.export import check_export, export_onnx
 from prune.config import PruneConfig
 from prune.pipeline.counting import count_cost
 from prune.zoo.data import DataBundle, check_scoring_images, choose_classes, class_images, load_data, make_loader
@@ -279,15 +280,18 @@ def _claim(out: Path, config: PruneConfig, overwrite: bool, world: distributed.W
     return (result if isinstance(result, Claim) else None), bool(shared)
 
 
-def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool = False) -> dict:
+def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool = False,
+        export: str | None = None) -> dict:
     """Run the main job and write its outputs into `out`; returns the report dict.
 
     Bad input raises UsageError before `out` is touched, or (found later, e.g. NaN units in
     a deeper layer) after undoing this run's changes to `out`. Started by torchrun, every
     process runs this: scoring is split by class, fine-tuning uses DDP, rank 0 writes every
-    file and returns the report (other ranks return an empty dict).
+    file and returns the report (other ranks return an empty dict). `export="onnx"` also
+    writes `out/model.onnx` (an output option: not part of the settings that decide the result).
     """
     validate(config)
+    check_export(export)
     device = resolve_device(config.device)
     if distributed.env_world().is_main:  # refuse a foreign --out before loading anything
         check_out(Path(out), config.fingerprint(), overwrite=overwrite, processes=distributed.env_world().size)
@@ -295,14 +299,14 @@ def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool 
     world = distributed.init(device)
     try:
         return _run(config, Path(out), overwrite, quiet or not world.is_main, world,
-                    distributed.local_device(device, world))
+                    distributed.local_device(device, world), export)
     finally:
         if joined:
             distributed.shutdown()
 
 
 def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: distributed.World,
-         device: torch.device) -> dict:
+         device: torch.device, export: str | None = None) -> dict:
     timings: dict[str, float] = {}
     torch.manual_seed(config.seed)
     with _timed(timings, "load"):
@@ -312,7 +316,7 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
                       "remove or replace them", UnreadableImages, stacklevel=2)
     claimed, resume = _claim(out, config, overwrite, world)
     try:
-        report = _job(config, loaded, out, resume, quiet, world, device, timings)
+        report = _job(config, loaded, out, resume, quiet, world, device, timings, export)
     except UsageError:
         if claimed is not None:
             claimed.rollback()
@@ -323,7 +327,7 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
 
 
 def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bool, world: distributed.World,
-         device: torch.device, timings: dict[str, float]) -> dict:
+         device: torch.device, timings: dict[str, float], export: str | None = None) -> dict:
     """Measure, select and prune, fine-tune, measure, save (files by rank 0 only)."""
     data, model, surgeon = loaded.data, loaded.model, loaded.surgeon
     before = None
@@ -362,6 +366,8 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
         after = measure(model, data, config, device, quiet)
     spec = ModelSpec(config.model, len(data.classes))
     save_pruned(out / "model.pt", model, spec=spec, history=surgeon.history(), input_size=data.input_size)
+    if export == "onnx":
+        export_onnx(model, out / "model.onnx", input_size=data.input_size)
     write_json(out / "scores.json", {d.name: [float(s) for s in d.scores] for d in decisions})
     report = {
         "settings": config.as_dict(),

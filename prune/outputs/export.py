@@ -1,0 +1,97 @@
+"""Deployable output: the pruned model as ONNX (`--export onnx` writes `<out>/model.onnx`).
+
+Opset 17 (ONNX 1.12+, ONNX Runtime 1.13+, TensorRT 8.6+; the first opset with
+LayerNormalization, which ConvNeXt-style models need). The graph takes `images`
+[batch, 3, s, s] float32 (normalised as for the PyTorch model) and returns `logits`
+[batch, classes]; the batch axis is dynamic. The file is made with torch's TorchScript-based
+exporter (`dynamo=False`): the torch.export-based one would add onnxscript to the
+dependencies. Before the file is written, ONNX Runtime runs it once on a seeded batch of
+2 and its logits are compared with PyTorch's, so a file that does not reproduce the model is
+never written.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+from torch import nn
+
+from prune.errors import UsageError
+from prune.outputs.files import write_bytes
+
+OPSET = 17
+FORMATS = ("onnx",)
+INSTALL_HINT = 'pip install "topoprune[export]"'
+
+
+def require_onnx() -> tuple[ModuleType, ModuleType]:
+    """(onnx, onnxruntime), or UsageError naming the install command if either is missing."""
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError as exc:
+        raise UsageError(f"--export onnx needs onnx and onnxruntime ({exc.name} is missing); {INSTALL_HINT}") from None
+    return onnx, onnxruntime
+
+
+def check_export(fmt: str | None) -> None:
+    """UsageError, before any work, for an unknown export format or a missing exporter."""
+    if fmt is None:
+        return
+    if fmt not in FORMATS:
+        raise UsageError(f"--export {fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+    require_onnx()
+
+
+def onnx_bytes(model: nn.Module, *, input_size: int, opset: int = OPSET) -> bytes:
+    """`model` (eval mode) as a serialised ONNX graph: images [batch, 3, s, s] → logits [batch, K]."""
+    device = next(model.parameters()).device
+    example = torch.zeros(1, 3, input_size, input_size, device=device)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        )
+    return buffer.getvalue()
+
+
+def onnxruntime_logits(graph: bytes, images: torch.Tensor) -> np.ndarray:
+    """Logits [n, K] of the ONNX `graph` for `images` [n, 3, s, s] in ONNX Runtime on CPU."""
+    _, ort = require_onnx()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"images": images.detach().cpu().float().numpy()})[0]
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, path: Path, *, input_size: int, opset: int = OPSET) -> Path:
+    """Write `model` to `path` as ONNX (atomically, temp file then rename) and return `path`.
+
+    The graph is checked with `onnx.checker` and run in ONNX Runtime on a seeded batch of 2;
+    logits that differ from PyTorch's by more than 1e-4 + 1e-3·|logit| raise RuntimeError
+    (nothing is written).
+    """
+    onnx, _ = require_onnx()
+    graph = onnx_bytes(model, input_size=input_size, opset=opset)
+    onnx.checker.check_model(onnx.load_from_string(graph))
+    images = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    expected = model(images.to(next(model.parameters()).device)).float().cpu().numpy()
+    got = onnxruntime_logits(graph, images)
+    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
+        raise RuntimeError(f"the ONNX export of the model does not reproduce its logits; {path} not written")
+    write_bytes(Path(path), graph)
+    return Path(path)

@@ -1,0 +1,167 @@
+"""Any registered scorer as a torch-pruning importance (`tp.importance.Importance`).
+
+    imp = prune.as_tp_importance("entropy", images=x, labels=y)
+    pruner = tp.pruner.MetaPruner(model, example, importance=imp, pruning_ratio=0.5, iterative_steps=2)
+    pruner.step()
+
+For a group, every `nn.Conv2d` whose OUTPUT channels the group prunes (plain, grouped or
+depthwise) is scored by the scorer on the model as it is at that call (units collected
+afresh, after earlier steps' pruning); the group's score is the mean of its members'
+scores (as the toolkit scores a residual group), one value per index of the group's root,
+higher = keep. A group without such a conv (e.g. rooted at a Linear, or a ConvNeXt MLP) is
+left to torch-pruning as unscorable: `__call__` returns None and MetaPruner skips it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import scoring
+from prune.errors import UsageError
+from prune.pipeline.selection import ScoringData, score_group
+from prune.pipeline.surgery import PrunableGroup
+from prune.zoo.data import DataBundle
+
+NORMALIZERS = (None, "mean", "max", "standardize")
+_CONV_OUT = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels)
+_EPS = 1e-12
+
+
+def normalize_scores(scores: torch.Tensor, how: str | None) -> torch.Tensor:
+    """Order-preserving rescaling of one group's scores [C] (higher = keep stays higher).
+
+    None: unchanged. "mean": s / mean|s|. "max": s / max|s|. "standardize": (s − mean) / std.
+    Dividing by |·| keeps the order for negative scores (entropy's −H) too.
+    """
+    s = scores.double()
+    if how is None:
+        out = s
+    elif how == "mean":
+        out = s / s.abs().mean().clamp_min(_EPS)
+    elif how == "max":
+        out = s / s.abs().max().clamp_min(_EPS)
+    elif how == "standardize":
+        std = s.std(unbiased=False) if len(s) > 1 else s.new_zeros(())
+        out = (s - s.mean()) / std.clamp_min(_EPS)
+    else:
+        raise UsageError(f"normalize={how!r} is unknown; use one of {NORMALIZERS}")
+    return out.float()
+
+
+def _scoring_source(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> ScoringData:
+    """A ScoringData over in-memory `images` [N, 3, H, W] and `labels` [N].
+
+    Every class contributes the same number n of images (the count of its smallest class;
+    larger classes give a seeded choice of n), as feature entropy's ln N rule assumes one N.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise UsageError(f"images must be [N, 3, H, W]; got shape {tuple(images.shape)}")
+    labels = torch.as_tensor(labels).reshape(-1).long()
+    if len(labels) != len(images):
+        raise UsageError(f"{len(images)} images but {len(labels)} labels; pass one label per image")
+    if len(labels) == 0 or int(labels.min()) < 0:
+        raise UsageError("labels must be non-negative class indices, at least one image")
+    classes = sorted(set(labels.tolist()))
+    per_class = min(int((labels == c).sum()) for c in classes)
+    data = DataBundle(
+        train=TensorDataset(images.detach().float().cpu(), labels),
+        val=TensorDataset(images[:0], labels[:0]),
+        classes=tuple(str(c) for c in range(int(labels.max()) + 1)),
+        train_targets=tuple(labels.tolist()),
+        input_size=int(images.shape[-1]),
+    )
+    return ScoringData(data=data, classes=classes, per_class=per_class, seed=0, batch_size=batch_size)
+
+
+class ScorerImportance(tp.importance.Importance):
+    """A registered scorer answering torch-pruning's `importance(group) -> [len(group[0].idxs)]`.
+
+    The group's model is `group._DG.model` (the graph the pruner built). The model is scored
+    in eval mode (BatchNorm statistics untouched) and its train/eval flags are restored.
+    """
+
+    def __init__(self, scorer: scoring.Scorer, source: ScoringData | None, normalize: str | None) -> None:
+        if normalize not in NORMALIZERS:
+            raise UsageError(f"normalize={normalize!r} is unknown; use one of {NORMALIZERS}")
+        self.scorer = scorer
+        self.source = source
+        self.normalize = normalize
+
+    @staticmethod
+    def members(group: tp.dependency.Group) -> list[tuple[nn.Conv2d, list[int], list[int]]]:
+        """(conv, its idxs, the matching root idxs) of each conv whose output channels `group` prunes."""
+        found = []
+        for item in group:
+            module = item.dep.target.module
+            if isinstance(module, nn.Conv2d) and item.dep.handler in _CONV_OUT:
+                found.append((module, list(item.idxs), list(item.root_idxs)))
+        return found
+
+    @torch.no_grad()
+    def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
+        members = self.members(group)
+        if not members:
+            return None
+        model = group._DG.model
+        names = {m: n for n, m in model.named_modules()}
+        position = {int(r): k for k, r in enumerate(group[0].idxs)}
+        total = torch.zeros(len(position), dtype=torch.float64)
+        count = torch.zeros(len(position), dtype=torch.float64)
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            for conv, idxs, root_idxs in members:
+                one = PrunableGroup(names=(names[conv],), convs=(conv,))
+                scores = score_group(model, one, self.scorer, self.source).double()
+                for i, r in zip(idxs, root_idxs):
+                    if r is not None and int(r) in position:
+                        total[position[int(r)]] += scores[i]
+                        count[position[int(r)]] += 1
+        finally:
+            for m, training in modes.items():
+                m.training = training
+        return normalize_scores(total / count.clamp_min(1), self.normalize)
+
+
+def as_tp_importance(
+    name: str,
+    *,
+    images: torch.Tensor | None,
+    labels: torch.Tensor | Sequence[int] | None,
+    normalize: str | None = "standardize",
+    batch_size: int = 128,
+    **options,
+) -> ScorerImportance:
+    """Registered scorer `name` as a torch-pruning importance; higher = keep.
+
+    images [N, 3, H, W] (as the model takes them) and labels [N] (class indices) feed the
+    data-driven scorers; weight scorers (l1, fpgm, random) accept None for both. `options`
+    go to `scoring.create(name, **options)` (e.g. p=0.1 for entropy).
+
+    normalize (per group, order-preserving): None | "mean" | "max" | "standardize" (default).
+    Within a group it never changes which channels are lowest, so local pruning (MetaPruner's
+    default) is the same for every choice. It matters for `global_pruning=True`, where scores
+    of different layers are ranked together and raw values are rarely comparable: entropy is
+    in nats, bounded by ln N and shaped by the map size m (deep 2×2 maps have no births at
+    all); l1 grows with fan-in (C_in·k²); fpgm with the layer's width; apoz and selectivity
+    lie in [0, 1] but their spread differs by depth; random has no scale. "standardize" puts
+    every group at mean 0, std 1 (a z-score), meaningful for any scorer and sign; None keeps
+    the scorer's raw values (use it for local pruning or to compare with the scorer itself).
+    """
+    try:
+        scorer = scoring.create(name, **options)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    source = None
+    if images is not None or labels is not None:
+        if images is None or labels is None:
+            raise UsageError("pass both images= and labels= (or neither, for a weight scorer)")
+        source = _scoring_source(images, torch.as_tensor(labels), batch_size)
+    elif scorer.info.needs_data:
+        raise UsageError(f"scorer {name!r} needs data: pass images=[N, 3, H, W] and labels=[N]")
+    return ScorerImportance(scorer, source, normalize)
