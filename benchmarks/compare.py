@@ -1,139 +1,328 @@
-"""Every scorer through the same pipeline and budget: accuracy before and after fine-tuning.
+"""Every scorer through the same pipeline and budget, on several testbeds, with enough seeds to rank.
 
-`python -m benchmarks.compare --ratio 0.5 --seeds 3 [--model …] [--data …] [--scorers …] [--json PATH]`
+    python -m benchmarks.compare                    # full: both embedded testbeds, ≥ 10 seeds, N = 100
+    python -m benchmarks.compare --preset quick     # a smoke run (2 seeds, N = 5, no fine-tune epochs)
 
-For each scorer and seed, the main job runs unchanged (progressive selection, torch-pruning
-surgery, the paper's fine-tuning schedule). Reported: top-1 right after pruning and after
-fine-tuning, mean ± 95% t-interval over seeds, plus params and FLOPs. Writes JSON, a
-Markdown table and a PNG bar plot under benchmarks/results/.
+For each testbed (`embedded`: VGG with BatchNorm, last maps 8x8; `embedded-plain`: VGG without
+BatchNorm, last maps 16x16, the paper's setting), each arm (a scorer with its options) and each
+seed, the main job runs unchanged: progressive selection with BatchNorm re-estimated after each
+layer, torch-pruning surgery, the paper's fine-tuning schedule. A seed changes the scoring
+images, every scorer's own draws and the fine-tuning order; the same seed gives every arm the
+same images and order, so differences between arms are **paired** by seed.
+
+Reported per testbed and arm: mean and 95% t-interval of top-1 right after pruning, after
+pruning with BatchNorm statistics re-estimated (no fine-tune), and after fine-tuning; and the
+paired difference of fine-tuned top-1 against `random` and against `l1`. Seeds are added to a
+testbed (for every arm, to keep the pairing) until every arm's fine-tuned half-width is at most
+`--target-halfwidth`, or `--max-seeds` is reached.
+
+One JSON file per run under benchmarks/results/compare/<testbed>/; finished runs are skipped on
+restart. The summary goes to benchmarks/results/compare.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import statistics
 import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
 from pathlib import Path
 
-import matplotlib
+from benchmarks.common import RESULTS, machine, markdown_table
+from prune.config import PruneConfig
+from prune.outputs.files import write_json, write_text
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-import scoring  # noqa: E402
-from benchmarks.common import RESULTS, machine, markdown_table  # noqa: E402
-from prune.config import PruneConfig  # noqa: E402
-from prune.outputs.files import write_json, write_text  # noqa: E402
-from prune.pipeline.run import run  # noqa: E402
+@dataclass(frozen=True)
+class Arm:
+    """A scorer with its options, as compared."""
 
-# Two-sided 95% Student-t quantiles for n-1 degrees of freedom (n = number of seeds).
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+    name: str
+    scorer: str
+    options: tuple[tuple[str, object], ...] = ()
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("entropy", "entropy"),
+    Arm("entropy-authors", "entropy", (("convention", "authors"),)),
+    Arm("l1", "l1"),
+    Arm("fpgm", "fpgm"),
+    Arm("apoz", "apoz"),
+    Arm("selectivity", "selectivity"),
+    Arm("nisp", "nisp"),
+    Arm("random", "random"),
+)
+BASELINES = ("random", "l1")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the comparison runs (frozen; `quick` and `full` presets below)."""
+
+    testbeds: tuple[str, ...] = ("embedded", "embedded-plain")
+    arms: tuple[str, ...] = tuple(a.name for a in ARMS)
+    ratio: float = 0.5
+    samples_per_class: int = 100
+    epochs: int = 3
+    seeds: int = 10
+    max_seeds: int = 30
+    target_halfwidth: float = 0.03
+    jobs: int = 2
+    results: Path = RESULTS
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.results / "compare"
+
+
+PRESETS = {
+    "full": Settings(),
+    "quick": Settings(samples_per_class=5, epochs=0, seeds=2, max_seeds=2, jobs=1),
+}
+
+
+def t95(n: int) -> float:
+    """Two-sided 95% Student-t quantile for a mean of n values (n - 1 degrees of freedom)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval (0 for a single value)."""
+    """Mean and half-width of its 95% t-interval (inf for fewer than two values)."""
     m = statistics.fmean(values)
     if len(values) < 2:
-        return m, 0.0
-    t = _T95.get(len(values) - 1, 1.96)
-    return m, t * statistics.stdev(values) / math.sqrt(len(values))
+        return m, math.inf
+    return m, t95(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def run_one(base: PruneConfig, scorer: str, seed: int) -> dict:
-    """One pruning run; returns the numbers the comparison needs."""
-    config = PruneConfig(**{**base.as_dict(), "scorer": scorer, "seed": seed})
+def removed_digest(layers: list[dict]) -> str:
+    """sha256 of the removed channel indices of every layer, in layer order."""
+    text = json.dumps([[layer["name"], layer["removed"]] for layer in layers])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_path(settings: Settings, testbed: str, arm: str, seed: int) -> Path:
+    return settings.runs_dir / testbed / f"{arm}-s{seed:03d}.json"
+
+
+def run_one(settings: Settings, testbed: str, arm_name: str, seed: int) -> dict:
+    """One main job on one thread; writes and returns its result entry."""
+    import torch
+
+    from prune.pipeline.run import run
+
+    torch.set_num_threads(1)
+    arm = next(a for a in ARMS if a.name == arm_name)
+    config = PruneConfig(
+        model=testbed, ratio=settings.ratio, scorer=arm.scorer, scorer_options=arm.options,
+        samples_per_class=settings.samples_per_class, epochs=settings.epochs, finetune=settings.epochs > 0,
+        seed=seed,
+    )
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         report = run(config, out=Path(tmp) / "out", quiet=True)
-    return {
-        "scorer": scorer,
+    entry = {
+        "testbed": testbed,
+        "scorer": arm.name,
+        "scorer_options": dict(arm.options),
         "seed": seed,
+        "top1": report["after"]["top1"],
         "top1_pruned": report["pruned_before_finetune"]["top1"],
-        "top1_finetuned": report["after"]["top1"],
+        "top1_pruned_bn": report["pruned_bn_reestimated"]["top1"],
         "top1_unpruned": report["before"]["top1"],
+        "removed_sha256": removed_digest(report["layers"]),
+        "scoring_top1": [layer["scoring_top1"] for layer in report["layers"]],
+        "map_size": [layer["map_size"] for layer in report["layers"]],
         "params": report["after"]["params"],
         "flops": report["after"]["flops"],
-        "seconds": sum(report["timings"].values()),
+        "seconds": round(time.perf_counter() - start, 1),
+        "settings": config.as_dict(),
     }
+    write_json(run_path(settings, testbed, arm.name, seed), entry)
+    return entry
 
 
-def summarise(runs: list[dict], scorers: list[str]) -> list[dict]:
-    """One row per scorer: mean ± CI of the accuracies over seeds."""
+def load_runs(settings: Settings) -> list[dict]:
+    """Every finished run of the settings' testbeds and arms."""
+    runs = []
+    for testbed in settings.testbeds:
+        for arm in settings.arms:
+            for path in sorted((settings.runs_dir / testbed).glob(f"{arm}-s*.json")):
+                runs.append(json.loads(path.read_text()))
+    return runs
+
+
+def run_seeds(settings: Settings, seeds_by_testbed: dict[str, range]) -> None:
+    """Run every missing (testbed, arm, seed), `settings.jobs` processes at a time."""
+    todo = [
+        (testbed, arm, seed)
+        for testbed, seeds in seeds_by_testbed.items()
+        for seed in seeds
+        for arm in settings.arms
+        if not run_path(settings, testbed, arm, seed).exists()
+    ]
+    if not todo:
+        return
+    print(f"{len(todo)} runs to do", flush=True)
+    with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(run_one, settings, *job): job for job in todo}
+        for done, future in enumerate(futures, 1):
+            r = future.result()
+            print(f"[{done}/{len(todo)}] {r['testbed']:15s} {r['scorer']:16s} seed {r['seed']:2d}: pruned "
+                  f"{r['top1_pruned']:.4f}, BN re-estimated {r['top1_pruned_bn']:.4f}, fine-tuned {r['top1']:.4f} "
+                  f"({r['seconds']:.0f}s)", flush=True)
+
+
+def summarise(runs: list[dict], testbed: str, arms: tuple[str, ...]) -> list[dict]:
+    """One row per arm of `testbed`: mean and 95% half-width of each accuracy over seeds."""
     rows = []
-    for name in scorers:
-        mine = [r for r in runs if r["scorer"] == name]
-        pruned = mean_ci([r["top1_pruned"] for r in mine])
-        tuned = mean_ci([r["top1_finetuned"] for r in mine])
-        rows.append({
-            "scorer": name, "seeds": len(mine),
-            "top1_pruned": pruned[0], "top1_pruned_ci95": pruned[1],
-            "top1_finetuned": tuned[0], "top1_finetuned_ci95": tuned[1],
-            "params": mine[0]["params"], "flops": mine[0]["flops"],
-        })
+    for arm in arms:
+        mine = [r for r in runs if r["testbed"] == testbed and r["scorer"] == arm]
+        if not mine:
+            continue
+        row = {"testbed": testbed, "scorer": arm, "seeds": len(mine),
+               "distinct_selections": len({r["removed_sha256"] for r in mine})}
+        for key in ("top1_pruned", "top1_pruned_bn", "top1"):
+            row[key], row[f"{key}_hw95"] = mean_ci([r[key] for r in mine])
+        rows.append(row)
     return rows
 
 
-def table(rows: list[dict], unpruned: float) -> str:
-    body = [[r["scorer"], f"{r['top1_pruned']:.4f} ± {r['top1_pruned_ci95']:.4f}",
-             f"{r['top1_finetuned']:.4f} ± {r['top1_finetuned_ci95']:.4f}",
-             f"{r['params'] / 1e6:.3f}M", f"{r['flops'] / 1e6:.1f}M"] for r in rows]
-    text = markdown_table(["scorer", "top-1 pruned (no fine-tune)", "top-1 fine-tuned", "params", "FLOPs"], body)
-    return f"Unpruned top-1: {unpruned:.4f}\n\n{text}\n"
+def paired(runs: list[dict], testbed: str, arms: tuple[str, ...], baseline: str, key: str = "top1") -> list[dict]:
+    """Per arm: mean and 95% half-width of (arm − baseline) over the seeds both have run."""
+    base = {r["seed"]: r[key] for r in runs if r["testbed"] == testbed and r["scorer"] == baseline}
+    rows = []
+    for arm in arms:
+        if arm == baseline:
+            continue
+        diffs = [r[key] - base[r["seed"]] for r in runs
+                 if r["testbed"] == testbed and r["scorer"] == arm and r["seed"] in base]
+        if diffs:
+            mean, hw = mean_ci(diffs)
+            rows.append({"testbed": testbed, "scorer": arm, "baseline": baseline, "metric": key,
+                         "seeds": len(diffs), "mean": mean, "hw95": hw})
+    return rows
+
+
+def needs_more(rows: list[dict], target: float) -> bool:
+    return any(r["top1_hw95"] > target for r in rows)
+
+
+def fmt(mean: float, hw: float) -> str:
+    return f"{mean:.4f} ± {hw:.4f}"
+
+
+def table(rows: list[dict], diffs: list[dict]) -> str:
+    """Markdown: accuracies per arm, then the paired differences against each baseline."""
+    by = {(d["scorer"], d["baseline"]): d for d in diffs}
+
+    def diff(arm: str, baseline: str) -> str:
+        d = by.get((arm, baseline))
+        return "—" if d is None else f"{d['mean']:+.4f} ± {d['hw95']:.4f}"
+
+    body = [[r["scorer"], r["seeds"], fmt(r["top1_pruned"], r["top1_pruned_hw95"]),
+             fmt(r["top1_pruned_bn"], r["top1_pruned_bn_hw95"]), fmt(r["top1"], r["top1_hw95"]),
+             diff(r["scorer"], "random"), diff(r["scorer"], "l1")] for r in rows]
+    return markdown_table(
+        ["scorer", "seeds", "top-1 pruned", "pruned + BN re-estimated", "fine-tuned",
+         "fine-tuned − random (paired)", "fine-tuned − l1 (paired)"], body)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(8, 4))
-    x = range(len(rows))
-    w = 0.38
-    ax.bar([i - w / 2 for i in x], [r["top1_pruned"] for r in rows], w,
-           yerr=[r["top1_pruned_ci95"] for r in rows], label="pruned, no fine-tune", capsize=3)
-    ax.bar([i + w / 2 for i in x], [r["top1_finetuned"] for r in rows], w,
-           yerr=[r["top1_finetuned_ci95"] for r in rows], label="fine-tuned", capsize=3)
-    ax.set_xticks(list(x), [r["scorer"] for r in rows])
-    ax.set_ylabel("top-1 (mean ± 95% CI over seeds)")
-    ax.set_ylim(0, 1)
-    ax.legend(loc="lower right")
+    """Bars of the three accuracies per arm, one panel per testbed (mean ± 95% half-width)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    testbeds = list(dict.fromkeys(r["testbed"] for r in rows))
+    fig, axes = plt.subplots(1, len(testbeds), figsize=(7 * len(testbeds), 4), squeeze=False)
+    keys = (("top1_pruned", "pruned"), ("top1_pruned_bn", "pruned + BN re-estimated"), ("top1", "fine-tuned"))
+    for ax, testbed in zip(axes[0], testbeds):
+        mine = [r for r in rows if r["testbed"] == testbed]
+        w = 0.27
+        for k, (key, label) in enumerate(keys):
+            xs = [i + (k - 1) * w for i in range(len(mine))]
+            ax.bar(xs, [r[key] for r in mine], w, yerr=[r[f"{key}_hw95"] for r in mine], label=label, capsize=2)
+        ax.set_xticks(range(len(mine)), [r["scorer"] for r in mine], rotation=30, ha="right")
+        ax.set_title(testbed)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("top-1 (mean ± 95% CI over seeds)")
+    axes[0][0].legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        fig.savefig(Path(tmp) / path.name, dpi=110)
+        (Path(tmp) / path.name).replace(path)
     plt.close(fig)
-    tmp.replace(path)
+
+
+def report(settings: Settings) -> dict:
+    """Summaries of every finished run: writes compare.json, compare.md and compare.png."""
+    runs = load_runs(settings)
+    rows = [row for tb in settings.testbeds for row in summarise(runs, tb, settings.arms)]
+    diffs = [d for tb in settings.testbeds for b in BASELINES if b in settings.arms
+             for d in paired(runs, tb, settings.arms, b)]
+    unpruned = {tb: next((r["top1_unpruned"] for r in runs if r["testbed"] == tb), None) for tb in settings.testbeds}
+    text = [f"# Scorer comparison (ratio {settings.ratio}, N = {settings.samples_per_class} per class, all classes, "
+            f"{settings.epochs} fine-tuning epochs)", ""]
+    for tb in settings.testbeds:
+        text += [f"## {tb} (unpruned top-1 {unpruned[tb]})", "",
+                 table([r for r in rows if r["testbed"] == tb], [d for d in diffs if d["testbed"] == tb]), ""]
+    settings_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
+    summary = {"machine": machine(), "settings": settings_dict, "unpruned_top1": unpruned,
+               "rows": rows, "paired": diffs, "runs": runs}
+    settings.results.mkdir(parents=True, exist_ok=True)
+    write_json(settings.results / "compare.json", summary)
+    write_text(settings.results / "compare.md", "\n".join(text))
+    if rows:
+        plot(rows, settings.results / "compare.png")
+    print("\n".join(text))
+    return summary
+
+
+def compare(settings: Settings) -> dict:
+    """Run the missing runs, adding seeds per testbed until the target half-width holds."""
+    seeds = {tb: settings.seeds for tb in settings.testbeds}
+    while True:
+        run_seeds(settings, {tb: range(n) for tb, n in seeds.items()})
+        runs = load_runs(settings)
+        short = [tb for tb in settings.testbeds
+                 if needs_more(summarise(runs, tb, settings.arms), settings.target_halfwidth)
+                 and seeds[tb] < settings.max_seeds]
+        if not short:
+            return report(settings)
+        for tb in short:
+            seeds[tb] = min(settings.max_seeds, seeds[tb] + 2)
+        print(f"half-width above {settings.target_halfwidth} on {short}: seeds now {seeds}", flush=True)
+
+
+def parse(argv: list[str] | None) -> tuple[Settings, bool]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=tuple(PRESETS), default="full")
+    p.add_argument("--testbeds", nargs="+", default=None)
+    p.add_argument("--arms", nargs="+", default=None, choices=[a.name for a in ARMS])
+    p.add_argument("--seeds", type=int, default=None, help="seeds to start with per testbed")
+    p.add_argument("--max-seeds", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=None, help="parallel runs (one thread each)")
+    p.add_argument("--results", type=Path, default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--report-only", action="store_true", help="summarise the finished runs, run nothing")
+    args = p.parse_args(argv)
+    given = {"testbeds": args.testbeds and tuple(args.testbeds), "arms": args.arms and tuple(args.arms),
+             "seeds": args.seeds, "max_seeds": args.max_seeds, "jobs": args.jobs, "results": args.results}
+    settings = replace(PRESETS[args.preset], **{k: v for k, v in given.items() if v is not None})
+    return replace(settings, max_seeds=max(settings.max_seeds, settings.seeds)), args.report_only
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
-    p.add_argument("--ratio", type=float, default=0.5)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--scorers", nargs="+", default=None, help="default: every registered scorer")
-    p.add_argument("--model", default="embedded")
-    p.add_argument("--weights", default=None)
-    p.add_argument("--data", default=None)
-    p.add_argument("--classes", type=int, default=None)
-    p.add_argument("--samples-per-class", type=int, default=50)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--results-dir", type=Path, default=RESULTS)
-    p.add_argument("--json", type=Path, default=None, help="default: <results-dir>/compare.json")
-    args = p.parse_args(argv)
-    scorers = args.scorers or scoring.list_scorers()
-    base = PruneConfig(model=args.model, weights=args.weights, data=args.data, ratio=args.ratio,
-                       classes=args.classes, samples_per_class=args.samples_per_class, epochs=args.epochs)
-    runs = []
-    for seed in range(args.seeds):
-        for name in scorers:
-            runs.append(run_one(base, name, seed))
-            r = runs[-1]
-            print(f"seed {seed} {name:12s} pruned {r['top1_pruned']:.4f} fine-tuned {r['top1_finetuned']:.4f} "
-                  f"({r['seconds']:.0f}s)", flush=True)
-    rows = summarise(runs, scorers)
-    unpruned = runs[0]["top1_unpruned"]
-    text = table(rows, unpruned)
-    print(text)
-    out_json = args.json or args.results_dir / "compare.json"
-    write_json(out_json, {"machine": machine(), "settings": {**base.as_dict(), "seeds": args.seeds},
-                          "unpruned_top1": unpruned, "rows": rows, "runs": runs})
-    write_text(args.results_dir / "compare.md", f"# Scorer comparison (ratio {args.ratio}, {args.seeds} seeds)\n\n{text}")
-    plot(rows, args.results_dir / "compare.png")
+    settings, report_only = parse(argv)
+    (report if report_only else compare)(settings)
     return 0
 
 

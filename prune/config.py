@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-LAYER_BN_BATCHES = 10
+LAYER_BN_BATCHES = 5
 """Default training batches for re-estimating BatchNorm statistics after each layer's surgery."""
 
 

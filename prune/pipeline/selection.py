@@ -212,8 +212,10 @@ def select_and_prune(
     progressive: group l is scored on the network already pruned at groups < l (paper A.7.2).
     oneshot: every group is scored on the original network first, then all are pruned.
     `cache(i, group, compute)` may return stored scores instead of computing them (resume).
-    `refit()`, if given, runs after each group's surgery in the progressive schedule (e.g.
-    re-estimating BatchNorm statistics) so the next group is scored on a network that fits.
+    `refit()`, if given, runs after each group's surgery but the last in the progressive
+    schedule (e.g. re-estimating BatchNorm statistics), so the next group is scored on a
+    network that fits. (After the last group nothing is scored; in a plain chain its own
+    BatchNorm keeps exact statistics for the channels it keeps.)
     `source` may be None for weight-only scorers. With several processes (`world`), every
     process must call this with the same arguments; each scores its share of the classes
     and all end with the same decisions.
@@ -243,7 +245,7 @@ def select_and_prune(
             (m, top1), scores = observed(group), cache(i, group, compute(group))
         removed = lowest(scores, channels_to_remove(before, ratio, rule=rounding))
         surgeon.prune(group, removed)
-        if refit is not None and schedule == "progressive":
+        if refit is not None and schedule == "progressive" and i + 1 < len(groups):
             refit()
         decisions.append(LayerDecision(group.name, group.names, before, scores, removed, m, top1))
     return decisions
