@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -32,7 +30,7 @@ from benchmarks.common import RESULTS, machine, markdown_table
 from finetune.metrics import one_vs_rest_balanced_accuracy
 from prune.zoo.data import DataBundle, class_images, load_data, make_loader
 from prune.errors import UsageError
-from prune.outputs.files import write_json, write_text
+from prune.outputs.files import write_bytes, write_json, write_text
 from prune.zoo.models import load_model
 from prune.pipeline.observe import following_norm, collect_units
 
@@ -464,18 +462,6 @@ def stem(name: str, quick: bool) -> str:
     return f"{name}-quick" if quick else name
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_figure(fig: Any, path: Path) -> None:
     """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
@@ -484,7 +470,7 @@ def save_figure(fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    _write_bytes(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def new_figure(rows: int = 1, cols: int = 1, *, size: tuple[float, float] = (6.0, 4.0)) -> tuple[Any, Any]:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
+from prune.outputs.files import torch_save
 from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, EMBEDDED_WEIGHTS, EmbeddedVGG
 from prune.zoo.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
 
@@ -106,20 +105,6 @@ def train(*, data: TensorDataset, config: TrainConfig, quiet: bool = False) -> E
     return model.eval()
 
 
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    """torch.save to a temp file next to ``path``, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -168,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.use_deterministic_algorithms(deterministic)
     seconds = time.perf_counter() - start
     top1 = evaluate(model, test_set)
-    _save_atomic(model.state_dict(), args.out)
+    torch_save(args.out, model.state_dict())
     print(
         f"test top-1 {100 * top1:.2f}% on {len(test_set)} images; trained {args.epochs} epochs "
         f"on {len(train_set)} images in {seconds:.0f}s with {torch.get_num_threads()} threads; wrote {args.out}"
