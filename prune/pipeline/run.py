@@ -266,9 +266,10 @@ def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool 
     """
     validate(config)
     device = resolve_device(config.device)
-    if distributed.env_world().is_main:  # refuse a foreign --out before loading anything
-        check_out(Path(out), config.fingerprint(), overwrite=overwrite, processes=distributed.env_world().size)
-    joined = distributed.launched_by_torchrun() and not torch.distributed.is_initialized()
+    launched = distributed.env_world()
+    if launched.is_main:  # refuse a foreign --out before loading anything
+        check_out(Path(out), config.fingerprint(), overwrite=overwrite, processes=launched.size)
+    joined = launched.active and not torch.distributed.is_initialized()
     world = distributed.init(device)
     try:
         return _run(config, Path(out), overwrite, quiet or not world.is_main, world,
