@@ -21,6 +21,7 @@ from finetune.metrics import evaluate
 from finetune.train import FinetuneConfig, finetune
 from prune.version import __version__
 from prune.pipeline import distributed
+from prune.pipeline.hooks import forward_hooks
 from prune.outputs.checkpoint import read_checkpoint, save_pruned
 from prune.config import PruneConfig
 from prune.pipeline.counting import count_cost
@@ -183,12 +184,8 @@ def check_finite(model: nn.Module, images: torch.Tensor) -> None:
             bad.append(names[module])
 
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    handles = [m.register_forward_hook(hook) for m in convs]
-    try:
+    with forward_hooks(convs, hook):
         logits = model(images.to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
     if bad or not torch.isfinite(logits).all():
         where = f"layer {bad[0]}" if bad else "the output"
         raise UsageError(
