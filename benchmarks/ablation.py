@@ -26,53 +26,194 @@ averaged over the classes.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 import scoring
-from benchmarks._experiment import (
-    LayerTail,
+from benchmarks.common import (
+    ExperimentSettings,
     Setup,
-    ablation_masks,
     base_parser,
-    class_batch,
-    class_metrics,
-    find_conv,
     load_setup,
     markdown_table,
     new_figure,
-    per_class_count,
+    parse_settings,
+    positive_int,
     run_experiment,
-    score_layer,
     setup_info,
 )
+from benchmarks.layers import class_batch, find_conv, module_name, per_class_count, score_layer
+from finetune.metrics import class_metrics
+from prune.pipeline.hooks import forward_hooks
+from prune.pipeline.observe import following_norm
 
 ORDERS = ("ascending", "descending")
 METRICS = ("accuracy", "loss", "balanced_accuracy")
 NEEDS_ALL_CLASSES = frozenset({"selectivity"})
 
 
-def parse_args(argv: list[str] | None):
-    p = base_parser("ablation", __doc__)
-    p.add_argument("--layer", default=None, help="conv layer name (default: the last conv)")
-    p.add_argument("--scorers", default=None, help="comma-separated scorers (default: all registered)")
-    p.add_argument("--samples-per-class", type=int, default=None, help="training images per class for scoring (100; 20 quick)")
-    p.add_argument("--step", type=int, default=None, help="units zeroed per step (1; 4 quick)")
-    p.add_argument("--table-classes", type=int, default=None, help="first classes averaged in Table 11 (all; 3 quick)")
-    args = p.parse_args(argv)
-    names = scoring.list_scorers() if args.scorers is None else [s.strip() for s in args.scorers.split(",") if s.strip()]
+@dataclass(frozen=True)
+class Settings(ExperimentSettings):
+    """The ablation's work: `scorers` None = every registered scorer; `table_classes` None = all."""
+
+    layer: str | None = None
+    scorers: tuple[str, ...] | None = None
+    samples_per_class: int = 100
+    step: int = 1
+    table_classes: int | None = None
+
+
+FULL = Settings()
+QUICK = Settings(quick=True, samples_per_class=20, step=8, table_classes=3)
+
+
+def _scorer_names(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
     for name in names:
         try:
             scoring.scorer_info(name)
         except ValueError as exc:
-            p.error(str(exc))
-    args.scorer_names = names
-    args.samples_per_class = args.samples_per_class or (20 if args.quick else 100)
-    args.step = args.step or (8 if args.quick else 1)
-    args.table_classes = args.table_classes or (3 if args.quick else None)
-    return args
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return names
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    p = base_parser("ablation", __doc__)
+    p.add_argument("--layer", help="conv layer name (default: the last conv)")
+    p.add_argument("--scorers", type=_scorer_names, help="comma-separated scorers (default: all registered)")
+    p.add_argument("--samples-per-class", type=positive_int, help="training images per class for scoring (100; 20 quick)")
+    p.add_argument("--step", type=positive_int, help="units zeroed per step (1; 8 quick)")
+    p.add_argument("--table-classes", type=positive_int, help="first classes averaged in Table 11 (all; 3 quick)")
+    return parse_settings(p, argv, full=FULL, quick=QUICK)
+
+
+def scorer_names(s: Settings) -> list[str]:
+    """The scorers compared: `s.scorers`, or every registered one."""
+    return list(s.scorers) if s.scorers is not None else scoring.list_scorers()
+
+
+# ---------------------------------------------------------------- masking units
+
+
+def unit_module(model: nn.Module, conv: nn.Conv2d) -> nn.Module:
+    """The module whose output becomes the units after ReLU: the BN right after `conv`, or `conv`."""
+    norm = following_norm(model, conv)
+    return conv if norm is None else norm
+
+
+@contextmanager
+def channel_mask(module: nn.Module, mask: torch.Tensor) -> Iterator[None]:
+    """Multiply `module`'s output channels by `mask` [C] (0 = ablated) during the block."""
+
+    def hook(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out * mask.to(out.dtype).view(1, -1, *([1] * (out.ndim - 2)))
+
+    with forward_hooks([module], hook):
+        yield
+
+
+class _Stop(Exception):
+    pass
+
+
+def _tail_graph(model: nn.Module, name: str) -> nn.Module | None:
+    """The part of `model` after module `name`, as an fx GraphModule taking that module's
+    output; None when tracing fails or later layers also need earlier values (skips)."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # untraceable model: fall back to full forwards
+        return None
+    graph = gm.graph
+    nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(nodes) != 1:
+        return None
+    with graph.inserting_after(inputs[-1]):
+        units = graph.placeholder("units")
+    nodes[0].replace_all_uses_with(units)
+    graph.eliminate_dead_code()
+    if any(n.users for n in inputs):
+        return None
+    for n in inputs:
+        graph.erase_node(n)
+    gm.recompile()
+    return gm.eval()
+
+
+class LayerTail:
+    """Logits of fixed images with some units of one layer zeroed (cumulative ablation).
+
+    The output of the unit module (BN after the conv, else the conv) is computed once; each
+    call runs only the rest of the network (fx split) on that output times the mask, or, when
+    the model cannot be split, the whole forward with a masking hook.
+    """
+
+    def __init__(self, model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, *, batch_size: int = 256) -> None:
+        self.model = model.eval()
+        self.module = unit_module(model, conv)
+        self.images = images
+        self.batch_size = batch_size
+        self.tail = _tail_graph(model, module_name(model, self.module))
+        self.cached = self._capture() if self.tail is not None else None
+
+    @torch.no_grad()
+    def _capture(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+
+        def grab(_m: nn.Module, _i: tuple, y: torch.Tensor) -> None:
+            out.append(y.detach().clone())
+            raise _Stop
+
+        with forward_hooks([self.module], grab):
+            for x in self.images.split(self.batch_size):
+                try:
+                    self.model(x)
+                except _Stop:
+                    pass
+        return out
+
+    @torch.no_grad()
+    def logits(self, mask: torch.Tensor) -> torch.Tensor:
+        """Logits [N, K] with the units multiplied by `mask` [C] (1 = kept, 0 = ablated)."""
+        return self.logits_many(mask.unsqueeze(0))[0]
+
+    @torch.no_grad()
+    def logits_many(self, masks: torch.Tensor, *, max_images: int = 4096) -> torch.Tensor:
+        """Logits [S, N, K] for masks [S, C]; several masks share one tail call (fx split)."""
+        if self.cached is None:
+            out = []
+            for mask in masks:
+                with channel_mask(self.module, mask):
+                    out.append(torch.cat([self.model(x) for x in self.images.split(self.batch_size)]))
+            return torch.stack(out)
+        per_call = max(1, max_images // self.batch_size)
+        rows = []
+        for chunk in masks.split(per_call):
+            view = chunk.view(len(chunk), 1, -1, 1, 1)
+            parts = []
+            for z in self.cached:
+                y = self.tail((z.unsqueeze(0) * view.to(z.dtype)).flatten(0, 1))
+                parts.append(y.view(len(chunk), len(z), -1))
+            rows.append(torch.cat(parts, dim=1))
+        return torch.cat(rows)
+
+
+def ablation_masks(order: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
+    """Masks [S, C]: row s has the first `steps[s]` channels of `order` zeroed."""
+    masks = torch.ones(len(steps), len(order))
+    for row, k in enumerate(steps):
+        masks[row, order[:k]] = 0.0
+    return masks
+
+
+# ---------------------------------------------------------------- the experiment
 
 
 def steps_for(channels: int, step: int) -> list[int]:
@@ -97,31 +238,32 @@ def orders_of(scores: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"ascending": asc, "descending": desc}
 
 
-def run_ablation(setup: Setup, args) -> dict:
+def run_ablation(setup: Setup) -> dict:
     """Curves for every class and scorer; returns the JSON payload."""
-    model, data = setup.model, setup.data
-    name, conv = find_conv(model, args.layer)
-    n = per_class_count(data, args.samples_per_class)
-    classes = list(range(setup.num_classes))[: args.table_classes]
-    if args.cls not in classes:
-        classes.append(args.cls)
+    model, data, cfg = setup.model, setup.data, setup.settings
+    names = scorer_names(cfg)
+    name, conv = find_conv(model, cfg.layer)
+    n = per_class_count(data, cfg.samples_per_class)
+    classes = list(range(setup.num_classes))[: cfg.table_classes]
+    if cfg.cls not in classes:
+        classes.append(cfg.cls)
     images, labels = setup.test
-    steps = steps_for(conv.out_channels, args.step)
+    steps = steps_for(conv.out_channels, cfg.step)
     batches = {
-        c: class_batch(model, conv, name, data, c, n, seed=args.seed)
-        for c in tqdm(range(setup.num_classes), desc="units", disable=args.quiet)
+        c: class_batch(model, conv, name, data, c, n, seed=cfg.seed)
+        for c in tqdm(range(setup.num_classes), desc="units", disable=cfg.quiet)
     }
     tail = LayerTail(model, conv, images)
     shared = {
-        s: score_layer(s, model, conv, name, list(batches.values())) for s in args.scorer_names if s in NEEDS_ALL_CLASSES
+        s: score_layer(s, model, conv, name, list(batches.values())) for s in names if s in NEEDS_ALL_CLASSES
     }
     per_class: dict[int, dict] = {}
     scores_fig: dict[str, list[float]] = {}
-    for c in tqdm(classes, desc="classes", disable=args.quiet):
+    for c in tqdm(classes, desc="classes", disable=cfg.quiet):
         per_class[c] = {}
-        for s in args.scorer_names:
+        for s in names:
             scores = shared[s] if s in shared else score_layer(s, model, conv, name, [batches[c]])
-            if c == args.cls:
+            if c == cfg.cls:
                 scores_fig[s] = [float(v) for v in scores]
             per_class[c][s] = {o: ablation_curve(tail, labels, order, steps, c) for o, order in orders_of(scores).items()}
     ones, zeros = torch.ones(conv.out_channels), torch.zeros(conv.out_channels)
@@ -130,17 +272,17 @@ def run_ablation(setup: Setup, args) -> dict:
         "setup": setup_info(setup),
         "layer": name,
         "channels": conv.out_channels,
-        "class": args.cls,
-        "class_name": data.classes[args.cls],
+        "class": cfg.cls,
+        "class_name": data.classes[cfg.cls],
         "samples_per_class": n,
-        "scorers": args.scorer_names,
+        "scorers": names,
         "orders": {"ascending": "lowest score (least important) first", "descending": "highest score first"},
         "steps": steps,
-        "unchanged": class_metrics(tail.logits(ones), labels, args.cls),
-        "all_zero": class_metrics(tail.logits(zeros), labels, args.cls),
+        "unchanged": class_metrics(tail.logits(ones), labels, cfg.cls),
+        "all_zero": class_metrics(tail.logits(zeros), labels, cfg.cls),
         "scores": scores_fig,
-        "curves": per_class[args.cls],
-        "table11": table11(per_class, args.scorer_names),
+        "curves": per_class[cfg.cls],
+        "table11": table11(per_class, names),
     }
 
 
@@ -231,8 +373,8 @@ def figures(result: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the experiment and write ablation.{json,md} and ablation-*.png; returns 0."""
-    args = parse_args(argv)
-    return run_experiment("ablation", args, lambda: run_ablation(load_setup(args), args), markdown, figures)
+    s = parse_args(argv)
+    return run_experiment("ablation", s, lambda: run_ablation(load_setup(s)), markdown, figures)
 
 
 if __name__ == "__main__":

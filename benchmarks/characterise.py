@@ -20,56 +20,65 @@ birth on at least half of the images of the class).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks._experiment import (
+from benchmarks.common import (
+    ExperimentSettings,
     Setup,
     base_parser,
-    class_batch,
-    conv_layers,
-    find_conv,
-    layer_entropy,
+    int_list,
     load_setup,
     markdown_table,
     mean_std,
     new_figure,
-    per_class_count,
-    pick_unit,
+    parse_settings,
+    positive_int,
     run_experiment,
     setup_info,
 )
+from benchmarks.layers import class_batch, conv_layers, find_conv, layer_entropy, per_class_count, pick_unit
 from scoring.entropy import feature_entropy, selective_rate
 from scoring.topology import betti1_curve, birth_times, cubical_birth_times
 
 CHARACTERISATIONS = ("birth_time", "betti1_max", "betti1_integral")
 
 
-def parse_args(argv: list[str] | None):
+@dataclass(frozen=True)
+class Settings(ExperimentSettings):
+    """The three parts' work; `table_classes` None = all classes."""
+
+    layer: str | None = None
+    samples_per_class: int = 100
+    max_units: int = 64
+    max_images: int = 100
+    table_classes: int | None = None
+    sizes: tuple[int, ...] = (10, 25, 50, 100, 200)
+    repeats: int = 100
+
+
+FULL = Settings()
+QUICK = Settings(quick=True, samples_per_class=20, max_units=6, max_images=20, table_classes=2, repeats=5)
+
+
+def parse_args(argv: list[str] | None) -> Settings:
     p = base_parser("characterise", __doc__)
     a = p.add_argument
-    a("--layer", default=None, help="conv layer of Table 5 and A.4 (default: the last conv)")
-    a("--samples-per-class", type=int, default=None, help="training images per class (100; 20 quick)")
-    a("--max-units", type=int, default=None, help="units per layer in the gudhi parts (64; 6 quick)")
-    a("--max-images", type=int, default=None, help="images per class in the gudhi parts (100; 20 quick)")
-    a("--table-classes", type=int, default=None, help="classes averaged in Table 5 and A.2 (all; 2 quick)")
-    a("--sizes", default="10,25,50,100,200", help="sample sizes of A.4 (those above the class size are dropped)")
-    a("--repeats", type=int, default=None, help="random subsets per sample size (100; 5 quick)")
-    args = p.parse_args(argv)
-    q = args.quick
-    args.samples_per_class = args.samples_per_class or (20 if q else 100)
-    args.max_units = args.max_units or (6 if q else 64)
-    args.max_images = args.max_images or (20 if q else 100)
-    args.table_classes = args.table_classes or (2 if q else None)
-    args.repeats = args.repeats or (5 if q else 100)
-    args.size_list = sorted({int(v) for v in args.sizes.split(",")})
-    return args
+    a("--layer", help="conv layer of Table 5 and A.4 (default: the last conv)")
+    a("--samples-per-class", type=positive_int, help="training images per class (100; 20 quick)")
+    a("--max-units", type=positive_int, help="units per layer in the gudhi parts (64; 6 quick)")
+    a("--max-images", type=positive_int, help="images per class in the gudhi parts (100; 20 quick)")
+    a("--table-classes", type=positive_int, help="classes averaged in Table 5 and A.2 (all; 2 quick)")
+    a("--sizes", type=int_list, help="sample sizes of A.4 (10,25,50,100,200; those above the class size are dropped)")
+    a("--repeats", type=positive_int, help="random subsets per sample size (100; 5 quick)")
+    return parse_settings(p, argv, full=FULL, quick=QUICK)
 
 
 def classes_of(setup: Setup) -> list[int]:
-    return sorted({setup.args.cls, *range(setup.num_classes)[: setup.args.table_classes]})
+    return sorted({setup.settings.cls, *range(setup.num_classes)[: setup.settings.table_classes]})
 
 
 def subsample(acts: torch.Tensor, units: list[int], max_images: int) -> torch.Tensor:
@@ -108,16 +117,16 @@ def characterise(maps: torch.Tensor) -> dict[str, np.ndarray]:
 
 def table5(setup: Setup, layer: str, unit: int, units: list[int], acts: dict[int, torch.Tensor]) -> dict:
     """Feature entropy with each characterisation: reference unit, layer mean, class mean."""
-    args = setup.args
+    cfg = setup.settings
     per_class = {}
-    for c in tqdm(acts, desc="Table 5 (gudhi)", disable=args.quiet):
-        values = characterise(subsample(acts[c], units, args.max_images))
+    for c in tqdm(acts, desc="Table 5 (gudhi)", disable=cfg.quiet):
+        values = characterise(subsample(acts[c], units, cfg.max_images))
         per_class[c] = {k: feature_entropy(values[k]) for k in CHARACTERISATIONS}
         per_class[c]["seconds"] = values["seconds"]
     ref = units.index(unit)
     rows = {
-        "reference unit": {k: float(per_class[args.cls][k][ref]) for k in CHARACTERISATIONS},
-        "layer": {k: float(per_class[args.cls][k].mean()) for k in CHARACTERISATIONS},
+        "reference unit": {k: float(per_class[cfg.cls][k][ref]) for k in CHARACTERISATIONS},
+        "layer": {k: float(per_class[cfg.cls][k].mean()) for k in CHARACTERISATIONS},
         f"layer ({len(acts)} classes)": {k: float(np.mean([per_class[c][k].mean() for c in acts])) for k in CHARACTERISATIONS},
     }
     sec = np.mean([per_class[c]["seconds"] for c in acts], axis=0)
@@ -129,13 +138,13 @@ def table5(setup: Setup, layer: str, unit: int, units: list[int], acts: dict[int
 
 def clique_vs_cubical(setup: Setup, n: int) -> list[dict]:
     """Per conv layer: no-birth fraction and mean feature entropy, clique vs cubical."""
-    args, model = setup.args, setup.model
+    cfg, model = setup.settings, setup.model
     rows = []
-    for li, (name, conv) in enumerate(tqdm(conv_layers(model), desc="A.2 cubical", disable=args.quiet)):
-        units = unit_subset(conv.out_channels, args.max_units, None, seed=args.seed + li)
+    for li, (name, conv) in enumerate(tqdm(conv_layers(model), desc="A.2 cubical", disable=cfg.quiet)):
+        units = unit_subset(conv.out_channels, cfg.max_units, None, seed=cfg.seed + li)
         stats = {"clique": [], "cubical": []}
         for c in classes_of(setup):
-            maps = subsample(class_batch(model, conv, name, setup.data, c, n, seed=args.seed).activations, units, args.max_images)
+            maps = subsample(class_batch(model, conv, name, setup.data, c, n, seed=cfg.seed).activations, units, cfg.max_images)
             for kind, births in (("clique", birth_times(maps).T), ("cubical", cubical_birth_times(maps).T)):
                 stats[kind].append((1.0 - selective_rate(births).mean(), feature_entropy(births).mean()))
         row = {"layer": name, "map_size": int(maps.shape[-1]), "units": len(units)}
@@ -151,18 +160,18 @@ def clique_vs_cubical(setup: Setup, n: int) -> list[dict]:
 
 def sample_size(setup: Setup, layers: list[str], unit: int, unit_layer: str) -> dict:
     """Layer means of feature entropy (and that of `unit` in `unit_layer`) vs images per class."""
-    args, model = setup.args, setup.model
+    cfg, model = setup.settings, setup.model
     total = per_class_count(setup.data, 10**9)
-    sizes = [s for s in args.size_list if s < total] + [total]
-    g = np.random.default_rng(args.seed)
+    sizes = [s for s in cfg.sizes if s < total] + [total]
+    g = np.random.default_rng(cfg.seed)
     out: dict = {"sizes": sizes, "class_images": total, "layers": {}}
     for name in layers:
         conv = find_conv(model, name)[1]
-        acts = class_batch(model, conv, name, setup.data, args.cls, total, seed=args.seed).activations
+        acts = class_batch(model, conv, name, setup.data, cfg.cls, total, seed=cfg.seed).activations
         births = birth_times(acts).T  # [C, total]
         per_size = []
         for s in sizes:
-            reps = 1 if s == total else args.repeats
+            reps = 1 if s == total else cfg.repeats
             layer_means, unit_vals = [], []
             for _ in range(reps):
                 h = feature_entropy(births[:, g.choice(total, size=s, replace=False)])
@@ -178,12 +187,12 @@ def sample_size(setup: Setup, layers: list[str], unit: int, unit_layer: str) -> 
 
 
 def run_characterise(setup: Setup) -> dict:
-    args, model = setup.args, setup.model
-    layer, conv = find_conv(model, args.layer)
-    n = per_class_count(setup.data, args.samples_per_class)
-    acts = {c: class_batch(model, conv, layer, setup.data, c, n, seed=args.seed).activations for c in classes_of(setup)}
-    unit = pick_unit(*layer_entropy(acts[args.cls]))
-    units = unit_subset(conv.out_channels, args.max_units, unit, seed=args.seed)
+    cfg, model = setup.settings, setup.model
+    layer, conv = find_conv(model, cfg.layer)
+    n = per_class_count(setup.data, cfg.samples_per_class)
+    acts = {c: class_batch(model, conv, layer, setup.data, c, n, seed=cfg.seed).activations for c in classes_of(setup)}
+    unit = pick_unit(*layer_entropy(acts[cfg.cls]))
+    units = unit_subset(conv.out_channels, cfg.max_units, unit, seed=cfg.seed)
     names = [nm for nm, _ in conv_layers(model)]
     a4_layers = names[max(0, names.index(layer) - 1) : names.index(layer) + 1]
     return {
@@ -191,10 +200,10 @@ def run_characterise(setup: Setup) -> dict:
         "setup": setup_info(setup),
         "layer": layer,
         "unit": unit,
-        "class": args.cls,
-        "class_name": setup.data.classes[args.cls],
+        "class": cfg.cls,
+        "class_name": setup.data.classes[cfg.cls],
         "samples_per_class": n,
-        "max_images": args.max_images,
+        "max_images": cfg.max_images,
         "table5": table5(setup, layer, unit, units, acts),
         "cubical": clique_vs_cubical(setup, n),
         "sample_size": sample_size(setup, a4_layers, unit, layer),
@@ -270,8 +279,8 @@ def figures(r: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the three parts and write characterise.{json,md} and characterise-*.png; returns 0."""
-    args = parse_args(argv)
-    return run_experiment("characterise", args, lambda: run_characterise(load_setup(args)), markdown, figures)
+    s = parse_args(argv)
+    return run_experiment("characterise", s, lambda: run_characterise(load_setup(s)), markdown, figures)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,44 @@
-"""Shared helpers for benchmarks: machine description, result paths, table printing."""
+"""Shared pieces of the benchmarks and paper experiments: machine description, result paths
+and writing (JSON, Markdown, PNG), the settings and flags every experiment shares, setup
+loading and the `run_experiment` driver.
+
+Every experiment takes the main CLI's `--model/--weights/--data`; with none of them it runs
+on the embedded shapes10 model and data. `--quick` picks the experiment's QUICK settings
+(embedded data shrunk to 30 train / 20 test images per class, less work) so that a run takes
+well under a minute on 2 cores; flags given explicitly override either preset.
+"""
 
 from __future__ import annotations
 
+import argparse
+import io
 import os
 import platform
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from prune.errors import UsageError
+from prune.outputs.files import write_bytes, write_json, write_text
+from prune.zoo.data import DataBundle, load_data, make_loader
+from prune.zoo.models import load_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+QUICK_PER_CLASS = {"train": 30, "test": 20}
+"""Images per class of the embedded data in --quick mode."""
+
+
+# ---------------------------------------------------------------- machine and tables
 
 
 def machine() -> dict:
@@ -39,3 +69,269 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+# ---------------------------------------------------------------- settings and flags
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    """What every paper experiment shares; each experiment's Settings extends it."""
+
+    model: str = "embedded"
+    weights: str | None = None
+    data: str | None = None
+    input_size: int | None = None
+    test_per_class: int | None = None
+    cls: int = 0
+    seed: int = 0
+    quick: bool = False
+    quiet: bool = False
+    threads: int | None = None
+    results_dir: Path = RESULTS
+
+
+S = TypeVar("S")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated integers → sorted tuple without duplicates."""
+    return tuple(sorted({int(v) for v in text.split(",") if v.strip()}))
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated numbers → tuple, in the order given."""
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def base_parser(prog: str, doc: str, *, analysis: bool = True) -> argparse.ArgumentParser:
+    """Parser with the flags every experiment shares (model/data like `python -m prune`);
+    `analysis` adds --test-per-class and --class (experiments that evaluate by themselves).
+    Every flag defaults to None, i.e. "as the preset" (see `parse_settings`)."""
+    p = argparse.ArgumentParser(
+        prog=f"python -m benchmarks.{prog}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    a("--model", help="'embedded', a torchvision name or timm:<name> (as python -m prune; default embedded)")
+    a("--weights", help="checkpoint path or torchvision weights name (default: shipped embedded weights)")
+    a("--data", help="ImageFolder root with train/ and val/ (default: embedded shapes10)")
+    a("--input-size", type=positive_int, help="image side (default: 32 embedded, 224 otherwise)")
+    if analysis:
+        a("--test-per-class", type=positive_int, help="cap on test images per class (default: all; 20 with --quick)")
+        a("--class", dest="cls", type=int, help="the class studied where one class is used (default 0)")
+    a("--seed", type=int, help="seed of every random choice (default 0)")
+    a("--quick", action="store_true", default=None, help="small, fast mode (tests); writes <name>-quick.*")
+    a("--quiet", action="store_true", default=None, help="no progress bars")
+    a("--threads", type=positive_int, help="torch CPU threads (default: 1 with --quick, else torch's choice)")
+    a("--results-dir", "--out", dest="results_dir", type=Path, help=f"where JSON/MD/PNG go (default {RESULTS})")
+    return p
+
+
+def settings_from(ns: argparse.Namespace, *, full: S, quick: S) -> S:
+    """The `quick` preset if `ns.quick`, else `full`, with every field that `ns` gives (not
+    None) overriding it (timm-style: None means "not given")."""
+    preset = quick if getattr(ns, "quick", False) else full
+    given = {f.name: getattr(ns, f.name) for f in fields(preset) if getattr(ns, f.name, None) is not None}
+    return replace(preset, **given)
+
+
+def parse_settings(parser: argparse.ArgumentParser, argv: list[str] | None, *, full: S, quick: S) -> S:
+    """`settings_from` the parsed `argv`."""
+    return settings_from(parser.parse_args(argv), full=full, quick=quick)
+
+
+# ---------------------------------------------------------------- setup
+
+
+@dataclass
+class Setup:
+    """A loaded model (eval mode, CPU) with its data; `test` is (images [N,3,s,s], labels [N])."""
+
+    model: nn.Module
+    data: DataBundle
+    test: tuple[torch.Tensor, torch.Tensor]
+    settings: ExperimentSettings
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.classes)
+
+
+def quick_embedded_data() -> DataBundle:
+    """The embedded shapes10 set, shrunk to QUICK_PER_CLASS images per class."""
+    from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE
+    from prune.zoo.shapes import CLASSES, make_shapes
+
+    train = make_shapes("train", per_class=QUICK_PER_CLASS["train"], size=EMBEDDED_INPUT_SIZE)
+    val = make_shapes("test", per_class=QUICK_PER_CLASS["test"], size=EMBEDDED_INPUT_SIZE)
+    targets = tuple(int(t) for t in train.tensors[1])
+    return DataBundle(train=train, val=val, classes=tuple(CLASSES), train_targets=targets, input_size=EMBEDDED_INPUT_SIZE)
+
+
+def load_bundle(s: ExperimentSettings) -> DataBundle:
+    """The data the settings name; the shrunk embedded set with --quick and no --data."""
+    if s.data is None and s.quick and s.input_size is None:
+        return quick_embedded_data()
+    return load_data(s.data, input_size=s.input_size)
+
+
+def dataset_tensors(
+    dataset: Dataset, *, per_class: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split as (images [N, 3, s, s], labels [N]); at most `per_class` per class (seeded)."""
+    if isinstance(dataset, TensorDataset):
+        images, labels = dataset.tensors[0], dataset.tensors[1].long()
+        if per_class is None:
+            return images, labels
+        keep = _per_class_indices(labels.tolist(), per_class, seed)
+        return images[keep], labels[keep]
+    targets = list(getattr(dataset, "targets"))
+    indices = range(len(targets)) if per_class is None else _per_class_indices(targets, per_class, seed).tolist()
+    subset = torch.utils.data.Subset(dataset, list(indices))
+    xs, ys = zip(*make_loader(subset, batch_size=128, shuffle=False, seed=seed))
+    return torch.cat(xs), torch.cat(ys).long()
+
+
+def _per_class_indices(labels: Sequence[int], per_class: int, seed: int) -> torch.Tensor:
+    """Sorted indices of at most `per_class` items of each label (seeded choice)."""
+    lab = torch.as_tensor(list(labels))
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in lab.unique().tolist():
+        idx = torch.nonzero(lab == c).flatten()
+        chosen.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def load_setup(s: ExperimentSettings) -> Setup:
+    """Model and data from the shared settings; the test split is read into memory once."""
+    torch.manual_seed(s.seed)
+    data = load_bundle(s)
+    model = load_model(s.model, weights=s.weights, num_classes=len(data.classes)).eval()
+    cap = s.test_per_class if s.test_per_class is not None else (QUICK_PER_CLASS["test"] if s.quick else None)
+    test = dataset_tensors(data.val, per_class=cap, seed=s.seed)
+    if not 0 <= s.cls < len(data.classes):
+        raise UsageError(f"--class {s.cls} is not a class index; use 0..{len(data.classes) - 1}")
+    return Setup(model=model, data=data, test=test, settings=s)
+
+
+def setup_info(setup: Setup) -> dict:
+    """What was run on: model, weights, data, sizes and the machine."""
+    s = setup.settings
+    return {
+        "model": s.model,
+        "weights": s.weights,
+        "data": s.data or "embedded shapes10",
+        "input_size": setup.data.input_size,
+        "classes": list(setup.data.classes),
+        "train_images": len(setup.data.train_targets),
+        "test_images": int(len(setup.test[1])),
+        "quick": bool(s.quick),
+        "seed": s.seed,
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
+    }
+
+
+# ---------------------------------------------------------------- the driver
+
+
+@contextmanager
+def torch_threads(s: ExperimentSettings) -> Iterator[None]:
+    """Use `--threads` torch threads (1 with --quick) inside the block, then restore.
+
+    One thread avoids OpenMP spin-waits on a busy machine, which can cost more than the
+    second core gains for these small networks.
+    """
+    wanted = s.threads if s.threads is not None else (1 if s.quick else None)
+    before = torch.get_num_threads()
+    if wanted is not None:
+        torch.set_num_threads(max(1, wanted))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def guarded(body: Callable[[], object]) -> int:
+    """Run `body`; a UsageError or missing file becomes a one-line error and exit code 2."""
+    try:
+        body()
+    except (UsageError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def stem(name: str, quick: bool) -> str:
+    """File stem of an experiment's outputs: `name`, or `name-quick` in quick mode."""
+    return f"{name}-quick" if quick else name
+
+
+def new_figure(rows: int = 1, cols: int = 1, *, size: tuple[float, float] = (6.0, 4.0)) -> tuple[Any, Any]:
+    """A matplotlib Figure and its axes [rows][cols]; no pyplot, so no backend or global state."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size[0] * cols, size[1] * rows))
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically."""
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    write_bytes(path, buf.getvalue())
+
+
+def write_results(
+    results_dir: Path, name: str, *, quick: bool, payload: dict, markdown: str, figures: dict[str, Any], started: float
+) -> dict[str, Path]:
+    """Write <stem>.json (payload + runtime), <stem>.md and <stem>-<key>.png; returns the paths."""
+    base = stem(name, quick)
+    payload = {**payload, "runtime_s": round(time.perf_counter() - started, 1)}
+    paths = {"json": results_dir / f"{base}.json", "md": results_dir / f"{base}.md"}
+    for key, fig in figures.items():
+        paths[key] = results_dir / f"{base}-{key}.png"
+        save_figure(fig, paths[key])
+    write_json(paths["json"], payload)
+    write_text(paths["md"], markdown.rstrip() + f"\n\nRuntime: {payload['runtime_s']} s.\n")
+    return paths
+
+
+def run_experiment(
+    name: str,
+    settings: ExperimentSettings,
+    compute: Callable[[], dict],
+    markdown: Callable[[dict], str],
+    figures: Callable[[dict], dict],
+) -> int:
+    """Compute a result under the --threads setting, write `<name>.{json,md}` and
+    `<name>-*.png`, print the table unless --quiet; exit code 2 with one line on bad input."""
+    started = time.perf_counter()
+
+    def body() -> None:
+        result = compute()
+        text = markdown(result)
+        write_results(settings.results_dir, name, quick=settings.quick, payload=result, markdown=text,
+                      figures=figures(result), started=started)
+        if not settings.quiet:
+            print(text)
+
+    with torch_threads(settings):
+        return guarded(body)

@@ -24,7 +24,7 @@ import torchvision
 from torch.utils.data import Dataset
 
 import scoring
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, machine, positive_int, settings_from
 from prune.zoo.data import DataBundle
 from prune.outputs.files import write_json
 from prune.pipeline.selection import ScoringData, lowest, score_group
@@ -44,6 +44,10 @@ class Settings:
     ratio: float = 0.5
     layers: int | None = None
     seed: int = 0
+
+
+FULL = Settings()
+QUICK = Settings(classes=2, per_class=10, layers=4)
 
 
 class NoiseImages(Dataset):
@@ -100,16 +104,14 @@ def measure(s: Settings, path: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="K = 2, N = 10, first 4 layers")
-    p.add_argument("--classes", type=int, default=None, help="K (default 10; 2 with --quick)")
-    p.add_argument("--samples-per-class", type=int, default=None, help="N (default 100; 10 with --quick)")
-    p.add_argument("--layers", type=int, default=None, help="score only the first L layers (default all; 4 with --quick)")
-    p.add_argument("--scorer", default="entropy")
+    p.add_argument("--classes", type=positive_int, help="K (default 10; 2 with --quick)")
+    p.add_argument("--samples-per-class", dest="per_class", type=positive_int, help="N (default 100; 10 with --quick)")
+    p.add_argument("--layers", type=positive_int, help="score only the first L layers (default all; 4 with --quick)")
+    p.add_argument("--scorer", help="scorer (default entropy)")
     p.add_argument("--json", type=Path, default=None,
                    help="where the result goes (default benchmarks/results/memory.json, memory-quick.json with --quick)")
     a = p.parse_args(argv)
-    quick = {"classes": 2, "per_class": 10, "layers": 4} if a.quick else {}
-    given = {"classes": a.classes, "per_class": a.samples_per_class, "layers": a.layers}
-    s = Settings(scorer=a.scorer, **{**quick, **{k: v for k, v in given.items() if v is not None}})
+    s = settings_from(a, full=FULL, quick=QUICK)
     path = a.json or RESULTS / ("memory-quick.json" if a.quick else "memory.json")
     r = measure(s, path)
     print(f"VGG16 {s.input_size}² · {s.scorer} · K={s.classes} N={s.per_class} · {len(r['layers'])} layers: "

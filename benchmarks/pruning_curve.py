@@ -19,45 +19,63 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from benchmarks._experiment import (
+from benchmarks.common import (
+    ExperimentSettings,
     base_parser,
+    float_list,
+    int_list,
+    machine,
     markdown_table,
     new_figure,
+    parse_settings,
+    positive_int,
     quick_embedded_data,
     run_experiment,
 )
-from benchmarks.common import machine
 from prune.config import PruneConfig
-from prune.zoo.data import IMAGENET_MEAN, IMAGENET_STD
 from prune.pipeline.run import run
+from prune.zoo.data import IMAGENET_MEAN, IMAGENET_STD
 
 
-def parse_args(argv: list[str] | None):
+@dataclass(frozen=True)
+class Settings(ExperimentSettings):
+    """The runs: `ratios` at K = max(`ks`), the `ks` at `k_ratio`, one `baseline` run ('' = none)."""
+
+    scorer: str = "entropy"
+    baseline: str = "random"
+    ratios: tuple[float, ...] = (0.4, 0.5, 0.6)
+    ks: tuple[int, ...] = (1, 2, 5, 10)
+    k_ratio: float = 0.5
+    samples_per_class: int = 100
+    epochs: int = 3
+    batch_size: int = 64
+    device: str = "cpu"
+
+
+FULL = Settings()
+QUICK = Settings(quick=True, baseline="", ratios=(0.6,), ks=(1, 2), samples_per_class=10, epochs=1)
+
+
+def parse_args(argv: list[str] | None) -> Settings:
     p = base_parser("pruning_curve", __doc__, analysis=False)
     a = p.add_argument
-    a("--scorer", default="entropy", help="scorer of the curves (default: entropy)")
-    a("--baseline", default=None, help="scorer run once at --k-ratio for comparison (random; none quick; '' for none)")
-    a("--ratios", default=None, help="pruning ratios of Fig. 13B (0.4,0.5,0.6; 0.6 quick, plus --k-ratio)")
-    a("--ks", default=None, help="numbers of classes of Fig. 13A (1,2,5,10; 1,2 quick)")
-    a("--k-ratio", type=float, default=0.5, help="ratio of the K sweep")
-    a("--samples-per-class", type=int, default=None, help="scoring images per class (100; 10 quick)")
-    a("--epochs", type=int, default=None, help="fine-tuning epochs (3; 1 quick)")
-    a("--batch-size", type=int, default=64, help="fine-tuning and evaluation batch size")
-    a("--device", default="cpu", help="cpu or cuda")
-    args = p.parse_args(argv)
-    q = args.quick
-    args.ratio_list = [float(v) for v in (args.ratios or ("0.6" if q else "0.4,0.5,0.6")).split(",")]
-    args.baseline = args.baseline if args.baseline is not None else ("" if q else "random")
-    args.k_list = sorted({int(v) for v in (args.ks or ("1,2" if q else "1,2,5,10")).split(",")})
-    args.samples_per_class = args.samples_per_class or (10 if q else 100)
-    args.epochs = args.epochs if args.epochs is not None else (1 if q else 3)
-    return args
+    a("--scorer", help="scorer of the curves (default: entropy)")
+    a("--baseline", help="scorer run once at --k-ratio for comparison (random; none quick; '' for none)")
+    a("--ratios", type=float_list, help="pruning ratios of Fig. 13B (0.4,0.5,0.6; 0.6 quick, plus --k-ratio)")
+    a("--ks", type=int_list, help="numbers of classes of Fig. 13A (1,2,5,10; 1,2 quick)")
+    a("--k-ratio", type=float, help="ratio of the K sweep (default 0.5)")
+    a("--samples-per-class", type=positive_int, help="scoring images per class (100; 10 quick)")
+    a("--epochs", type=int, help="fine-tuning epochs (3; 1 quick)")
+    a("--batch-size", type=positive_int, help="fine-tuning and evaluation batch size (default 64)")
+    a("--device", help="cpu or cuda (default cpu)")
+    return parse_settings(p, argv, full=FULL, quick=QUICK)
 
 
 def export_quick_folder(root: Path) -> Path:
@@ -76,12 +94,12 @@ def export_quick_folder(root: Path) -> Path:
     return root
 
 
-def one_run(args, data: str | None, input_size: int | None, *, ratio: float, k: int, scorer: str, work: Path) -> dict:
+def one_run(cfg: Settings, data: str | None, input_size: int | None, *, ratio: float, k: int, scorer: str, work: Path) -> dict:
     """One main-job run; the numbers of its report that the curves need."""
     config = PruneConfig(
-        model=args.model, weights=args.weights, data=data, ratio=ratio, scorer=scorer, classes=k,
-        samples_per_class=args.samples_per_class, epochs=args.epochs, batch_size=args.batch_size,
-        input_size=input_size, device=args.device, seed=args.seed,
+        model=cfg.model, weights=cfg.weights, data=data, ratio=ratio, scorer=scorer, classes=k,
+        samples_per_class=cfg.samples_per_class, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        input_size=input_size, device=cfg.device, seed=cfg.seed,
     )
     start = time.perf_counter()
     report = run(config, out=work / f"{scorer}-r{ratio:g}-k{k}", quiet=True)
@@ -95,34 +113,34 @@ def one_run(args, data: str | None, input_size: int | None, *, ratio: float, k: 
     }
 
 
-def plan(args) -> list[tuple[float, int, str]]:
+def plan(cfg: Settings) -> list[tuple[float, int, str]]:
     """(ratio, K, scorer) of every run, without duplicates."""
-    k_top = max(args.k_list)
-    ratios = sorted({*args.ratio_list, args.k_ratio})
-    runs = [(r, k_top, args.scorer) for r in ratios] + [(args.k_ratio, k, args.scorer) for k in args.k_list]
-    if args.baseline:
-        runs.append((args.k_ratio, k_top, args.baseline))
+    k_top = max(cfg.ks)
+    ratios = sorted({*cfg.ratios, cfg.k_ratio})
+    runs = [(r, k_top, cfg.scorer) for r in ratios] + [(cfg.k_ratio, k, cfg.scorer) for k in cfg.ks]
+    if cfg.baseline:
+        runs.append((cfg.k_ratio, k_top, cfg.baseline))
     return list(dict.fromkeys(runs))
 
 
-def run_curves(args) -> dict:
+def run_curves(cfg: Settings) -> dict:
     with tempfile.TemporaryDirectory(prefix="pruning_curve-") as tmp:
         work = Path(tmp)
-        data, size = args.data, args.input_size
-        if args.quick and data is None and size is None:
+        data, size = cfg.data, cfg.input_size
+        if cfg.quick and data is None and size is None:
             data, size = str(export_quick_folder(work / "data")), quick_embedded_data().input_size
         rows = [
-            one_run(args, data, size, ratio=r, k=k, scorer=s, work=work)
-            for r, k, s in tqdm(plan(args), desc="runs", disable=args.quiet)
+            one_run(cfg, data, size, ratio=r, k=k, scorer=s, work=work)
+            for r, k, s in tqdm(plan(cfg), desc="runs", disable=cfg.quiet)
         ]
     return {
         "experiment": "pruning curves (paper Fig. 13)",
-        "setup": {"model": args.model, "weights": args.weights, "data": args.data or "embedded shapes10",
-                  "quick": bool(args.quick), "seed": args.seed, "samples_per_class": args.samples_per_class,
-                  "epochs": args.epochs, "machine": {**machine(), "torch_threads": torch.get_num_threads()}},
-        "scorer": args.scorer,
-        "k_ratio": args.k_ratio,
-        "ratio_classes": max(args.k_list),
+        "setup": {"model": cfg.model, "weights": cfg.weights, "data": cfg.data or "embedded shapes10",
+                  "quick": bool(cfg.quick), "seed": cfg.seed, "samples_per_class": cfg.samples_per_class,
+                  "epochs": cfg.epochs, "machine": {**machine(), "torch_threads": torch.get_num_threads()}},
+        "scorer": cfg.scorer,
+        "k_ratio": cfg.k_ratio,
+        "ratio_classes": max(cfg.ks),
         "rows": rows,
     }
 
@@ -165,8 +183,8 @@ def figures(r: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the main job per point and write pruning_curve.{json,md,-curves.png}; returns 0."""
-    args = parse_args(argv)
-    return run_experiment("pruning_curve", args, lambda: run_curves(args), markdown, figures)
+    s = parse_args(argv)
+    return run_experiment("pruning_curve", s, lambda: run_curves(s), markdown, figures)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Paper Table 12: VGG16 params and FLOPs at pruning ratios 0, 0.4, 0.5, 0.6.
 
-`python -m benchmarks.table12 [--json PATH] [--rounding floor-keep|round]`
+`python -m benchmarks.table12 [--quick] [--json PATH] [--rounding floor-keep|round]`
 
 torchvision vgg16 (random weights, 224²), pruned through the same selection and surgery as
 the main job with the weight-only `l1` scorer (which channels go does not change the counts),
@@ -11,19 +11,32 @@ no fine-tuning. The paper's counts follow "keep ⌊(1−r)·C⌋ channels" (`flo
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 
 import scoring
-from benchmarks.common import RESULTS, machine, markdown_table
+from benchmarks.common import RESULTS, machine, markdown_table, settings_from
 from prune.pipeline.counting import count_cost
 from prune.outputs.files import write_json
 from prune.pipeline.selection import select_and_prune
 from prune.pipeline.surgery import Surgeon
 
 PAPER = {0.0: (138.0e6, 30.96e9), 0.4: (87.8e6, 11.15e9), 0.5: (75.9e6, 7.87e9), 0.6: (64.2e6, 5.02e9)}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ratios counted (keys of PAPER) and the channel rounding rule."""
+
+    ratios: tuple[float, ...] = tuple(PAPER)
+    rounding: str = "floor-keep"
+
+
+FULL = Settings()
+QUICK = Settings(ratios=(0.0, 0.5))
 
 
 def vgg16_row(ratio: float, *, rounding: str) -> dict:
@@ -48,17 +61,20 @@ def vgg16_row(ratio: float, *, rounding: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.table12", description=__doc__.splitlines()[0])
-    p.add_argument("--json", type=Path, default=RESULTS / "table12.json")
-    p.add_argument("--rounding", choices=("floor-keep", "round"), default="floor-keep")
+    p.add_argument("--quick", action="store_true", help="ratios 0 and 0.5 only; writes table12-quick.json")
+    p.add_argument("--json", type=Path, default=None, help="where the result goes (default benchmarks/results/table12.json)")
+    p.add_argument("--rounding", choices=("floor-keep", "round"), default=None, help="default floor-keep")
     args = p.parse_args(argv)
-    rows = [vgg16_row(r, rounding=args.rounding) for r in PAPER]
-    print(f"VGG16 at 224², rounding {args.rounding}")
+    s = settings_from(args, full=FULL, quick=QUICK)
+    rows = [vgg16_row(r, rounding=s.rounding) for r in s.ratios]
+    print(f"VGG16 at 224², rounding {s.rounding}")
     print(markdown_table(
         ["ratio", "params (M)", "paper (M)", "Δ params", "FLOPs (G)", "paper (G)", "Δ FLOPs"],
         [[r["ratio"], r["params"] / 1e6, r["paper_params"] / 1e6, f"{100 * r['params_rel_diff']:+.2f}%",
           r["flops"] / 1e9, r["paper_flops"] / 1e9, f"{100 * r['flops_rel_diff']:+.2f}%"] for r in rows],
     ))
-    write_json(args.json, {"machine": machine(), "rounding": args.rounding, "rows": rows})
+    write_json(args.json or RESULTS / ("table12-quick.json" if args.quick else "table12.json"),
+               {"machine": machine(), "rounding": s.rounding, "rows": rows})
     return 0
 
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +24,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import machine
+from benchmarks.common import RESULTS, machine, positive_int, settings_from
 from prune.outputs.files import write_json
+from prune.pipeline.hooks import forward_hooks
 
 SIZES = (7, 14, 28, 56, 112, 224)
 QUICK_SIZES = (7, 14, 28, 56)
 FAMILIES = ("relu", "smooth")
 GUDHI_REPS = {7: 40, 14: 20, 28: 10, 56: 4, 112: 2, 224: 1}
-DEFAULT_JSON = Path(__file__).parent / "results" / "topology.json"
+DEFAULT_JSON = RESULTS / "topology.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Map sizes m timed against gudhi and VGG16 images of the forward-pass comparison."""
+
+    sizes: tuple[int, ...] = SIZES
+    images: int = 100
+
+
+FULL = Settings()
+QUICK = Settings(sizes=QUICK_SIZES, images=4)
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -127,11 +140,10 @@ def bench_vgg16(images: int, chunk: int = 5, quiet: bool = False) -> dict[str, A
     model = vgg16(weights=None).eval()
     relus = _relu_outputs(model)
     acts: list[torch.Tensor] = []
-    hooks = [r.register_forward_hook(lambda mod, i, o: acts.append(o)) for r in relus]
     birth_times(torch.rand(2, 2, 7, 7))  # compile / load the cache outside the timing
     forward_s = topology_s = forward_cpu = topology_cpu = 0.0
     gen = torch.Generator().manual_seed(1)
-    try:
+    with forward_hooks(relus, lambda mod, i, o: acts.append(o)):
         for start in range(0, images, chunk):
             b = min(chunk, images - start)
             x = _blur(torch.randn(b * 3, 1, 224, 224, generator=gen), 3.0).view(b, 3, 224, 224)
@@ -147,9 +159,6 @@ def bench_vgg16(images: int, chunk: int = 5, quiet: bool = False) -> dict[str, A
             if not quiet:
                 print(f"  images {start + b:>4}/{images}: forward {forward_s:8.2f} s, "
                       f"topology {topology_s:8.2f} s", flush=True)  # fmt: skip
-    finally:
-        for h in hooks:
-            h.remove()
     return {"topology_s": topology_s, "forward_s": forward_s, "ratio": topology_s / forward_s,
             "images": images, "layers": len(relus), "topology_cpu_s": topology_cpu,
             "forward_cpu_s": forward_cpu, "ratio_cpu": topology_cpu / forward_cpu}  # fmt: skip
@@ -172,22 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and images")
     parser.add_argument("--json", type=Path, default=None,
                         help=f"write results here (default without --quick: {DEFAULT_JSON})")
-    parser.add_argument("--images", type=int, default=None,
-                        help="VGG16 images (default 100, 4 with --quick)")
+    parser.add_argument("--images", type=positive_int, help="VGG16 images (default 100, 4 with --quick)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
-    images = args.images if args.images is not None else (4 if args.quick else 100)
-    if images < 1:
-        parser.error("--images must be ≥ 1")
+    s = settings_from(args, full=FULL, quick=QUICK)
 
     torch.set_num_threads(1)
     if not args.quiet:
         print(f"{'m':>5} {'family':>7} {'engine ms':>12} {'gudhi ms':>12} {'speedup':>11}"
               f" {'(cpu time)':>11}")  # fmt: skip
-    sizes = bench_sizes(QUICK_SIZES if args.quick else SIZES, quiet=args.quiet)
+    sizes = bench_sizes(s.sizes, quiet=args.quiet)
     if not args.quiet:
-        print(f"VGG16, {images} images at 224², 13 conv layers, 1 thread")
-    vgg = bench_vgg16(images, quiet=args.quiet)
+        print(f"VGG16, {s.images} images at 224², 13 conv layers, 1 thread")
+    vgg = bench_vgg16(s.images, quiet=args.quiet)
     if not args.quiet:
         print(f"VGG16 topology {vgg['topology_s']:.2f} s / forward {vgg['forward_s']:.2f} s "
               f"= {vgg['ratio']:.3f} (cpu time: {vgg['ratio_cpu']:.3f})")  # fmt: skip
@@ -200,4 +206,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -27,68 +27,142 @@ selectivity (over the images of all classes) and feature entropy H and selective
 
 from __future__ import annotations
 
+import argparse
 import copy
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from benchmarks._experiment import (
+from benchmarks.common import (
+    ExperimentSettings,
     Setup,
-    accuracy,
     base_parser,
-    class_batch,
-    class_metrics,
-    conv_layers,
     dataset_tensors,
-    find_conv,
-    fold_bn,
-    layer_entropy,
+    float_list,
     load_setup,
     markdown_table,
     mean_std,
     new_figure,
+    parse_settings,
+    positive_int,
+    run_experiment,
+    setup_info,
+)
+from benchmarks.layers import (
+    class_batch,
+    conv_layers,
+    find_conv,
+    layer_entropy,
+    module_name,
     per_class_count,
     pick_unit,
-    predict,
-    run_experiment,
     score_layer,
-    setup_info,
-    train_epochs,
 )
-from prune.zoo.data import DataBundle
+from finetune.batches import in_order
+from finetune.metrics import Evaluation, class_metrics, predict, summarize
 from prune.errors import UsageError
+from prune.pipeline.observe import following_norm
+from prune.zoo.data import DataBundle
 from prune.zoo.models import ModelSpec, build_model
+from prune.zoo.train_embedded import TrainConfig, fit_embedded
 
 INDICATORS = ("l1", "apoz", "selectivity", "entropy", "selective_rate")
 
 
-def parse_args(argv: list[str] | None):
+@dataclass(frozen=True)
+class Settings(ExperimentSettings):
+    """The five parts' work; `layer_classes` None = all classes."""
+
+    layer: str | None = None
+    unit: int | None = None
+    samples_per_class: int = 100
+    random_inits: int = 50
+    layer_classes: int | None = None
+    train_epochs: int = 8
+    corruptions: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    corrupt_per_class: int = 50
+    corrupt_epochs: int = 40
+
+
+FULL = Settings()
+QUICK = Settings(
+    quick=True, samples_per_class=20, random_inits=3, layer_classes=2, train_epochs=1,
+    corruptions=(0.0, 0.5, 1.0), corrupt_per_class=10, corrupt_epochs=3,
+)
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    values = float_list(text)
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError("--corruptions must be fractions in [0, 1]")
+    return values
+
+
+def parse_args(argv: list[str] | None) -> Settings:
     p = base_parser("units", __doc__)
     a = p.add_argument
-    a("--layer", default=None, help="conv layer of the reference unit (default: the last conv)")
-    a("--unit", type=int, default=None, help="reference unit index (default: lowest feature entropy on --class)")
-    a("--samples-per-class", type=int, default=None, help="training images per class (100; 20 quick)")
-    a("--random-inits", type=int, default=None, help="random initialisations in Table 2 (50; 3 quick; the paper uses 100)")
-    a("--layer-classes", type=int, default=None, help="classes averaged in parts 3-5 (all; 2 quick)")
-    a("--train-epochs", type=int, default=None, help="epochs of the training analysis (8; 1 quick; the shipped recipe trains 12)")
-    a("--corruptions", default=None, help="label-corruption fractions (0,0.2,0.4,0.6,0.8,1; 0,0.5,1 quick)")
-    a("--corrupt-per-class", type=int, default=None, help="training images per class of the corrupted-label models (50; 10 quick)")
-    a("--corrupt-epochs", type=int, default=None, help="epochs of the corrupted-label models (40; 3 quick)")
-    args = p.parse_args(argv)
-    q = args.quick
-    args.samples_per_class = args.samples_per_class or (20 if q else 100)
-    args.random_inits = args.random_inits or (3 if q else 50)
-    args.layer_classes = args.layer_classes or (2 if q else None)
-    args.train_epochs = args.train_epochs or (1 if q else 8)
-    text = args.corruptions or ("0,0.5,1" if q else "0,0.2,0.4,0.6,0.8,1")
-    args.corruption_list = [float(v) for v in text.split(",")]
-    if any(not 0.0 <= v <= 1.0 for v in args.corruption_list):
-        p.error("--corruptions must be fractions in [0, 1]")
-    args.corrupt_per_class = args.corrupt_per_class or (10 if q else 50)
-    args.corrupt_epochs = args.corrupt_epochs or (3 if q else 40)
-    return args
+    a("--layer", help="conv layer of the reference unit (default: the last conv)")
+    a("--unit", type=int, help="reference unit index (default: lowest feature entropy on --class)")
+    a("--samples-per-class", type=positive_int, help="training images per class (100; 20 quick)")
+    a("--random-inits", type=positive_int, help="random initialisations in Table 2 (50; 3 quick; the paper uses 100)")
+    a("--layer-classes", type=positive_int, help="classes averaged in parts 3-5 (all; 2 quick)")
+    a("--train-epochs", type=positive_int, help="epochs of the training analysis (8; 1 quick; the shipped recipe trains 15)")
+    a("--corruptions", type=_fractions, help="label-corruption fractions (0,0.2,0.4,0.6,0.8,1; 0,0.5,1 quick)")
+    a("--corrupt-per-class", type=positive_int, help="training images per class of the corrupted-label models (50; 10 quick)")
+    a("--corrupt-epochs", type=positive_int, help="epochs of the corrupted-label models (40; 3 quick)")
+    return parse_settings(p, argv, full=FULL, quick=QUICK)
+
+
+def evaluation(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, Evaluation]:
+    """Logits [N, K] of `model` (eval mode) on `images` and the metrics against `labels`."""
+    logits, _ = predict(model, in_order(images, labels, batch_size=256))
+    return logits, summarize(logits, labels)
+
+
+def train_model(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, epochs: int, seed: int, augment: bool = True,
+    on_epoch_end=None, quiet: bool = True, desc: str = "train",
+) -> None:
+    """Train `model` in place with `prune.zoo.train_embedded`'s recipe for `epochs` epochs
+    (warm-up: one epoch, at most a quarter of the steps); `on_epoch_end(epoch, mean_loss)`
+    after each epoch (1-based), the model in eval mode."""
+    config = TrainConfig(epochs=epochs, seed=seed)
+    per_epoch = math.ceil(len(labels) / config.batch_size)
+    torch.manual_seed(seed)
+    fit_embedded(
+        model, images, labels, config=config, warmup_steps=min(per_epoch, epochs * per_epoch // 4), augment=augment,
+        on_epoch_end=None if on_epoch_end is None else (lambda epoch, loss: on_epoch_end(epoch + 1, loss)),
+        desc=desc, quiet=quiet,
+    )
+
+
+def fold_bn(model: nn.Module, conv: nn.Conv2d) -> None:
+    """Fold the eval-mode BN after `conv` into it (in place); the BN becomes nn.Identity.
+
+    W' = W·γ/σ, b' = (b − μ)·γ/σ + β per output channel. Afterwards scaling the conv's weight
+    and bias by s scales the layer's units by exactly s (for s a power of two).
+    """
+    norm = following_norm(model, conv)
+    if norm is None:
+        return
+    with torch.no_grad():
+        std = torch.sqrt(norm.running_var + norm.eps)
+        gamma = norm.weight if norm.affine else torch.ones_like(std)
+        beta = norm.bias if norm.affine else torch.zeros_like(std)
+        factor = gamma / std
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(std)
+        conv.weight.mul_(factor.view(-1, 1, 1, 1))
+        new_bias = (bias - norm.running_mean) * factor + beta
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias)
+        else:
+            conv.bias.copy_(new_bias)
+    parent_name, _, attr = module_name(model, norm).rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, nn.Identity())
 
 
 # ---------------------------------------------------------------- the reference unit
@@ -111,10 +185,10 @@ def unit_values(model: nn.Module, layer: str, unit: int, data: DataBundle, cls: 
 
 def reference_unit(setup: Setup, layer: str, n: int) -> int:
     """`--unit`, or the unit of `layer` chosen by `pick_unit` on `--class`."""
-    if setup.args.unit is not None:
-        return setup.args.unit
+    if setup.settings.unit is not None:
+        return setup.settings.unit
     name, conv = find_conv(setup.model, layer)
-    batch = class_batch(setup.model, conv, name, setup.data, setup.args.cls, n, seed=setup.args.seed)
+    batch = class_batch(setup.model, conv, name, setup.data, setup.settings.cls, n, seed=setup.settings.seed)
     return pick_unit(*layer_entropy(batch.activations))
 
 
@@ -127,7 +201,7 @@ def folded(model: nn.Module, layer: str) -> nn.Module:
 
 def table1(setup: Setup, layer: str, unit: int, n: int) -> list[dict]:
     """Rows (image scale, filter scale) ∈ {1, 0.5}²: accuracy and the unit's values."""
-    args, (x, y) = setup.args, setup.test
+    cfg, (x, y) = setup.settings, setup.test
     base = folded(setup.model, layer)
     rows = []
     for img, filt in ((1.0, 1.0), (0.5, 1.0), (1.0, 0.5), (0.5, 0.5)):
@@ -137,14 +211,14 @@ def table1(setup: Setup, layer: str, unit: int, n: int) -> list[dict]:
             conv.weight.mul_(filt)
             if conv.bias is not None:
                 conv.bias.mul_(filt)
-        logits = predict(model, x * img)
+        logits, metrics = evaluation(model, x * img, y)
         rows.append(
             {
                 "image_scale": img,
                 "filter_scale": filt,
-                "accuracy": accuracy(logits, y),
-                "class_accuracy": class_metrics(logits, y, args.cls)["accuracy"],
-                **unit_values(model, layer, unit, setup.data, args.cls, n, seed=args.seed, scale=img),
+                "accuracy": metrics.top1,
+                "class_accuracy": class_metrics(logits, y, cfg.cls)["accuracy"],
+                **unit_values(model, layer, unit, setup.data, cfg.cls, n, seed=cfg.seed, scale=img),
             }
         )
     return rows
@@ -153,16 +227,16 @@ def table1(setup: Setup, layer: str, unit: int, n: int) -> list[dict]:
 def random_model(setup: Setup, seed: int) -> nn.Module:
     """A freshly initialised model of the same architecture (seeded), eval mode."""
     torch.manual_seed(seed)
-    return build_model(ModelSpec(setup.args.model, setup.num_classes)).eval()
+    return build_model(ModelSpec(setup.settings.model, setup.num_classes)).eval()
 
 
 def table2(setup: Setup, layer: str, unit: int, n: int, trained: dict) -> dict:
     """The trained unit (BN folded) vs the same unit in `--random-inits` random models."""
-    args = setup.args
+    cfg = setup.settings
     samples = []
-    for r in tqdm(range(args.random_inits), desc="random inits", disable=args.quiet):
+    for r in tqdm(range(cfg.random_inits), desc="random inits", disable=cfg.quiet):
         model = folded(random_model(setup, 10_000 + r), layer)
-        samples.append(unit_values(model, layer, unit, setup.data, args.cls, n, seed=args.seed))
+        samples.append(unit_values(model, layer, unit, setup.data, cfg.cls, n, seed=cfg.seed))
     values = {k: [s[k] for s in samples] for k in INDICATORS}
     better = {  # fraction of random units an indicator ranks as good as or better than the trained one
         "l1": np.mean([v >= trained["l1"] for v in values["l1"]]),
@@ -183,7 +257,7 @@ def table2(setup: Setup, layer: str, unit: int, n: int, trained: dict) -> dict:
 
 def studied_classes(setup: Setup) -> list[int]:
     """The first `--layer-classes` classes (all by default) plus `--class`."""
-    return sorted({setup.args.cls, *range(setup.num_classes)[: setup.args.layer_classes]})
+    return sorted({setup.settings.cls, *range(setup.num_classes)[: setup.settings.layer_classes]})
 
 
 def layer_profile(model: nn.Module, data: DataBundle, classes: list[int], n: int, *, seed: int, quiet: bool) -> list[dict]:
@@ -205,9 +279,9 @@ def layer_profile(model: nn.Module, data: DataBundle, classes: list[int], n: int
 
 def layers(setup: Setup, n: int) -> dict:
     """Layer profile of the trained model and of one random initialisation."""
-    args = setup.args
+    cfg = setup.settings
     classes = studied_classes(setup)
-    prof = lambda m: layer_profile(m, setup.data, classes, n, seed=args.seed, quiet=args.quiet)  # noqa: E731
+    prof = lambda m: layer_profile(m, setup.data, classes, n, seed=cfg.seed, quiet=cfg.quiet)  # noqa: E731
     return {"classes": classes, "trained": prof(setup.model), "random": prof(random_model(setup, 10_000))}
 
 
@@ -227,29 +301,29 @@ def last_layer_entropy(model: nn.Module, data: DataBundle, classes: list[int], n
 
 def training(setup: Setup, n: int) -> list[dict]:
     """Train a fresh model; after each epoch (and at 0): losses, test accuracy, last-layer H."""
-    args = setup.args
+    cfg = setup.settings
     x, y = dataset_tensors(setup.data.train)
     classes = studied_classes(setup)
-    model = random_model(setup, args.seed)
+    model = random_model(setup, cfg.seed)
     history: list[dict] = []
 
-    def record(epoch: int, m: nn.Module, train_loss: float | None) -> None:
-        test = predict(m, setup.test[0])
-        fe = last_layer_entropy(m, setup.data, classes, n, seed=args.seed)
+    def record(epoch: int, train_loss: float | None) -> None:
+        _, test = evaluation(model, *setup.test)
+        fe = last_layer_entropy(model, setup.data, classes, n, seed=cfg.seed)
         history.append(
             {
                 "epoch": epoch,
                 "train_loss": train_loss,
-                "train_loss_eval": float(nn.functional.cross_entropy(predict(m, x), y)),
-                "test_accuracy": accuracy(test, setup.test[1]),
-                "test_loss": float(nn.functional.cross_entropy(test, setup.test[1])),
-                "class_entropy": fe["entropy"][classes.index(args.cls)],
+                "train_loss_eval": evaluation(model, x, y)[1].loss,
+                "test_accuracy": test.top1,
+                "test_loss": test.loss,
+                "class_entropy": fe["entropy"][classes.index(cfg.cls)],
                 **fe,
             }
         )
 
-    record(0, model, None)
-    train_epochs(model, x, y, epochs=args.train_epochs, seed=args.seed, on_epoch_end=record, quiet=args.quiet, desc="training")
+    record(0, None)
+    train_model(model, x, y, epochs=cfg.train_epochs, seed=cfg.seed, on_epoch_end=record, quiet=cfg.quiet, desc="training")
     return history
 
 
@@ -271,29 +345,28 @@ def subset_bundle(data: DataBundle, x: torch.Tensor, y: torch.Tensor) -> DataBun
 
 def corrupted(setup: Setup) -> list[dict]:
     """One model per corruption fraction: accuracies, gap and last-layer feature entropy."""
-    args = setup.args
-    x, y = dataset_tensors(setup.data.train, per_class=args.corrupt_per_class, seed=args.seed)
+    cfg = setup.settings
+    x, y = dataset_tensors(setup.data.train, per_class=cfg.corrupt_per_class, seed=cfg.seed)
     sub = subset_bundle(setup.data, x, y)
-    n = per_class_count(sub, args.samples_per_class)
+    n = per_class_count(sub, cfg.samples_per_class)
     classes = studied_classes(setup)
     rows = []
-    for frac in tqdm(args.corruption_list, desc="corrupted labels", disable=args.quiet):
-        noisy = corrupt_labels(y, frac, setup.num_classes, seed=args.seed + 1)
-        model = random_model(setup, args.seed)
-        train_epochs(model, x, noisy, epochs=args.corrupt_epochs, seed=args.seed, augment=False, quiet=True)
-        train_logits = predict(model, x)
-        train_acc = accuracy(train_logits, noisy)
-        test_acc = accuracy(predict(model, setup.test[0]), setup.test[1])
-        fe = last_layer_entropy(model, sub, classes, n, seed=args.seed)
+    for frac in tqdm(cfg.corruptions, desc="corrupted labels", disable=cfg.quiet):
+        noisy = corrupt_labels(y, frac, setup.num_classes, seed=cfg.seed + 1)
+        model = random_model(setup, cfg.seed)
+        train_model(model, x, noisy, epochs=cfg.corrupt_epochs, seed=cfg.seed, augment=False, quiet=True)
+        train_logits, train = evaluation(model, x, noisy)
+        train_acc, test_acc = train.top1, evaluation(model, *setup.test)[1].top1
+        fe = last_layer_entropy(model, sub, classes, n, seed=cfg.seed)
         rows.append(
             {
                 "corrupted": frac,
                 "labels_changed": float((noisy != y).float().mean()),
                 "train_accuracy": train_acc,
-                "train_accuracy_true_labels": accuracy(train_logits, y),
+                "train_accuracy_true_labels": summarize(train_logits, y).top1,
                 "test_accuracy": test_acc,
                 "gap": train_acc - test_acc,
-                "class_entropy": fe["entropy"][classes.index(args.cls)],
+                "class_entropy": fe["entropy"][classes.index(cfg.cls)],
                 **fe,
             }
         )
@@ -304,9 +377,9 @@ def corrupted(setup: Setup) -> list[dict]:
 
 
 def run_units(setup: Setup) -> dict:
-    args = setup.args
-    layer, conv = find_conv(setup.model, args.layer)
-    n = per_class_count(setup.data, args.samples_per_class)
+    cfg = setup.settings
+    layer, conv = find_conv(setup.model, cfg.layer)
+    n = per_class_count(setup.data, cfg.samples_per_class)
     unit = reference_unit(setup, layer, n)
     if not 0 <= unit < conv.out_channels:
         raise UsageError(f"--unit {unit} is not a unit of {layer} (0..{conv.out_channels - 1})")
@@ -316,8 +389,8 @@ def run_units(setup: Setup) -> dict:
         "setup": setup_info(setup),
         "layer": layer,
         "unit": unit,
-        "class": args.cls,
-        "class_name": setup.data.classes[args.cls],
+        "class": cfg.cls,
+        "class_name": setup.data.classes[cfg.cls],
         "samples_per_class": n,
         "table1": t1,
         "table2": table2(setup, layer, unit, n, t1[0]),
@@ -418,8 +491,8 @@ def figures(r: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run all five parts and write units.{json,md} and units-*.png; returns 0."""
-    args = parse_args(argv)
-    return run_experiment("units", args, lambda: run_units(load_setup(args)), markdown, figures)
+    s = parse_args(argv)
+    return run_experiment("units", s, lambda: run_units(load_setup(s)), markdown, figures)
 
 
 if __name__ == "__main__":

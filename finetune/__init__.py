@@ -1,1 +1,2 @@
-"""Fine-tuning, schedules and evaluation metrics (never imports scoring)."""
+"""The training loop, fine-tuning, schedules, in-memory batches, evaluation metrics and DDP
+(never imports scoring or prune)."""

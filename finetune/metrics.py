@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from finetune.batches import Batches
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,12 @@ class Evaluation:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts [K, K] (int64) of predicted classes [N] against true labels [N]; rows = true class."""
+    flat = labels.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes**2).view(num_classes, num_classes)
 
 
 def balanced_accuracy(confusion: torch.Tensor) -> float:
@@ -49,9 +56,10 @@ def one_vs_rest_balanced_accuracy(confusion: torch.Tensor, cls: int) -> float:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, loader: DataLoader, *, device: torch.device | str = "cpu", quiet: bool = True
+    model: nn.Module, loader: Batches, *, device: torch.device | str = "cpu", quiet: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [N, K] (float32, CPU) and labels [N] for every image in `loader`."""
+    """Logits [N, K] (float32, CPU) and labels [N] for every image of `loader` (a DataLoader
+    or any iterable of (images, labels) batches, e.g. `finetune.batches.in_order`), in eval mode."""
     model.eval()
     logits, labels = [], []
     for x, y in tqdm(loader, desc="evaluate", disable=quiet, leave=False):
@@ -61,23 +69,32 @@ def predict(
 
 
 def summarize(logits: torch.Tensor, labels: torch.Tensor) -> Evaluation:
-    """Metrics from logits [N, K] and labels [N]."""
+    """Metrics from logits [N, K] and labels [N]; the top-1 prediction is the argmax (the
+    lowest class index among tied logits)."""
     k = logits.shape[1]
+    predictions = logits.argmax(dim=1)
     top = logits.topk(min(5, k), dim=1).indices
-    correct = top == labels[:, None]
-    confusion = torch.zeros(k, k, dtype=torch.long)
-    confusion.index_put_((labels, top[:, 0]), torch.ones_like(labels), accumulate=True)
     return Evaluation(
-        top1=float(correct[:, 0].float().mean()),
-        top5=float(correct.any(dim=1).float().mean()),
-        balanced_accuracy=balanced_accuracy(confusion),
+        top1=float((predictions == labels).float().mean()),
+        top5=float((top == labels[:, None]).any(dim=1).float().mean()),
+        balanced_accuracy=balanced_accuracy(confusion_matrix(predictions, labels, k)),
         loss=float(nn.functional.cross_entropy(logits, labels)),
         n=len(labels),
     )
 
 
+def class_metrics(logits: torch.Tensor, labels: torch.Tensor, cls: int) -> dict[str, float]:
+    """For class `cls`: accuracy and mean cross-entropy on its images (NaN if none), and its
+    one-vs-rest balanced accuracy over all images; logits [N, K], labels [N]."""
+    own = labels == cls
+    acc = float((logits[own].argmax(1) == cls).float().mean()) if own.any() else float("nan")
+    loss = float(nn.functional.cross_entropy(logits[own], labels[own])) if own.any() else float("nan")
+    confusion = confusion_matrix(logits.argmax(dim=1), labels, logits.shape[1])
+    return {"accuracy": acc, "loss": loss, "balanced_accuracy": one_vs_rest_balanced_accuracy(confusion, cls)}
+
+
 def evaluate(
-    model: nn.Module, loader: DataLoader, *, device: torch.device | str = "cpu", quiet: bool = True
+    model: nn.Module, loader: Batches, *, device: torch.device | str = "cpu", quiet: bool = True
 ) -> Evaluation:
     """Top-1, top-5, balanced accuracy and loss of `model` on `loader`."""
     return summarize(*predict(model, loader, device=device, quiet=quiet))

@@ -1,6 +1,9 @@
-"""Learning-rate schedule of the paper's fine-tuning: lr, lr/10, lr/100 (one epoch each)."""
+"""Learning-rate schedules: the paper's step schedule for fine-tuning (lr, lr/10, lr/100, one
+epoch each) and the warm-up + cosine schedule that trains the embedded model."""
 
 from __future__ import annotations
+
+import math
 
 
 def step_lr(base_lr: float, epoch: int, *, decay: float = 0.1) -> float:
@@ -10,3 +13,12 @@ def step_lr(base_lr: float, epoch: int, *, decay: float = 0.1) -> float:
     stops after the 1e-5 epoch.
     """
     return base_lr * decay**epoch
+
+
+def warmup_cosine_lr(step: int, *, total: int, warmup: int, base: float) -> float:
+    """Learning rate of optimisation `step` (0-based): linear warm-up over `warmup` steps,
+    then cosine decay from `base` to 0 at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -1,4 +1,6 @@
-"""SGD fine-tuning with the paper's step schedule."""
+"""The one training loop (`fit`), and the paper's fine-tuning on it (`finetune`: SGD with the
+step schedule). Schedules, augmentation and per-epoch set-up are callbacks, so the embedded
+model's training (`prune.zoo.train_embedded`) and the experiments run the same loop."""
 
 from __future__ import annotations
 
@@ -7,11 +9,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from finetune import ddp
+from finetune.batches import Batches
 from finetune.schedule import step_lr
+
+LrSchedule = Callable[[int, int], float]
+"""lr(epoch, batch): learning rate of an epoch's batch-th optimisation step (both 0-based)."""
 
 
 @dataclass(frozen=True)
@@ -26,25 +31,29 @@ class FinetuneConfig:
     lr_decay: float = 0.1
 
 
-def train_one_epoch(
+def _one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    batches: Batches,
     optimizer: torch.optim.Optimizer,
     *,
+    epoch: int,
+    lr: LrSchedule,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None,
     device: torch.device | str,
-    desc: str = "fine-tune",
-    quiet: bool = False,
+    desc: str,
+    quiet: bool,
 ) -> float:
-    """One pass over `loader`; returns the mean training loss (over all ranks under DDP).
-
-    Empty batches (every image unreadable) are skipped.
-    """
+    """One pass over `batches`; the mean training loss (over all ranks under DDP)."""
     model.train()
     total, count = 0.0, 0
     with ddp.join(model):
-        for x, y in tqdm(loader, desc=desc, disable=quiet, leave=False):
+        for i, (x, y) in enumerate(tqdm(batches, desc=desc, disable=quiet, leave=False)):
             if len(y) == 0:
                 continue
+            for group in optimizer.param_groups:
+                group["lr"] = lr(epoch, i)
+            if augment is not None:
+                x = augment(x)
             x, y = x.to(device), y.to(device)
             loss = nn.functional.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
@@ -55,9 +64,46 @@ def train_one_epoch(
     return ddp.mean_over_ranks(total, count, torch.device(device))
 
 
+def fit(
+    model: nn.Module,
+    batches: Batches,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int,
+    lr: LrSchedule,
+    device: torch.device | str = "cpu",
+    start_epoch: int = 0,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+    desc: str = "train",
+    quiet: bool = False,
+) -> list[float]:
+    """Train `model` in place with cross-entropy for epochs `start_epoch`..`epochs`−1 (0-based);
+    returns the mean loss of each epoch run. `batches` is iterated once per epoch (a
+    DataLoader, or `finetune.batches.Shuffled` for tensors in memory).
+
+    Per epoch: `on_epoch_start(epoch)` (e.g. reseed), train mode, one pass over `batches`
+    with the optimiser's lr set to `lr(epoch, batch)` before each step and `augment` applied
+    to each batch of images before it moves to `device`; then eval mode and
+    `on_epoch_end(epoch, mean_loss)`. Empty batches (every image unreadable) are skipped.
+    """
+    losses = []
+    for epoch in range(start_epoch, epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        loss = _one_epoch(model, batches, optimizer, epoch=epoch, lr=lr, augment=augment, device=device,
+                          desc=f"{desc} {epoch + 1}/{epochs}", quiet=quiet)
+        model.eval()
+        losses.append(loss)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, loss)
+    return losses
+
+
 def finetune(
     model: nn.Module,
-    loader: DataLoader,
+    loader: torch.utils.data.DataLoader,
     *,
     config: FinetuneConfig = FinetuneConfig(),
     device: torch.device | str = "cpu",
@@ -67,7 +113,7 @@ def finetune(
     on_epoch_end: Callable[[int, torch.optim.Optimizer, float], None] | None = None,
     seed: int = 0,
 ) -> list[float]:
-    """Fine-tune `model` in place; returns the mean loss of each epoch run.
+    """Fine-tune `model` in place with SGD and the step schedule; returns each epoch's mean loss.
 
     `start_epoch`/`optimizer` resume an interrupted run; `on_epoch_end(epoch, optimizer,
     loss)` is called after each epoch (e.g. to write a checkpoint). Each epoch reseeds torch
@@ -77,20 +123,20 @@ def finetune(
         optimizer = torch.optim.SGD(
             model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
-    losses = []
-    for epoch in range(start_epoch, config.epochs):
+
+    def reseed(epoch: int) -> None:
         torch.manual_seed(seed + epoch)
         generator = getattr(loader.sampler, "generator", None)
         if generator is not None:
             generator.manual_seed(seed + epoch)
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = step_lr(config.lr, epoch, decay=config.lr_decay)
-        loss = train_one_epoch(
-            model, loader, optimizer, device=device, desc=f"fine-tune {epoch + 1}/{config.epochs}", quiet=quiet
-        )
-        losses.append(loss)
+
+    def checkpoint(epoch: int, loss: float) -> None:
         if on_epoch_end is not None:
             on_epoch_end(epoch, optimizer, loss)
-    return losses
+
+    return fit(
+        model, loader, optimizer, epochs=config.epochs, lr=lambda epoch, _batch: step_lr(config.lr, epoch, decay=config.lr_decay),
+        device=device, start_epoch=start_epoch, on_epoch_start=reseed, on_epoch_end=checkpoint, desc="fine-tune", quiet=quiet,
+    )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from pathlib import Path
 import scoring
 from prune.config import PruneConfig
 from prune.errors import UsageError
+from prune.pipeline import distributed
 
 DEFAULTS = PruneConfig()
 
@@ -115,10 +115,6 @@ def quiet_libraries() -> Iterator[None]:
         yield
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with a one-line message on stderr).
 
@@ -133,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
             report = run(config, out=out, overwrite=args.overwrite, quiet=args.quiet, export=args.export)
     except (UsageError, FileNotFoundError) as exc:
-        if _is_main_process():
+        if distributed.env_world().is_main:
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if not report:

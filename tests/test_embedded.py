@@ -8,6 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from finetune.batches import in_order
+from finetune.metrics import evaluate
+from prune.pipeline.hooks import forward_hooks
 from prune.zoo import train_embedded
 from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, EMBEDDED_WEIGHTS, EmbeddedVGG, load_embedded
 from prune.zoo.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
@@ -68,12 +71,8 @@ def test_last_conv_maps_are_at_least_8x8() -> None:
     model = EmbeddedVGG().eval()
     last_conv = [m for m in model.features if isinstance(m, nn.Conv2d)][-1]
     seen: list[torch.Size] = []
-    handle = last_conv.register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
-    try:
-        with torch.no_grad():
-            logits = model(torch.zeros(2, 3, EMBEDDED_INPUT_SIZE, EMBEDDED_INPUT_SIZE))
-    finally:
-        handle.remove()
+    with forward_hooks([last_conv], lambda _m, _i, out: seen.append(out.shape)), torch.no_grad():
+        logits = model(torch.zeros(2, 3, EMBEDDED_INPUT_SIZE, EMBEDDED_INPUT_SIZE))
     assert logits.shape == (2, len(CLASSES))
     assert seen[0][-2] >= 8 and seen[0][-1] >= 8
 
@@ -85,8 +84,8 @@ def test_shipped_weights_load_and_are_accurate() -> None:
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
     model = load_embedded()
     assert not model.training
-    top1 = train_embedded.evaluate(model, make_shapes("test", size=EMBEDDED_INPUT_SIZE))
-    assert top1 >= 0.85
+    images, labels = make_shapes("test", size=EMBEDDED_INPUT_SIZE).tensors
+    assert evaluate(model, in_order(images, labels, batch_size=500)).top1 >= 0.85
 
 
 def test_missing_weights_name_the_fix(tmp_path: Path) -> None:

@@ -15,8 +15,11 @@ import torch
 from torch import nn
 
 import scoring
-from benchmarks import _experiment as E
-from finetune.metrics import one_vs_rest_balanced_accuracy
+from benchmarks.ablation import LayerTail, ablation_masks, channel_mask, unit_module
+from benchmarks.common import Setup, load_setup, torch_threads
+from benchmarks.layers import conv_layers, find_conv
+from benchmarks.units import fold_bn
+from prune.pipeline.hooks import forward_hooks
 from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
 
 needs_weights = pytest.mark.skipif(not EMBEDDED_WEIGHTS.is_file(), reason="embedded weights not built yet")
@@ -31,32 +34,30 @@ def _run(module, tmp: Path, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def quick_setup() -> E.Setup:
+def quick_setup() -> Setup:
     """The model and test data the --quick runs use."""
-    from benchmarks.ablation import parse_args
+    from benchmarks.ablation import QUICK, parse_args
 
-    args = parse_args(["--quick"])
-    with E.torch_threads(args):  # one thread, as the --quick runs
-        return E.load_setup(args)
+    settings = parse_args(["--quick"])
+    assert settings == QUICK
+    with torch_threads(settings):  # one thread, as the --quick runs
+        return load_setup(settings)
 
 
 # ---------------------------------------------------------------- helpers, no weights needed
 
 
-def test_balanced_accuracy_on_hand_made_confusion():
-    # rows = true class: class 0 → 8 right, 2 as class 1; class 1 → 1 as 0, 1 right; class 2 → 3 as 0, 5 right
-    pairs = [(0, 0)] * 8 + [(0, 1)] * 2 + [(1, 0)] + [(1, 1)] + [(2, 0)] * 3 + [(2, 2)] * 5
-    labels = torch.tensor([t for t, _ in pairs])
-    logits = nn.functional.one_hot(torch.tensor([p for _, p in pairs]), 3).float()
-    confusion = E.confusion_matrix(logits, labels, 3)
-    assert confusion.tolist() == [[8, 2, 0], [1, 1, 0], [3, 0, 5]]
-    # class 0: TP 8, FN 2, FP 4, TN 6 → (0.8 + 0.6) / 2
-    assert E.class_metrics(logits, labels, 0)["balanced_accuracy"] == pytest.approx(0.7)
-    assert one_vs_rest_balanced_accuracy(confusion, 0) == pytest.approx(0.7)
-    # class 2: TP 5, FN 3, FP 0, TN 12 → (5/8 + 1) / 2; its accuracy is its recall
-    metrics = E.class_metrics(logits, labels, 2)
-    assert metrics["balanced_accuracy"] == pytest.approx((5 / 8 + 1) / 2)
-    assert metrics["accuracy"] == pytest.approx(5 / 8)
+def test_flags_override_the_preset_and_none_keeps_it():
+    from benchmarks import units
+
+    assert units.parse_args([]) == units.FULL
+    s = units.parse_args(["--quick", "--random-inits", "7", "--corruptions", "0,1", "--class", "2"])
+    assert s.quick and s.random_inits == 7 and s.corruptions == (0.0, 1.0) and s.cls == 2
+    assert s.train_epochs == units.QUICK.train_epochs  # not given: the quick preset's
+    with pytest.raises(SystemExit):
+        units.parse_args(["--corruptions", "0,1.5"])
+    with pytest.raises(SystemExit):
+        units.parse_args(["--random-inits", "0"])
 
 
 def _random_vgg() -> EmbeddedVGG:
@@ -73,34 +74,31 @@ def _random_vgg() -> EmbeddedVGG:
 
 def test_layer_tail_matches_a_full_forward_with_a_mask_hook():
     model = _random_vgg()
-    name, conv = E.find_conv(model, None)
+    name, conv = find_conv(model, None)
     images = torch.randn(12, 3, 32, 32)
-    tail = E.LayerTail(model, conv, images, batch_size=5)
+    tail = LayerTail(model, conv, images, batch_size=5)
     assert tail.tail is not None  # the fx split worked: only the rest of the net is re-run
-    masks = E.ablation_masks(torch.randperm(conv.out_channels), [0, 7, conv.out_channels])
+    masks = ablation_masks(torch.randperm(conv.out_channels), [0, 7, conv.out_channels])
     fast = tail.logits_many(masks)
     with torch.no_grad():
         torch.testing.assert_close(fast[0], model(images))
         for mask, got in zip(masks, fast):
-            with E.channel_mask(E.unit_module(model, conv), mask):
+            with channel_mask(unit_module(model, conv), mask):
                 torch.testing.assert_close(got, model(images))
         relu = model.features[-1]
         assert isinstance(relu, nn.ReLU)
-        handle = relu.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
-        try:
+        with forward_hooks([relu], lambda _m, _i, out: torch.zeros_like(out)):
             torch.testing.assert_close(fast[-1], model(images))  # all units ablated = zero layer output
-        finally:
-            handle.remove()
 
 
 def test_fold_bn_keeps_the_units_and_makes_filter_rescaling_exact():
     from prune.pipeline.observe import collect_units
 
     model = _random_vgg()
-    name, conv = E.find_conv(model, "features.14")
+    name, conv = find_conv(model, "features.14")
     images = torch.randn(6, 3, 32, 32)
     before = collect_units(model, conv, images, name=name)
-    E.fold_bn(model, conv)
+    fold_bn(model, conv)
     assert isinstance(model.features[15], nn.Identity)
     after = collect_units(model, conv, images, name=name)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
@@ -152,12 +150,8 @@ def test_ablating_every_unit_equals_the_zero_layer(ablation, quick_setup):
     model, (images, labels) = quick_setup.model, quick_setup.test
     relu = model.features[-1]  # the last conv's ReLU: zero the layer's output independently
     assert isinstance(relu, nn.ReLU)
-    handle = relu.register_forward_hook(lambda _m, _i, out: torch.zeros_like(out))
-    try:
-        with torch.no_grad():
-            logits = model(images)
-    finally:
-        handle.remove()
+    with forward_hooks([relu], lambda _m, _i, out: torch.zeros_like(out)), torch.no_grad():
+        logits = model(images)
     own = labels == ablation["class"]
     zero_acc = float((logits[own].argmax(1) == ablation["class"]).float().mean())
     zero_loss = float(nn.functional.cross_entropy(logits[own], labels[own]))
@@ -221,7 +215,7 @@ def test_units_table2_and_layers(units):
         assert len(t2["random_values"][k]) == 3
         assert t2["random"][k]["std"] >= 0.0
         assert t2["trained"][k] == pytest.approx(units["table1"][0][k])
-    convs = [n for n, _ in E.conv_layers(EmbeddedVGG())]
+    convs = [n for n, _ in conv_layers(EmbeddedVGG())]
     for which in ("trained", "random"):
         assert [row["layer"] for row in units["layers"][which]] == convs
         assert all(0.0 <= row["selective_rate_mean"] <= 1.0 for row in units["layers"][which])

@@ -1,4 +1,5 @@
-"""Baseline scorers (l1, fpgm, apoz, selectivity, nisp, random) against independent computations.
+"""Baseline scorers (l1, fpgm, apoz, selectivity, nisp, random) against independent computations,
+and the contract every registered scorer keeps (parametrised over `list_scorers()`).
 
 Every expected value is computed here by explicit loops or hand-written numpy algebra on tiny
 hand-made models, never by calling the code under test.
@@ -364,18 +365,51 @@ def test_owned_scorers_are_registered() -> None:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", OWNED)
+ALL = list_scorers()
+"""Every registered scorer: the contract tests below cover a new one the day it is registered."""
+
+DEAD_UNIT_NOT_LOWEST = {
+    "fpgm": "scores a filter by its distance to the other filters; a zero filter can be far from all",
+    "nisp": "scores a unit by the weights its output feeds, not by the output itself",
+    "random": "the control ignores the unit",
+}
+"""Scorers for which a unit whose output is always 0 need not score lowest, and why."""
+
+
+def test_contract_exemptions_name_registered_scorers() -> None:
+    assert set(DEAD_UNIT_NOT_LOWEST) <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_contract_shape_dtype_finite_deterministic(name: str) -> None:
     net = tiny_net()
     batches = class_batches(net)
     first = create(name)(layer_of(net), batches)
     second = create(name)(layer_of(net), batches)
-    assert first.shape == (4,) and first.dtype == torch.float32 and first.device.type == "cpu"
+    assert first.shape == (net[0].out_channels,)
+    assert first.dtype == torch.float32 and first.device.type == "cpu"
     assert torch.isfinite(first).all()
     assert torch.equal(first, second)
 
 
-@pytest.mark.parametrize("name", ["apoz", "selectivity", "nisp"])
+@pytest.mark.parametrize("name", ALL)
+def test_contract_a_dead_unit_never_scores_above_a_live_one(name: str) -> None:
+    """Direction (higher = keep): a unit whose filter and bias are 0 (its output is 0 on every
+    image) is at most as important as any live unit."""
+    if name in DEAD_UNIT_NOT_LOWEST:
+        pytest.skip(DEAD_UNIT_NOT_LOWEST[name])
+    net = tiny_net()
+    with torch.no_grad():
+        net[0].weight[1] = 0.0
+        net[0].bias[1] = 0.0
+    batches = class_batches(net)
+    live = [0, 2, 3]
+    assert (torch.cat([b.activations for b in batches])[:, live].amax(dim=(0, 2, 3)) > 0).all()  # the others are live
+    scores = create(name)(layer_of(net), batches)
+    assert scores[1] <= scores[live].min()
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if scorer_info(n).needs_data])
 def test_data_scorers_refuse_compute_without_data(name: str) -> None:
     scorer = create(name)
     scorer.reset(layer_of(tiny_net()))

@@ -32,9 +32,14 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically."""
+    _atomic(Path(path), lambda f: f.write(data))
+
+
 def write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically."""
-    _atomic(Path(path), lambda f: f.write(text.encode()))
+    """Write `text` to `path` atomically (UTF-8)."""
+    write_bytes(path, text.encode())
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -3,6 +3,8 @@
 Started by torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the
 environment) the job joins a process group (nccl on CUDA, gloo on CPU); otherwise every
 helper is a no-op for a single process, so the single-process path pays nothing.
+`env_world()` is the one reader of torchrun's environment; whether a process group of several
+processes is running is `finetune.ddp.is_distributed()` (finetune may not import prune).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from finetune.ddp import is_distributed
 
 T = TypeVar("T")
 
@@ -42,11 +46,6 @@ class World:
 
 
 SINGLE = World()
-
-
-def launched_by_torchrun() -> bool:
-    """True when the environment carries torchrun's WORLD_SIZE > 1."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def env_world() -> World:
@@ -87,19 +86,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _on() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def barrier() -> None:
     """Wait for every process (no-op for one)."""
-    if _on():
+    if is_distributed():
         dist.barrier()
 
 
 def gather(obj: T) -> list[T]:
     """Every process's `obj`, in rank order, on every process (picklable objects)."""
-    if not _on():
+    if not is_distributed():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -108,7 +103,7 @@ def gather(obj: T) -> list[T]:
 
 def broadcast(obj: T, src: int = 0) -> T:
     """Process `src`'s `obj` on every process."""
-    if not _on():
+    if not is_distributed():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)

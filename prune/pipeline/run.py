@@ -22,6 +22,7 @@ from finetune.metrics import evaluate
 from finetune.train import FinetuneConfig, finetune
 from prune.version import __version__
 from prune.pipeline import distributed
+from prune.pipeline.hooks import forward_hooks
 from prune.outputs.checkpoint import read_checkpoint, save_pruned
 from prune.outputs.export import check_export, export_onnx
 from prune.config import PruneConfig
@@ -193,12 +194,8 @@ def check_finite(model: nn.Module, images: torch.Tensor) -> None:
             bad.append(names[module])
 
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    handles = [m.register_forward_hook(hook) for m in convs]
-    try:
+    with forward_hooks(convs, hook):
         logits = model(images.to(next(model.parameters()).device))
-    finally:
-        for h in handles:
-            h.remove()
     if bad or not torch.isfinite(logits).all():
         where = f"layer {bad[0]}" if bad else "the output"
         raise UsageError(
@@ -293,9 +290,10 @@ def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool 
     validate(config)
     check_export(export)
     device = resolve_device(config.device)
-    if distributed.env_world().is_main:  # refuse a foreign --out before loading anything
-        check_out(Path(out), config.fingerprint(), overwrite=overwrite, processes=distributed.env_world().size)
-    joined = distributed.launched_by_torchrun() and not torch.distributed.is_initialized()
+    launched = distributed.env_world()
+    if launched.is_main:  # refuse a foreign --out before loading anything
+        check_out(Path(out), config.fingerprint(), overwrite=overwrite, processes=launched.size)
+    joined = launched.active and not torch.distributed.is_initialized()
     world = distributed.init(device)
     try:
         return _run(config, Path(out), overwrite, quiet or not world.is_main, world,

@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prune.errors import UsageError
+from prune.pipeline.hooks import forward_hooks
 
 
 @dataclass(frozen=True)
@@ -51,18 +52,11 @@ def channels_to_remove(num_channels: int, ratio: float, *, rule: str = "round") 
 
 
 def _execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """The convs of `model` in the order a forward pass first runs them."""
     order: list[nn.Module] = []
-    handles = [
-        m.register_forward_hook(lambda mod, _i, _o: order.append(mod))
-        for m in model.modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    try:
-        with torch.no_grad():
-            model(example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with forward_hooks(convs, lambda mod, _i, _o: order.append(mod)), torch.no_grad():
+        model(example_inputs)
     return list(dict.fromkeys(order))
 
 

@@ -13,23 +13,25 @@ cosine learning-rate schedule with one warm-up epoch, random horizontal and vert
 from __future__ import annotations
 
 import argparse
-import math
-import os
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from tqdm import tqdm
 
+from finetune.batches import Shuffled, in_order
+from finetune.metrics import evaluate
+from finetune.schedule import warmup_cosine_lr
+from finetune.train import fit
+from prune.outputs.files import torch_save
 from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, VARIANTS, EmbeddedVGG, build_embedded
 from prune.zoo.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
 
-__all__ = ["TrainConfig", "evaluate", "main", "train"]
+__all__ = ["TrainConfig", "augment_flips", "fit_embedded", "main", "train"]
 
 
 @dataclass(frozen=True)
@@ -47,17 +49,9 @@ class TrainConfig:
 
 RECIPES: dict[str, TrainConfig] = {
     "embedded": TrainConfig(),
-    "embedded-plain": TrainConfig(epochs=20, batch_size=64, lr=0.03),
+    "embedded-plain": TrainConfig(epochs=20, batch_size=64, lr=0.015),
 }
-"""The recipe that reproduces each shipped model (no BatchNorm: a lower rate, a longer warm-up)."""
-
-
-def warmup_cosine_lr(step: int, *, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+"""The recipe that reproduces each shipped model (without BatchNorm: smaller batches and rate, more epochs)."""
 
 
 def augment_flips(x: torch.Tensor, *, gen: torch.Generator) -> torch.Tensor:
@@ -69,16 +63,40 @@ def augment_flips(x: torch.Tensor, *, gen: torch.Generator) -> torch.Tensor:
     return torch.where(vflip, x.flip(2), x)
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, data: TensorDataset, *, batch_size: int = 500) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` (put in eval mode) on ``data``."""
-    model.eval()
-    images, labels = data.tensors
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        logits = model(images[i : i + batch_size])
-        correct += int((logits.argmax(1) == labels[i : i + batch_size]).sum())
-    return correct / len(labels)
+def fit_embedded(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    config: TrainConfig,
+    warmup_steps: int | None = None,
+    augment: bool = True,
+    on_epoch_end: Callable[[int, float], None] | None = None,
+    desc: str = "train",
+    quiet: bool = False,
+) -> list[float]:
+    """Train `model` in place on images [N, 3, s, s] / labels [N] with the embedded recipe;
+    returns each epoch's mean loss (`finetune.train.fit`; `on_epoch_end(epoch, loss)`, 0-based).
+
+    SGD with Nesterov momentum; lr warm-up over `warmup_steps` (default `config.warmup_epochs`
+    epochs) then cosine to 0, per step; random flips if `augment`. One Generator seeded with
+    `config.seed` draws each epoch's order and the flips. Dropout draws from torch's global
+    generator as it stands: seed it before calling.
+    """
+    gen = torch.Generator().manual_seed(config.seed)
+    batches = Shuffled(images, labels, batch_size=config.batch_size, generator=gen)
+    per_epoch = len(batches)
+    total = config.epochs * per_epoch
+    warmup = config.warmup_epochs * per_epoch if warmup_steps is None else warmup_steps
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    return fit(
+        model, batches, optimizer, epochs=config.epochs,
+        lr=lambda epoch, batch: warmup_cosine_lr(epoch * per_epoch + batch, total=total, warmup=warmup, base=config.lr),
+        augment=(lambda x: augment_flips(x, gen=gen)) if augment else None,
+        on_epoch_end=on_epoch_end, desc=desc, quiet=quiet,
+    )
 
 
 def train(
@@ -86,48 +104,10 @@ def train(
 ) -> EmbeddedVGG:
     """Train a fresh embedded model `variant` on ``data`` (images [N, 3, 32, 32], labels [N]) from scratch."""
     torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
     model = build_embedded(variant, num_classes=len(CLASSES))
-    opt = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
-    )
-    loss_fn = nn.CrossEntropyLoss()
     images, labels = data.tensors
-    steps_per_epoch = math.ceil(len(labels) / config.batch_size)
-    total = config.epochs * steps_per_epoch
-    step = 0
-    bar = tqdm(total=total, desc="train", unit="batch", disable=quiet, file=sys.stderr)
-    for epoch in range(config.epochs):
-        model.train()
-        order = torch.randperm(len(labels), generator=gen)
-        for i in range(0, len(labels), config.batch_size):
-            idx = order[i : i + config.batch_size]
-            lr = warmup_cosine_lr(step, total=total, warmup=config.warmup_epochs * steps_per_epoch, base=config.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = loss_fn(model(augment_flips(images[idx], gen=gen)), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.4f}")
-    bar.close()
+    fit_embedded(model, images, labels, config=config, quiet=quiet)
     return model.eval()
-
-
-def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
-    """torch.save to a temp file next to ``path``, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _positive_int(text: str) -> int:
@@ -181,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         torch.use_deterministic_algorithms(deterministic)
     seconds = time.perf_counter() - start
-    top1 = evaluate(model, test_set)
-    _save_atomic(model.state_dict(), out)
+    top1 = evaluate(model, in_order(*test_set.tensors, batch_size=500)).top1
+    torch_save(out, model.state_dict())
     print(
         f"{args.model}: test top-1 {100 * top1:.2f}% on {len(test_set)} images; trained {config.epochs} epochs "
         f"on {len(train_set)} images in {seconds:.0f}s with {torch.get_num_threads()} threads; wrote {out}"
