@@ -161,13 +161,11 @@ def load_runs(settings: Settings) -> list[dict]:
 
 def run_seeds(settings: Settings, seeds_by_testbed: dict[str, range]) -> None:
     """Run every missing (testbed, arm, seed), `settings.jobs` processes at a time."""
-    todo = [
-        (testbed, arm, seed)
-        for testbed, seeds in seeds_by_testbed.items()
-        for seed in seeds
-        for arm in settings.arms
-        if not run_path(settings, testbed, arm, seed).exists()
-    ]
+    todo = sorted(
+        ((testbed, arm, seed) for testbed, seeds in seeds_by_testbed.items() for seed in seeds for arm in settings.arms
+         if not run_path(settings, testbed, arm, seed).exists()),
+        key=lambda job: job[2],  # seed by seed, so a partial run covers every testbed and arm
+    )
     if not todo:
         return
     print(f"{len(todo)} runs to do", flush=True)
