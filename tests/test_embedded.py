@@ -12,7 +12,7 @@ from finetune.batches import in_order
 from finetune.metrics import evaluate
 from prune.pipeline.hooks import forward_hooks
 from prune.zoo import train_embedded
-from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, EMBEDDED_WEIGHTS, EmbeddedVGG, load_embedded
+from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, VARIANTS, EmbeddedVGG, load_embedded
 from prune.zoo.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
 
 
@@ -77,15 +77,27 @@ def test_last_conv_maps_are_at_least_8x8() -> None:
     assert seen[0][-2] >= 8 and seen[0][-1] >= 8
 
 
-def test_shipped_weights_load_and_are_accurate() -> None:
-    assert EMBEDDED_WEIGHTS.is_file(), "run `python -m prune.zoo.train_embedded`"
-    assert EMBEDDED_WEIGHTS.stat().st_size < 2 * 1024 * 1024
-    state = torch.load(EMBEDDED_WEIGHTS, map_location="cpu", weights_only=True)
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_shipped_weights_load_and_are_accurate(variant: str) -> None:
+    path = VARIANTS[variant].weights
+    assert path.is_file(), f"run `python -m prune.zoo.train_embedded --model {variant}`"
+    assert path.stat().st_size < 2 * 1024 * 1024
+    state = torch.load(path, map_location="cpu", weights_only=True)
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
-    model = load_embedded()
+    model = load_embedded(variant=variant)
     assert not model.training
     images, labels = make_shapes("test", size=EMBEDDED_INPUT_SIZE).tensors
     assert evaluate(model, in_order(images, labels, batch_size=500)).top1 >= 0.85
+
+
+def test_plain_variant_is_the_papers_setting() -> None:
+    model = load_embedded(variant="embedded-plain")
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    last_conv = [m for m in model.features if isinstance(m, nn.Conv2d)][-1]
+    seen: list[torch.Size] = []
+    with forward_hooks([last_conv], lambda _m, _i, out: seen.append(out.shape)), torch.no_grad():
+        model(torch.zeros(1, 3, EMBEDDED_INPUT_SIZE, EMBEDDED_INPUT_SIZE))
+    assert seen[0][-1] >= 14 and seen[0][-2] >= 14  # VGG16's last conv maps are 14x14 at 224
 
 
 def test_missing_weights_name_the_fix(tmp_path: Path) -> None:

@@ -6,67 +6,93 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 import scoring
+from finetune.batchnorm import recalibrate_batchnorm
 from prune.cli import main
-from prune.pipeline.selection import select_and_prune
+from prune.config import PruneConfig
+from prune.pipeline.run import make_scorer
+from prune.pipeline.selection import LayerDecision, ScoringData, select_and_prune
 from prune.pipeline.surgery import Surgeon
-from prune.zoo.embedded_model import EmbeddedVGG
-
-FAST = ["--classes", "10", "--samples-per-class", "5", "--no-finetune", "--quiet"]
-
-
-def run_cli(out: Path, *args: str) -> dict:
-    assert main(["--out", str(out), *args, *FAST]) == 0
-    return json.loads((out / "report.json").read_text())
+from prune.zoo.data import load_data, make_loader
+from prune.zoo.embedded_model import EmbeddedVGG, load_embedded
 
 
-def removed(report: dict) -> list[list[int]]:
-    return [layer["removed"] for layer in report["layers"]]
+@pytest.fixture(scope="module")
+def shapes():
+    return load_data(None)
+
+
+def prune_embedded(scorer: scoring.Scorer, source: ScoringData | None, **kwargs) -> list[LayerDecision]:
+    model = load_embedded() if source is not None else EmbeddedVGG().eval()
+    surgeon = Surgeon(model, torch.zeros(1, 3, 32, 32))
+    return select_and_prune(surgeon, scorer, source, ratio=0.5, quiet=True, **kwargs)
+
+
+def removed(decisions: list[LayerDecision]) -> list[tuple[int, ...]]:
+    return [d.removed for d in decisions]
 
 
 @pytest.mark.parametrize("schedule, expected", [("progressive", 5), ("oneshot", 0)])
 def test_refit_runs_between_layers_of_the_progressive_schedule(schedule: str, expected: int) -> None:
-    model = EmbeddedVGG().eval()
-    surgeon = Surgeon(model, torch.zeros(1, 3, 32, 32))
     calls: list[int] = []
-    decisions = select_and_prune(surgeon, scoring.create("l1"), None, ratio=0.5, schedule=schedule,
-                                 refit=lambda: calls.append(1), quiet=True)
+    decisions = prune_embedded(scoring.create("l1"), None, schedule=schedule, refit=lambda: calls.append(1))
     assert len(decisions) == 6 and len(calls) == expected  # after every layer but the last
     assert [d.map_size for d in decisions] == [32, 32, 16, 16, 8, 8]
     assert all(d.scoring_top1 is None for d in decisions)  # no scoring images given
 
 
-def test_layer_bn_reestimation_restores_the_network_that_is_scored(tmp_path: Path) -> None:
+def test_bn_reestimation_restores_the_network_that_is_scored(shapes) -> None:
     # l1 reads only conv weights, so both runs remove the same channels: any difference in
     # scoring_top1 comes from the BatchNorm statistics alone.
-    fitted = run_cli(tmp_path / "fitted", "--scorer", "l1")
-    stale = run_cli(tmp_path / "stale", "--scorer", "l1", "--layer-bn-batches", "0")
+    source = ScoringData(shapes, classes=range(10), per_class=5, seed=4)
+    stale = prune_embedded(scoring.create("l1"), source)
+    refits: list[torch.nn.Module] = []
+
+    def refit() -> None:
+        loader = make_loader(shapes.train, batch_size=64, shuffle=True, seed=4)
+        recalibrate_batchnorm(refits[0], loader, batches=5, device="cpu")
+
+    model = load_embedded()
+    refits.append(model)
+    surgeon = Surgeon(model, torch.zeros(1, 3, 32, 32))
+    fitted = select_and_prune(surgeon, scoring.create("l1"), source, ratio=0.5, quiet=True, refit=refit)
     assert removed(fitted) == removed(stale)
-    assert fitted["layers"][0]["scoring_top1"] == stale["layers"][0]["scoring_top1"] > 0.8
-    gain = statistics.fmean(f["scoring_top1"] - s["scoring_top1"]
-                            for f, s in zip(fitted["layers"][1:], stale["layers"][1:]))
+    assert fitted[0].scoring_top1 == stale[0].scoring_top1 > 0.8
+    gain = statistics.fmean(f.scoring_top1 - s.scoring_top1 for f, s in zip(fitted[1:], stale[1:]))
     assert gain >= 0.15
-    assert [layer["map_size"] for layer in fitted["layers"]] == [32, 32, 16, 16, 8, 8]
-    # without BatchNorm re-estimated at the end the pruned network is as stale as it was scored
-    assert stale["pruned_bn_reestimated"]["top1"] > stale["pruned_before_finetune"]["top1"]
 
 
-def test_seed_reaches_the_random_scorer(tmp_path: Path) -> None:
-    one = run_cli(tmp_path / "a", "--scorer", "random", "--seed", "1")
-    again = run_cli(tmp_path / "b", "--scorer", "random", "--seed", "1")
-    two = run_cli(tmp_path / "c", "--scorer", "random", "--seed", "2")
-    assert removed(one) == removed(again)
-    assert removed(one) != removed(two)
+def test_seed_reaches_every_scorer_that_draws() -> None:
+    def selection(seed: int) -> list[tuple[int, ...]]:
+        return removed(prune_embedded(make_scorer(PruneConfig(scorer="random", seed=seed)), None))
+
+    assert selection(1) == selection(1)
+    assert selection(1) != selection(2)
+    drawing = [n for n in scoring.list_scorers() if "seed" in scoring.scorer_options(n)]
+    assert drawing == ["nisp", "random"]
+    assert all(make_scorer(PruneConfig(scorer=n, seed=7)).seed == 7 for n in drawing)
 
 
-def test_authors_convention_selects_differently_and_is_reported(tmp_path: Path) -> None:
-    paper = run_cli(tmp_path / "paper", "--scorer", "entropy")
-    authors = run_cli(tmp_path / "authors", "--scorer", "entropy", "--scorer-opt", "convention=authors")
-    assert authors["settings"]["scorer_options"] == {"convention": "authors"}
-    assert paper["settings"]["scorer_options"] == {}
+def test_authors_convention_selects_differently(shapes) -> None:
+    source = ScoringData(shapes, classes=range(10), per_class=5, seed=0)
+    paper = prune_embedded(make_scorer(PruneConfig(scorer="entropy")), source, refit=None)
+    config = PruneConfig(scorer="entropy", scorer_options=(("convention", "authors"),))
+    authors = prune_embedded(make_scorer(config), source, refit=None)
     assert removed(paper) != removed(authors)
+
+
+def test_scorer_options_and_layer_facts_are_in_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["--scorer", "entropy", "--scorer-opt", "convention=authors", "--classes", "2",
+            "--samples-per-class", "4", "--no-finetune", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["scorer_options"] == {"convention": "authors"}
+    assert report["settings"]["layer_bn_batches"] == PruneConfig().layer_bn_batches
+    assert [layer["map_size"] for layer in report["layers"]] == [32, 32, 16, 16, 8, 8]
+    assert all(0.0 <= layer["scoring_top1"] <= 1.0 for layer in report["layers"])
+    assert 0.0 <= report["pruned_bn_reestimated"]["top1"] <= 1.0
 
 
 @pytest.mark.parametrize("opt, words", [
@@ -80,7 +106,7 @@ def test_authors_convention_selects_differently_and_is_reported(tmp_path: Path) 
 def test_bad_scorer_option_is_one_line_exit_2(tmp_path: Path, capsys, opt: str, words: list[str]) -> None:
     scorer = "random" if opt.startswith("seed") else "entropy"
     out = tmp_path / "out"
-    assert main(["--scorer", scorer, "--scorer-opt", opt, "--out", str(out), *FAST]) == 2
+    assert main(["--scorer", scorer, "--scorer-opt", opt, "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
     assert all(w in err for w in words), err
@@ -93,3 +119,14 @@ def test_parse_options_types_follow_the_defaults() -> None:
     with pytest.raises(ValueError, match="not a int"):
         scoring.parse_options("nisp", ["max_samples=1.5"])
     assert scoring.scorer_options("l1") == {}
+
+
+def test_plain_testbed_runs_the_main_job_with_large_maps(tmp_path: Path) -> None:
+    out = tmp_path / "plain"
+    args = ["--model", "embedded-plain", "--scorer", "l1", "--classes", "2", "--samples-per-class", "4",
+            "--no-finetune", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["before"]["top1"] >= 0.85
+    assert report["layers"][-1]["map_size"] >= 14
+    assert report["pruned_bn_reestimated"] == report["pruned_before_finetune"]  # nothing to re-estimate
