@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, markdown_table
+from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure
 from prune.config import PruneConfig
 from prune.outputs.files import write_json, write_text
 
@@ -235,13 +235,8 @@ def table(rows: list[dict], diffs: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Bars of the three accuracies per arm, one panel per testbed (mean ± 95% half-width)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     testbeds = list(dict.fromkeys(r["testbed"] for r in rows))
-    fig, axes = plt.subplots(1, len(testbeds), figsize=(7 * len(testbeds), 4), squeeze=False)
+    fig, axes = new_figure(1, len(testbeds), size=(7.0, 4.0))
     keys = (("top1_pruned", "pruned"), ("top1_pruned_bn", "pruned + BN re-estimated"), ("top1", "fine-tuned"))
     for ax, testbed in zip(axes[0], testbeds):
         mine = [r for r in rows if r["testbed"] == testbed]
@@ -254,11 +249,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylim(0, 1)
         ax.set_ylabel("top-1 (mean ± 95% CI over seeds)")
     axes[0][0].legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        fig.savefig(Path(tmp) / path.name, dpi=110)
-        (Path(tmp) / path.name).replace(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(settings: Settings) -> dict:
