@@ -1,0 +1,58 @@
+"""benchmarks.compare: paired statistics and the per-run files it resumes from."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks import compare
+
+
+def fake_runs() -> list[dict]:
+    # arm a beats random by exactly 0.1 on every seed while both vary a lot between seeds
+    runs = []
+    for seed, base in enumerate([0.5, 0.7, 0.6, 0.9]):
+        for arm, shift in (("random", 0.0), ("a", 0.1)):
+            runs.append({"testbed": "t", "scorer": arm, "seed": seed, "top1": base + shift,
+                         "top1_pruned": base / 2, "top1_pruned_bn": base / 2 + shift, "removed_sha256": f"{arm}{seed}",
+                         "top1_unpruned": 0.94})
+    return runs
+
+
+def test_t_quantile_matches_the_table() -> None:
+    assert compare.t95(2) == pytest.approx(12.706, abs=1e-3)
+    assert compare.t95(10) == pytest.approx(2.262, abs=1e-3)
+
+
+def test_interval_by_hand() -> None:
+    mean, hw = compare.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0 and hw == pytest.approx(4.303 * 1.0 / math.sqrt(3), rel=1e-3)
+    assert compare.mean_ci([0.5])[1] == math.inf
+
+
+def test_paired_difference_removes_the_seed_to_seed_spread() -> None:
+    runs = fake_runs()
+    rows = {r["scorer"]: r for r in compare.summarise(runs, "t", ("a", "random"))}
+    assert rows["a"]["top1_hw95"] > 0.2  # unpaired: the seeds' spread
+    (diff,) = compare.paired(runs, "t", ("a", "random"), "random")
+    assert diff["mean"] == pytest.approx(0.1) and diff["hw95"] == pytest.approx(0.0, abs=1e-12)
+    assert diff["seeds"] == 4 and rows["a"]["distinct_selections"] == 4
+    assert compare.needs_more(list(rows.values()), 0.03)
+
+
+def test_removed_digest_depends_on_every_layer() -> None:
+    layers = [{"name": "a", "removed": [0, 2]}, {"name": "b", "removed": [1]}]
+    changed = [{"name": "a", "removed": [0, 2]}, {"name": "b", "removed": [2]}]
+    assert compare.removed_digest(layers) == compare.removed_digest([dict(x) for x in layers])
+    assert compare.removed_digest(layers) != compare.removed_digest(changed)
+
+
+def test_finished_runs_are_found_and_skipped(tmp_path: Path) -> None:
+    settings = compare.Settings(testbeds=("t",), arms=("a", "random"), results=tmp_path)
+    for run in fake_runs():
+        compare.write_json(compare.run_path(settings, "t", run["scorer"], run["seed"]), run)
+    assert len(compare.load_runs(settings)) == 8
+    compare.run_seeds(settings, {"t": range(4)})  # every run exists: nothing is started
+    summary = compare.report(settings)
+    assert [r["scorer"] for r in summary["rows"]] == ["a", "random"]
+    assert (tmp_path / "compare.md").exists() and (tmp_path / "compare.png").exists()
