@@ -67,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    """The PruneConfig of parsed flags; `--data` is normalised (`d/` and `./d` are `d`)."""
+    data = os.path.normpath(args.data) if args.data else args.data
     return PruneConfig(
-        model=args.model, weights=args.weights, data=args.data, ratio=args.ratio, scorer=args.scorer,
+        model=args.model, weights=args.weights, data=data, ratio=args.ratio, scorer=args.scorer,
         classes=args.classes, samples_per_class=args.samples_per_class, schedule=args.schedule,
         rounding=args.rounding, bn_recalibration=args.bn_recalibration, finetune=not args.no_finetune, epochs=args.epochs, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
@@ -96,7 +98,13 @@ def quiet_libraries() -> Iterator[None]:
 
 
 def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    """False only on a non-zero rank of a torchrun launch (a stray RANK does not count)."""
+    from prune.pipeline.distributed import env_world
+
+    try:
+        return env_world().is_main
+    except UsageError:
+        return True
 
 
 def main(argv: list[str] | None = None) -> int:
