@@ -202,13 +202,14 @@ def _decide(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs
     if earlier.get("settings") != fingerprint:
         raise UsageError(f"--out {out} holds a different run; pass --overwrite to replace it or choose another --out")
     if inputs is not None and earlier.get("inputs") != inputs:
-        before = earlier.get("inputs") if isinstance(earlier.get("inputs"), dict) else {}
-        changed = [INPUT_NAMES.get(k, k) for k in inputs if before.get(k) != inputs[k]]
+        before = earlier.get("inputs")
+        changed = ([INPUT_NAMES.get(k, k) for k in inputs if before.get(k) != inputs[k]]
+                   if isinstance(before, dict) else []) or [INPUT_NAMES["version"]]  # e.g. an older marker
         raise UsageError(
             f"--out {out} holds this command's run made with another {' and '.join(changed)}; "
             "pass --overwrite to start again or choose another --out"
         )
-    if int(earlier.get("processes", 1)) != processes:
+    if earlier.get("processes", 1) != processes:
         raise UsageError(
             f"--out {out} holds this run started with {earlier.get('processes', 1)} process(es), not {processes}; "
             "rerun with the same number of processes, or pass --overwrite"

@@ -294,6 +294,8 @@ def _example_input(model: nn.Module, size: int, name: str, device: torch.device)
     try:
         example = torch.zeros(1, 3, size, size, device=device)
         model(example)
+    except torch.cuda.OutOfMemoryError:
+        raise
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"model {name} cannot run on {size}x{size} images ({first}); pass a larger --input-size, "
