@@ -87,10 +87,14 @@ def scorer_options(scorer: str, pairs: list[str]) -> tuple[tuple[str, object], .
 
 
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
+    """The PruneConfig of parsed flags; `--data` is normalised (`d/` and `./d` are `d`)."""
+    data = os.path.normpath(args.data) if args.data else args.data
     return PruneConfig(
-        model=args.model, weights=args.weights, data=args.data, ratio=args.ratio, scorer=args.scorer,
-        scorer_options=scorer_options(args.scorer, args.scorer_opt), classes=args.classes, samples_per_class=args.samples_per_class, schedule=args.schedule,
-        rounding=args.rounding, layer_bn_batches=args.layer_bn_batches, bn_recalibration=args.bn_recalibration, finetune=not args.no_finetune, epochs=args.epochs, lr=args.lr,
+        model=args.model, weights=args.weights, data=data, ratio=args.ratio, scorer=args.scorer,
+        scorer_options=scorer_options(args.scorer, args.scorer_opt), classes=args.classes,
+        samples_per_class=args.samples_per_class, schedule=args.schedule, rounding=args.rounding,
+        layer_bn_batches=args.layer_bn_batches, bn_recalibration=args.bn_recalibration,
+        finetune=not args.no_finetune, epochs=args.epochs, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
         input_size=args.input_size, device=args.device, seed=args.seed,
     )
@@ -115,6 +119,16 @@ def quiet_libraries() -> Iterator[None]:
         yield
 
 
+def _is_main_process() -> bool:
+    """False only on a non-zero rank of a torchrun launch (a stray RANK does not count)."""
+    from prune.pipeline.distributed import env_world
+
+    try:
+        return env_world().is_main
+    except UsageError:
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for bad input, with a one-line message on stderr).
 
@@ -129,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
             report = run(config, out=out, overwrite=args.overwrite, quiet=args.quiet, export=args.export)
     except (UsageError, FileNotFoundError) as exc:
-        if distributed.env_world().is_main:
+        if _is_main_process():
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if not report:

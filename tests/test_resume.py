@@ -100,3 +100,123 @@ def test_a_different_command_on_the_same_out_is_refused_unless_overwrite(tmp_pat
     report = finish(out, [*quick, "--ratio", "0.3", "--overwrite"])
     assert report["settings"]["ratio"] == 0.3
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the replaced run is gone
+
+
+# --- what a resume trusts: fast in-process runs (3 classes of 8×8 images, random weights, l1 scorer)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("quick")
+    torch.manual_seed(0)
+    torch.save(EmbeddedVGG(num_classes=3).state_dict(), root / "weights.pt")
+    data = image_folder(root / "data", classes=3, train=2, val=2, size=8)
+    return ["--data", str(data), "--weights", str(root / "weights.pt"), "--scorer", "l1", "--input-size", "16",
+            "--batch-size", "8", "--classes", "2", "--samples-per-class", "2", "--no-finetune", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, quick) -> dict:
+    """The report of an uninterrupted quick run."""
+    from prune.cli import main
+
+    out = tmp_path_factory.mktemp("clean") / "out"
+    assert main([*quick, "--out", str(out)]) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+def test_tampered_score_cache_is_scored_again(tmp_path, quick, clean):
+    from prune.cli import main
+    from prune.pipeline.run import SCORES_FORMAT
+
+    out = tmp_path / "out"
+    assert main([*quick, "--out", str(out)]) == 0
+    layers = [layer["name"] for layer in clean["layers"]]
+    n = [layer["channels_before"] for layer in clean["layers"]]
+    # well-formed files of the right layer: too short, NaN, and scores that would remove other channels
+    bad = {0: torch.arange(n[0] - 1, dtype=torch.float32), 1: torch.full((n[1],), float("nan")),
+           2: torch.cat([torch.zeros(n[2] - 1), torch.tensor([float("inf")])])}
+    for i, scores in bad.items():
+        torch.save({"format": SCORES_FORMAT, "layer": layers[i], "scores": scores}, out / "cache" / f"scores-{i:03d}.pt")
+    (out / "report.json").unlink()
+    assert main([*quick, "--out", str(out)]) == 0
+    rerun = json.loads((out / "report.json").read_text())
+    assert rerun["layers"] == clean["layers"]
+    for i in bad:
+        scores = torch.load(out / "cache" / f"scores-{i:03d}.pt", weights_only=True)["scores"]
+        assert scores.shape == (n[i],) and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("change", ["data", "weights"])
+def test_changed_data_or_weights_under_the_same_command_is_a_different_run(tmp_path, capsys, quick, change):
+    import shutil
+
+    from PIL import Image
+
+    from prune.cli import main
+
+    args = list(quick)
+    for flag in ("--data", "--weights"):  # private copies, changed below
+        i = args.index(flag) + 1
+        copy = tmp_path / Path(args[i]).name
+        (shutil.copytree if flag == "--data" else shutil.copy)(args[i], copy)
+        args[i] = str(copy)
+    out = tmp_path / "out"
+    assert main([*args, "--out", str(out)]) == 0
+    report = (out / "report.json").read_bytes()
+    if change == "data":
+        image = next((tmp_path / "data" / "train").rglob("*.png"))
+        Image.new("RGB", (9, 9), "white").save(image)
+    else:
+        state = torch.load(tmp_path / "weights.pt", weights_only=True)
+        state[next(iter(state))] += 1.0
+        torch.save(state, tmp_path / "weights.pt")
+    capsys.readouterr()
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--{change}" in err[0] and "--overwrite" in err[0], err
+    assert (out / "report.json").read_bytes() == report
+    assert main([*args, "--overwrite", "--out", str(out)]) == 0
+
+
+def test_one_run_at_a_time_and_a_killed_run_leaves_no_lock(tmp_path, capsys, quick):
+    from prune.cli import main
+    from prune.outputs.outdir import LOCK_FILE
+
+    out = tmp_path / "out"
+    assert main([*quick, "--out", str(out)]) == 0
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from prune.outputs.outdir import locked\n"
+         "with locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        for extra in ([], ["--overwrite"], ["--ratio", "0.3", "--overwrite"]):
+            capsys.readouterr()
+            assert main([*quick, *extra, "--out", str(out)]) == 2
+            err = capsys.readouterr().err
+            assert "in use" in err and f"process {holder.pid}" in err, err
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    assert (out / LOCK_FILE).exists()  # left by the killed process, but no longer held
+    assert main([*quick, "--overwrite", "--out", str(out)]) == 0
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_temporary_files_of_a_killed_run_are_cleaned(tmp_path, quick):
+    from prune.cli import main
+
+    out = tmp_path / "out"
+    assert main([*quick, "--out", str(out)]) == 0
+    debris = [out / ".report.json.k2j3.tmp", out / "cache" / ".scores-001.pt.x8a.tmp",
+              out / ".replaced-q1" / "model.pt"]
+    for path in debris:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"partial")
+    (out / "notes.tmp").write_text("not ours: no leading dot")
+    assert main([*quick, "--out", str(out)]) == 0
+    assert not any(p.exists() for p in debris) and not (out / ".replaced-q1").exists()
+    assert (out / "notes.tmp").exists()

@@ -1,28 +1,77 @@
 """The output folder: claim it for a run, resume a matching run, refuse a different one.
 
-A claim can be undone: a run that fails with bad input after claiming its folder calls
-`Claim.rollback()`, which leaves the folder as it found it (absent, empty, or the earlier
-run that `--overwrite` was about to replace). `Claim.commit()` drops that earlier run.
+`--out` is only ever replaced (`overwrite`) when it is empty or holds a topoprune run (its
+marker file run.json); a folder with anything else in it is refused. A claim can be undone:
+a run that fails with bad input after claiming its folder calls `Claim.rollback()`, which
+leaves the folder as it found it (absent, empty, or the earlier run that `--overwrite` was
+about to replace). `Claim.commit()` drops that earlier run. One run at a time uses a folder:
+`locked(out)` holds an OS file lock in it, which dies with its process (a killed run leaves
+no stale lock). Every OSError from the file system becomes a one-line UsageError.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from prune.errors import UsageError
 from prune.outputs.files import write_json
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock, a single run per folder is the user's care
+    fcntl = None  # type: ignore[assignment]
+
 RUN_FILE = "run.json"
 RUN_FORMAT = "topoprune/run/v1"
+LOCK_FILE = ".topoprune.lock"
+BACKUP_PREFIX = ".replaced-"
+INPUT_NAMES = {"version": "topoprune version", "weights_digest": "--weights file", "data_digest": "--data images"}
+
+
+def out_error(out: Path, exc: OSError) -> UsageError:
+    """A one-line UsageError for an OSError met while creating or claiming `out`."""
+    fixes = {
+        errno.ENAMETOOLONG: "a name in the path is too long for the file system; choose a shorter --out",
+        errno.EACCES: "permission denied; choose a folder you can write to",
+        errno.EPERM: "operation not permitted; choose a folder you can write to",
+        errno.EROFS: "the file system is read-only; choose a writable --out",
+        errno.ENOTDIR: "a part of the path is a file, not a folder; choose a path inside a folder",
+        errno.EEXIST: "it exists but is not a folder (a broken symbolic link?); remove it or choose another --out",
+        errno.ELOOP: "the path has a symbolic link loop; choose another --out",
+        errno.ENOSPC: "no space left on the device; free space or choose another --out",
+        errno.EDQUOT: "disk quota exceeded; free space or choose another --out",
+    }
+    fix = fixes.get(exc.errno, f"{exc.strerror or type(exc).__name__}; choose another --out")
+    return UsageError(f"cannot use --out {out}: {fix}")
+
+
+def _entries(out: Path) -> list[Path]:
+    """What `out` holds, without this run's lock file."""
+    return [p for p in out.iterdir() if p.name != LOCK_FILE]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
 class Claim:
-    """A claimed output folder. `resume`: it holds a matching earlier run to continue."""
+    """A claimed output folder. `resume`: it holds a matching earlier run to continue.
+
+    `existed`: the folder was there before the claim; `backup`: the subfolder of `out` the
+    replaced earlier run was moved into (deleted by `commit`, moved back by `rollback`).
+    """
 
     out: Path
     resume: bool
@@ -41,11 +90,16 @@ class Claim:
         """
         if self.resume:
             return
-        shutil.rmtree(self.out, ignore_errors=True)
+        if not self.existed:
+            shutil.rmtree(self.out, ignore_errors=True)
+            return
+        for path in _entries(self.out):
+            if path != self.backup:
+                _remove(path)
         if self.backup is not None:
-            self.backup.rename(self.out)
-        elif self.existed:
-            self.out.mkdir(parents=True, exist_ok=True)
+            for path in self.backup.iterdir():
+                path.rename(self.out / path.name)
+            self.backup.rmdir()
 
 
 def read_marker(out: Path) -> dict | None:
@@ -57,18 +111,105 @@ def read_marker(out: Path) -> dict | None:
     return earlier if isinstance(earlier, dict) and earlier.get("format") == RUN_FORMAT else None
 
 
-def check(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1) -> bool:
-    """Decide without changing anything: True to resume, False to start afresh; UsageError
-    if `out` is a file or holds a different run and `overwrite` is False."""
+def _check_creatable(out: Path) -> None:
+    """UsageError if `out` (absent) obviously cannot be created: a file, an unwritable folder
+    or an over-long name on the way. Anything subtler is caught when it is created."""
+    parent = out.parent
+    missing = [out.name]
+    while not parent.exists() and parent != parent.parent:
+        if parent.is_symlink():
+            raise UsageError(f"cannot use --out {out}: {parent} is a broken symbolic link; choose another --out")
+        missing.append(parent.name)
+        parent = parent.parent
+    if not parent.is_dir():
+        raise out_error(out, OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    if any(len(os.fsencode(name)) > limit for name in missing):
+        raise out_error(out, OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG)))
+    _check_writable(out, parent)
+
+
+def _check_writable(out: Path, folder: Path) -> None:
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise out_error(out, OSError(errno.EACCES, os.strerror(errno.EACCES)))
+
+
+def holder(out: Path) -> str | None:
+    """Who holds the lock of `out` ('process PID on HOST'), or None if no live run does."""
+    path = Path(out) / LOCK_FILE
+    if fcntl is None or not path.is_file():
+        return None
+    try:
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                return f.read().strip() or "another process"
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
+def _in_use(out: Path, who: str) -> UsageError:
+    return UsageError(
+        f"--out {out} is in use by {who}; wait for that run to end or choose another --out "
+        f"(a run that was killed holds no lock: then delete {Path(out) / LOCK_FILE})"
+    )
+
+
+def check(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1, inputs: dict | None = None) -> bool:
+    """Decide without changing anything: True to resume, False to start afresh.
+
+    UsageError if `out` cannot be a folder, holds anything but a topoprune run (even with
+    `overwrite`), holds a different run (settings `fingerprint`, or `inputs` when given:
+    version and digests of weights and data) and `overwrite` is False, or is in use.
+    """
     out = Path(out)
+    try:
+        return _decide(out, fingerprint, overwrite, processes, inputs, locked_here=False)
+    except OSError as exc:
+        raise out_error(out, exc) from None
+
+
+def _decide(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs: dict | None, *,
+            locked_here: bool) -> bool:
+    if out.is_symlink() and not out.exists():
+        raise UsageError(f"--out {out} is a broken symbolic link; remove it or choose another --out")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a folder path")
-    if not out.is_dir() or not any(out.iterdir()) or overwrite:
+    if not out.exists():
+        _check_creatable(out)
+        return False
+    _check_writable(out, out)
+    who = None if locked_here else holder(out)
+    if who is not None:
+        raise _in_use(out, who)
+    if not _entries(out):
         return False
     earlier = read_marker(out)
-    if earlier is None or earlier.get("settings") != fingerprint:
+    if earlier is None:
+        raise UsageError(
+            f"--out {out} holds files that are not a topoprune run (no {RUN_FILE}); --overwrite replaces only "
+            "topoprune runs and empty folders: choose another --out"
+        )
+    if overwrite:
+        return False
+    if earlier.get("settings") != fingerprint:
         raise UsageError(f"--out {out} holds a different run; pass --overwrite to replace it or choose another --out")
-    if int(earlier.get("processes", 1)) != processes:
+    if inputs is not None and earlier.get("inputs") != inputs:
+        before = earlier.get("inputs")
+        changed = ([INPUT_NAMES.get(k, k) for k in inputs if before.get(k) != inputs[k]]
+                   if isinstance(before, dict) else []) or [INPUT_NAMES["version"]]  # e.g. an older marker
+        raise UsageError(
+            f"--out {out} holds this command's run made with another {' and '.join(changed)}; "
+            "pass --overwrite to start again or choose another --out"
+        )
+    if earlier.get("processes", 1) != processes:
         raise UsageError(
             f"--out {out} holds this run started with {earlier.get('processes', 1)} process(es), not {processes}; "
             "rerun with the same number of processes, or pass --overwrite"
@@ -76,16 +217,101 @@ def check(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1) -
     return True
 
 
-def claim(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1) -> Claim:
-    """Make `out` this run's folder (see `check`); an overwritten run is moved aside until commit."""
+def clean_debris(out: Path) -> None:
+    """Delete what a killed run left in its folder: temporary files of unfinished atomic
+    writes (`.<name>.<random>.tmp`) and earlier runs it was replacing (`.replaced-*`)."""
+    for path in list(Path(out).rglob(".*.tmp")):
+        if path.is_file() or path.is_symlink():
+            path.unlink(missing_ok=True)
+    for path in Path(out).glob(f"{BACKUP_PREFIX}*"):
+        _remove(path)
+
+
+def claim(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1, inputs: dict | None = None) -> Claim:
+    """Make `out` this run's folder (see `check`); an overwritten run is moved aside until commit.
+
+    run.json records `fingerprint` (the settings), `inputs` and `processes`.
+    """
     out = Path(out)
-    if check(out, fingerprint, overwrite=overwrite, processes=processes):
+    try:
+        return _claim(out, fingerprint, overwrite, processes, inputs)
+    except OSError as exc:
+        raise out_error(out, exc) from None
+
+
+def _claim(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs: dict | None) -> Claim:
+    if _decide(out, fingerprint, overwrite, processes, inputs, locked_here=True):
+        clean_debris(out)
         return Claim(out, resume=True, existed=True)
     existed, backup = out.is_dir(), None
-    if existed and any(out.iterdir()):
-        backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-        backup.rmdir()
-        out.rename(backup)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / RUN_FILE, {"format": RUN_FORMAT, "settings": fingerprint, "processes": processes})
-    return Claim(out, resume=False, existed=existed, backup=backup)
+    if existed and _entries(out):
+        backup = Path(tempfile.mkdtemp(prefix=BACKUP_PREFIX, dir=out))
+        for path in _entries(out):
+            if path != backup:
+                path.rename(backup / path.name)
+    claimed = Claim(out, resume=False, existed=existed, backup=backup)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        marker = {"format": RUN_FORMAT, "settings": fingerprint, "processes": processes}
+        write_json(out / RUN_FILE, marker if inputs is None else {**marker, "inputs": inputs})
+    except BaseException:
+        claimed.rollback()
+        raise
+    return claimed
+
+
+@contextmanager
+def locked(out: Path) -> Iterator[None]:
+    """Hold `out`'s lock inside (UsageError if a live run holds it); creates `out` if needed
+    and removes it again on exit if it is then empty and was not there before."""
+    out = Path(out)
+    if fcntl is None:
+        yield
+        return
+    created = [out, *(p for p in out.parents if not p.exists())] if not out.exists() else []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = _take_lock(out)
+    except OSError as exc:
+        _remove_empty(created)
+        raise out_error(out, exc) from None
+    try:
+        yield
+    finally:
+        (out / LOCK_FILE).unlink(missing_ok=True)
+        f.close()
+        _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _take_lock(out: Path):
+    """The open, flock-ed lock file of `out` (its text says who holds it)."""
+    path = out / LOCK_FILE
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            f.close()
+            raise _in_use(out, who) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last holder unlinked while we waited for it
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+            f.flush()
+            return f
+        f.close()

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from finetune.ddp import is_distributed
+from prune.errors import UsageError
 
 T = TypeVar("T")
 
@@ -48,13 +49,28 @@ class World:
 SINGLE = World()
 
 
+def _env_int(name: str, default: int) -> int:
+    """The integer in environment variable `name` (UsageError if it is not one)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={text!r} is not an integer; unset it or launch with torchrun") from None
+
+
+def launched_by_torchrun() -> bool:
+    """True when the environment carries torchrun's WORLD_SIZE > 1."""
+    return _env_int("WORLD_SIZE", 1) > 1
+
+
 def env_world() -> World:
-    """The World described by torchrun's environment variables (SINGLE without them)."""
-    return World(
-        rank=int(os.environ.get("RANK", "0")),
-        size=int(os.environ.get("WORLD_SIZE", "1")),
-        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-    )
+    """The World described by torchrun's environment variables; SINGLE unless WORLD_SIZE > 1
+    (a stray RANK alone does not make this process a non-main rank)."""
+    if not launched_by_torchrun():
+        return SINGLE
+    return World(rank=_env_int("RANK", 0), size=_env_int("WORLD_SIZE", 1), local_rank=_env_int("LOCAL_RANK", 0))
 
 
 def init(device: torch.device) -> World:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
+import os
 import platform
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,8 +32,9 @@ from prune.pipeline.counting import count_cost
 from prune.zoo.data import DataBundle, check_scoring_images, choose_classes, class_images, load_data, make_loader
 from prune.errors import UsageError
 from prune.outputs.files import torch_save, write_json
-from prune.zoo.models import ModelSpec, check_model_name, load_model
-from prune.outputs.outdir import Claim, claim
+from prune.zoo.models import ModelSpec, check_model_name, load_model, state_dict_mismatch
+from prune.outputs.outdir import Claim, claim, locked
+from prune.pipeline.provenance import inputs_fingerprint
 from prune.outputs.outdir import check as check_out
 from prune.outputs.report import write_report
 from prune.pipeline.selection import ScoringData, select_and_prune
@@ -48,8 +51,35 @@ class UnreadableImages(UserWarning):
     """Some image files could not be decoded and are skipped."""
 
 
-def validate(config: PruneConfig) -> None:
-    """Raise UsageError for settings that cannot work, before anything is loaded."""
+SEED_LIMIT = 2**32
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def _check_range(flag: str, value: float, ok: bool, wanted: str) -> None:
+    """UsageError unless `value` is finite and `ok` (its range test) holds."""
+    if not (math.isfinite(value) and ok):
+        raise UsageError(f"{flag} {value} is not possible; it must be {wanted}")
+
+
+def _check_paths(config: PruneConfig, out: Path) -> None:
+    """UsageError if `out` is, contains or lies inside --data, or contains the --weights file
+    (replacing or writing `out` would destroy or change them)."""
+    target = Path(os.path.realpath(out))
+    if config.data:
+        data = Path(os.path.realpath(config.data))
+        if target == data or data in target.parents or target in data.parents:
+            raise UsageError(
+                f"--out {out} is, contains or lies inside --data {config.data}; choose an --out outside the data folder"
+            )
+    if config.weights and Path(config.weights).exists():
+        weights = Path(os.path.realpath(config.weights))
+        if target == weights or target in weights.parents:
+            raise UsageError(f"--out {out} contains the --weights file {config.weights}; choose another --out")
+
+
+def validate(config: PruneConfig, out: Path | None = None) -> None:
+    """Raise UsageError for settings that cannot work (and an `out` that would overwrite the
+    data or weights), before anything is loaded or written."""
     if not 0.0 <= config.ratio < 1.0:
         raise UsageError(f"--ratio {config.ratio} is outside [0, 1); pass e.g. --ratio 0.5")
     try:
@@ -62,8 +92,27 @@ def validate(config: PruneConfig) -> None:
     for flag, value in (("--samples-per-class", config.samples_per_class), ("--batch-size", config.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
-    if config.epochs < 0 or config.lr <= 0 or config.bn_recalibration < 0 or config.layer_bn_batches < 0:
-        raise UsageError("--epochs, --layer-bn-batches and --bn-recalibration must be >= 0 and --lr > 0")
+    if config.epochs < 0 or config.bn_recalibration < 0 or config.layer_bn_batches < 0:
+        raise UsageError("--epochs, --layer-bn-batches and --bn-recalibration must be >= 0")
+    _check_range("--lr", config.lr, config.lr > 0, "a finite number > 0, e.g. --lr 1e-3")
+    _check_range("--momentum", config.momentum, 0 <= config.momentum < 1, "in [0, 1), e.g. --momentum 0.9")
+    _check_range("--weight-decay", config.weight_decay, config.weight_decay >= 0, "a finite number >= 0, e.g. 5e-4")
+    if config.classes is not None and config.classes < 1:
+        raise UsageError(f"--classes must be at least 1, got {config.classes}")
+    if config.input_size is not None and config.input_size < 1:
+        raise UsageError(f"--input-size must be at least 1 pixel, got {config.input_size}; e.g. --input-size 224")
+    if not 0 <= config.seed < SEED_LIMIT:
+        raise UsageError(f"--seed {config.seed} is outside 0..{SEED_LIMIT - 1}; pass e.g. --seed 0")
+    try:
+        device_type = torch.device(config.device).type
+    except (RuntimeError, ValueError, TypeError):
+        device_type = None
+    if device_type not in DEVICE_TYPES:
+        raise UsageError(f"--device {config.device!r} is not supported; use cpu, cuda or cuda:N")
+    if config.data == "":
+        raise UsageError("--data is empty; pass an ImageFolder root or leave --data out for the embedded set")
+    if out is not None:
+        _check_paths(config, Path(out))
 
 
 def make_scorer(config: PruneConfig) -> scoring.Scorer:
@@ -82,6 +131,9 @@ def resolve_device(name: str) -> torch.device:
         raise UsageError(f"--device {name!r} is not a device; use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name} does not exist: {torch.cuda.device_count()} GPU(s) are visible; "
+                         "use cuda:0 .. cuda:N-1")
     return device
 
 
@@ -109,11 +161,19 @@ def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: tor
     }
 
 
+def fits_layer(scores: object, channels: int) -> bool:
+    """True if `scores` can be a layer's scores: a 1-D finite float tensor of length `channels`."""
+    return (
+        isinstance(scores, torch.Tensor) and scores.dim() == 1 and scores.numel() == channels
+        and scores.is_floating_point() and bool(torch.isfinite(scores).all())
+    )
+
+
 def _score_cache(out: Path, resume: bool, world: distributed.World):
     """Per-layer score files in `out/cache`: reused on resume, written after each layer.
 
-    Rank 0 reads and writes the files; the scores it finds are broadcast to every rank. An
-    unreadable cache file is scored again.
+    Rank 0 reads and writes the files; the scores it finds are broadcast to every rank. A
+    cache file that is unreadable or does not fit its layer (`fits_layer`) is scored again.
     """
 
     def stored(path: Path, group: PrunableGroup) -> torch.Tensor | None:
@@ -123,7 +183,8 @@ def _score_cache(out: Path, resume: bool, world: distributed.World):
             blob = read_checkpoint(path, SCORES_FORMAT)
         except UsageError:
             return None
-        return blob["scores"] if blob.get("layer") == group.name else None
+        scores = blob.get("scores")
+        return scores if blob.get("layer") == group.name and fits_layer(scores, group.num_channels) else None
 
     def cached(i: int, group: PrunableGroup, compute) -> torch.Tensor:
         path = out / "cache" / f"scores-{i:03d}.pt"
@@ -138,13 +199,17 @@ def _score_cache(out: Path, resume: bool, world: distributed.World):
     return cached
 
 
-def _finetune_state(path: Path, resume: bool, world: distributed.World) -> dict | None:
-    """The last fine-tuning checkpoint (read by rank 0, broadcast to all), or None."""
+def _finetune_state(path: Path, resume: bool, world: distributed.World, model: nn.Module) -> dict | None:
+    """The last fine-tuning checkpoint (read by rank 0, broadcast to all), or None (also when
+    it does not fit `model`: fine-tuning then starts again)."""
     state = None
     if world.is_main and resume and path.exists():
         try:
             state = read_checkpoint(path, FINETUNE_FORMAT)
         except UsageError:
+            state = None
+        if state is not None and (state_dict_mismatch(model, state.get("model")) is not None
+                                  or not isinstance(state.get("optimizer"), dict)):
             state = None
     return distributed.broadcast(state)
 
@@ -157,7 +222,7 @@ def _finetune(model, data, config, device, out: Path, resume: bool, quiet: bool,
     """
     ft = FinetuneConfig(epochs=config.epochs, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     path = out / "cache" / "finetune.pt"
-    state = _finetune_state(path, resume, world)
+    state = _finetune_state(path, resume, world, model)
     if state is not None:
         model.load_state_dict(state["model"])
     net = ddp.wrap(model, device)
@@ -244,6 +309,21 @@ class Loaded:
     unreadable: int
 
 
+@torch.no_grad()
+def _example_input(model: nn.Module, size: int, name: str, device: torch.device) -> torch.Tensor:
+    """A zero image [1, 3, size, size] that `model` runs on; UsageError if it cannot."""
+    try:
+        example = torch.zeros(1, 3, size, size, device=device)
+        model(example)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"model {name} cannot run on {size}x{size} images ({first}); pass a larger --input-size, "
+                         "e.g. 224") from None
+    return example
+
+
 def load(config: PruneConfig, device: torch.device) -> Loaded:
     """Load data and model and check every input (UsageError), writing nothing.
 
@@ -255,7 +335,7 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     classes = choose_classes(data, k, seed=config.seed)
     unreadable = check_scoring_images(data, classes, config.samples_per_class, seed=config.seed)
     model = load_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
-    example = torch.zeros(1, 3, data.input_size, data.input_size, device=device)
+    example = _example_input(model, data.input_size, config.model, device)
     surgeon = Surgeon(model, example)
     probe = min(config.samples_per_class, PROBE_IMAGES)
     check_finite(model, torch.cat([class_images(data, c, probe, seed=config.seed) for c in classes]))
@@ -263,12 +343,16 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     return Loaded(data, classes, model, surgeon, scorer, unreadable)
 
 
-def _claim(out: Path, config: PruneConfig, overwrite: bool, world: distributed.World) -> tuple[Claim | None, bool]:
-    """Rank 0 claims `out`; every rank learns whether to resume (or gets rank 0's UsageError)."""
+def _claim(out: Path, config: PruneConfig, data: DataBundle, overwrite: bool, world: distributed.World,
+           stack: ExitStack) -> tuple[Claim | None, bool]:
+    """Rank 0 locks and claims `out` (the lock is released when `stack` closes); every rank
+    learns whether to resume (or gets rank 0's UsageError)."""
     result: Claim | str | None = None
     if world.is_main:
         try:
-            result = claim(out, config.fingerprint(), overwrite=overwrite, processes=world.size)
+            inputs = inputs_fingerprint(config, data)
+            stack.enter_context(locked(out))
+            result = claim(out, config.fingerprint(), overwrite=overwrite, processes=world.size, inputs=inputs)
         except UsageError as exc:
             result = str(exc)
     shared = distributed.broadcast(result if isinstance(result, str) else result is not None and result.resume)
@@ -287,7 +371,7 @@ def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool 
     file and returns the report (other ranks return an empty dict). `export="onnx"` also
     writes `out/model.onnx` (an output option: not part of the settings that decide the result).
     """
-    validate(config)
+    validate(config, out)
     check_export(export)
     device = resolve_device(config.device)
     launched = distributed.env_world()
@@ -312,15 +396,16 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
     if loaded.unreadable and world.is_main:
         warnings.warn(f"skipping {loaded.unreadable} unreadable image file(s) among the scoring images; "
                       "remove or replace them", UnreadableImages, stacklevel=2)
-    claimed, resume = _claim(out, config, overwrite, world)
-    try:
-        report = _job(config, loaded, out, resume, quiet, world, device, timings, export)
-    except UsageError:
+    with ExitStack() as stack:
+        claimed, resume = _claim(out, config, loaded.data, overwrite, world, stack)
+        try:
+            report = _job(config, loaded, out, resume, quiet, world, device, timings, export)
+        except UsageError:
+            if claimed is not None:
+                claimed.rollback()
+            raise
         if claimed is not None:
-            claimed.rollback()
-        raise
-    if claimed is not None:
-        claimed.commit()
+            claimed.commit()
     return report
 
 

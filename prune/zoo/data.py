@@ -6,6 +6,8 @@ whole train split; evaluation uses val (the embedded set's test split).
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,6 +21,8 @@ from prune.errors import UsageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+"""What decoding a bad image file raises (a decompression bomb included)."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class DataBundle:
 
 
 class TolerantImageFolder(datasets.ImageFolder):
-    """ImageFolder that yields None for an unreadable image instead of raising.
+    """ImageFolder that yields None for an unreadable image instead of raising (see `decode_rgb`).
 
     Grayscale and RGBA files are converted to RGB. `skipped` counts the unreadable files.
     """
@@ -46,23 +50,32 @@ class TolerantImageFolder(datasets.ImageFolder):
 
     def __getitem__(self, index: int):  # type: ignore[override]
         path, target = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError):
+        image = decode_rgb(path)
+        if image is None:
             self.skipped.add(path)
             return None
         return self.transform(image), target
 
 
-def readable(path: str) -> bool:
-    """True if PIL can decode the image file at `path`."""
+def decode_rgb(path: str) -> Image.Image | None:
+    """The image file at `path` as RGB, or None if it is unreadable: not a regular file (a
+    FIFO or device would block or never end), not decodable, or a decompression bomb (more
+    than PIL's `Image.MAX_IMAGE_PIXELS` pixels declared)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         with Image.open(path) as img:
-            img.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError):
-        return False
-    return True
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and img.size[0] * img.size[1] > limit:
+                return None
+            return img.convert("RGB")
+    except UNREADABLE:
+        return None
+
+
+def readable(path: str) -> bool:
+    """True if `decode_rgb` can decode the image file at `path`."""
+    return decode_rgb(path) is not None
 
 
 def skip_none_collate(batch: list, image_shape: tuple[int, ...] = (3, 1, 1)):

@@ -70,6 +70,29 @@ def build_model(spec: ModelSpec) -> nn.Module:
     return torchvision.models.get_model(spec.name, weights=None, num_classes=spec.num_classes)
 
 
+def state_dict_mismatch(model: nn.Module, state: object) -> str | None:
+    """Why `state` is not a state_dict of `model`: the first missing or unexpected key or
+    mismatched shape (with how many more there are), or None if every key and shape fits.
+
+    Missing BatchNorm `num_batches_tracked` counters are allowed (torch fills them in).
+    """
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a state_dict"
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and getattr(state[k], "shape", None) != expected[k].shape]
+    problems = [f"missing key {k!r}" for k in missing] + [f"unexpected key {k!r}" for k in unexpected]
+    problems += [
+        f"key {k!r} has shape {tuple(getattr(state[k], 'shape', ()))} but the model's is {tuple(expected[k].shape)}"
+        if isinstance(state[k], torch.Tensor) else f"key {k!r} holds a {type(state[k]).__name__}, not a tensor"
+        for k in wrong
+    ]
+    if not problems:
+        return None
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
 def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -77,11 +100,14 @@ def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
         raise UsageError(f"cannot read weights from {path}: {type(exc).__name__}; pass a state_dict file") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise UsageError(f"weights in {path} do not fit the model ({first}); check --model") from None
+    why = state_dict_mismatch(model, state)
+    if why is None:
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            why = str(exc).strip().splitlines()[-1].strip()
+    if why is not None:
+        raise UsageError(f"weights in {path} do not fit the model {type(model).__name__}: {why}; check --model") from None
 
 
 def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module:
