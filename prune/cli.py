@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -12,7 +13,6 @@ from pathlib import Path
 import scoring
 from prune.config import PruneConfig
 from prune.errors import UsageError
-from prune.pipeline import distributed
 
 DEFAULTS = PruneConfig()
 

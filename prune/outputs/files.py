@@ -42,11 +42,6 @@ def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically."""
-    _atomic(Path(path), lambda f: f.write(data))
-
-
 def write_json(path: Path, obj: Any) -> None:
     """Write `obj` as indented JSON atomically."""
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
