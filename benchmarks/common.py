@@ -188,7 +188,7 @@ def load_bundle(s: ExperimentSettings) -> DataBundle:
     """The data the settings name; the shrunk embedded set with --quick and no --data."""
     if s.data is None and s.quick and s.input_size is None:
         return quick_embedded_data()
-    return load_data(s.data, input_size=s.input_size)
+    return load_data(s.data, input_size=s.input_size, model=s.model)
 
 
 def dataset_tensors(

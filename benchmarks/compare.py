@@ -29,13 +29,15 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
+import prune
 from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure
-from prune.config import PruneConfig
+from prune import LayerResult, PruneConfig
 from prune.outputs.files import write_json, write_text
 
 
@@ -102,9 +104,9 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return m, t95(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
-def removed_digest(layers: list[dict]) -> str:
+def removed_digest(layers: Sequence[LayerResult]) -> str:
     """sha256 of the removed channel indices of every layer, in layer order."""
-    text = json.dumps([[layer["name"], layer["removed"]] for layer in layers])
+    text = json.dumps([[layer.name, list(layer.removed)] for layer in layers])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -116,8 +118,6 @@ def run_one(settings: Settings, testbed: str, arm_name: str, seed: int) -> dict:
     """One main job on one thread; writes and returns its result entry."""
     import torch
 
-    from prune.pipeline.run import run
-
     torch.set_num_threads(1)
     arm = next(a for a in ARMS if a.name == arm_name)
     config = PruneConfig(
@@ -127,21 +127,21 @@ def run_one(settings: Settings, testbed: str, arm_name: str, seed: int) -> dict:
     )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        report = run(config, out=Path(tmp) / "out", quiet=True)
+        report = prune.run(config, out=Path(tmp) / "out", quiet=True)
     entry = {
         "testbed": testbed,
         "scorer": arm.name,
         "scorer_options": dict(arm.options),
         "seed": seed,
-        "top1": report["after"]["top1"],
-        "top1_pruned": report["pruned_before_finetune"]["top1"],
-        "top1_pruned_bn": report["pruned_bn_reestimated"]["top1"],
-        "top1_unpruned": report["before"]["top1"],
-        "removed_sha256": removed_digest(report["layers"]),
-        "scoring_top1": [layer["scoring_top1"] for layer in report["layers"]],
-        "map_size": [layer["map_size"] for layer in report["layers"]],
-        "params": report["after"]["params"],
-        "flops": report["after"]["flops"],
+        "top1": report.after.top1,
+        "top1_pruned": report.pruned_before_finetune.top1,
+        "top1_pruned_bn": report.pruned_bn_reestimated.top1,
+        "top1_unpruned": report.before.top1,
+        "removed_sha256": removed_digest(report.layers),
+        "scoring_top1": [layer.scoring_top1 for layer in report.layers],
+        "map_size": [layer.map_size for layer in report.layers],
+        "params": report.after.params,
+        "flops": report.after.flops,
         "seconds": round(time.perf_counter() - start, 1),
         "settings": config.as_dict(),
     }

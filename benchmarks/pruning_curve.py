@@ -2,7 +2,7 @@
 
     python -m benchmarks.pruning_curve [--quick] [--ratios 0.4,0.5,0.6] [--ks 1,2,5,10]
 
-Every point is one run of the main job, `prune.pipeline.run.run(PruneConfig(...))` (progressive,
+Every point is one run of the main job, `prune.run(prune.PruneConfig(...))` (progressive,
 layer by layer, then the paper's fine-tuning: SGD, lr 1e-3 ÷10 per epoch, 3 epochs) with the
 entropy scorer, in a temporary output folder. Fig. 13B: the ratios at K = the largest of
 `--ks` (at most the number of classes); Fig. 13A: the Ks at ratio `--k-ratio`. A `random`
@@ -10,9 +10,9 @@ scorer run at `--k-ratio` (`--baseline`) shows what the criterion adds.
 
 With `--quick` and no `--data`, the shrunk shapes10 set (30 train / 20 test images per class)
 is written to a temporary ImageFolder whose pixel values are mapped so that the folder
-transform's ImageNet normalisation gives back the shapes normalisation (images padded to
-37² so Resize(37) + CenterCrop(32) returns them unchanged); the main job then loads it in
-well under a second instead of generating the full set.
+transform's normalisation (the model's, from its registry entry) gives back the shapes
+normalisation (images padded to 37² so Resize(37) + CenterCrop(32) returns them unchanged);
+the main job then loads it in well under a second instead of generating the full set.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from benchmarks.common import (
     quick_embedded_data,
     run_experiment,
 )
-from prune.config import PruneConfig
-from prune.pipeline.run import run
-from prune.zoo.data import IMAGENET_MEAN, IMAGENET_STD
+import prune
+from prune import PruneConfig
+from prune.zoo.registry import model_entry
 
 
 @dataclass(frozen=True)
@@ -78,14 +78,16 @@ def parse_args(argv: list[str] | None) -> Settings:
     return parse_settings(p, argv, full=FULL, quick=QUICK)
 
 
-def export_quick_folder(root: Path) -> Path:
-    """Write the shrunk shapes10 set as an ImageFolder (train/, val/) under `root`."""
+def export_quick_folder(root: Path, model: str) -> Path:
+    """Write the shrunk shapes10 set as an ImageFolder (train/, val/) under `root`, its pixels
+    mapped so that `model`'s folder normalisation gives back the shapes normalisation."""
     data = quick_embedded_data()
-    inet_mean, inet_std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    entry = model_entry(model)
+    mean, std = torch.tensor(entry.mean).view(3, 1, 1), torch.tensor(entry.std).view(3, 1, 1)
     for split, dataset in (("train", data.train), ("val", data.val)):
         images, labels = dataset.tensors
         for i, (x, y) in enumerate(zip(images, labels.tolist())):
-            pixels = inet_mean + inet_std * x  # (pixels − ImageNet mean) / ImageNet std = x
+            pixels = mean + std * x  # (pixels − mean) / std = x
             pixels = torch.nn.functional.pad(pixels.unsqueeze(0), (2, 3, 2, 3), mode="replicate")[0]
             arr = (pixels.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
             folder = root / split / f"{y:02d}-{data.classes[y].replace(' ', '_')}"
@@ -102,14 +104,14 @@ def one_run(cfg: Settings, data: str | None, input_size: int | None, *, ratio: f
         input_size=input_size, device=cfg.device, seed=cfg.seed,
     )
     start = time.perf_counter()
-    report = run(config, out=work / f"{scorer}-r{ratio:g}-k{k}", quiet=True)
-    b, p, a = report["before"], report["pruned_before_finetune"], report["after"]
+    report = prune.run(config, out=work / f"{scorer}-r{ratio:g}-k{k}", quiet=True)
+    b, p, a = report.before, report.pruned_before_finetune, report.after
     return {
         "ratio": ratio, "classes": k, "scorer": scorer,
-        "top1_before": b["top1"], "top1_pruned": p["top1"], "top1_after": a["top1"],
-        "balanced_accuracy_after": a["balanced_accuracy"], "top1_drop": b["top1"] - a["top1"],
-        "params_before": b["params"], "params_after": a["params"], "flops_before": b["flops"], "flops_after": a["flops"],
-        "finetune_losses": report["finetune_losses"], "seconds": round(time.perf_counter() - start, 1),
+        "top1_before": b.top1, "top1_pruned": p.top1, "top1_after": a.top1,
+        "balanced_accuracy_after": a.balanced_accuracy, "top1_drop": b.top1 - a.top1,
+        "params_before": b.params, "params_after": a.params, "flops_before": b.flops, "flops_after": a.flops,
+        "finetune_losses": list(report.finetune_losses), "seconds": round(time.perf_counter() - start, 1),
     }
 
 
@@ -128,7 +130,7 @@ def run_curves(cfg: Settings) -> dict:
         work = Path(tmp)
         data, size = cfg.data, cfg.input_size
         if cfg.quick and data is None and size is None:
-            data, size = str(export_quick_folder(work / "data")), quick_embedded_data().input_size
+            data, size = str(export_quick_folder(work / "data", cfg.model)), quick_embedded_data().input_size
         rows = [
             one_run(cfg, data, size, ratio=r, k=k, scorer=s, work=work)
             for r, k, s in tqdm(plan(cfg), desc="runs", disable=cfg.quiet)

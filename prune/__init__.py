@@ -1,17 +1,56 @@
-"""topoprune: prune CNN channels by feature entropy and other scorers."""
+"""topoprune: prune CNN channels by feature entropy and other scorers.
+
+The library API (what `python -m prune` and the benchmarks use)::
+
+    import prune
+    report = prune.run(prune.PruneConfig(ratio=0.5, scorer="entropy"), out="runs/r0.5")
+    report.after.top1, report.layers[0].removed      # a typed PruneReport
+    prune.list_models("vgg*")                          # names --model takes
+    model = prune.load_pruned("runs/r0.5/model.pt")
+
+Names are imported on first use, so `import prune` stays light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from prune.version import __version__
 
+_EXPORTS: dict[str, str] = {
+    "PruneConfig": "prune.config",
+    "run": "prune.pipeline.run",
+    "PruneReport": "prune.outputs.report",
+    "Measurement": "prune.outputs.report",
+    "LayerResult": "prune.outputs.report",
+    "list_models": "prune.zoo.registry",
+    "load_pruned": "prune.outputs.checkpoint",
+    "as_tp_importance": "prune.pipeline.importance",
+    "UsageError": "prune.errors",
+}
+"""Public name → the module that defines it."""
 
-def load_pruned(path):
-    """Rebuild a pruned model written by `python -m prune` (see prune.outputs.checkpoint.load_pruned)."""
-    from prune.outputs.checkpoint import load_pruned as _load
+__all__ = ["__version__", *_EXPORTS]
 
-    return _load(path)
+if TYPE_CHECKING:
+    from prune.config import PruneConfig
+    from prune.errors import UsageError
+    from prune.outputs.checkpoint import load_pruned
+    from prune.outputs.report import LayerResult, Measurement, PruneReport
+    from prune.pipeline.importance import as_tp_importance
+    from prune.pipeline.run import run
+    from prune.zoo.registry import list_models
 
 
-def as_tp_importance(name, *, images, labels, **options):
-    """A registered scorer as a torch-pruning importance (see prune.pipeline.importance.as_tp_importance)."""
-    from prune.pipeline.importance import as_tp_importance as _make
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first access (then cache it here)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'prune' has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
 
-    return _make(name, images=images, labels=labels, **options)
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     a = p.add_argument
-    a("--model", default=DEFAULTS.model, help="'embedded', a torchvision name (vgg16, resnet34, ...) or timm:<name>")
+    a("--model", default=DEFAULTS.model, help="a name of prune.list_models(): 'embedded', 'embedded-plain', "
+      "a torchvision name (vgg16, resnet34, ...) or timm:<name>")
     a("--weights", default=None, help="checkpoint path (state_dict) or torchvision weights name (IMAGENET1K_V1); "
       "default: shipped weights for 'embedded', random init otherwise")
     a("--data", default=None, help="ImageFolder root with train/ and val/ class folders; default: embedded shapes set")
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="SGD weight decay")
     a("--no-finetune", action="store_true", help="skip fine-tuning")
     a("--batch-size", type=int, default=DEFAULTS.batch_size, help="batch size for fine-tuning and evaluation")
-    a("--input-size", type=int, default=None, help="image side in pixels (default: 32 embedded, 224 otherwise)")
+    a("--input-size", type=int, default=None,
+      help="image side in pixels (default: the model's, from its registry entry: 32 embedded, 224 vgg16, ...)")
     a("--device", default=DEFAULTS.device, help="cpu, cuda or cuda:N")
     a("--seed", type=int, default=DEFAULTS.seed, help="seed for class/image choice, scorers and fine-tuning")
     a("--out", type=Path, default=None, help="output folder (default: runs/<model>-<scorer>-r<ratio>)")
@@ -139,19 +141,19 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             config = config_from_args(args)
             out = args.out or default_out(config)
-            from prune.pipeline.run import run
+            import prune
 
-            report = run(config, out=out, overwrite=args.overwrite, quiet=args.quiet, export=args.export)
+            report = prune.run(config, out=out, overwrite=args.overwrite, quiet=args.quiet, export=args.export)
     except (UsageError, FileNotFoundError) as exc:
         if _is_main_process():
             print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    if not report:
+    if report is None:
         return 0
-    b, a = report["before"], report["after"]
+    b, a = report.before, report.after
     print(
-        f"{config.model} · {config.scorer} · ratio {config.ratio}: params {b['params']:,} → {a['params']:,}, "
-        f"FLOPs {b['flops'] / 1e6:.1f}M → {a['flops'] / 1e6:.1f}M, top-1 {b['top1']:.4f} → {a['top1']:.4f} "
-        f"(pruned, before fine-tune {report['pruned_before_finetune']['top1']:.4f}); report: {out / 'report.md'}"
+        f"{config.model} · {config.scorer} · ratio {config.ratio}: params {b.params:,} → {a.params:,}, "
+        f"FLOPs {b.flops / 1e6:.1f}M → {a.flops / 1e6:.1f}M, top-1 {b.top1:.4f} → {a.top1:.4f} "
+        f"(pruned, before fine-tune {report.pruned_before_finetune.top1:.4f}); report: {out / 'report.md'}"
     )
     return 0

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import compare
+from prune import LayerResult
 
 
 def fake_runs() -> list[dict]:
@@ -41,10 +42,12 @@ def test_paired_difference_removes_the_seed_to_seed_spread() -> None:
 
 
 def test_removed_digest_depends_on_every_layer() -> None:
-    layers = [{"name": "a", "removed": [0, 2]}, {"name": "b", "removed": [1]}]
-    changed = [{"name": "a", "removed": [0, 2]}, {"name": "b", "removed": [2]}]
-    assert compare.removed_digest(layers) == compare.removed_digest([dict(x) for x in layers])
-    assert compare.removed_digest(layers) != compare.removed_digest(changed)
+    def layer(name: str, removed: tuple[int, ...]) -> LayerResult:
+        return LayerResult(name, (name,), 4, 4 - len(removed), removed, 8, None)
+
+    layers = [layer("a", (0, 2)), layer("b", (1,))]
+    assert compare.removed_digest(layers) == compare.removed_digest([layer("a", (0, 2)), layer("b", (1,))])
+    assert compare.removed_digest(layers) != compare.removed_digest([layer("a", (0, 2)), layer("b", (2,))])
 
 
 def test_finished_runs_are_found_and_skipped(tmp_path: Path) -> None:

@@ -1,10 +1,142 @@
-"""report.json and report.md of a pruning run."""
+"""The report of a pruning run: typed (`PruneReport`), and as report.json / report.md."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from finetune.metrics import Evaluation
+from prune.config import PruneConfig
 from prune.outputs.files import write_json, write_text
+from prune.pipeline.speed import Throughput
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One network measured: cost at the model's input size, accuracy on the val split, speed.
+
+    params: all parameters. macs / flops (= 2 × MACs): conv + linear layers for one image.
+    top1, top5, balanced_accuracy in [0, 1]; loss: mean cross-entropy. img_per_s on `device`
+    (`throughput` says how it was measured).
+    """
+
+    params: int
+    macs: int
+    flops: int
+    top1: float
+    top5: float
+    balanced_accuracy: float
+    loss: float
+    img_per_s: float
+    device: str
+    throughput: Throughput
+
+    def as_dict(self) -> dict[str, Any]:
+        """report.json's "before" / "after" (same keys, same order)."""
+        return {
+            "params": self.params, "macs": self.macs, "flops": self.flops, "top1": self.top1, "top5": self.top5,
+            "balanced_accuracy": self.balanced_accuracy, "loss": self.loss, "img_per_s": self.img_per_s,
+            "device": self.device, "throughput": self.throughput.as_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Measurement:
+        return cls(**{**d, "throughput": Throughput(**d["throughput"])})
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What was decided at one prunable group (named by its first conv `name`; `members`: every
+    conv whose output channels it removes): the `removed` channel indices and the counts.
+
+    map_size: side m of the [m, m] units that were scored. scoring_top1: top-1 of the whole
+    network on the scoring images when the group was scored (None without scoring data).
+    """
+
+    name: str
+    members: tuple[str, ...]
+    channels_before: int
+    channels_after: int
+    removed: tuple[int, ...]
+    map_size: int
+    scoring_top1: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """One entry of report.json's "layers" (same keys, same order)."""
+        return {
+            "name": self.name, "members": list(self.members), "channels_before": self.channels_before,
+            "channels_after": self.channels_after, "removed": list(self.removed), "map_size": self.map_size,
+            "scoring_top1": self.scoring_top1,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerResult:
+        return cls(**{**d, "members": tuple(d["members"]), "removed": tuple(d["removed"])})
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """Everything a run reports (`prune.run` returns it; report.json is `as_dict()`).
+
+    before / after: the unpruned and the final (fine-tuned) network. pruned_before_finetune:
+    the pruned network's evaluation before fine-tuning; pruned_bn_reestimated: the same with
+    its BatchNorm statistics re-estimated (equal to it without BatchNorm). layers: one
+    decision per prunable group, shallow to deep. timings: seconds per stage. classes_used:
+    names of the K scoring classes. processes: torchrun world size (1 alone).
+    """
+
+    settings: PruneConfig
+    processes: int
+    classes_used: tuple[str, ...]
+    unreadable_scoring_images: int
+    before: Measurement
+    pruned_before_finetune: Evaluation
+    pruned_bn_reestimated: Evaluation
+    after: Measurement
+    finetune_losses: tuple[float, ...]
+    layers: tuple[LayerResult, ...]
+    timings: dict[str, float]
+    versions: dict[str, str]
+    device: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as report.json holds it (JSON-ready, same keys in the same order)."""
+        return {
+            "settings": self.settings.as_dict(),
+            "processes": self.processes,
+            "classes_used": list(self.classes_used),
+            "unreadable_scoring_images": self.unreadable_scoring_images,
+            "before": self.before.as_dict(),
+            "pruned_before_finetune": self.pruned_before_finetune.as_dict(),
+            "pruned_bn_reestimated": self.pruned_bn_reestimated.as_dict(),
+            "after": self.after.as_dict(),
+            "finetune_losses": list(self.finetune_losses),
+            "layers": [layer.as_dict() for layer in self.layers],
+            "timings": dict(self.timings),
+            "versions": dict(self.versions),
+            "device": self.device,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruneReport:
+        """The typed report of a report.json dict (`as_dict()` gives it back)."""
+        settings = {**d["settings"], "scorer_options": tuple(d["settings"]["scorer_options"].items())}
+        return cls(
+            settings=PruneConfig(**settings),
+            processes=d["processes"],
+            classes_used=tuple(d["classes_used"]),
+            unreadable_scoring_images=d["unreadable_scoring_images"],
+            before=Measurement.from_dict(d["before"]),
+            pruned_before_finetune=Evaluation(**d["pruned_before_finetune"]),
+            pruned_bn_reestimated=Evaluation(**d["pruned_bn_reestimated"]),
+            after=Measurement.from_dict(d["after"]),
+            finetune_losses=tuple(d["finetune_losses"]),
+            layers=tuple(LayerResult.from_dict(layer) for layer in d["layers"]),
+            timings=dict(d["timings"]),
+            versions=dict(d["versions"]),
+            device=d["device"],
+        )
 
 
 def _fmt(value: float, unit: str = "") -> str:
@@ -50,7 +182,8 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, report: dict) -> None:
-    """Write `out/report.json` and `out/report.md` (atomically)."""
-    write_json(out / "report.json", report)
-    write_text(out / "report.md", markdown(report))
+def write_report(out: Path, report: PruneReport) -> None:
+    """Write `out/report.json` (`report.as_dict()`) and `out/report.md` (atomically)."""
+    d = report.as_dict()
+    write_json(out / "report.json", d)
+    write_text(out / "report.md", markdown(d))

@@ -36,7 +36,7 @@ from prune.zoo.models import ModelSpec, check_model_name, load_model, state_dict
 from prune.outputs.outdir import Claim, claim, locked
 from prune.pipeline.provenance import inputs_fingerprint
 from prune.outputs.outdir import check as check_out
-from prune.outputs.report import write_report
+from prune.outputs.report import LayerResult, Measurement, PruneReport, write_report
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.speed import device_name, measure_throughput
 from prune.pipeline.surgery import PrunableGroup, Surgeon
@@ -144,21 +144,17 @@ def _timed(timings: dict[str, float], stage: str):
     timings[stage] = round(time.perf_counter() - start, 3)
 
 
-def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: torch.device, quiet: bool) -> dict:
+def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: torch.device, quiet: bool) -> Measurement:
     """Params, MACs, FLOPs, accuracies and img/s of `model` (the report's before/after)."""
     loader = make_loader(data.val, batch_size=config.batch_size, shuffle=False, seed=config.seed)
     ev = evaluate(model, loader, device=device, quiet=quiet)
     speed = measure_throughput(model, input_size=data.input_size, batch_size=32, device=device)
-    return {
-        **count_cost(model, input_size=data.input_size).as_dict(),
-        "top1": ev.top1,
-        "top5": ev.top5,
-        "balanced_accuracy": ev.balanced_accuracy,
-        "loss": ev.loss,
-        "img_per_s": speed.img_per_s,
-        "device": speed.device,
-        "throughput": speed.as_dict(),
-    }
+    cost = count_cost(model, input_size=data.input_size)
+    return Measurement(
+        params=cost.params, macs=cost.macs, flops=cost.flops, top1=ev.top1, top5=ev.top5,
+        balanced_accuracy=ev.balanced_accuracy, loss=ev.loss, img_per_s=speed.img_per_s, device=speed.device,
+        throughput=speed,
+    )
 
 
 def fits_layer(scores: object, channels: int) -> bool:
@@ -330,7 +326,7 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     Checks: the K classes exist and each has N readable scoring images, the model has a
     prunable conv, and its activations on a few scoring images are finite.
     """
-    data = load_data(config.data, input_size=config.input_size)
+    data = load_data(config.data, input_size=config.input_size, model=config.model)
     k = config.classes if config.classes is not None else min(10, len(data.classes))
     classes = choose_classes(data, k, seed=config.seed)
     unreadable = check_scoring_images(data, classes, config.samples_per_class, seed=config.seed)
@@ -361,14 +357,14 @@ def _claim(out: Path, config: PruneConfig, data: DataBundle, overwrite: bool, wo
     return (result if isinstance(result, Claim) else None), bool(shared)
 
 
-def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool = False,
-        export: str | None = None) -> dict:
-    """Run the main job and write its outputs into `out`; returns the report dict.
+def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet: bool = False,
+        export: str | None = None) -> PruneReport | None:
+    """Run the main job and write its outputs into `out`; returns the report (report.json is its `as_dict()`).
 
     Bad input raises UsageError before `out` is touched, or (found later, e.g. NaN units in
     a deeper layer) after undoing this run's changes to `out`. Started by torchrun, every
     process runs this: scoring is split by class, fine-tuning uses DDP, rank 0 writes every
-    file and returns the report (other ranks return an empty dict). `export="onnx"` also
+    file and returns the report (other ranks return None). `export="onnx"` also
     writes `out/model.onnx` (an output option: not part of the settings that decide the result).
     """
     validate(config, out)
@@ -388,7 +384,7 @@ def run(config: PruneConfig, *, out: Path, overwrite: bool = False, quiet: bool 
 
 
 def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: distributed.World,
-         device: torch.device, export: str | None = None) -> dict:
+         device: torch.device, export: str | None = None) -> PruneReport | None:
     timings: dict[str, float] = {}
     torch.manual_seed(config.seed)
     with _timed(timings, "load"):
@@ -410,7 +406,7 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
 
 
 def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bool, world: distributed.World,
-         device: torch.device, timings: dict[str, float], export: str | None = None) -> dict:
+         device: torch.device, timings: dict[str, float], export: str | None = None) -> PruneReport | None:
     """Measure, select and prune, fine-tune, measure, save (files by rank 0 only)."""
     data, model, surgeon = loaded.data, loaded.model, loaded.surgeon
     before = None
@@ -444,7 +440,7 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
             losses = _finetune(model, data, config, device, out, resume, quiet, world)
     model.eval()
     if not world.is_main:
-        return {}
+        return None
     with _timed(timings, "evaluate_after"):
         after = measure(model, data, config, device, quiet)
     spec = ModelSpec(config.model, len(data.classes))
@@ -452,20 +448,20 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
     if export == "onnx":
         export_onnx(model, out / "model.onnx", input_size=data.input_size)
     write_json(out / "scores.json", {d.name: [float(s) for s in d.scores] for d in decisions})
-    report = {
-        "settings": config.as_dict(),
-        "processes": world.size,
-        "classes_used": [data.classes[c] for c in loaded.classes],
-        "unreadable_scoring_images": loaded.unreadable,
-        "before": before,
-        "pruned_before_finetune": pruned_eval.as_dict(),
-        "pruned_bn_reestimated": pruned_bn_eval.as_dict(),
-        "after": after,
-        "finetune_losses": losses,
-        "layers": [d.as_dict() for d in decisions],
-        "timings": timings,
-        "versions": versions(),
-        "device": device_name(device),
-    }
+    report = PruneReport(
+        settings=config,
+        processes=world.size,
+        classes_used=tuple(data.classes[c] for c in loaded.classes),
+        unreadable_scoring_images=loaded.unreadable,
+        before=before,
+        pruned_before_finetune=pruned_eval,
+        pruned_bn_reestimated=pruned_bn_eval,
+        after=after,
+        finetune_losses=tuple(losses),
+        layers=tuple(LayerResult.from_dict(d.as_dict()) for d in decisions),
+        timings=dict(timings),
+        versions=versions(),
+        device=device_name(device),
+    )
     write_report(out, report)
     return report

@@ -89,34 +89,42 @@ def skip_none_collate(batch: list, image_shape: tuple[int, ...] = (3, 1, 1)):
     return default_collate(kept)
 
 
-def folder_transform(input_size: int) -> transforms.Compose:
-    """Resize to 256/224 of the input size, center-crop, ImageNet normalisation."""
+def folder_transform(
+    input_size: int, *, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> transforms.Compose:
+    """Resize to 256/224 of the input size, center-crop, normalise `(x - mean) / std` (default ImageNet)."""
     return transforms.Compose(
         [
             transforms.Resize(round(input_size * 256 / 224)),
             transforms.CenterCrop(input_size),
             transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            transforms.Normalize(mean, std),
         ]
     )
 
 
-def _image_folder(root: Path, input_size: int) -> TolerantImageFolder:
+def _image_folder(root: Path, transform: transforms.Compose, input_size: int) -> TolerantImageFolder:
     if not root.is_dir():
         raise UsageError(f"data folder {root} does not exist; --data needs train/ and val/ class folders")
     try:
-        return TolerantImageFolder(str(root), folder_transform(input_size), input_size=input_size)
+        return TolerantImageFolder(str(root), transform, input_size=input_size)
     except (FileNotFoundError, RuntimeError) as exc:
         raise UsageError(f"no images under {root} ({str(exc).splitlines()[0]}); put images in class folders") from None
 
 
-def load_data(root: str | None, *, input_size: int | None = None) -> DataBundle:
-    """The embedded set (root None) or an ImageFolder root with train/ and val/."""
+def load_data(root: str | None, *, input_size: int | None = None, model: str = "embedded") -> DataBundle:
+    """The embedded set (root None) or an ImageFolder root with train/ and val/, for `model`.
+
+    The model's registry entry (prune.zoo.registry) gives the default image side (`input_size`
+    None) and the normalisation of folder images; the embedded set is generated normalised.
+    """
+    from prune.zoo.registry import model_entry
+
+    entry = model_entry(model)
+    size = input_size or entry.input_size
     if root is None:
-        from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE
         from prune.zoo.shapes import CLASSES, make_shapes
 
-        size = input_size or EMBEDDED_INPUT_SIZE
         train = make_shapes("train", size=size)
         return DataBundle(
             train=train,
@@ -128,9 +136,9 @@ def load_data(root: str | None, *, input_size: int | None = None) -> DataBundle:
     base = Path(root)
     if not base.is_dir():
         raise UsageError(f"data path {base} does not exist; pass an ImageFolder root with train/ and val/")
-    size = input_size or 224
-    train = _image_folder(base / "train", size)
-    val = _image_folder(base / "val", size)
+    transform = entry.transform(size)
+    train = _image_folder(base / "train", transform, size)
+    val = _image_folder(base / "val", transform, size)
     if train.classes != val.classes:
         raise UsageError(f"{base}/train and {base}/val have different class folders; make them match")
     return DataBundle(

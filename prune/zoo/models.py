@@ -1,19 +1,15 @@
-"""Model loading: the embedded default, torchvision names, and `timm:<name>`."""
+"""Model loading: any name of the model registry (prune.zoo.registry) with its weights."""
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from prune.errors import UsageError
-
-EMBEDDED_NAMES = ("embedded", "embedded-plain")
-"""The shipped embedded models (see prune.zoo.embedded_model.VARIANTS)."""
+from prune.zoo.registry import ModelEntry, model_entry
 
 
 @dataclass(frozen=True)
@@ -24,50 +20,14 @@ class ModelSpec:
     num_classes: int
 
 
-def torchvision_names() -> list[str]:
-    """Classification model names torchvision knows."""
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def _unknown_model(name: str) -> UsageError:
-    known = [*EMBEDDED_NAMES, *torchvision_names()]
-    near = difflib.get_close_matches(name, known, n=1)
-    hint = f" Did you mean {near[0]!r}?" if near else ""
-    return UsageError(
-        f"unknown model {name!r}; use 'embedded', 'embedded-plain', 'timm:<name>' or a torchvision name "
-        f"({', '.join(torchvision_names())}).{hint}"
-    )
-
-
 def check_model_name(name: str) -> None:
-    """UsageError (listing the known names) unless `name` is a model `build_model` knows."""
-    if name in EMBEDDED_NAMES:
-        return
-    if name.startswith("timm:"):
-        import timm
-
-        timm_name = name.split(":", 1)[1]
-        if not timm.is_model(timm_name):
-            near = difflib.get_close_matches(timm_name, timm.list_models(), n=1)
-            hint = f" Did you mean 'timm:{near[0]}'?" if near else ""
-            raise UsageError(f"unknown timm model {timm_name!r}; see timm.list_models().{hint}")
-        return
-    if name not in torchvision_names():
-        raise _unknown_model(name)
+    """UsageError (listing the known names and the nearest ones) unless the registry knows `name`."""
+    model_entry(name)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
     """An untrained instance of `spec` (no download)."""
-    if spec.name in EMBEDDED_NAMES:
-        from prune.zoo.embedded_model import build_embedded
-
-        return build_embedded(spec.name, num_classes=spec.num_classes)
-    check_model_name(spec.name)
-    if spec.name.startswith("timm:"):
-        import timm
-
-        return timm.create_model(spec.name.split(":", 1)[1], pretrained=False, num_classes=spec.num_classes)
-    return torchvision.models.get_model(spec.name, weights=None, num_classes=spec.num_classes)
+    return model_entry(spec.name).build(spec.num_classes)
 
 
 def state_dict_mismatch(model: nn.Module, state: object) -> str | None:
@@ -110,41 +70,41 @@ def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
         raise UsageError(f"weights in {path} do not fit the model {type(model).__name__}: {why}; check --model") from None
 
 
-def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module:
-    """Build `name` and load `weights`.
+def _load_default_weights(entry: ModelEntry, num_classes: int) -> nn.Module:
+    """`entry` with its default weights file (the embedded models' shipped weights), eval mode."""
+    if num_classes != entry.num_classes:
+        raise UsageError(
+            f"the {entry.name} model predicts {entry.num_classes} classes but the data has {num_classes}; "
+            f"pass --weights PATH or use data with {entry.num_classes} classes"
+        )
+    path = Path(entry.weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights of {entry.name} not found at {path}: run `python -m prune.zoo.train_embedded --model "
+            f"{entry.name}` (embedded models) or pass --weights PATH"
+        )
+    model = entry.build(entry.num_classes)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()
 
-    name: 'embedded', 'embedded-plain', a torchvision name (e.g. 'vgg16', 'resnet34') or 'timm:<name>'.
-    weights: None (embedded: the shipped weights; others: random init), a checkpoint path
-    (a state_dict, loaded with weights_only=True), or a torchvision weights name such as
+
+def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module:
+    """Build `name` (a registry name: 'embedded', 'embedded-plain', 'vgg16', 'timm:<name>', ...) and load `weights`.
+
+    weights: None (the entry's default weights file if it has one, e.g. the embedded models'
+    shipped weights; random init otherwise), a checkpoint path (a state_dict, loaded with
+    weights_only=True), or a named weight set of the family such as torchvision's
     'IMAGENET1K_V1' / 'DEFAULT' (needs the torchvision weights cache or network).
     """
-    if name in EMBEDDED_NAMES and weights is None:
-        from prune.zoo.embedded_model import load_embedded
-
-        model = load_embedded(pretrained=True, variant=name)
-        predicted = model.classifier[-1].out_features
-        if num_classes != predicted:
-            raise UsageError(
-                f"the embedded model predicts {predicted} classes but the data has {num_classes}; "
-                "pass --weights PATH or use the embedded data"
-            )
-        return model
+    entry = model_entry(name)
+    if weights is None and entry.weights is not None:
+        return _load_default_weights(entry, num_classes)
     if weights is not None and Path(weights).exists():
-        model = build_model(ModelSpec(name, num_classes))
+        model = entry.build(num_classes)
         _load_checkpoint_weights(model, Path(weights))
         return model
     if weights is not None:
-        if name.startswith("timm:") or name in EMBEDDED_NAMES:
+        if entry.named_weights is None:
             raise UsageError(f"weights file {weights!r} not found; pass an existing checkpoint path")
-        if name not in torchvision_names():
-            raise _unknown_model(name)
-        try:
-            return torchvision.models.get_model(name, weights=weights)
-        except (ValueError, KeyError) as exc:
-            raise UsageError(f"unknown weights {weights!r} for {name}: {exc}") from None
-        except OSError as exc:
-            raise UsageError(
-                f"cannot fetch torchvision weights {weights!r} ({type(exc).__name__}); "
-                "put them in the torch hub cache or pass a checkpoint path"
-            ) from None
-    return build_model(ModelSpec(name, num_classes))
+        return entry.named_weights(weights)
+    return entry.build(num_classes)
