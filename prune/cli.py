@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-finetune", action="store_true", help="skip fine-tuning")
     a("--batch-size", type=int, default=DEFAULTS.batch_size, help="batch size for fine-tuning and evaluation")
     a("--input-size", type=int, default=None,
-      help="image side in pixels (default: the model's, from its registry entry: 32 embedded, 224 vgg16, ...)")
+      help="image side in pixels (default: the model's, from its registry entry: 32 embedded, 224 vgg16, ...; "
+      "the generated embedded data stays 32 unless this is given)")
     a("--device", default=DEFAULTS.device, help="cpu, cuda or cuda:N")
     a("--seed", type=int, default=DEFAULTS.seed, help="seed for class/image choice, scorers and fine-tuning")
     a("--out", type=Path, default=None, help="output folder (default: runs/<model>-<scorer>-r<ratio>)")

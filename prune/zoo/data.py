@@ -116,12 +116,14 @@ def load_data(root: str | None, *, input_size: int | None = None, model: str = "
     """The embedded set (root None) or an ImageFolder root with train/ and val/, for `model`.
 
     The model's registry entry (prune.zoo.registry) gives the default image side (`input_size`
-    None) and the normalisation of folder images; the embedded set is generated normalised.
+    None) and the normalisation of folder images. The embedded set is generated normalised, at
+    its native 32x32 unless `input_size` asks for more (a 224² copy would take gigabytes).
     """
+    from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE
     from prune.zoo.registry import model_entry
 
     entry = model_entry(model)
-    size = input_size or entry.input_size
+    size = input_size or (EMBEDDED_INPUT_SIZE if root is None else entry.input_size)
     if root is None:
         from prune.zoo.shapes import CLASSES, make_shapes
 
