@@ -40,3 +40,15 @@ def small_data(classes: int = 5, per_class: int = 10, size: int = 32) -> DataBun
     y = torch.arange(classes).repeat_interleave(per_class)
     ds = TensorDataset(x, y)
     return DataBundle(ds, ds, tuple(f"c{i}" for i in range(classes)), tuple(y.tolist()), size)
+
+
+def quick_run(root: Path) -> list[str]:
+    """Flags of a fast main job under `root`: a 3-class folder of 8×8 images, random embedded
+    weights, the l1 scorer, 16² input, batch 8."""
+    from prune.zoo.embedded_model import EmbeddedVGG
+
+    torch.manual_seed(0)
+    torch.save(EmbeddedVGG(num_classes=3).state_dict(), root / "weights.pt")
+    data = image_folder(root / "data", classes=3, train=2, val=2, size=8)
+    return ["--data", str(data), "--weights", str(root / "weights.pt"), "--scorer", "l1", "--input-size", "16",
+            "--batch-size", "8"]

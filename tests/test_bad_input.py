@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from prune.outputs.outdir import RUN_FILE, RUN_FORMAT, claim
-from helpers import image_folder
+from helpers import image_folder, quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--classes", "2", "--samples-per-class", "2", "--no-finetune", "--quiet"]
@@ -232,14 +232,7 @@ def main_error(capsys, *args: str) -> str:
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> list[str]:
     """Flags of a fast run: a 3-class folder of 8×8 images, random embedded weights, the l1 scorer."""
-    from prune.zoo.embedded_model import EmbeddedVGG
-
-    root = tmp_path_factory.mktemp("quick")
-    torch.manual_seed(0)
-    torch.save(EmbeddedVGG(num_classes=3).state_dict(), root / "weights.pt")
-    data = image_folder(root / "data", classes=3, train=2, val=2, size=8)
-    return ["--data", str(data), "--weights", str(root / "weights.pt"), "--scorer", "l1", "--input-size", "16",
-            "--batch-size", "8", *SMALL]
+    return [*quick_run(tmp_path_factory.mktemp("quick")), *SMALL]
 
 
 def test_overwrite_refuses_a_folder_of_user_files(tmp_path, capsys, quick):

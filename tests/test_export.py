@@ -20,12 +20,7 @@ from prune.zoo.data import load_data
 RUN = ["--ratio", "0.5", "--scorer", "l1", "--no-finetune", "--classes", "2", "--samples-per-class", "4", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

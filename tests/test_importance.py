@@ -14,13 +14,7 @@ from prune.errors import UsageError
 from prune.pipeline.importance import normalize_scores
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the small forwards here are far faster than with threads fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images_and_labels(classes: int = 3, per_class: int = 4, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

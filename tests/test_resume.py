@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
-from helpers import image_folder
+from helpers import image_folder, quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["--classes", "10", "--samples-per-class", "12", "--epochs", "8", "--batch-size", "4", "--quiet"]
@@ -107,12 +107,8 @@ def test_a_different_command_on_the_same_out_is_refused_unless_overwrite(tmp_pat
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory) -> list[str]:
-    root = tmp_path_factory.mktemp("quick")
-    torch.manual_seed(0)
-    torch.save(EmbeddedVGG(num_classes=3).state_dict(), root / "weights.pt")
-    data = image_folder(root / "data", classes=3, train=2, val=2, size=8)
-    return ["--data", str(data), "--weights", str(root / "weights.pt"), "--scorer", "l1", "--input-size", "16",
-            "--batch-size", "8", "--classes", "2", "--samples-per-class", "2", "--no-finetune", "--quiet"]
+    return [*quick_run(tmp_path_factory.mktemp("quick")), "--classes", "2", "--samples-per-class", "2",
+            "--no-finetune", "--quiet"]
 
 
 @pytest.fixture(scope="module")
