@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, markdown_table
-from prune.config import PruneConfig
+from prune import PruneConfig
 from prune.outputs.files import write_json, write_text
 
 
@@ -38,16 +38,15 @@ PRESETS = {"full": Settings(), "quick": Settings(batches=(0, 2), seeds=(4,), sam
 
 def one(settings: Settings, batches: int, seed: int) -> dict:
     """One main job without fine-tuning; the per-layer scoring_top1 and the selection time."""
-    from prune.pipeline.run import run
+    import prune
 
     config = PruneConfig(scorer=settings.scorer, seed=seed, classes=10, samples_per_class=settings.samples_per_class,
                          finetune=False, layer_bn_batches=batches)
     with tempfile.TemporaryDirectory() as tmp:
-        report = run(config, out=Path(tmp) / "out", quiet=True)
-    top1 = [layer["scoring_top1"] for layer in report["layers"]]
+        report = prune.run(config, out=Path(tmp) / "out", quiet=True)
+    top1 = [layer.scoring_top1 for layer in report.layers]
     return {"batches": batches, "seed": seed, "scoring_top1": top1, "mean_layers_2_to_L": statistics.fmean(top1[1:]),
-            "select_and_prune_s": report["timings"]["select_and_prune"],
-            "top1_pruned": report["pruned_before_finetune"]["top1"]}
+            "select_and_prune_s": report.timings["select_and_prune"], "top1_pruned": report.pruned_before_finetune.top1}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,3 +130,12 @@ def test_plain_testbed_runs_the_main_job_with_large_maps(tmp_path: Path) -> None
     assert report["before"]["top1"] >= 0.85
     assert report["layers"][-1]["map_size"] >= 14
     assert report["pruned_bn_reestimated"] == report["pruned_before_finetune"]  # nothing to re-estimate
+
+
+def test_layer_bn_benchmark_quick(tmp_path: Path) -> None:
+    from benchmarks import layer_bn
+
+    assert layer_bn.main(["--preset", "quick", "--results", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "layer_bn-quick.json").read_text())["runs"]
+    by_b = {r["batches"]: r["mean_layers_2_to_L"] for r in runs}
+    assert set(by_b) == {0, 2} and by_b[2] > by_b[0]
