@@ -16,8 +16,9 @@ paired difference of fine-tuned top-1 against `random` and against `l1`. Seeds a
 testbed (for every arm, to keep the pairing) until every arm's fine-tuned half-width is at most
 `--target-halfwidth`, or `--max-seeds` is reached.
 
-One JSON file per run under benchmarks/results/compare/<testbed>/; finished runs are skipped on
-restart. The summary goes to benchmarks/results/compare.{json,md,png}.
+One JSON file per run under benchmarks/results/compare/<testbed>/ (compare-quick/ for the quick
+preset); finished runs are skipped on restart. The summary goes to benchmarks/results/compare.{json,md,png}
+(compare-quick.* for the quick preset).
 """
 
 from __future__ import annotations
@@ -77,15 +78,17 @@ class Settings:
     target_halfwidth: float = 0.03
     jobs: int = 2
     results: Path = RESULTS
+    name: str = "compare"
 
     @property
     def runs_dir(self) -> Path:
-        return self.results / "compare"
+        """One JSON per run; a preset of its own keeps its runs apart from the full ones."""
+        return self.results / self.name
 
 
 PRESETS = {
     "full": Settings(),
-    "quick": Settings(samples_per_class=5, epochs=0, seeds=2, max_seeds=2, jobs=1),
+    "quick": Settings(samples_per_class=5, epochs=0, seeds=2, max_seeds=2, jobs=1, name="compare-quick"),
 }
 
 
@@ -268,10 +271,10 @@ def report(settings: Settings) -> dict:
     summary = {"machine": machine(), "settings": settings_dict, "unpruned_top1": unpruned,
                "rows": rows, "paired": diffs, "runs": runs}
     settings.results.mkdir(parents=True, exist_ok=True)
-    write_json(settings.results / "compare.json", summary)
-    write_text(settings.results / "compare.md", "\n".join(text))
+    write_json(settings.results / f"{settings.name}.json", summary)
+    write_text(settings.results / f"{settings.name}.md", "\n".join(text))
     if rows:
-        plot(rows, settings.results / "compare.png")
+        plot(rows, settings.results / f"{settings.name}.png")
     print("\n".join(text))
     return summary
 

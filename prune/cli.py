@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--model", default=DEFAULTS.model, help="a name of prune.list_models(): 'embedded', 'embedded-plain', "
       "a torchvision name (vgg16, resnet34, ...) or timm:<name>")
     a("--weights", default=None, help="checkpoint path (state_dict) or torchvision weights name (IMAGENET1K_V1); "
-      "default: shipped weights for 'embedded', random init otherwise")
+      "default: the shipped weights for 'embedded' and 'embedded-plain', random init otherwise")
     a("--data", default=None, help="ImageFolder root with train/ and val/ class folders; default: embedded shapes set")
     a("--ratio", type=float, default=DEFAULTS.ratio, help="fraction of channels removed at each prunable conv, in [0, 1)")
     a("--scorer", default=DEFAULTS.scorer, help=f"channel scorer (higher = keep). {_scorer_help()}")
@@ -84,8 +84,6 @@ def scorer_options(scorer: str, pairs: list[str]) -> tuple[tuple[str, object], .
         options = scoring.parse_options(scorer, pairs)
     except ValueError as exc:
         raise UsageError(f"{exc}; see python -m prune --help") from None
-    if "seed" in options:
-        raise UsageError("the scorer's seed comes from --seed; pass --seed N instead of --scorer-opt seed=N")
     return tuple(sorted(options.items()))
 
 
@@ -104,8 +102,10 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 
 def default_out(config: PruneConfig) -> Path:
+    """runs/<model>-<scorer>[-<option>=<value>...]-r<ratio>: scorer options get their own folder."""
     model = config.model.replace(":", "-").replace("/", "-")
-    return Path("runs") / f"{model}-{config.scorer}-r{config.ratio:g}"
+    options = "".join(f"-{k}={v}" for k, v in config.scorer_options)
+    return Path("runs") / f"{model}-{config.scorer}{options}-r{config.ratio:g}"
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

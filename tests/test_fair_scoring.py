@@ -139,3 +139,20 @@ def test_layer_bn_benchmark_quick(tmp_path: Path) -> None:
     runs = json.loads((tmp_path / "layer_bn-quick.json").read_text())["runs"]
     by_b = {r["batches"]: r["mean_layers_2_to_L"] for r in runs}
     assert set(by_b) == {0, 2} and by_b[2] > by_b[0]
+
+
+def test_api_only_bad_input_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    import prune
+
+    for config in (PruneConfig(scorer_options=(("colour", "x"),)), PruneConfig(rounding="bogus"),
+                   PruneConfig(scorer="random", scorer_options=(("seed", 3),))):
+        with pytest.raises(prune.UsageError):
+            prune.run(config, out=tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def test_scorer_options_get_their_own_default_out() -> None:
+    from prune.cli import default_out
+
+    authors = PruneConfig(scorer_options=(("convention", "authors"),))
+    assert default_out(authors) != default_out(PruneConfig())

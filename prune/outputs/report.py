@@ -121,7 +121,7 @@ class PruneReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PruneReport:
         """The typed report of a report.json dict (`as_dict()` gives it back)."""
-        settings = {**d["settings"], "scorer_options": tuple(d["settings"]["scorer_options"].items())}
+        settings = {**d["settings"], "scorer_options": tuple(d["settings"].get("scorer_options", {}).items())}
         return cls(
             settings=PruneConfig(**settings),
             processes=d["processes"],

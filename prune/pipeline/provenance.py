@@ -43,15 +43,15 @@ def manifest_digest(root: str | Path, paths: Iterable[str | Path]) -> str:
 
 
 def _weights_file(config: PruneConfig) -> Path | None:
-    """The weights file the run loads: --weights if it is a path, the shipped embedded weights
-    by default; None for a torchvision weights name or a random init (the settings name them)."""
+    """The weights file the run loads: --weights if it is a path, else the model's default weights
+    file from its registry entry (the shipped embedded weights); None for a torchvision weights
+    name or a random init (the settings name them)."""
     if config.weights is not None:
         return Path(config.weights) if Path(config.weights).is_file() else None
-    if config.model == "embedded":
-        from prune.zoo.embedded_model import EMBEDDED_WEIGHTS
+    from prune.zoo.registry import model_entry
 
-        return EMBEDDED_WEIGHTS if EMBEDDED_WEIGHTS.is_file() else None
-    return None
+    default = model_entry(config.model).weights
+    return default if default is not None and default.is_file() else None
 
 
 def _image_files(data: DataBundle) -> list[str]:

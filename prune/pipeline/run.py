@@ -22,24 +22,24 @@ from finetune import ddp
 from finetune.batchnorm import recalibrate_batchnorm
 from finetune.metrics import evaluate
 from finetune.train import FinetuneConfig, finetune
-from prune.version import __version__
-from prune.pipeline import distributed
-from prune.pipeline.hooks import forward_hooks
+from prune.config import PruneConfig
+from prune.errors import UsageError
 from prune.outputs.checkpoint import read_checkpoint, save_pruned
 from prune.outputs.export import check_export, export_onnx
-from prune.config import PruneConfig
-from prune.pipeline.counting import count_cost
-from prune.zoo.data import DataBundle, check_scoring_images, choose_classes, class_images, load_data, make_loader
-from prune.errors import UsageError
 from prune.outputs.files import torch_save, write_json
-from prune.zoo.models import ModelSpec, check_model_name, load_model, state_dict_mismatch
 from prune.outputs.outdir import Claim, claim, locked
-from prune.pipeline.provenance import inputs_fingerprint
 from prune.outputs.outdir import check as check_out
 from prune.outputs.report import LayerResult, Measurement, PruneReport, write_report
+from prune.pipeline import distributed
+from prune.pipeline.counting import count_cost
+from prune.pipeline.hooks import forward_hooks
+from prune.pipeline.provenance import inputs_fingerprint
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.speed import device_name, measure_throughput
 from prune.pipeline.surgery import PrunableGroup, Surgeon
+from prune.version import __version__
+from prune.zoo.data import DataBundle, check_scoring_images, choose_classes, class_images, load_data, make_loader
+from prune.zoo.models import ModelSpec, check_model_name, load_model, state_dict_mismatch
 
 FINETUNE_FORMAT = "topoprune/finetune-state/v1"
 SCORES_FORMAT = "topoprune/scores/v1"
@@ -84,11 +84,13 @@ def validate(config: PruneConfig, out: Path | None = None) -> None:
         raise UsageError(f"--ratio {config.ratio} is outside [0, 1); pass e.g. --ratio 0.5")
     try:
         make_scorer(config)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise UsageError(f"{exc}; fix --scorer or --scorer-opt") from None
     check_model_name(config.model)
     if config.schedule not in ("progressive", "oneshot"):
         raise UsageError(f"--schedule {config.schedule!r} is unknown; use progressive or oneshot")
+    if config.rounding not in ("round", "floor-keep"):
+        raise UsageError(f"--rounding {config.rounding!r} is unknown; use round or floor-keep")
     for flag, value in (("--samples-per-class", config.samples_per_class), ("--batch-size", config.batch_size)):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
@@ -116,8 +118,13 @@ def validate(config: PruneConfig, out: Path | None = None) -> None:
 
 
 def make_scorer(config: PruneConfig) -> scoring.Scorer:
-    """The configured scorer: its `--scorer-opt` options, and `--seed` if it draws anything."""
+    """The configured scorer: its `--scorer-opt` options, and `--seed` if it draws anything.
+
+    ValueError for an unknown scorer or option, a bad option value, or a seed among the options
+    (the seed comes from `--seed` only, so it is in the settings once)."""
     options = dict(config.scorer_options)
+    if "seed" in options:
+        raise ValueError("the scorer's seed comes from --seed; pass --seed N instead of --scorer-opt seed=N")
     if "seed" in scoring.scorer_options(config.scorer):
         options["seed"] = config.seed
     return scoring.create(config.scorer, **options)
@@ -267,8 +274,8 @@ def check_finite(model: nn.Module, images: torch.Tensor) -> None:
 
 def _evaluate_bn_reestimated(model: nn.Module, loader, refit_batchnorm, config: PruneConfig, pruned_eval):
     """Evaluation of the pruned network with its BatchNorm statistics re-estimated on
-    max(--bn-recalibration, --layer-bn-batches, 1) training batches, on a copy (the model is
-    untouched). Without BatchNorm it is the plain pruned evaluation."""
+    max(--bn-recalibration, --layer-bn-batches, 1) training batches; the model's state_dict is
+    restored afterwards. Without BatchNorm it is the plain pruned evaluation."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return pruned_eval
     state = copy.deepcopy(model.state_dict())
@@ -396,7 +403,7 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
         claimed, resume = _claim(out, config, loaded.data, overwrite, world, stack)
         try:
             report = _job(config, loaded, out, resume, quiet, world, device, timings, export)
-        except UsageError:
+        except (UsageError, FileNotFoundError):
             if claimed is not None:
                 claimed.rollback()
             raise

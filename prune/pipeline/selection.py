@@ -27,6 +27,7 @@ from prune.errors import UsageError
 from prune.pipeline.observe import collect_units
 from prune.pipeline.surgery import PrunableGroup, Surgeon, channels_to_remove
 
+
 @dataclass(frozen=True)
 class LayerDecision:
     """What happened at one group: `scores` [C] (higher = keep) and the `removed` indices.
