@@ -265,7 +265,8 @@ def report(settings: Settings) -> dict:
     text = [f"# Scorer comparison (ratio {settings.ratio}, N = {settings.samples_per_class} per class, all classes, "
             f"{settings.epochs} fine-tuning epochs)", ""]
     for tb in settings.testbeds:
-        text += [f"## {tb} (unpruned top-1 {unpruned[tb]})", "",
+        top1 = "—" if unpruned[tb] is None else f"{unpruned[tb]:.4f}"
+        text += [f"## {tb} (unpruned top-1 {top1})", "",
                  table([r for r in rows if r["testbed"] == tb], [d for d in diffs if d["testbed"] == tb]), ""]
     settings_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
     summary = {"machine": machine(), "settings": settings_dict, "unpruned_top1": unpruned,
