@@ -12,9 +12,9 @@ same images and order, so differences between arms are **paired** by seed.
 
 Reported per testbed and arm: mean and 95% t-interval of top-1 right after pruning, after
 pruning with BatchNorm statistics re-estimated (no fine-tune), and after fine-tuning; and the
-paired difference of fine-tuned top-1 against `random` and against `l1`. Seeds are added to a
-testbed (for every arm, to keep the pairing) until every arm's fine-tuned half-width is at most
-`--target-halfwidth`, or `--max-seeds` is reached.
+paired difference of fine-tuned top-1 against `random` and against `l1` (over the seeds both
+arms have). Seeds are added to an arm, two at a time, until its fine-tuned half-width is at most
+`target_halfwidth` (0.03), or `--max-seeds` is reached; every arm runs seeds 0..n-1.
 
 One JSON file per run under benchmarks/results/compare/<testbed>/ (compare-quick/ for the quick
 preset); finished runs are skipped on restart. The summary goes to benchmarks/results/compare.{json,md,png}
@@ -74,7 +74,7 @@ class Settings:
     samples_per_class: int = 100
     epochs: int = 3
     seeds: int = 10
-    max_seeds: int = 30
+    max_seeds: int = 80
     target_halfwidth: float = 0.03
     jobs: int = 2
     results: Path = RESULTS
@@ -162,10 +162,11 @@ def load_runs(settings: Settings) -> list[dict]:
     return runs
 
 
-def run_seeds(settings: Settings, seeds_by_testbed: dict[str, range]) -> None:
-    """Run every missing (testbed, arm, seed), `settings.jobs` processes at a time."""
+def run_seeds(settings: Settings, seeds: dict[tuple[str, str], int]) -> None:
+    """Run every missing (testbed, arm, seed) for seed < seeds[testbed, arm], `settings.jobs`
+    processes at a time."""
     todo = sorted(
-        ((testbed, arm, seed) for testbed, seeds in seeds_by_testbed.items() for seed in seeds for arm in settings.arms
+        ((testbed, arm, seed) for (testbed, arm), n in seeds.items() for seed in range(n)
          if not run_path(settings, testbed, arm, seed).exists()),
         key=lambda job: job[2],  # seed by seed, so a partial run covers every testbed and arm
     )
@@ -281,19 +282,22 @@ def report(settings: Settings) -> dict:
 
 
 def compare(settings: Settings) -> dict:
-    """Run the missing runs, adding seeds per testbed until the target half-width holds."""
-    seeds = {tb: settings.seeds for tb in settings.testbeds}
+    """Run the missing runs, adding two seeds at a time to each arm whose fine-tuned half-width is
+    above the target (seeds 0..n-1 of every arm, so any two arms pair over their common seeds)."""
+    runs = load_runs(settings)
+    seeds = {(tb, arm): max(settings.seeds, sum(r["testbed"] == tb and r["scorer"] == arm for r in runs))
+             for tb in settings.testbeds for arm in settings.arms}
     while True:
-        run_seeds(settings, {tb: range(n) for tb, n in seeds.items()})
-        runs = load_runs(settings)
-        short = [tb for tb in settings.testbeds
-                 if needs_more(summarise(runs, tb, settings.arms), settings.target_halfwidth)
-                 and seeds[tb] < settings.max_seeds]
+        run_seeds(settings, seeds)
+        rows = [row for tb in settings.testbeds for row in summarise(load_runs(settings), tb, settings.arms)]
+        short = [(r["testbed"], r["scorer"]) for r in rows
+                 if needs_more([r], settings.target_halfwidth) and seeds[r["testbed"], r["scorer"]] < settings.max_seeds]
         if not short:
             return report(settings)
-        for tb in short:
-            seeds[tb] = min(settings.max_seeds, seeds[tb] + 2)
-        print(f"half-width above {settings.target_halfwidth} on {short}: seeds now {seeds}", flush=True)
+        for key in short:
+            seeds[key] = min(settings.max_seeds, seeds[key] + 2)
+        print(f"half-width above {settings.target_halfwidth}: seeds now "
+              f"{ {f'{tb}/{arm}': seeds[tb, arm] for tb, arm in short} }", flush=True)
 
 
 def parse(argv: list[str] | None) -> tuple[Settings, bool]:

@@ -55,7 +55,7 @@ def test_finished_runs_are_found_and_skipped(tmp_path: Path) -> None:
     for run in fake_runs():
         compare.write_json(compare.run_path(settings, "t", run["scorer"], run["seed"]), run)
     assert len(compare.load_runs(settings)) == 8
-    compare.run_seeds(settings, {"t": range(4)})  # every run exists: nothing is started
+    compare.run_seeds(settings, {("t", "a"): 4, ("t", "random"): 4})  # every run exists: nothing is started
     summary = compare.report(settings)
     assert [r["scorer"] for r in summary["rows"]] == ["a", "random"]
     assert (tmp_path / "compare.md").exists() and (tmp_path / "compare.png").exists()
