@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +16,12 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.utils.data import DataLoader
 
 import scoring
 from finetune import ddp
 from finetune.batchnorm import recalibrate_batchnorm
-from finetune.metrics import evaluate
+from finetune.metrics import Evaluation, evaluate
 from finetune.train import FinetuneConfig, finetune
 from prune.config import PruneConfig
 from prune.errors import UsageError
@@ -29,7 +30,7 @@ from prune.outputs.export import check_export, export_onnx
 from prune.outputs.files import torch_save, write_json
 from prune.outputs.outdir import Claim, claim, locked
 from prune.outputs.outdir import check as check_out
-from prune.outputs.report import LayerResult, Measurement, PruneReport, write_report
+from prune.outputs.report import Measurement, PruneReport, write_report
 from prune.pipeline import distributed
 from prune.pipeline.counting import count_cost
 from prune.pipeline.hooks import forward_hooks
@@ -272,18 +273,21 @@ def check_finite(model: nn.Module, images: torch.Tensor) -> None:
         )
 
 
-def _evaluate_bn_reestimated(model: nn.Module, loader, refit_batchnorm, config: PruneConfig, pruned_eval):
-    """Evaluation of the pruned network with its BatchNorm statistics re-estimated on
-    max(--bn-recalibration, --layer-bn-batches, 1) training batches; the model's state_dict is
-    restored afterwards. Without BatchNorm it is the plain pruned evaluation."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return pruned_eval
-    state = copy.deepcopy(model.state_dict())
+def _evaluate_bn_reestimated(
+    model: nn.Module, loader: DataLoader, refit: Callable[[], int], pruned_eval: Evaluation
+) -> Evaluation:
+    """Evaluation of the pruned network after `refit()` re-estimates its BatchNorm statistics
+    (returning the images it used: 0 without BatchNorm, then it is `pruned_eval`). Only the
+    BatchNorm buffers are saved and put back afterwards; weights are never touched."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     try:
-        refit_batchnorm(max(config.bn_recalibration, config.layer_bn_batches, 1))
+        if refit() == 0:
+            return pruned_eval
         return evaluate(model, loader, device=next(model.parameters()).device)
     finally:
-        model.load_state_dict(state)
+        for m, state in zip(norms, saved):
+            m.load_state_dict(state)
 
 
 def versions() -> dict[str, str]:
@@ -422,9 +426,9 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
             before = measure(model, data, config, device, quiet)
     source = ScoringData(data=data, classes=loaded.classes, per_class=config.samples_per_class, seed=config.seed)
 
-    def refit_batchnorm(batches: int) -> None:
+    def refit_batchnorm(batches: int) -> int:
         loader = make_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
-        recalibrate_batchnorm(model, loader, batches=batches, device=device)
+        return recalibrate_batchnorm(model, loader, batches=batches, device=device)
 
     with _timed(timings, "select_and_prune"):
         decisions = select_and_prune(
@@ -437,7 +441,8 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
         if world.is_main:
             loader = make_loader(data.val, batch_size=config.batch_size, shuffle=False, seed=0)
             pruned_eval = evaluate(model, loader, device=device)
-            pruned_bn_eval = _evaluate_bn_reestimated(model, loader, refit_batchnorm, config, pruned_eval)
+            batches = max(config.bn_recalibration, config.layer_bn_batches, 1)
+            pruned_bn_eval = _evaluate_bn_reestimated(model, loader, lambda: refit_batchnorm(batches), pruned_eval)
     if config.bn_recalibration > 0:
         with _timed(timings, "bn_recalibration"):
             refit_batchnorm(config.bn_recalibration)
@@ -465,7 +470,7 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
         pruned_bn_reestimated=pruned_bn_eval,
         after=after,
         finetune_losses=tuple(losses),
-        layers=tuple(LayerResult.from_dict(d.as_dict()) for d in decisions),
+        layers=tuple(d.result() for d in decisions),
         timings=dict(timings),
         versions=versions(),
         device=device_name(device),

@@ -24,6 +24,7 @@ import scoring
 from prune.pipeline import distributed
 from prune.zoo.data import DataBundle, class_images
 from prune.errors import UsageError
+from prune.outputs.report import LayerResult
 from prune.pipeline.observe import collect_units
 from prune.pipeline.surgery import PrunableGroup, Surgeon, channels_to_remove
 
@@ -48,16 +49,10 @@ class LayerDecision:
     def channels_after(self) -> int:
         return self.channels_before - len(self.removed)
 
-    def as_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "members": list(self.members),
-            "channels_before": self.channels_before,
-            "channels_after": self.channels_after,
-            "removed": list(self.removed),
-            "map_size": self.map_size,
-            "scoring_top1": self.scoring_top1,
-        }
+    def result(self) -> LayerResult:
+        """The report's record of this decision (scores go to scores.json instead)."""
+        return LayerResult(self.name, self.members, self.channels_before, self.channels_after, self.removed,
+                           self.map_size, self.scoring_top1)
 
 
 @dataclass(frozen=True)
