@@ -69,6 +69,11 @@ class Scorer(ABC):
 
     info: ClassVar[ScorerInfo]
 
+    def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
+        """Raise ValueError (one line naming the fix) if this scorer cannot score `model` from
+        `classes` classes x `samples_per_class` images each; called before any scoring.
+        The default accepts everything."""
+
     def reset(self, layer: LayerSpec) -> None:
         """Start scoring `layer`; forget earlier state."""
         self.layer = layer
