@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--momentum", type=float, default=DEFAULTS.momentum, help="SGD momentum")
     a("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="SGD weight decay")
     a("--no-finetune", action="store_true", help="skip fine-tuning")
+    a("--train-images", type=int, default=None, metavar="N",
+      help="fine-tune on a fixed, class-balanced subset of N training images, the same whatever --seed "
+      "(default: the whole train split)")
     a("--batch-size", type=int, default=DEFAULTS.batch_size, help="batch size for fine-tuning and evaluation")
     a("--input-size", type=int, default=None,
       help="image side in pixels (default: the model's, from its registry entry: 32 embedded, 224 vgg16, ...; "
@@ -95,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         scorer_options=scorer_options(args.scorer, args.scorer_opt), classes=args.classes,
         samples_per_class=args.samples_per_class, schedule=args.schedule, rounding=args.rounding,
         layer_bn_batches=args.layer_bn_batches, bn_recalibration=args.bn_recalibration,
-        finetune=not args.no_finetune, epochs=args.epochs, lr=args.lr,
+        finetune=not args.no_finetune, epochs=args.epochs, train_images=args.train_images, lr=args.lr,
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
         input_size=args.input_size, device=args.device, seed=args.seed,
     )

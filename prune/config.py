@@ -28,6 +28,8 @@ class PruneConfig:
     bn_recalibration: int = 0
     finetune: bool = True
     epochs: int = 3
+    train_images: int | None = None
+    """Fine-tune on a fixed, class-balanced subset of this many training images (None: all)."""
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4

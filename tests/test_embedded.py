@@ -77,7 +77,7 @@ def test_last_conv_maps_are_at_least_8x8() -> None:
     assert seen[0][-2] >= 8 and seen[0][-1] >= 8
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(v for v, spec in VARIANTS.items() if spec.dataset == "shapes10"))
 def test_shipped_weights_load_and_are_accurate(variant: str) -> None:
     path = VARIANTS[variant].weights
     assert path.is_file(), f"run `python -m prune.zoo.train_embedded --model {variant}`"

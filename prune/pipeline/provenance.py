@@ -54,16 +54,18 @@ def _weights_file(config: PruneConfig) -> Path | None:
     return default if default is not None and default.is_file() else None
 
 
-def _image_files(data: DataBundle) -> list[str]:
-    return [path for split in (data.train, data.val) for path, _ in getattr(split, "samples", [])]
+def _data_files(data: DataBundle) -> list[str]:
+    """Every file the data was read from: folder images and data files such as Fashion-MNIST's."""
+    return [path for split in (data.train, data.val) for path, _ in getattr(split, "samples", [])] + list(data.files)
 
 
 def inputs_fingerprint(config: PruneConfig, data: DataBundle) -> dict[str, str | None]:
     """{"version", "weights_digest", "data_digest"} of a run on the loaded `data` (None where
-    the settings alone decide: no weights file, the generated embedded data)."""
+    the settings alone decide: no weights file, the generated embedded data). The data digest's
+    paths are relative to the files' common folder, so a moved data set still resumes."""
     weights = _weights_file(config)
     return {
         "version": __version__,
         "weights_digest": file_digest(weights) if weights is not None else None,
-        "data_digest": manifest_digest(config.data, _image_files(data)) if config.data is not None else None,
+        "data_digest": manifest_digest(os.path.commonpath(files), files) if (files := _data_files(data)) else None,
     }

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 import scoring
 from finetune import ddp
@@ -39,7 +39,9 @@ from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.speed import device_name, measure_throughput
 from prune.pipeline.surgery import PrunableGroup, Surgeon
 from prune.version import __version__
-from prune.zoo.data import DataBundle, check_scoring_images, choose_classes, class_images, load_data, make_loader
+from prune.zoo.data import (
+    DataBundle, balanced_subset, check_scoring_images, choose_classes, class_images, load_data, make_loader,
+)
 from prune.zoo.models import ModelSpec, check_model_name, load_model, state_dict_mismatch
 
 FINETUNE_FORMAT = "topoprune/finetune-state/v1"
@@ -100,6 +102,8 @@ def validate(config: PruneConfig, out: Path | None = None) -> None:
     _check_range("--lr", config.lr, config.lr > 0, "a finite number > 0, e.g. --lr 1e-3")
     _check_range("--momentum", config.momentum, 0 <= config.momentum < 1, "in [0, 1), e.g. --momentum 0.9")
     _check_range("--weight-decay", config.weight_decay, config.weight_decay >= 0, "a finite number >= 0, e.g. 5e-4")
+    if config.train_images is not None and config.train_images < 1:
+        raise UsageError(f"--train-images must be at least 1, got {config.train_images}; or leave it out for all")
     if config.classes is not None and config.classes < 1:
         raise UsageError(f"--classes must be at least 1, got {config.classes}")
     if config.input_size is not None and config.input_size < 1:
@@ -245,8 +249,11 @@ def _finetune(model, data, config, device, out: Path, resume: bool, quiet: bool,
                  "model": model.state_dict(), "optimizer": opt.state_dict()},
             )
 
-    sampler = ddp.sampler(data.train, seed=config.seed)
-    loader = make_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed, sampler=sampler)
+    train = data.train
+    if config.train_images is not None:
+        train = Subset(train, balanced_subset(data.train_targets, config.train_images, classes=len(data.classes)))
+    sampler = ddp.sampler(train, seed=config.seed)
+    loader = make_loader(train, batch_size=config.batch_size, shuffle=True, seed=config.seed, sampler=sampler)
     finetune(net, loader, config=ft, device=device, quiet=quiet, start_epoch=start, optimizer=optimizer,
              on_epoch_end=checkpoint, seed=config.seed)
     return losses
@@ -341,6 +348,8 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     k = config.classes if config.classes is not None else min(10, len(data.classes))
     classes = choose_classes(data, k, seed=config.seed)
     unreadable = check_scoring_images(data, classes, config.samples_per_class, seed=config.seed)
+    if config.train_images is not None:
+        balanced_subset(data.train_targets, config.train_images, classes=len(data.classes))  # refused here, not later
     model = load_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
     example = _example_input(model, data.input_size, config.model, device)
     surgeon = Surgeon(model, example)

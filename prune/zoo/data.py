@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 from torchvision import datasets, transforms
 
 from prune.errors import UsageError
@@ -35,6 +35,8 @@ class DataBundle:
     classes: tuple[str, ...]
     train_targets: tuple[int, ...]
     input_size: int
+    files: tuple[str, ...] = ()
+    """Data files read besides the images in folders (Fashion-MNIST's IDX files): the run's data digest covers them."""
 
 
 class TolerantImageFolder(datasets.ImageFolder):
@@ -113,16 +115,27 @@ def _image_folder(root: Path, transform: transforms.Compose, input_size: int) ->
 
 
 def load_data(root: str | None, *, input_size: int | None = None, model: str = "embedded") -> DataBundle:
-    """The embedded set (root None) or an ImageFolder root with train/ and val/, for `model`.
+    """The data `--data` names, for `model`: the embedded set (None, unless the model's entry
+    names its own default data), Fashion-MNIST (`fashion-mnist[:<dir>]`, prune.zoo.fashion) or
+    an ImageFolder root with train/ and val/.
 
     The model's registry entry (prune.zoo.registry) gives the default image side (`input_size`
-    None) and the normalisation of folder images. The embedded set is generated normalised, at
-    its native 32x32 unless `input_size` asks for more (a 224² copy would take gigabytes).
+    None) and the normalisation of folder and Fashion-MNIST images. The embedded set is generated
+    normalised, at its native 32x32 unless `input_size` asks for more (a 224² copy would take gigabytes).
     """
+    from prune.zoo import fashion
     from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE
     from prune.zoo.registry import model_entry
 
     entry = model_entry(model)
+    root = root if root is not None else entry.data
+    if fashion.is_fashion_mnist(root):
+        size = input_size or entry.input_size
+        train, val = fashion.load_fashion_mnist(root, input_size=size, mean=entry.mean, std=entry.std)
+        return DataBundle(
+            train=train, val=val, classes=fashion.CLASSES, train_targets=tuple(train.targets), input_size=size,
+            files=train.files + val.files,
+        )
     size = input_size or (EMBEDDED_INPUT_SIZE if root is None else entry.input_size)
     if root is None:
         from prune.zoo.shapes import CLASSES, make_shapes
@@ -150,6 +163,33 @@ def load_data(root: str | None, *, input_size: int | None = None, model: str = "
         train_targets=tuple(train.targets),
         input_size=size,
     )
+
+
+def balanced_subset(targets: tuple[int, ...], n: int, *, classes: int) -> list[int]:
+    """Indices of a fixed, class-balanced subset of `n` items (labels `targets`, `classes` classes).
+
+    Each class gives n // classes items (the first n % classes classes one more), drawn in one
+    permutation seeded with 0, so the subset does not depend on the run's seed; returned sorted.
+    UsageError if n exceeds the items or a class has too few.
+    """
+    if not 1 <= n <= len(targets):
+        raise UsageError(f"--train-images {n} is not possible: the train split has {len(targets)} images; "
+                         f"use 1..{len(targets)}")
+    quota = [n // classes + (c < n % classes) for c in range(classes)]
+    have = [0] * classes
+    for t in targets:
+        have[t] += 1
+    short = [c for c in range(classes) if have[c] < quota[c]]
+    if short:
+        c = short[0]
+        raise UsageError(f"--train-images {n} needs {quota[c]} images of class {c} but it has {have[c]}; "
+                         "lower --train-images")
+    chosen: list[int] = []
+    for i in torch.randperm(len(targets), generator=torch.Generator().manual_seed(0)).tolist():
+        if quota[targets[i]] > 0:
+            quota[targets[i]] -= 1
+            chosen.append(i)
+    return sorted(chosen)
 
 
 def choose_classes(data: DataBundle, k: int, *, seed: int) -> list[int]:
@@ -229,6 +269,13 @@ def class_images(data: DataBundle, cls: int, n: int, *, seed: int) -> torch.Tens
     return torch.stack(images)
 
 
+def _image_shape(dataset: Dataset) -> tuple[int, ...]:
+    """The item shape a dataset declares (`image_shape`, looked up through a Subset), else (3, 1, 1)."""
+    while isinstance(dataset, Subset) and not hasattr(dataset, "image_shape"):
+        dataset = dataset.dataset
+    return getattr(dataset, "image_shape", (3, 1, 1))
+
+
 def make_loader(
     dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int, workers: int = 0, sampler: Sampler | None = None
 ) -> DataLoader:
@@ -240,6 +287,6 @@ def make_loader(
         shuffle=shuffle if sampler is None else False,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=partial(skip_none_collate, image_shape=getattr(dataset, "image_shape", (3, 1, 1))),
+        collate_fn=partial(skip_none_collate, image_shape=_image_shape(dataset)),
         generator=torch.Generator().manual_seed(seed),
     )

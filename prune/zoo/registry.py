@@ -44,7 +44,8 @@ class ModelEntry:
     pixels (folder images are normalised with it). num_classes: what the default weights
     predict. weights: the default state_dict file, loaded when no `--weights` is given (None:
     random init). named_weights(name): the model with a named weight set such as torchvision's
-    'IMAGENET1K_V1' (None: the family has none).
+    'IMAGENET1K_V1' (None: the family has none). data: the `--data` value used when none is
+    given (None: the generated shapes10 set), e.g. 'fashion-mnist' for the models trained on it.
     """
 
     name: str
@@ -56,6 +57,7 @@ class ModelEntry:
     weights: Path | None = None
     named_weights: Callable[[str], nn.Module] | None = None
     description: str = ""
+    data: str | None = None
 
     def transform(self, input_size: int | None = None) -> transforms.Compose:
         """Folder images → [3, s, s] normalised for this model (s = `input_size` or the default)."""
@@ -104,6 +106,7 @@ def register_model(
     std: tuple[float, float, float] = IMAGENET_STD,
     weights: Path | None = None,
     description: str = "",
+    data: str | None = None,
 ) -> Callable[[Builder], Builder]:
     """Decorator adding the builder `fn(num_classes) -> nn.Module` under `name`; a duplicate raises ValueError."""
 
@@ -113,7 +116,7 @@ def register_model(
         prefix = name.split(":", 1)[0] if ":" in name else None
         if prefix is not None and prefix in _FAMILIES:
             raise ValueError(f"model name {name!r} falls in the registered family {prefix!r}: pick another name")
-        _MODELS[name] = ModelEntry(name, build, input_size, num_classes, mean, std, weights, None, description)
+        _MODELS[name] = ModelEntry(name, build, input_size, num_classes, mean, std, weights, None, description, data)
         return build
 
     return wrap
@@ -192,14 +195,17 @@ def model_entry(name: str) -> ModelEntry:
 
 
 def _register_embedded() -> None:
-    from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, VARIANTS, build_embedded
-    from prune.zoo.shapes import CLASSES, MEAN, STD
+    from prune.zoo import fashion, shapes
+    from prune.zoo.embedded_model import VARIANTS, build_embedded
 
     for variant in VARIANTS.values():
+        on_fashion = variant.dataset == fashion.PREFIX
+        stats = (fashion.MEAN, fashion.STD) if on_fashion else (shapes.MEAN, shapes.STD)
+        trained_on = "Fashion-MNIST" if on_fashion else "shapes10"
         register_model(
-            variant.name, input_size=EMBEDDED_INPUT_SIZE, num_classes=len(CLASSES), mean=MEAN, std=STD,
-            weights=variant.weights,
-            description=f"shipped VGG on shapes10 ({'with' if variant.batch_norm else 'without'} BatchNorm)",
+            variant.name, input_size=variant.input_size, num_classes=10, mean=stats[0], std=stats[1],
+            weights=variant.weights, data=fashion.PREFIX if on_fashion else None,
+            description=f"shipped VGG on {trained_on} ({'with' if variant.batch_norm else 'without'} BatchNorm)",
         )(partial(build_embedded, variant.name))
 
 

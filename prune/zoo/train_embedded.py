@@ -1,13 +1,16 @@
-"""Train an embedded model on shapes10 and write its state_dict.
+"""Train an embedded model on its data set (shapes10 or Fashion-MNIST) and write its state_dict.
 
     python -m prune.zoo.train_embedded                   # writes prune/zoo/assets/embedded_vgg.pt
     python -m prune.zoo.train_embedded --model embedded-plain   # writes .../embedded_plain_vgg.pt
+    python -m prune.zoo.train_embedded --model fashion-plain    # Fashion-MNIST, .../fashion_plain_vgg.pt
     python -m prune.zoo.train_embedded --epochs 2 --out /tmp/vgg.pt --quiet
 
 Seeded and deterministic on CPU for a given thread count: SGD with Nesterov momentum, a
-cosine learning-rate schedule with one warm-up epoch, random horizontal and vertical flips
-(every shapes10 class is closed under them). Prints the test top-1 at the end.
-``--per-class`` shrinks both splits (for quick checks and tests).
+cosine learning-rate schedule with one warm-up epoch, random flips: horizontal and vertical
+on shapes10 (every class is closed under them), horizontal only on Fashion-MNIST (a shoe
+upside down is not a shoe photo). Prints the test top-1 at the end.
+``--per-class`` shrinks both splits (for quick checks and tests); ``--data`` points the
+Fashion-MNIST models at another folder of its IDX files (`fashion-mnist:<dir>`).
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from finetune.batches import Shuffled, in_order
 from finetune.metrics import evaluate
 from finetune.schedule import warmup_cosine_lr
 from finetune.train import fit
+from prune.errors import UsageError
 from prune.outputs.files import torch_save
-from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, VARIANTS, EmbeddedVGG, build_embedded
-from prune.zoo.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
+from prune.zoo.embedded_model import VARIANTS, EmbeddedVGG, build_embedded
+from prune.zoo.shapes import DEFAULT_PER_CLASS, make_shapes
 
 __all__ = ["TrainConfig", "augment_flips", "fit_embedded", "main", "train"]
 
@@ -50,15 +54,19 @@ class TrainConfig:
 RECIPES: dict[str, TrainConfig] = {
     "embedded": TrainConfig(),
     "embedded-plain": TrainConfig(epochs=20, batch_size=64, lr=0.015),
+    "fashion": TrainConfig(epochs=12, batch_size=128, lr=0.05),
+    "fashion-plain": TrainConfig(epochs=12, batch_size=64, lr=0.015),
 }
-"""The recipe that reproduces each shipped model (without BatchNorm: smaller batches and rate, more epochs)."""
+"""The recipe that reproduces each shipped model (without BatchNorm: smaller batches and rate)."""
 
 
-def augment_flips(x: torch.Tensor, *, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal and vertical flips per image, [B, 3, H, W] → [B, 3, H, W]."""
+def augment_flips(x: torch.Tensor, *, gen: torch.Generator, vertical: bool = True) -> torch.Tensor:
+    """Random horizontal (and, if `vertical`, vertical) flips per image, [B, 3, H, W] → [B, 3, H, W].
+
+    The vertical draw is made either way, so both settings consume the generator alike."""
     b = x.shape[0]
     hflip = (torch.rand(b, generator=gen) < 0.5).view(b, 1, 1, 1)
-    vflip = (torch.rand(b, generator=gen) < 0.5).view(b, 1, 1, 1)
+    vflip = (torch.rand(b, generator=gen) < 0.5).view(b, 1, 1, 1) & vertical
     x = torch.where(hflip, x.flip(3), x)
     return torch.where(vflip, x.flip(2), x)
 
@@ -71,6 +79,7 @@ def fit_embedded(
     config: TrainConfig,
     warmup_steps: int | None = None,
     augment: bool = True,
+    vertical_flips: bool = True,
     on_epoch_end: Callable[[int, float], None] | None = None,
     desc: str = "train",
     quiet: bool = False,
@@ -94,7 +103,7 @@ def fit_embedded(
     return fit(
         model, batches, optimizer, epochs=config.epochs,
         lr=lambda epoch, batch: warmup_cosine_lr(epoch * per_epoch + batch, total=total, warmup=warmup, base=config.lr),
-        augment=(lambda x: augment_flips(x, gen=gen)) if augment else None,
+        augment=(lambda x: augment_flips(x, gen=gen, vertical=vertical_flips)) if augment else None,
         on_epoch_end=on_epoch_end, desc=desc, quiet=quiet,
     )
 
@@ -102,12 +111,49 @@ def fit_embedded(
 def train(
     *, data: TensorDataset, config: TrainConfig, quiet: bool = False, variant: str = "embedded"
 ) -> EmbeddedVGG:
-    """Train a fresh embedded model `variant` on ``data`` (images [N, 3, 32, 32], labels [N]) from scratch."""
+    """Train a fresh embedded model `variant` on ``data`` (images [N, 3, s, s], labels [N]) from scratch."""
     torch.manual_seed(config.seed)
-    model = build_embedded(variant, num_classes=len(CLASSES))
+    model = build_embedded(variant, num_classes=10)
     images, labels = data.tensors
-    fit_embedded(model, images, labels, config=config, quiet=quiet)
+    vertical = VARIANTS[variant].dataset == "shapes10"
+    fit_embedded(model, images, labels, config=config, vertical_flips=vertical, quiet=quiet)
     return model.eval()
+
+
+def _balanced_head(dataset, per_class: int | None) -> list[int]:
+    """Indices of the first `per_class` items of each class (all items if None)."""
+    if per_class is None:
+        return list(range(len(dataset)))
+    taken: dict[int, int] = {}
+    keep = []
+    for i, t in enumerate(dataset.targets):
+        if taken.get(t, 0) < per_class:
+            taken[t] = taken.get(t, 0) + 1
+            keep.append(i)
+    return keep
+
+
+def _as_tensors(dataset, indices: list[int]) -> TensorDataset:
+    """Items `indices` of a map-style dataset stacked into a TensorDataset (images [N, 3, s, s], labels [N])."""
+    images = torch.stack([dataset[i][0] for i in indices])
+    return TensorDataset(images, torch.tensor([dataset.targets[i] for i in indices], dtype=torch.long))
+
+
+def training_data(
+    variant: str, *, per_class: int | None, seed: int, data: str | None = None
+) -> tuple[TensorDataset, TensorDataset]:
+    """(train, test) of the data set `variant` is trained on, at its input side, normalised as its
+    registry entry says; `per_class` keeps that many images per class in each split."""
+    v = VARIANTS[variant]
+    if v.dataset == "shapes10":
+        per_test = None if per_class is None else min(per_class, DEFAULT_PER_CLASS["test"])
+        return (make_shapes("train", per_class=per_class, size=v.input_size, seed=seed),
+                make_shapes("test", per_class=per_test, size=v.input_size, seed=seed))
+    from prune.zoo.data import load_data
+
+    bundle = load_data(data, model=variant)
+    return (_as_tensors(bundle.train, _balanced_head(bundle.train, per_class)),
+            _as_tensors(bundle.val, _balanced_head(bundle.val, per_class)))
 
 
 def _positive_int(text: str) -> int:
@@ -120,7 +166,7 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m prune.zoo.train_embedded",
-        description="Train an embedded model (EmbeddedVGG variant on shapes10) and write its state_dict.",
+        description="Train an embedded model (EmbeddedVGG variant on shapes10 or Fashion-MNIST) and write its state_dict.",
     )
     defaults = TrainConfig()
     p.add_argument("--model", choices=tuple(VARIANTS), default="embedded", help="which embedded model (default %(default)s)")
@@ -136,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
         f"{DEFAULT_PER_CLASS['test']} test); smaller for quick checks",
     )
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--data", default=None, help="Fashion-MNIST models: fashion-mnist:<dir> with the IDX files "
+                   "(default: the Debian package's folder)")
     return p
 
 
@@ -147,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    per_test = None if args.per_class is None else min(args.per_class, DEFAULT_PER_CLASS["test"])
-    train_set = make_shapes("train", per_class=args.per_class, size=EMBEDDED_INPUT_SIZE, seed=args.seed)
-    test_set = make_shapes("test", per_class=per_test, size=EMBEDDED_INPUT_SIZE, seed=args.seed)
+    try:
+        train_set, test_set = training_data(args.model, per_class=args.per_class, seed=args.seed, data=args.data)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     recipe = RECIPES[args.model]
     config = replace(recipe, epochs=args.epochs or recipe.epochs, seed=args.seed)
     out = args.out or VARIANTS[args.model].weights

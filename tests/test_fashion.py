@@ -1,0 +1,149 @@
+"""Fashion-MNIST as data (`--data fashion-mnist[:<dir>]`) and the models trained on it.
+
+Every test writes its own small IDX files, so the suite needs no Debian package; the shipped
+weights' accuracy on the real 10,000 test images is checked by the slow test at the end.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from prune.errors import UsageError
+from prune.pipeline.hooks import forward_hooks
+from prune.zoo import fashion, train_embedded
+from prune.zoo.data import load_data
+from prune.zoo.embedded_model import VARIANTS, load_embedded
+from prune.zoo.registry import model_entry
+from test_bad_input import assert_usage_error, prune_cli
+
+PER_CLASS = {"train": 4, "val": 2}
+
+
+def idx_folder(root: Path, *, gz: bool = True, side: int = 28) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Write the four IDX files of a tiny seeded Fashion-MNIST (PER_CLASS images per class) under `root`;
+    returns split → (images [N, side, side] uint8, labels [N])."""
+    g = torch.Generator().manual_seed(0)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, (images_name, labels_name) in fashion.FILES.items():
+        labels = torch.arange(10).repeat(PER_CLASS[split]).to(torch.uint8)
+        images = torch.randint(0, 256, (len(labels), side, side), generator=g, dtype=torch.uint8)
+        suffix = ".gz" if gz else ""
+        fashion.write_idx(root / (images_name + suffix), images)
+        fashion.write_idx(root / (labels_name + suffix), labels)
+        written[split] = (images, labels.long())
+    return written
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_folder_loads_as_train_and_val(tmp_path: Path, gz: bool) -> None:
+    written = idx_folder(tmp_path / "fm", gz=gz)
+    data = load_data(f"fashion-mnist:{tmp_path / 'fm'}", model="fashion-plain")
+    entry = model_entry("fashion-plain")
+    assert data.classes == fashion.CLASSES and len(data.classes) == 10
+    assert data.input_size == entry.input_size == 28
+    assert len(data.train) == 40 and len(data.val) == 20
+    images, labels = written["train"]
+    assert data.train_targets == tuple(labels.tolist())
+    x, y = data.train[7]
+    expected = (images[7].float() / 255 - entry.mean[0]) / entry.std[0]  # grey → 3 equal channels
+    assert x.shape == (3, 28, 28) and x.dtype == torch.float32 and y == int(labels[7])
+    for c in range(3):
+        assert torch.allclose(x[c], expected, atol=1e-6)
+    assert sorted(Path(f).name for f in data.files) == sorted(
+        n + (".gz" if gz else "") for names in fashion.FILES.values() for n in names
+    )
+
+
+def test_torchvision_root_layout_and_resize(tmp_path: Path) -> None:
+    idx_folder(tmp_path / "root" / "FashionMNIST" / "raw", gz=False)
+    data = load_data(f"fashion-mnist:{tmp_path / 'root'}", model="fashion", input_size=40)
+    x, _ = data.val[0]
+    assert x.shape == (3, 40, 40) and data.input_size == 40
+
+
+def test_the_files_are_read_as_written(tmp_path: Path) -> None:
+    """write_idx and the reader agree with the IDX format: magic 0x00000803 and big-endian sizes."""
+    images = torch.arange(2 * 3 * 5, dtype=torch.uint8).view(2, 3, 5)
+    fashion.write_idx(tmp_path / "x.gz", images)
+    raw = gzip.decompress((tmp_path / "x.gz").read_bytes())
+    assert raw[:4] == bytes([0, 0, 8, 3]) and [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(3)] == [
+        2, 3, 5,
+    ]
+    assert raw[16:] == images.numpy().tobytes()
+
+
+def test_missing_files_name_both_fixes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fashion, "DEBIAN_DIR", tmp_path / "absent")
+    for data in ("fashion-mnist", f"fashion-mnist:{tmp_path}"):
+        with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist") as info:
+            load_data(data, model="fashion-plain")
+        assert "fashion-mnist:<dir>" in str(info.value)
+
+
+def test_missing_files_are_one_line_exit_2(tmp_path: Path) -> None:
+    result = prune_cli("--model", "fashion-plain", "--data", f"fashion-mnist:{tmp_path / 'empty'}", "--quiet",
+                       "--out", str(tmp_path / "out"))
+    assert_usage_error(result, "apt-get install dataset-fashion-mnist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_fashion_mnist_files_are_refused(tmp_path: Path) -> None:
+    idx_folder(tmp_path / "fm")
+    fashion.write_idx(tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz", torch.full((20,), 12, dtype=torch.uint8))
+    with pytest.raises(UsageError, match="labels 0..9"):
+        load_data(f"fashion-mnist:{tmp_path / 'fm'}", model="fashion")
+
+
+def test_fashion_models_are_registry_entries() -> None:
+    for name in ("fashion", "fashion-plain"):
+        entry = model_entry(name)
+        assert entry.data == "fashion-mnist" and entry.num_classes == 10 and entry.weights == VARIANTS[name].weights
+        assert entry.mean == fashion.MEAN and entry.std == fashion.STD
+
+
+@pytest.mark.parametrize(("variant", "side", "batch_norm"), [("fashion", 7, True), ("fashion-plain", 14, False)])
+def test_fashion_models_shapes(variant: str, side: int, batch_norm: bool) -> None:
+    model = load_embedded(variant=variant)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == batch_norm
+    last_conv = [m for m in model.features if isinstance(m, nn.Conv2d)][-1]
+    seen: list[torch.Size] = []
+    with forward_hooks([last_conv], lambda _m, _i, out: seen.append(out.shape)), torch.no_grad():
+        logits = model(torch.zeros(1, 3, 28, 28))
+    assert logits.shape == (1, 10) and seen[0][-2:] == (side, side)
+
+
+def test_main_job_on_an_idx_folder(tmp_path: Path) -> None:
+    idx_folder(tmp_path / "fm")
+    out = tmp_path / "out"
+    result = prune_cli("--model", "fashion-plain", "--data", f"fashion-mnist:{tmp_path / 'fm'}", "--classes", "2",
+                       "--samples-per-class", "3", "--no-finetune", "--quiet", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert (out / "report.json").is_file() and (out / "model.pt").is_file()
+
+
+def test_train_embedded_on_an_idx_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx_folder(tmp_path / "fm")
+    out = tmp_path / "f.pt"
+    code = train_embedded.main(["--model", "fashion", "--epochs", "1", "--per-class", "2", "--quiet",
+                                "--data", f"fashion-mnist:{tmp_path / 'fm'}", "--out", str(out)])
+    assert code == 0 and "on 20 images" in capsys.readouterr().out
+    assert isinstance(load_embedded(variant="fashion", weights=out), nn.Module)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("variant", "floor"), [("fashion", 0.91), ("fashion-plain", 0.89)])
+def test_shipped_fashion_weights_reach_their_floor(variant: str, floor: float) -> None:
+    """Needs the real data (`apt-get install dataset-fashion-mnist`)."""
+    from finetune.metrics import evaluate
+    from prune.zoo.data import make_loader
+
+    data = load_data("fashion-mnist", model=variant)
+    assert len(data.val) == 10_000
+    top1 = evaluate(load_embedded(variant=variant), make_loader(data.val, batch_size=500, shuffle=False, seed=0)).top1
+    assert top1 >= floor
