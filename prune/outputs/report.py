@@ -83,13 +83,16 @@ class PruneReport:
     the pruned network's evaluation before fine-tuning; pruned_bn_reestimated: the same with
     its BatchNorm statistics re-estimated (equal to it without BatchNorm). layers: one
     decision per prunable group, shallow to deep. timings: seconds per stage. classes_used:
-    names of the K scoring classes. processes: torchrun world size (1 alone).
+    names of the K scoring classes. processes: torchrun world size (1 alone). unreadable_images:
+    {"train": n, "val": n}, the image files skipped as unreadable in each split (every header
+    is checked up front; files that fail only when decoded count once the run reads them).
     """
 
     settings: PruneConfig
     processes: int
     classes_used: tuple[str, ...]
     unreadable_scoring_images: int
+    unreadable_images: dict[str, int]
     before: Measurement
     pruned_before_finetune: Evaluation
     pruned_bn_reestimated: Evaluation
@@ -107,6 +110,7 @@ class PruneReport:
             "processes": self.processes,
             "classes_used": list(self.classes_used),
             "unreadable_scoring_images": self.unreadable_scoring_images,
+            "unreadable_images": dict(self.unreadable_images),
             "before": self.before.as_dict(),
             "pruned_before_finetune": self.pruned_before_finetune.as_dict(),
             "pruned_bn_reestimated": self.pruned_bn_reestimated.as_dict(),
@@ -127,6 +131,7 @@ class PruneReport:
             processes=d["processes"],
             classes_used=tuple(d["classes_used"]),
             unreadable_scoring_images=d["unreadable_scoring_images"],
+            unreadable_images=dict(d.get("unreadable_images", {})),
             before=Measurement.from_dict(d["before"]),
             pruned_before_finetune=Evaluation(**d["pruned_before_finetune"]),
             pruned_bn_reestimated=Evaluation(**d["pruned_bn_reestimated"]),

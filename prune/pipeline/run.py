@@ -40,7 +40,14 @@ from prune.pipeline.speed import device_name, measure_throughput
 from prune.pipeline.surgery import PrunableGroup, Surgeon
 from prune.version import __version__
 from prune.zoo.data import (
-    DataBundle, balanced_subset, check_scoring_images, choose_classes, class_images, load_data, make_loader,
+    DataBundle,
+    balanced_subset,
+    check_scoring_images,
+    choose_classes,
+    class_images,
+    load_data,
+    make_loader,
+    unreadable_counts,
 )
 from prune.zoo.models import ModelSpec, check_model_name, load_model, state_dict_mismatch
 
@@ -160,6 +167,8 @@ def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: tor
     """Params, MACs, FLOPs, accuracies and img/s of `model` (the report's before/after)."""
     loader = make_loader(data.val, batch_size=config.batch_size, shuffle=False, seed=config.seed)
     ev = evaluate(model, loader, device=device, quiet=quiet)
+    if ev.n == 0:
+        raise UsageError(f"no val image could be decoded ({unreadable_counts(data)['val']} unreadable); replace them")
     speed = measure_throughput(model, input_size=data.input_size, batch_size=32, device=device)
     cost = count_cost(model, input_size=data.input_size)
     return Measurement(
@@ -409,9 +418,10 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
     torch.manual_seed(config.seed)
     with _timed(timings, "load"):
         loaded = load(config, device)
-    if loaded.unreadable and world.is_main:
-        warnings.warn(f"skipping {loaded.unreadable} unreadable image file(s) among the scoring images; "
-                      "remove or replace them", UnreadableImages, stacklevel=2)
+    counts = unreadable_counts(loaded.data)
+    if (loaded.unreadable or any(counts.values())) and world.is_main:
+        warnings.warn(f"skipping unreadable image files: {counts['train']} in train/ ({loaded.unreadable} among the "
+                      f"scoring images), {counts['val']} in val/; remove or replace them", UnreadableImages, stacklevel=2)
     with ExitStack() as stack:
         claimed, resume = _claim(out, config, loaded.data, overwrite, world, stack)
         try:
@@ -474,6 +484,7 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
         processes=world.size,
         classes_used=tuple(data.classes[c] for c in loaded.classes),
         unreadable_scoring_images=loaded.unreadable,
+        unreadable_images=unreadable_counts(data),
         before=before,
         pruned_before_finetune=pruned_eval,
         pruned_bn_reestimated=pruned_bn_eval,

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
@@ -23,6 +27,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 """What decoding a bad image file raises (a decompression bomb included)."""
+T = TypeVar("T")
+MAX_SIDE = 50_000
+MAX_ASPECT = 100
+"""Images with a side over MAX_SIDE pixels or an aspect ratio over MAX_ASPECT are unreadable."""
+WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+"""PIL modes of 16-bit (and 32-bit integer) grayscale images, scaled to 8 bits before RGB."""
+
+
+class SymlinkLoops(UserWarning):
+    """Symlinked folders under a data split that loop (or repeat a folder) were not followed."""
 
 
 @dataclass(frozen=True)
@@ -42,37 +56,140 @@ class DataBundle:
 class TolerantImageFolder(datasets.ImageFolder):
     """ImageFolder that yields None for an unreadable image instead of raising (see `decode_rgb`).
 
-    Grayscale and RGBA files are converted to RGB. `skipped` counts the unreadable files.
+    Grayscale, 16-bit and RGBA files are converted to RGB. Each class folder is walked visiting
+    every real directory once (`walk_once`), so symlink loops never hang or repeat images; the
+    symlinked folders not followed are in `loops` (one SymlinkLoops warning names them).
+    `skipped` holds the unreadable files: those whose header already fails (`header_ok`, checked
+    for every file here, without decoding), then any found while decoding.
     """
 
     def __init__(self, root: str, transform: transforms.Compose, *, input_size: int) -> None:
+        self.loops: list[str] = []
         super().__init__(root, transform=transform)
-        self.skipped: set[str] = set()
+        if self.loops:
+            shown = ", ".join(self.loops[:3]) + (", …" if len(self.loops) > 3 else "")
+            warnings.warn(f"not following {len(self.loops)} symlinked folder(s) under {root} that loop or repeat a "
+                          f"folder ({shown}); remove them", SymlinkLoops)
+        self.skipped: set[str] = {path for path, _ in self.samples if not header_ok(path)}
         self.image_shape = (3, input_size, input_size)
 
-    def __getitem__(self, index: int):  # type: ignore[override]
-        path, target = self.samples[index]
-        image = decode_rgb(path)
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        """torchvision's class folders, less a symlinked one that holds the split itself (a loop,
+        added to `loops`)."""
+        split = os.path.realpath(directory)
+        names, _ = super().find_classes(directory)
+        classes = [n for n in names if not _inside(split, os.path.realpath(os.path.join(directory, n)))]
+        self.loops += [os.path.join(directory, n) for n in names if n not in classes]
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(  # type: ignore[override]
+        self,
+        directory: str | Path,
+        class_to_idx: dict[str, int],
+        extensions: tuple[str, ...] | None = None,
+        is_valid_file: Callable[[str], bool] | None = None,
+        allow_empty: bool = False,
+    ) -> list[tuple[str, int]]:
+        """(path, class index) of every image file, as torchvision's `make_dataset` but walking
+        each class folder with `walk_once` (the folders it does not follow go to `loops`)."""
+        valid = is_valid_file or (lambda p: datasets.folder.has_file_allowed_extension(p, extensions))
+        split = os.path.realpath(directory)
+        samples: list[tuple[str, int]] = []
+        for name in sorted(class_to_idx):
+            files, skipped = walk_once(os.path.join(directory, name), outside=split)
+            samples += [(path, class_to_idx[name]) for path in files if valid(path)]
+            self.loops += skipped
+        found = {target for _, target in samples}
+        empty = sorted(name for name, i in class_to_idx.items() if i not in found)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}.")
+        return samples
+
+    def _decode(self, index: int) -> Image.Image | None:
+        """Image `index` as RGB, or None (then its path is in `skipped`)."""
+        path = self.samples[index][0]
+        image = None if path in self.skipped else decode_rgb(path)
         if image is None:
             self.skipped.add(path)
-            return None
-        return self.transform(image), target
+        return image
+
+    def readable(self, index: int) -> bool:
+        """True if image `index` decodes (an unreadable one is added to `skipped`)."""
+        return self._decode(index) is not None
+
+    def __getitem__(self, index: int):  # type: ignore[override]
+        image = self._decode(index)
+        return None if image is None else (self.transform(image), self.targets[index])
 
 
-def decode_rgb(path: str) -> Image.Image | None:
-    """The image file at `path` as RGB, or None if it is unreadable: not a regular file (a
-    FIFO or device would block or never end), not decodable, or a decompression bomb (more
-    than PIL's `Image.MAX_IMAGE_PIXELS` pixels declared)."""
+def _inside(path: str, folder: str) -> bool:
+    """True if real path `path` is `folder` or lies inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def walk_once(top: str, *, outside: str) -> tuple[list[str], list[str]]:
+    """Files under `top` (symlinks followed, in torchvision's sorted order) and the symlinked
+    folders not followed: one whose real path was already visited, or holds the folder it is
+    in or `outside` (a loop). Every real directory is visited once, so this always ends."""
+    seen = {os.path.realpath(top)}
+    found: list[tuple[str, list[str]]] = []
+    skipped: list[str] = []
+    for folder, subfolders, files in os.walk(top, followlinks=True):
+        here = os.path.realpath(folder)
+        kept = []
+        for name in sorted(subfolders):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in seen or _inside(here, real) or _inside(outside, real):
+                skipped.append(os.path.join(folder, name))
+            else:
+                seen.add(real)
+                kept.append(name)
+        subfolders[:] = kept
+        found.append((folder, sorted(files)))
+    return [os.path.join(folder, f) for folder, files in sorted(found) for f in files], skipped
+
+
+def sane_size(size: tuple[int, int]) -> bool:
+    """True if an image of `size` (width, height) is worth decoding: no side over MAX_SIDE, aspect
+    ratio at most MAX_ASPECT, at most PIL's `Image.MAX_IMAGE_PIXELS` pixels (a decompression bomb)."""
+    width, height = size
+    limit = Image.MAX_IMAGE_PIXELS
+    return (
+        0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE and max(width, height) <= MAX_ASPECT * min(width, height)
+        and (limit is None or width * height <= limit)
+    )
+
+
+def _open_sane(path: str, use: Callable[[Image.Image], T]) -> T | None:
+    """`use(image)` of the file at `path` opened by PIL, or None if it is unreadable: not a regular
+    file (a FIFO or device would block or never end), not an image, of a size not `sane_size` (read
+    from the header before anything is decoded), or failing in `use`."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return None
         with Image.open(path) as img:
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit is not None and img.size[0] * img.size[1] > limit:
-                return None
-            return img.convert("RGB")
+            return use(img) if sane_size(img.size) else None
     except UNREADABLE:
         return None
+
+
+def header_ok(path: str) -> bool:
+    """True if the header of the image file at `path` reads and declares a `sane_size` (nothing
+    is decoded: cheap enough for every file of a data set)."""
+    return _open_sane(path, lambda _img: True) is not None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """`img` as 8-bit RGB; 16-bit grayscale (`WIDE_MODES`) is scaled (value / 257), not clipped."""
+    if img.mode in WIDE_MODES:
+        pixels = np.asarray(img, dtype=np.float64) / 257
+        img = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def decode_rgb(path: str) -> Image.Image | None:
+    """The image file at `path` as RGB (`to_rgb`), or None if it is unreadable (`_open_sane`)."""
+    return _open_sane(path, to_rgb)
 
 
 def readable(path: str) -> bool:
@@ -109,9 +226,19 @@ def _image_folder(root: Path, transform: transforms.Compose, input_size: int) ->
     if not root.is_dir():
         raise UsageError(f"data folder {root} does not exist; --data needs train/ and val/ class folders")
     try:
-        return TolerantImageFolder(str(root), transform, input_size=input_size)
+        folder = TolerantImageFolder(str(root), transform, input_size=input_size)
     except (FileNotFoundError, RuntimeError) as exc:
         raise UsageError(f"no images under {root} ({str(exc).splitlines()[0]}); put images in class folders") from None
+    if len(folder.skipped) == len(folder.samples):
+        raise UsageError(f"no readable image under {root}: all {len(folder.samples)} image files are unreadable "
+                         "(corrupt, not regular files or of absurd size); replace them")
+    return folder
+
+
+def unreadable_counts(data: DataBundle) -> dict[str, int]:
+    """{"train": n, "val": n}: the unreadable image files found so far in each split (0 for
+    in-memory data)."""
+    return {name: len(getattr(split, "skipped", ())) for name, split in (("train", data.train), ("val", data.val))}
 
 
 def load_data(root: str | None, *, input_size: int | None = None, model: str = "embedded") -> DataBundle:
@@ -229,16 +356,16 @@ def check_scoring_images(data: DataBundle, classes: list[int], n: int, *, seed: 
     too few images (counts only for in-memory data; folders are decoded file by file).
     """
     skipped_total = 0
-    samples = getattr(data.train, "samples", None)
+    folder = data.train if isinstance(data.train, TolerantImageFolder) else None
     for cls in classes:
         order = _class_order(data, cls, n, seed=seed)
-        if samples is None:
+        if folder is None:
             continue
         found = skipped = 0
         for i in order:
             if found == n:
                 break
-            if readable(samples[i][0]):
+            if folder.readable(i):
                 found += 1
             else:
                 skipped += 1

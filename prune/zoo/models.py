@@ -53,6 +53,21 @@ def state_dict_mismatch(model: nn.Module, state: object) -> str | None:
     return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
+REAL_DTYPES = frozenset({
+    torch.bool, torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int8, torch.int16, torch.int32, torch.int64,
+})
+"""Non-floating dtypes a weights tensor may have (every real floating dtype is allowed too)."""
+
+
+def check_dtypes(state: dict, path: Path) -> None:
+    """UsageError naming the first tensor of `state` whose dtype is not a real floating, integer
+    or bool dtype (complex, quantized, ...): loading it would silently drop or misread values."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and not (value.dtype.is_floating_point or value.dtype in REAL_DTYPES):
+            raise UsageError(f"weights in {path}: key {key!r} has dtype {value.dtype}, which is not supported; "
+                             "save real-valued (floating-point) weights")
+
+
 def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -60,6 +75,8 @@ def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
         raise UsageError(f"cannot read weights from {path}: {type(exc).__name__}; pass a state_dict file") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if isinstance(state, dict):
+        check_dtypes(state, path)
     why = state_dict_mismatch(model, state)
     if why is None:
         try:
