@@ -59,7 +59,7 @@ def score_layer(
 ) -> torch.Tensor:
     """Scores [C] (higher = keep) of one layer with a registry scorer."""
     scorer = scoring.create(scorer_name, **options)
-    layer = scoring.LayerSpec(model=model, conv=conv, name=name)
+    layer = scoring.LayerSpec(model=model, conv=conv, name=name, example=batches[0].images[:1] if batches else None)
     return scorer(layer, batches if scorer.info.needs_data else ()).float()
 
 

@@ -2,7 +2,8 @@
 
 >>> import scoring
 >>> scoring.list_scorers()            # doctest: +SKIP
-['apoz', 'entropy', 'fpgm', 'l1', 'nisp', 'random', 'selectivity']
+['apoz', 'entropy', 'fpgm', 'l1', 'nisp', 'random', 'selectivity',
+ 'tp-bnscale', 'tp-fpgm', 'tp-hessian', 'tp-lamp', 'tp-magnitude', 'tp-taylor']
 >>> scorer = scoring.create("entropy")
 >>> scores = scorer(layer, class_batches)  # [C] float32, higher = keep
 """
@@ -11,7 +12,7 @@ from scoring.base import ClassBatch, LayerSpec, Scorer, ScorerInfo
 from scoring.registry import create, list_scorers, parse_options, register, scorer_info, scorer_options
 
 # Importing a scorer module registers it.
-from scoring import activations, control, entropy, nisp, weights  # noqa: E402,F401
+from scoring import activations, control, entropy, nisp, tp_importances, weights  # noqa: E402,F401
 
 __all__ = [
     "ClassBatch",

@@ -39,11 +39,14 @@ class LayerSpec:
     model: the whole network (already pruned at shallower layers in a progressive run).
     conv: the layer's conv module; its output channels are the units.
     name: qualified module name of `conv` inside `model`.
+    example: an input [1, 3, H, W] the model takes, for scorers that trace the model
+        (torch-pruning's criteria); None if the caller has none (they then use a scoring image).
     """
 
     model: nn.Module
     conv: nn.Conv2d
     name: str
+    example: torch.Tensor | None = None
 
     @property
     def num_channels(self) -> int:

@@ -85,12 +85,16 @@ class ScorerImportance(tp.importance.Importance):
     in eval mode (BatchNorm statistics untouched) and its train/eval flags are restored.
     """
 
-    def __init__(self, scorer: scoring.Scorer, source: ScoringData | None, normalize: str | None) -> None:
+    def __init__(
+        self, scorer: scoring.Scorer, source: ScoringData | None, normalize: str | None,
+        example: torch.Tensor | None = None,
+    ) -> None:
         if normalize not in NORMALIZERS:
             raise UsageError(f"normalize={normalize!r} is unknown; use one of {NORMALIZERS}")
         self.scorer = scorer
         self.source = source
         self.normalize = normalize
+        self.example = example
 
     @staticmethod
     def members(group: tp.dependency.Group) -> list[tuple[nn.Conv2d, list[int], list[int]]]:
@@ -117,7 +121,7 @@ class ScorerImportance(tp.importance.Importance):
         try:
             for conv, idxs, root_idxs in members:
                 one = PrunableGroup(names=(names[conv],), convs=(conv,))
-                scores = score_group(model, one, self.scorer, self.source).double()
+                scores = score_group(model, one, self.scorer, self.source, example=self.example).double()
                 for i, r in zip(idxs, root_idxs):
                     if r is not None and int(r) in position:
                         total[position[int(r)]] += scores[i]
@@ -135,13 +139,16 @@ def as_tp_importance(
     labels: torch.Tensor | Sequence[int] | None,
     normalize: str | None = "standardize",
     batch_size: int = 128,
+    example: torch.Tensor | None = None,
     **options,
 ) -> ScorerImportance:
     """Registered scorer `name` as a torch-pruning importance; higher = keep.
 
     images [N, 3, H, W] (as the model takes them) and labels [N] (class indices) feed the
     data-driven scorers; weight scorers (l1, fpgm, random) accept None for both. `options`
-    go to `scoring.create(name, **options)` (e.g. p=0.1 for entropy).
+    go to `scoring.create(name, **options)` (e.g. p=0.1 for entropy). example [1, 3, H, W]: an
+    input the model takes, which torch-pruning's own criteria (tp-*) trace the model on;
+    default images[:1] (pass it for tp-magnitude, tp-lamp, tp-fpgm, tp-bnscale without images).
 
     normalize (per group, order-preserving): None | "mean" | "max" | "standardize" (default).
     Within a group it never changes which channels are lowest, so local pruning (MetaPruner's
@@ -164,4 +171,6 @@ def as_tp_importance(
         source = _scoring_source(images, torch.as_tensor(labels), batch_size)
     elif scorer.info.needs_data:
         raise UsageError(f"scorer {name!r} needs data: pass images=[N, 3, H, W] and labels=[N]")
-    return ScorerImportance(scorer, source, normalize)
+    if example is None and images is not None:
+        example = images[:1]
+    return ScorerImportance(scorer, source, normalize, example)

@@ -365,6 +365,10 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     probe = min(config.samples_per_class, PROBE_IMAGES)
     check_finite(model, torch.cat([class_images(data, c, probe, seed=config.seed) for c in classes]))
     scorer = make_scorer(config)
+    try:
+        scorer.check(model, classes=len(classes), samples_per_class=config.samples_per_class)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return Loaded(data, classes, model, surgeon, scorer, unreadable)
 
 

@@ -130,12 +130,15 @@ def score_group(
     scorer: scoring.Scorer,
     source: ScoringData | None,
     world: distributed.World = distributed.SINGLE,
+    example: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scores [C] of a group: the mean of its member convs' scores (higher = keep)."""
+    """Scores [C] of a group: the mean of its member convs' scores (higher = keep).
+
+    example: an input [1, 3, H, W] of the model, for scorers that trace it (tp-*)."""
     sharded = world.active and scorer.info.needs_data and scorer.shardable()
     member_scores = []
     for name, conv in zip(group.names, group.convs):
-        layer = scoring.LayerSpec(model=model, conv=conv, name=name)
+        layer = scoring.LayerSpec(model=model, conv=conv, name=name, example=example)
         if sharded:
             scores = _sharded_scores(scorer, layer, source, world)
         else:
@@ -224,7 +227,7 @@ def select_and_prune(
     decisions: list[LayerDecision] = []
 
     def compute(g: PrunableGroup) -> Callable[[], torch.Tensor]:
-        return lambda: score_group(model, g, scorer, source, world)
+        return lambda: score_group(model, g, scorer, source, world, surgeon.example)
 
     def observed(g: PrunableGroup) -> tuple[int, float | None]:
         top1 = None if source is None else scoring_top1(model, source)

@@ -1,0 +1,251 @@
+"""torch-pruning's own importance criteria as scorers (`tp-magnitude`, `tp-lamp`, `tp-fpgm`,
+`tp-bnscale`, `tp-taylor`, `tp-hessian`).
+
+Each scores a conv's output channels with the library's class on the conv's whole pruning
+group: a `tp.DependencyGraph` traced on `layer.model` (read only here, never pruned) gives
+`get_pruning_group(conv, prune_conv_out_channels, idxs=range(C))`, and the importance
+aggregates over the coupled layers (the conv, its BatchNorm, the next layer's input
+channels) by its default `group_reduction="mean"`. Scores are the raw per-channel values
+(`normalizer=None`; LAMP keeps its own `"lamp"` normaliser, which is the criterion): [C]
+float32 on CPU, higher = more important = keep.
+
+Tracing needs an input: `layer.example` [1, 3, H, W], else the first image of the first
+scoring batch seen. The model's train/eval flags and any `.grad` it had are restored; its
+weights and BatchNorm statistics are never changed (passes run in eval mode).
+
+The gradient criteria (`tp-taylor`, `tp-hessian`) take cross-entropy gradients of
+`layer.model` on the scoring images, labels = each batch's class. Their state is a sum over
+classes (gradient sums and an image count), so they shard by class exactly. torch-pruning
+reads gradients from `param.grad`; they are set there only for the call and then restored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scoring.base import ClassBatch, LayerSpec, Scorer
+from scoring.registry import register
+
+Sums = dict[str, torch.Tensor]
+"""One tensor per parameter name, shaped like the parameter."""
+
+
+# ---------------------------------------------------------------- the model, left as found
+
+
+@contextmanager
+def _held(model: nn.Module) -> Iterator[None]:
+    """Eval mode, grad enabled and every parameter differentiable inside; train/eval flags,
+    `requires_grad` and `.grad` of the caller's model restored on exit."""
+    modes = {m: m.training for m in model.modules()}
+    params = list(model.parameters())
+    saved = [(p.requires_grad, p.grad) for p in params]
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad():
+            yield
+    finally:
+        for p, (requires, grad) in zip(params, saved):
+            p.grad = grad
+            p.requires_grad_(requires)
+        for m, training in modes.items():
+            m.training = training
+
+
+def pruning_group(layer: LayerSpec, example: torch.Tensor) -> Any:
+    """torch-pruning's group for all C output channels of `layer.conv`, traced on `example`."""
+    import torch_pruning as tp
+
+    device = next(layer.model.parameters()).device
+    graph = tp.DependencyGraph().build_dependency(layer.model, example_inputs=example.to(device), verbose=False)
+    return graph.get_pruning_group(layer.conv, tp.prune_conv_out_channels, idxs=list(range(layer.num_channels)))
+
+
+# ---------------------------------------------------------------- weight criteria
+
+
+class TPScorer(Scorer):
+    """A torch-pruning importance `tp.importance.<criterion>(**options)` as a scorer."""
+
+    criterion: ClassVar[str]
+    options: ClassVar[dict[str, Any]] = {"normalizer": None}
+
+    def reset(self, layer: LayerSpec) -> None:
+        super().reset(layer)
+        self._example = layer.example
+
+    def update(self, batch: ClassBatch) -> None:
+        if self._example is None:
+            self._example = batch.images[:1]
+
+    def importance(self) -> Any:
+        """A fresh `tp.importance.<criterion>` with this scorer's options."""
+        import torch_pruning as tp
+
+        return getattr(tp.importance, self.criterion)(**self.options)
+
+    def prepare(self) -> dict[str, torch.Tensor]:
+        """Gradients to place on the parameters (by name) while the importance runs; none here."""
+        return {}
+
+    def compute(self) -> torch.Tensor:
+        layer: LayerSpec | None = getattr(self, "layer", None)
+        if layer is None:
+            raise ValueError(f"{self.info.name}: call reset(layer) before compute()")
+        if self._example is None:
+            raise ValueError(f"{self.info.name}: no input to trace the model; set LayerSpec.example [1, 3, H, W]")
+        grads = self.prepare()
+        with _held(layer.model):
+            group = pruning_group(layer, self._example)
+            for name, p in layer.model.named_parameters():
+                p.grad = grads.get(name)
+            scores = self.importance()(group)
+        if scores is None:
+            raise ValueError(self.missing(layer))
+        scores = scores.detach().float().cpu()
+        if not torch.isfinite(scores).all():
+            raise ValueError(f"{self.info.name}: NaN/Inf scores at layer {layer.name!r}; check the model weights")
+        return scores
+
+    def missing(self, layer: LayerSpec) -> str:
+        """Why the importance found nothing to score in `layer`'s group (it returned None)."""
+        return f"{self.info.name}: torch-pruning found no parameterised layer in the group of {layer.name!r}"
+
+
+@register("tp-magnitude", needs_data=False,
+          description="torch-pruning group magnitude: mean over the coupled layers of Σ w², p = 2")
+class TPMagnitude(TPScorer):
+    """`GroupMagnitudeImportance(p=2)`: mean over the group's conv out, BatchNorm γ and next-layer
+    in-channel slices of Σ|w|²; [C], higher = keep."""
+
+    criterion = "GroupMagnitudeImportance"
+    options = {"p": 2, "normalizer": None}
+
+
+@register("tp-lamp", needs_data=False,
+          description="torch-pruning LAMP: group magnitude over the sum of the larger ones (Lee et al. 2021)")
+class TPLamp(TPScorer):
+    """`LAMPImportance`: s[c] / Σ_{s[j] ≥ s[c]} s[j] of the group magnitude s (p = 2); [C], higher = keep
+    (same order as the magnitude within a layer; its normaliser is the criterion itself)."""
+
+    criterion = "LAMPImportance"
+    options = {"p": 2}
+
+
+@register("tp-fpgm", needs_data=False,
+          description="torch-pruning FPGM: summed distance of |w|² filters to the others (He et al. 2019)")
+class TPFPGM(TPScorer):
+    """`FPGMImportance`: mean over the group's conv slices of Σ_j ‖|F_i|² − |F_j|²‖₂ (no BatchNorm);
+    [C], higher = keep (far from the geometric median)."""
+
+    criterion = "FPGMImportance"
+
+
+@register("tp-bnscale", needs_data=False,
+          description="torch-pruning BatchNorm scale |γ| (network slimming, Liu et al. 2017)")
+class TPBNScale(TPScorer):
+    """`BNScaleImportance`: |γ| of the BatchNorm after the conv (mean over BatchNorms in the group);
+    [C], higher = keep. Refuses models without BatchNorm."""
+
+    criterion = "BNScaleImportance"
+
+    def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            raise ValueError("scorer 'tp-bnscale' needs BatchNorm layers and the model has none; "
+                             "choose another scorer, e.g. --scorer tp-magnitude")
+
+    def missing(self, layer: LayerSpec) -> str:
+        return (f"tp-bnscale: conv {layer.name!r} is followed by no BatchNorm; "
+                "choose another scorer, e.g. --scorer tp-magnitude")
+
+
+# ---------------------------------------------------------------- gradient criteria
+
+
+def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared: bool, chunk: int = 32) -> Sums:
+    """Σ over `images` [N, 3, H, W] of ∇CE(model(x), label) (squared=False, `chunk` images a pass)
+    or of (∇CE)² per image (squared=True, one image a pass); {parameter name: tensor}.
+
+    Call inside `_held(model)` (eval mode, grad enabled, every parameter differentiable).
+    """
+    names, params = zip(*model.named_parameters())
+    device = params[0].device
+    sums = [torch.zeros_like(p) for p in params]
+    for part in images.to(device).split(1 if squared else chunk):
+        labels = torch.full((len(part),), int(label), dtype=torch.long, device=device)
+        loss = F.cross_entropy(model(part), labels, reduction="sum")
+        for total, grad in zip(sums, torch.autograd.grad(loss, params, allow_unused=True)):
+            if grad is not None:
+                total += grad.square() if squared else grad
+    return dict(zip(names, sums))
+
+
+class GradientScorer(TPScorer):
+    """A gradient criterion: sums per-class gradient statistics, then hands their mean over
+    images to torch-pruning as `param.grad`."""
+
+    squared: ClassVar[bool]
+
+    def reset(self, layer: LayerSpec) -> None:
+        super().reset(layer)
+        self._sums: Sums = {n: torch.zeros_like(p) for n, p in layer.model.named_parameters()}
+        self._count = 0
+
+    def update(self, batch: ClassBatch) -> None:
+        super().update(batch)
+        with _held(self.layer.model):
+            sums = gradient_sums(self.layer.model, batch.images, batch.class_index, squared=self.squared)
+        self._add(sums, len(batch.images))
+
+    def _add(self, sums: Sums, count: int) -> None:
+        for name, total in self._sums.items():
+            total += sums[name].to(total.device)
+        self._count += count
+
+    def state(self) -> tuple[Sums, int]:
+        """(gradient sums by parameter name on CPU, number of images) seen so far."""
+        return {n: s.cpu() for n, s in self._sums.items()}, self._count
+
+    def merge(self, states: Sequence[tuple[Sums, int]]) -> None:
+        for sums, count in states:
+            self._add(sums, count)
+
+    def prepare(self) -> dict[str, torch.Tensor]:
+        if getattr(self, "_count", 0) == 0:
+            raise ValueError(f"{self.info.name}: no images seen; call update() with class batches")
+        return {n: s / self._count for n, s in self._sums.items()}
+
+
+@register("tp-taylor", needs_data=True,
+          description="torch-pruning first-order Taylor |w · ∂L/∂w| (Molchanov et al. 2019)")
+class TPTaylor(GradientScorer):
+    """`GroupTaylorImportance`: mean over the group's conv/linear slices of Σ|w·g|, g = ∂L/∂w of the
+    mean cross-entropy over all scoring images (torch-pruning skips BatchNorm here); [C], higher = keep."""
+
+    criterion = "GroupTaylorImportance"
+    squared = False
+
+
+@register("tp-hessian", needs_data=True,
+          description="torch-pruning OBD: w² times the mean squared per-image gradient (LeCun et al. 1989)")
+class TPHessian(GradientScorer):
+    """`GroupHessianImportance`: mean over the group's layers (conv, BatchNorm γ, next layer) of
+    Σ w²·h, h = mean over images of (∂CE_i/∂w)² (Fisher diagonal); [C], higher = keep.
+
+    The per-image squared gradients are summed here, not by the library's `accumulate_grad`:
+    in torch-pruning 1.6.0 that keys its sums by parameter but tests membership by name, so
+    each call overwrites and only the last image would count. Its `__call__` then reads `h`
+    from `param.grad`, as it does after its own accumulation.
+    """
+
+    criterion = "GroupHessianImportance"
+    squared = True
