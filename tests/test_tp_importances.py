@@ -244,3 +244,17 @@ def test_tp_taylor_drives_metapruner() -> None:
     assert all(p.grad is None for p in net.parameters())
     with torch.no_grad():
         assert net(x).shape == (6, 3)
+
+
+@pytest.mark.parametrize("name", ["tp-magnitude", "tp-lamp"])
+def test_magnitude_counts_a_dead_channels_outgoing_weights(name: str) -> None:
+    """Why these two are exempt from the contract's dead-unit test: a channel whose filter,
+    bias and γ are 0 (output 0 everywhere) still scores by the next conv's weights on it."""
+    net = chain()
+    with torch.no_grad():
+        net[0].weight[1] = 0.0
+        net[0].bias[1] = 0.0
+        net[1].weight[1] = 0.0
+        net[3].weight[:, 1] *= 100.0
+    scores = create(name)(layer(net))
+    assert scores[1] == scores.max()
