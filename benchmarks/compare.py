@@ -37,6 +37,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import prune
+import scoring
 from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure
 from prune import LayerResult, PruneConfig
 from prune.outputs.files import write_json, write_text
@@ -61,6 +62,9 @@ ARMS: tuple[Arm, ...] = (
     Arm("nisp", "nisp"),
     Arm("random", "random"),
 )
+"""The arms compared by default."""
+EXTRA_ARMS: tuple[Arm, ...] = tuple(Arm(name, name) for name in scoring.list_scorers("tp-*"))
+"""torch-pruning's own criteria: compared when named in `--arms` (tp-bnscale needs BatchNorm)."""
 BASELINES = ("random", "l1")
 
 
@@ -122,7 +126,7 @@ def run_one(settings: Settings, testbed: str, arm_name: str, seed: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    arm = next(a for a in ARMS if a.name == arm_name)
+    arm = next(a for a in ARMS + EXTRA_ARMS if a.name == arm_name)
     config = PruneConfig(
         model=testbed, ratio=settings.ratio, scorer=arm.scorer, scorer_options=arm.options,
         samples_per_class=settings.samples_per_class, epochs=settings.epochs, finetune=settings.epochs > 0,
@@ -304,7 +308,7 @@ def parse(argv: list[str] | None) -> tuple[Settings, bool]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=tuple(PRESETS), default="full")
     p.add_argument("--testbeds", nargs="+", default=None)
-    p.add_argument("--arms", nargs="+", default=None, choices=[a.name for a in ARMS])
+    p.add_argument("--arms", nargs="+", default=None, choices=[a.name for a in ARMS + EXTRA_ARMS])
     p.add_argument("--seeds", type=int, default=None, help="seeds to start with per testbed")
     p.add_argument("--max-seeds", type=int, default=None)
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (one thread each)")

@@ -211,13 +211,15 @@ class GradientScorer(TPScorer):
             total += sums[name].to(total.device)
         self._count += count
 
-    def state(self) -> tuple[Sums, int]:
-        """(gradient sums by parameter name on CPU, number of images) seen so far."""
-        return {n: s.cpu() for n, s in self._sums.items()}, self._count
+    def state(self) -> tuple[Sums, int, torch.Tensor | None]:
+        """(gradient sums by parameter name on CPU, number of images, an image to trace on) so far."""
+        return {n: s.cpu() for n, s in self._sums.items()}, self._count, self._example
 
-    def merge(self, states: Sequence[tuple[Sums, int]]) -> None:
-        for sums, count in states:
+    def merge(self, states: Sequence[tuple[Sums, int, torch.Tensor | None]]) -> None:
+        for sums, count, example in states:
             self._add(sums, count)
+            if self._example is None:
+                self._example = example
 
     def prepare(self) -> dict[str, torch.Tensor]:
         if getattr(self, "_count", 0) == 0:

@@ -6,8 +6,9 @@ chunk by chunk into one preallocated tensor [N, C, m, m] (no concatenation copy)
 Several processes (torchrun) split the *classes* of a layer between them. That is exact
 only where a scorer's state is a per-class sum: such scorers implement `state()` (what one
 class leaves) and `merge(states)` (the state of all K classes, rebuilt in class order with the
-same floating-point operations as one process): entropy, apoz and selectivity. Every other
-scorer is computed in full on every process (identical results; weight scorers are cheap).
+same floating-point operations as one process): entropy, apoz, selectivity, tp-taylor and
+tp-hessian. Every other scorer is computed in full on every process (identical results;
+weight scorers are cheap).
 """
 
 from __future__ import annotations

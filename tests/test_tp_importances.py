@@ -1,0 +1,260 @@
+"""torch-pruning's criteria as scorers (`scoring/tp_importances.py`) against independent computations.
+
+Expected values follow torch-pruning 1.6.0's definitions (group_reduction "mean" over the
+coupled slices: the conv's filters, its BatchNorm γ, the next conv's input channels), written
+here as loops over channels and plain autograd, never by calling torch-pruning.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+import prune
+from prune.cli import main
+from scoring import ClassBatch, LayerSpec, create, list_scorers, scorer_info
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TP = ["tp-bnscale", "tp-fpgm", "tp-hessian", "tp-lamp", "tp-magnitude", "tp-taylor"]
+
+
+def chain(seed: int = 0) -> nn.Sequential:
+    """Conv(3→4), BN(4) with γ = (0.5, −1.5, 2, 0.25), ReLU, Conv(4→5), ReLU, mean pool, Linear(5→3)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        net[1].weight.copy_(torch.tensor([0.5, -1.5, 2.0, 0.25]))
+        net[1].running_mean.uniform_(-0.2, 0.2)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def batches(classes: int = 3, n: int = 4, seed: int = 1) -> list[ClassBatch]:
+    """One ClassBatch of n 6×6 images per class (activations unused by these scorers)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        ClassBatch(k, torch.randn(n, 3, 6, 6, generator=gen) + 0.2 * k, torch.zeros(n, 4, 6, 6))
+        for k in range(classes)
+    ]
+
+
+def layer(net: nn.Sequential) -> LayerSpec:
+    return LayerSpec(model=net, conv=net[0], name="0", example=torch.zeros(1, 3, 6, 6))
+
+
+def group_mean(*per_slice: list[float]) -> torch.Tensor:
+    """Mean over the group's slices of per-channel values."""
+    return torch.tensor([sum(v) / len(v) for v in zip(*per_slice)], dtype=torch.float32)
+
+
+def filter_sums(values: torch.Tensor) -> list[float]:
+    """Σ over each output filter of [C, ...] → [C]."""
+    return [float(values[c].sum()) for c in range(values.shape[0])]
+
+
+def in_channel_sums(values: torch.Tensor) -> list[float]:
+    """Σ over each input channel of a conv weight-shaped [C_out, C, k, k] → [C]."""
+    return [float(values[:, c].sum()) for c in range(values.shape[1])]
+
+
+def mean_ce_gradients(net: nn.Module, data: list[ClassBatch]) -> dict[str, torch.Tensor]:
+    """∂/∂θ of the mean cross-entropy over every image, labels = its batch's class."""
+    images = torch.cat([b.images for b in data])
+    labels = torch.cat([torch.full((len(b.images),), b.class_index) for b in data])
+    names, params = zip(*net.named_parameters())
+    return dict(zip(names, torch.autograd.grad(F.cross_entropy(net(images), labels), params)))
+
+
+def mean_squared_gradients(net: nn.Module, data: list[ClassBatch]) -> dict[str, torch.Tensor]:
+    """Mean over images of (∂CE_i/∂θ)², one image at a time."""
+    names, params = zip(*net.named_parameters())
+    sums = [torch.zeros_like(p) for p in params]
+    count = 0
+    for b in data:
+        for image in b.images:
+            loss = F.cross_entropy(net(image[None]), torch.tensor([b.class_index]))
+            for s, g in zip(sums, torch.autograd.grad(loss, params)):
+                s += g**2
+            count += 1
+    return {n: s / count for n, s in zip(names, sums)}
+
+
+# ---------------------------------------------------------------- registry
+
+
+def test_registered_with_data_only_for_the_gradient_criteria() -> None:
+    assert set(TP) <= set(list_scorers("tp-*"))
+    assert {n for n in TP if scorer_info(n).needs_data} == {"tp-taylor", "tp-hessian"}
+    assert create("tp-taylor").shardable() and create("tp-hessian").shardable()
+
+
+# ---------------------------------------------------------------- weight criteria
+
+
+def test_magnitude_is_the_group_mean_of_squared_weights() -> None:
+    net = chain()
+    w1, gamma, w2 = net[0].weight.detach(), net[1].weight.detach(), net[3].weight.detach()
+    expected = group_mean(filter_sums(w1**2), (gamma**2).tolist(), in_channel_sums(w2**2))
+    torch.testing.assert_close(create("tp-magnitude")(layer(net)), expected)
+
+
+def test_lamp_divides_by_the_sum_of_the_magnitudes_not_smaller() -> None:
+    net = chain()
+    w1, gamma, w2 = net[0].weight.detach(), net[1].weight.detach(), net[3].weight.detach()
+    s = group_mean(filter_sums(w1**2), (gamma**2).tolist(), in_channel_sums(w2**2)).tolist()
+    expected = torch.tensor([s[c] / sum(v for v in s if v >= s[c]) for c in range(4)])
+    got = create("tp-lamp")(layer(net))
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(torch.argsort(got), torch.argsort(torch.tensor(s)))
+
+
+def test_fpgm_is_the_group_mean_of_distances_between_squared_slices() -> None:
+    net = chain()
+    a = (net[0].weight.detach() ** 2).reshape(4, -1)  # conv out: filter c
+    b = (net[3].weight.detach() ** 2).transpose(0, 1).reshape(4, -1)  # next conv: input channel c
+
+    def distance_sums(x: torch.Tensor) -> list[float]:
+        return [sum(math.dist(x[i].tolist(), x[j].tolist()) for j in range(4)) for i in range(4)]
+
+    torch.testing.assert_close(create("tp-fpgm")(layer(net)), group_mean(distance_sums(a), distance_sums(b)))
+
+
+def test_bnscale_is_the_absolute_batchnorm_scale() -> None:
+    net = chain()
+    assert create("tp-bnscale")(layer(net)).tolist() == [0.5, 1.5, 2.0, 0.25]
+
+
+def test_bnscale_check_refuses_a_model_without_batchnorm() -> None:
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3))
+    with pytest.raises(ValueError, match="no(ne)? BatchNorm|has none") as info:
+        create("tp-bnscale").check(plain, classes=2, samples_per_class=3)
+    assert "\n" not in str(info.value) and "--scorer" in str(info.value)
+    create("tp-bnscale").check(chain(), classes=2, samples_per_class=3)  # accepted
+
+
+def test_weight_criteria_trace_on_a_scoring_image_without_an_example() -> None:
+    net = chain()
+    without = LayerSpec(model=net, conv=net[0], name="0")
+    assert torch.equal(create("tp-magnitude")(without, batches()), create("tp-magnitude")(layer(net)))
+    with pytest.raises(ValueError, match="example"):
+        create("tp-magnitude")(without)
+
+
+# ---------------------------------------------------------------- gradient criteria
+
+
+def test_taylor_is_the_group_mean_of_weight_times_gradient() -> None:
+    net, data = chain(), batches()
+    with torch.enable_grad():
+        g = mean_ce_gradients(net, data)
+    w1, w2 = net[0].weight.detach(), net[3].weight.detach()
+    # torch-pruning's Taylor sums |w·g| over the conv's filter and the next conv's input
+    # channel; its BatchNorm branch tests for GroupNorm, so the BatchNorm γ does not count
+    expected = group_mean(filter_sums((w1 * g["0.weight"]).abs()), in_channel_sums((w2 * g["3.weight"]).abs()))
+    torch.testing.assert_close(create("tp-taylor")(layer(net), data), expected)
+
+
+def test_hessian_is_the_group_mean_of_squared_weight_times_squared_gradient() -> None:
+    net, data = chain(), batches()
+    with torch.enable_grad():
+        h = mean_squared_gradients(net, data)
+    w1, gamma, w2 = net[0].weight.detach(), net[1].weight.detach(), net[3].weight.detach()
+    expected = group_mean(
+        filter_sums(w1**2 * h["0.weight"]), (gamma**2 * h["1.weight"]).tolist(), in_channel_sums(w2**2 * h["3.weight"])
+    )
+    torch.testing.assert_close(create("tp-hessian")(layer(net), data), expected)
+
+
+@pytest.mark.parametrize("name", ["tp-taylor", "tp-hessian"])
+def test_class_shards_merge_to_the_same_scores(name: str) -> None:
+    net, data = chain(), batches()
+    scorer = create(name)
+    whole = scorer(layer(net), data)
+    states = []
+    for b in data:
+        scorer.reset(layer(net))
+        scorer.update(b)
+        states.append(scorer.state())
+    scorer.reset(layer(net))
+    scorer.merge(states)
+    assert torch.equal(scorer.compute(), whole)
+
+
+@pytest.mark.parametrize("name", TP)
+def test_scoring_leaves_the_model_as_it_was(name: str) -> None:
+    net, data = chain(), batches()
+    net.train()
+    net[3].weight.grad = torch.ones_like(net[3].weight)  # the caller's own gradient
+    net[7].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    create(name)(layer(net), data)
+    assert all(m.training for m in net.modules())
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # weights and BN statistics
+    assert torch.equal(net[3].weight.grad, torch.ones_like(net[3].weight))
+    assert all(p.grad is None for n, p in net.named_parameters() if n != "3.weight")
+    assert not net[7].weight.requires_grad and net[0].weight.requires_grad
+
+
+# ---------------------------------------------------------------- everywhere a scorer runs
+
+
+@pytest.mark.parametrize("model", ["embedded", "embedded-plain"])
+def test_main_job_runs_tp_taylor(tmp_path, model: str) -> None:
+    out = tmp_path / "out"
+    argv = ["--model", model, "--scorer", "tp-taylor", "--classes", "2", "--samples-per-class", "3",
+            "--no-finetune", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["scorer"] == "tp-taylor"
+    assert report["after"]["params"] < report["before"]["params"]
+
+
+def test_main_job_refuses_tp_bnscale_without_batchnorm(tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    code = main(["--model", "embedded-plain", "--scorer", "tp-bnscale", "--quiet", "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "BatchNorm" in lines[0]
+    assert not out.exists()
+
+
+def test_tp_taylor_drives_metapruner() -> None:
+    torch.manual_seed(0)
+    net = chain()
+    x = torch.randn(6, 3, 6, 6)
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    imp = prune.as_tp_importance("tp-taylor", images=x, labels=y, normalize=None)
+    group = tp.DependencyGraph().build_dependency(net, example_inputs=x[:1]).get_pruning_group(
+        net[0], tp.prune_conv_out_channels, idxs=list(range(4))
+    )
+    data = [ClassBatch(k, x[y == k], torch.zeros(2, 4, 6, 6)) for k in range(3)]
+    torch.testing.assert_close(imp(group), create("tp-taylor")(layer(net), data))
+    pruner = tp.pruner.MetaPruner(net, x[:1], importance=imp, pruning_ratio=0.5, ignored_layers=[net[7]])
+    pruner.step()
+    assert net[0].out_channels == 2 == net[3].in_channels and net[3].out_channels < 5
+    assert all(p.grad is None for p in net.parameters())
+    with torch.no_grad():
+        assert net(x).shape == (6, 3)
+
+
+@pytest.mark.parametrize("name", ["tp-magnitude", "tp-lamp"])
+def test_magnitude_counts_a_dead_channels_outgoing_weights(name: str) -> None:
+    """Why these two are exempt from the contract's dead-unit test: a channel whose filter,
+    bias and γ are 0 (output 0 everywhere) still scores by the next conv's weights on it."""
+    net = chain()
+    with torch.no_grad():
+        net[0].weight[1] = 0.0
+        net[0].bias[1] = 0.0
+        net[1].weight[1] = 0.0
+        net[3].weight[:, 1] *= 100.0
+    scores = create(name)(layer(net))
+    assert scores[1] == scores.max()
