@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import scoring
 from finetune import ddp
@@ -231,7 +231,8 @@ def _finetune_state(path: Path, resume: bool, world: distributed.World, model: n
     return distributed.broadcast(state)
 
 
-def _finetune(model, data, config, device, out: Path, resume: bool, quiet: bool, world: distributed.World) -> list[float]:
+def _finetune(model, train: Dataset, config, device, out: Path, resume: bool, quiet: bool,
+              world: distributed.World) -> list[float]:
     """Fine-tune with a checkpoint after each epoch (rank 0 writes it); resume from it if present.
 
     Under torchrun the model is wrapped in DistributedDataParallel and each rank trains on
@@ -258,9 +259,6 @@ def _finetune(model, data, config, device, out: Path, resume: bool, quiet: bool,
                  "model": model.state_dict(), "optimizer": opt.state_dict()},
             )
 
-    train = data.train
-    if config.train_images is not None:
-        train = Subset(train, balanced_subset(data.train_targets, config.train_images, classes=len(data.classes)))
     sampler = ddp.sampler(train, seed=config.seed)
     loader = make_loader(train, batch_size=config.batch_size, shuffle=True, seed=config.seed, sampler=sampler)
     finetune(net, loader, config=ft, device=device, quiet=quiet, start_epoch=start, optimizer=optimizer,
@@ -330,6 +328,8 @@ class Loaded:
     surgeon: Surgeon
     scorer: scoring.Scorer
     unreadable: int
+    finetune_set: Dataset
+    """What fine-tuning trains on: the train split, or its `--train-images` subset."""
 
 
 @torch.no_grad()
@@ -357,8 +357,10 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     k = config.classes if config.classes is not None else min(10, len(data.classes))
     classes = choose_classes(data, k, seed=config.seed)
     unreadable = check_scoring_images(data, classes, config.samples_per_class, seed=config.seed)
+    finetune_set = data.train
     if config.train_images is not None:
-        balanced_subset(data.train_targets, config.train_images, classes=len(data.classes))  # refused here, not later
+        finetune_set = Subset(data.train, balanced_subset(data.train_targets, config.train_images,
+                                                          classes=len(data.classes)))
     model = load_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
     example = _example_input(model, data.input_size, config.model, device)
     surgeon = Surgeon(model, example)
@@ -369,7 +371,7 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
         scorer.check(model, classes=len(classes), samples_per_class=config.samples_per_class)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return Loaded(data, classes, model, surgeon, scorer, unreadable)
+    return Loaded(data, classes, model, surgeon, scorer, unreadable, finetune_set)
 
 
 def _claim(out: Path, config: PruneConfig, data: DataBundle, overwrite: bool, world: distributed.World,
@@ -472,7 +474,7 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
     losses: list[float] = []
     if config.finetune and config.epochs > 0:
         with _timed(timings, "finetune"):
-            losses = _finetune(model, data, config, device, out, resume, quiet, world)
+            losses = _finetune(model, loaded.finetune_set, config, device, out, resume, quiet, world)
     model.eval()
     if not world.is_main:
         return None

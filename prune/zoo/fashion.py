@@ -132,7 +132,6 @@ class FashionSplit(Dataset):
         mean: Sequence[float], std: Sequence[float], files: Sequence[Path] = (),
     ) -> None:
         self.images = images
-        self.labels = labels
         self.targets: list[int] = labels.tolist()
         self.input_size = input_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -141,7 +140,7 @@ class FashionSplit(Dataset):
         self.image_shape = (3, input_size, input_size)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         x = self.images[index].to(torch.float32).div(255.0)[None, None]

@@ -200,10 +200,11 @@ def _register_embedded() -> None:
 
     for variant in VARIANTS.values():
         on_fashion = variant.dataset == fashion.PREFIX
-        stats = (fashion.MEAN, fashion.STD) if on_fashion else (shapes.MEAN, shapes.STD)
+        source = fashion if on_fashion else shapes
         trained_on = "Fashion-MNIST" if on_fashion else "shapes10"
         register_model(
-            variant.name, input_size=variant.input_size, num_classes=10, mean=stats[0], std=stats[1],
+            variant.name, input_size=variant.input_size, num_classes=len(source.CLASSES), mean=source.MEAN,
+            std=source.STD,
             weights=variant.weights, data=fashion.PREFIX if on_fashion else None,
             description=f"shipped VGG on {trained_on} ({'with' if variant.batch_norm else 'without'} BatchNorm)",
         )(partial(build_embedded, variant.name))
