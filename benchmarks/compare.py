@@ -1,10 +1,15 @@
 """Every scorer through the same pipeline and budget, on several testbeds, with enough seeds to rank.
 
-    python -m benchmarks.compare                    # full: both embedded testbeds, ≥ 10 seeds, N = 100
+    python -m benchmarks.compare                    # full: four testbeds, ≥ 10 seeds, N = 100
     python -m benchmarks.compare --preset quick     # a smoke run (2 seeds, N = 5, no fine-tune epochs)
 
-For each testbed (`embedded`: VGG with BatchNorm, last maps 8x8; `embedded-plain`: VGG without
-BatchNorm, last maps 16x16, the paper's setting), each arm (a scorer with its options) and each
+Testbeds: `embedded` (VGG with BatchNorm on the generated shapes10, last maps 8x8),
+`embedded-plain` (the same without BatchNorm, last maps 16x16, the paper's setting), and the
+same two on real images, `fashion` (last maps 7x7) and `fashion-plain` (14x14) on Fashion-MNIST,
+which fine-tune on a fixed class-balanced subset of 10,000 training images (`--train-images`)
+to keep a run near a minute. Every project scorer runs on every testbed; torch-pruning's own
+criteria (the `tp-*` peers) run on the Fashion-MNIST testbeds, each where it applies
+(`tp-bnscale` needs BatchNorm). For each testbed, arm (a scorer with its options) and
 seed, the main job runs unchanged: progressive selection with BatchNorm re-estimated after each
 layer, torch-pruning surgery, the paper's fine-tuning schedule. A seed changes the scoring
 images, every scorer's own draws and the fine-tuning order; the same seed gives every arm the
@@ -24,6 +29,7 @@ preset); finished runs are skipped on restart. The summary goes to benchmarks/re
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -64,7 +70,7 @@ ARMS: tuple[Arm, ...] = (
 )
 """The arms compared by default."""
 EXTRA_ARMS: tuple[Arm, ...] = tuple(Arm(name, name) for name in scoring.list_scorers("tp-*"))
-"""torch-pruning's own criteria: compared when named in `--arms` (tp-bnscale needs BatchNorm)."""
+"""torch-pruning's own criteria: the peers of the Fashion-MNIST testbeds, anywhere when named in `--arms`."""
 BASELINES = ("random", "l1")
 
 
@@ -72,8 +78,13 @@ BASELINES = ("random", "l1")
 class Settings:
     """What the comparison runs (frozen; `quick` and `full` presets below)."""
 
-    testbeds: tuple[str, ...] = ("embedded", "embedded-plain")
+    testbeds: tuple[str, ...] = ("embedded", "embedded-plain", "fashion", "fashion-plain")
     arms: tuple[str, ...] = tuple(a.name for a in ARMS)
+    peers: tuple[str, ...] = tuple(a.name for a in EXTRA_ARMS)
+    """Arms added on `peer_testbeds` only (where the scorer applies to the model)."""
+    peer_testbeds: tuple[str, ...] = ("fashion", "fashion-plain")
+    train_images: tuple[tuple[str, int], ...] = (("fashion", 10_000), ("fashion-plain", 10_000))
+    """Testbeds that fine-tune on a fixed class-balanced subset of the train split (`--train-images`)."""
     ratio: float = 0.5
     samples_per_class: int = 100
     epochs: int = 3
@@ -89,11 +100,32 @@ class Settings:
         """One JSON per run; a preset of its own keeps its runs apart from the full ones."""
         return self.results / self.name
 
+    def arms_of(self, testbed: str) -> tuple[str, ...]:
+        """The arms run on `testbed`: `arms`, plus the peers that apply to its model on a peer testbed."""
+        peers = self.peers if testbed in self.peer_testbeds else ()
+        return self.arms + tuple(p for p in peers if p not in self.arms and applies(p, testbed))
+
 
 PRESETS = {
     "full": Settings(),
-    "quick": Settings(samples_per_class=5, epochs=0, seeds=2, max_seeds=2, jobs=1, name="compare-quick"),
+    "quick": Settings(testbeds=("embedded", "embedded-plain"), samples_per_class=5, epochs=0, seeds=2, max_seeds=2,
+                      jobs=1, name="compare-quick"),
 }
+
+
+@functools.cache
+def applies(arm_name: str, testbed: str) -> bool:
+    """False if the arm's scorer refuses the testbed's model (`Scorer.check`, e.g. tp-bnscale without BatchNorm)."""
+    from prune.zoo.models import load_model
+    from prune.zoo.registry import model_entry
+
+    arm = next(a for a in ARMS + EXTRA_ARMS if a.name == arm_name)
+    model = load_model(testbed, weights=None, num_classes=model_entry(testbed).num_classes)
+    try:
+        scoring.create(arm.scorer, **dict(arm.options)).check(model, classes=2, samples_per_class=2)
+    except ValueError:
+        return False
+    return True
 
 
 def t95(n: int) -> float:
@@ -130,7 +162,7 @@ def run_one(settings: Settings, testbed: str, arm_name: str, seed: int) -> dict:
     config = PruneConfig(
         model=testbed, ratio=settings.ratio, scorer=arm.scorer, scorer_options=arm.options,
         samples_per_class=settings.samples_per_class, epochs=settings.epochs, finetune=settings.epochs > 0,
-        seed=seed,
+        train_images=dict(settings.train_images).get(testbed), seed=seed,
     )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,7 +192,7 @@ def load_runs(settings: Settings) -> list[dict]:
     """Every finished run of the settings' testbeds and arms."""
     runs = []
     for testbed in settings.testbeds:
-        for arm in settings.arms:
+        for arm in settings.arms_of(testbed):
             for path in sorted((settings.runs_dir / testbed).glob(f"{arm}-s*.json")):
                 runs.append(json.loads(path.read_text()))
     return runs
@@ -263,9 +295,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def report(settings: Settings) -> dict:
     """Summaries of every finished run: writes compare.json, compare.md and compare.png."""
     runs = load_runs(settings)
-    rows = [row for tb in settings.testbeds for row in summarise(runs, tb, settings.arms)]
-    diffs = [d for tb in settings.testbeds for b in BASELINES if b in settings.arms
-             for d in paired(runs, tb, settings.arms, b)]
+    rows = [row for tb in settings.testbeds for row in summarise(runs, tb, settings.arms_of(tb))]
+    diffs = [d for tb in settings.testbeds for b in BASELINES if b in settings.arms_of(tb)
+             for d in paired(runs, tb, settings.arms_of(tb), b)]
     unpruned = {tb: next((r["top1_unpruned"] for r in runs if r["testbed"] == tb), None) for tb in settings.testbeds}
     text = [f"# Scorer comparison (ratio {settings.ratio}, N = {settings.samples_per_class} per class, all classes, "
             f"{settings.epochs} fine-tuning epochs)", ""]
@@ -290,10 +322,11 @@ def compare(settings: Settings) -> dict:
     above the target (seeds 0..n-1 of every arm, so any two arms pair over their common seeds)."""
     runs = load_runs(settings)
     seeds = {(tb, arm): max(settings.seeds, sum(r["testbed"] == tb and r["scorer"] == arm for r in runs))
-             for tb in settings.testbeds for arm in settings.arms}
+             for tb in settings.testbeds for arm in settings.arms_of(tb)}
     while True:
         run_seeds(settings, seeds)
-        rows = [row for tb in settings.testbeds for row in summarise(load_runs(settings), tb, settings.arms)]
+        runs = load_runs(settings)
+        rows = [row for tb in settings.testbeds for row in summarise(runs, tb, settings.arms_of(tb))]
         short = [(r["testbed"], r["scorer"]) for r in rows
                  if needs_more([r], settings.target_halfwidth) and seeds[r["testbed"], r["scorer"]] < settings.max_seeds]
         if not short:
@@ -308,7 +341,9 @@ def parse(argv: list[str] | None) -> tuple[Settings, bool]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compare", description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=tuple(PRESETS), default="full")
     p.add_argument("--testbeds", nargs="+", default=None)
-    p.add_argument("--arms", nargs="+", default=None, choices=[a.name for a in ARMS + EXTRA_ARMS])
+    p.add_argument("--arms", nargs="+", default=None, choices=[a.name for a in ARMS + EXTRA_ARMS],
+                   help="exactly these arms on every testbed (default: the project scorers, plus the tp-* peers "
+                   "on the Fashion-MNIST testbeds)")
     p.add_argument("--seeds", type=int, default=None, help="seeds to start with per testbed")
     p.add_argument("--max-seeds", type=int, default=None)
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (one thread each)")
@@ -318,6 +353,8 @@ def parse(argv: list[str] | None) -> tuple[Settings, bool]:
     given = {"testbeds": args.testbeds and tuple(args.testbeds), "arms": args.arms and tuple(args.arms),
              "seeds": args.seeds, "max_seeds": args.max_seeds, "jobs": args.jobs, "results": args.results}
     settings = replace(PRESETS[args.preset], **{k: v for k, v in given.items() if v is not None})
+    if args.arms:  # exactly the arms named, on every testbed
+        settings = replace(settings, peers=())
     return replace(settings, max_seeds=max(settings.max_seeds, settings.seeds)), args.report_only
 
 
