@@ -51,6 +51,7 @@ from benchmarks.common import (
 )
 from benchmarks.layers import class_batch, find_conv, module_name, per_class_count, score_layer
 from finetune.metrics import class_metrics
+from prune.errors import exit_code
 from prune.pipeline.hooks import forward_hooks
 from prune.pipeline.observe import following_norm
 
@@ -378,4 +379,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main))

@@ -41,6 +41,7 @@ from benchmarks.common import (
     setup_info,
 )
 from benchmarks.layers import class_batch, conv_layers, find_conv, layer_entropy, per_class_count, pick_unit
+from prune.errors import exit_code
 from scoring.entropy import feature_entropy, selective_rate
 from scoring.topology import betti1_curve, birth_times, cubical_birth_times
 
@@ -284,4 +285,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main))

@@ -14,7 +14,6 @@ import argparse
 import io
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from prune.errors import UsageError
+from prune.errors import UsageError, exit_code
 from prune.outputs.files import write_bytes, write_json, write_text
 from prune.zoo.data import DataBundle, load_data, make_loader
 from prune.zoo.models import load_model
@@ -268,16 +267,6 @@ def torch_threads(s: ExperimentSettings) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def guarded(body: Callable[[], object]) -> int:
-    """Run `body`; a UsageError or missing file becomes a one-line error and exit code 2."""
-    try:
-        body()
-    except (UsageError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 def stem(name: str, quick: bool) -> str:
     """File stem of an experiment's outputs: `name`, or `name-quick` in quick mode."""
     return f"{name}-quick" if quick else name
@@ -322,7 +311,8 @@ def run_experiment(
     figures: Callable[[dict], dict],
 ) -> int:
     """Compute a result under the --threads setting, write `<name>.{json,md}` and
-    `<name>-*.png`, print the table unless --quiet; exit code 2 with one line on bad input."""
+    `<name>-*.png`, print the table unless --quiet; the exit code (prune.errors.exit_code: 2 with one
+    line on bad input, 1 with the traceback saved for a bug)."""
     started = time.perf_counter()
 
     def body() -> None:
@@ -334,4 +324,4 @@ def run_experiment(
             print(text)
 
     with torch_threads(settings):
-        return guarded(body)
+        return exit_code(body)

@@ -46,6 +46,7 @@ import prune
 import scoring
 from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure
 from prune import LayerResult, PruneConfig
+from prune.errors import exit_code
 from prune.outputs.files import write_json, write_text
 
 
@@ -365,4 +366,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main))

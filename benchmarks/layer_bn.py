@@ -19,6 +19,7 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, markdown_table
 from prune import PruneConfig
+from prune.errors import exit_code
 from prune.outputs.files import write_json, write_text
 
 
@@ -78,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main))

@@ -25,10 +25,11 @@ from torch.utils.data import Dataset
 
 import scoring
 from benchmarks.common import RESULTS, machine, positive_int, settings_from
-from prune.zoo.data import DataBundle
+from prune.errors import exit_code
 from prune.outputs.files import write_json
 from prune.pipeline.selection import ScoringData, lowest, score_group
 from prune.pipeline.surgery import Surgeon, channels_to_remove
+from prune.zoo.data import DataBundle
 
 GIB = 1024**3
 
@@ -120,4 +121,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main))

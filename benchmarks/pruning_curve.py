@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+import prune
 from benchmarks.common import (
     ExperimentSettings,
     base_parser,
@@ -39,8 +40,8 @@ from benchmarks.common import (
     quick_embedded_data,
     run_experiment,
 )
-import prune
 from prune import PruneConfig
+from prune.errors import exit_code
 from prune.zoo.registry import model_entry
 
 
@@ -190,4 +191,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main))

@@ -24,12 +24,13 @@ import torch
 
 import scoring
 from benchmarks.common import RESULTS, machine
-from prune.pipeline.counting import count_cost
+from prune.errors import exit_code
 from prune.outputs.files import write_json
-from prune.zoo.models import ModelSpec, build_model
+from prune.pipeline.counting import count_cost
 from prune.pipeline.selection import select_and_prune
 from prune.pipeline.speed import Throughput, measure_throughput
 from prune.pipeline.surgery import Surgeon
+from prune.zoo.models import ModelSpec, build_model
 
 
 def pruned_pair(name: str, ratio: float, input_size: int, rounding: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -179,4 +180,4 @@ def compare_runtimes(args: argparse.Namespace, models: dict, flops: dict, *, bat
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main))

@@ -19,8 +19,9 @@ import torchvision
 
 import scoring
 from benchmarks.common import RESULTS, machine, markdown_table, settings_from
-from prune.pipeline.counting import count_cost
+from prune.errors import exit_code
 from prune.outputs.files import write_json
+from prune.pipeline.counting import count_cost
 from prune.pipeline.selection import select_and_prune
 from prune.pipeline.surgery import Surgeon
 
@@ -79,4 +80,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main))

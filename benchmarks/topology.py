@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, machine, positive_int, settings_from
+from prune.errors import exit_code
 from prune.outputs.files import write_json
 from prune.pipeline.hooks import forward_hooks
 
@@ -206,4 +207,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main))

@@ -64,7 +64,7 @@ from benchmarks.layers import (
 )
 from finetune.batches import in_order
 from finetune.metrics import Evaluation, class_metrics, predict, summarize
-from prune.errors import UsageError
+from prune.errors import UsageError, exit_code
 from prune.pipeline.observe import following_norm
 from prune.zoo.data import DataBundle
 from prune.zoo.models import ModelSpec, build_model
@@ -496,4 +496,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(exit_code(main))

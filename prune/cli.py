@@ -9,10 +9,14 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import scoring
 from prune.config import PruneConfig
-from prune.errors import UsageError
+from prune.errors import UsageError, exit_code, usage_errors
+
+if TYPE_CHECKING:
+    from prune.outputs.report import PruneReport
 
 DEFAULTS = PruneConfig()
 
@@ -83,10 +87,8 @@ def scorer_options(scorer: str, pairs: list[str]) -> tuple[tuple[str, object], .
     """`--scorer-opt KEY=VALUE` pairs → sorted (key, typed value) pairs; UsageError if one is bad."""
     if not pairs:
         return ()
-    try:
+    with usage_errors("; see python -m prune --help"):
         options = scoring.parse_options(scorer, pairs)
-    except ValueError as exc:
-        raise UsageError(f"{exc}; see python -m prune --help") from None
     return tuple(sorted(options.items()))
 
 
@@ -136,11 +138,13 @@ def _is_main_process() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for bad input, with a one-line message on stderr).
+    """Entry point; returns the exit code: 0, 2 for bad input (one line naming the fix), 1 for a
+    bug (one line naming the file that holds its traceback), 130 when interrupted (prune.errors).
 
     Under torchrun every process runs this; only rank 0 prints.
     """
-    try:
+
+    def job() -> int:
         with quiet_libraries():
             args = build_parser().parse_args(argv)
             config = config_from_args(args)
@@ -148,16 +152,18 @@ def main(argv: list[str] | None = None) -> int:
             import prune
 
             report = prune.run(config, out=out, overwrite=args.overwrite, quiet=args.quiet, export=args.export)
-    except (UsageError, FileNotFoundError) as exc:
-        if _is_main_process():
-            print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
-    if report is None:
+        if report is not None:
+            print(summary_line(report, out))
         return 0
-    b, a = report.before, report.after
-    print(
+
+    return exit_code(job, speak=_is_main_process())
+
+
+def summary_line(report: PruneReport, out: Path) -> str:
+    """The one line the CLI prints after a run: what pruning cost and kept, and where the report is."""
+    config, b, a = report.settings, report.before, report.after
+    return (
         f"{config.model} · {config.scorer} · ratio {config.ratio}: params {b.params:,} → {a.params:,}, "
         f"FLOPs {b.flops / 1e6:.1f}M → {a.flops / 1e6:.1f}M, top-1 {b.top1:.4f} → {a.top1:.4f} "
         f"(pruned, before fine-tune {report.pruned_before_finetune.top1:.4f}); report: {out / 'report.md'}"
     )
-    return 0

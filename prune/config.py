@@ -1,18 +1,28 @@
-"""The settings of one pruning run (frozen; `fingerprint` decides whether a run can resume)."""
+"""The settings of one pruning run (frozen, keyword-only, type-checked when made;
+`fingerprint` decides whether a run can resume)."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import numbers
+import os
+from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from prune.errors import UsageError
 
 LAYER_BN_BATCHES = 5
 """Default training batches for re-estimating BatchNorm statistics after each layer's surgery."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PruneConfig:
-    """Everything that changes the result of `python -m prune` (see `--help`)."""
+    """Everything that changes the result of `python -m prune` (see `--help`).
+
+    Made with keywords only; a field of the wrong type is a UsageError naming it (an int is a
+    float, a bool is not a number, numpy numbers become Python ones; `weights` and `data` also
+    take an `os.PathLike`, kept as str).
+    """
 
     model: str = "embedded"
     weights: str | None = None
@@ -38,6 +48,18 @@ class PruneConfig:
     device: str = "cpu"
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in PATH_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            check_type(f.name, value, FIELD_KINDS[f.name])
+            if isinstance(value, numbers.Number) and not isinstance(value, bool):  # numpy scalars → int/float
+                kind = int if "int" in FIELD_KINDS[f.name] and isinstance(value, numbers.Integral) else float
+                object.__setattr__(self, f.name, kind(value))
+
     def as_dict(self) -> dict:
         """The settings as JSON-ready values (`scorer_options` as a dict)."""
         return {**asdict(self), "scorer_options": dict(self.scorer_options)}
@@ -47,3 +69,41 @@ class PruneConfig:
         d = self.as_dict()
         d.pop("device")
         return json.dumps(d, sort_keys=True)
+
+
+PATH_FIELDS = ("weights", "data")
+FIELD_KINDS: dict[str, tuple[str, ...]] = {
+    "model": ("str",), "weights": ("str", "None"), "data": ("str", "None"), "ratio": ("float",),
+    "scorer": ("str",), "scorer_options": ("options",), "classes": ("int", "None"), "samples_per_class": ("int",),
+    "schedule": ("str",), "rounding": ("str",), "layer_bn_batches": ("int",), "bn_recalibration": ("int",),
+    "finetune": ("bool",), "epochs": ("int",), "train_images": ("int", "None"), "lr": ("float",),
+    "momentum": ("float",), "weight_decay": ("float",), "batch_size": ("int",), "input_size": ("int", "None"),
+    "device": ("str",), "seed": ("int",),
+}
+"""What each PruneConfig field takes: str, int (any integral number but bool, numpy's too),
+float (any real number but bool; ranges are `validate`'s), bool, None, or options (a tuple of
+(str, value) pairs)."""
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "None":
+        return value is None
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "options":
+        return isinstance(value, tuple) and all(
+            isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in value
+        )
+    return isinstance(value, str)
+
+
+def check_type(name: str, value: Any, kinds: tuple[str, ...], owner: str = "PruneConfig") -> None:
+    """UsageError unless `value` is one of `kinds` (see FIELD_KINDS); the message names `owner` and `name`."""
+    if not any(_is_kind(value, kind) for kind in kinds):
+        wanted = " or ".join("a tuple of (name, value) pairs" if k == "options" else k for k in kinds)
+        shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
+        raise UsageError(f"{owner} {name}={shown} ({type(value).__name__}) must be {wanted}")

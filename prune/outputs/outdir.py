@@ -2,7 +2,7 @@
 
 `--out` is only ever replaced (`overwrite`) when it is empty or holds a topoprune run (its
 marker file run.json); a folder with anything else in it is refused. A claim can be undone:
-a run that fails with bad input after claiming its folder calls `Claim.rollback()`, which
+a run that fails in any way after claiming its folder calls `Claim.rollback()`, which
 leaves the folder as it found it (absent, empty, or the earlier run that `--overwrite` was
 about to replace). `Claim.commit()` drops that earlier run. One run at a time uses a folder:
 `locked(out)` holds an OS file lock in it, which dies with its process (a killed run leaves
@@ -84,7 +84,7 @@ class Claim:
             shutil.rmtree(self.backup, ignore_errors=True)
 
     def rollback(self) -> None:
-        """The run failed on bad input: put the folder back as it was before the claim.
+        """The run failed: put the folder back as it was before the claim.
 
         A resumed run keeps its folder (its cache lets the next attempt continue).
         """
@@ -269,10 +269,13 @@ def locked(out: Path) -> Iterator[None]:
         yield
         return
     created = [out, *(p for p in out.parents if not p.exists())] if not out.exists() else []
+    had_lock = (out / LOCK_FILE).exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
         f = _take_lock(out)
-    except OSError as exc:
+    except OSError as exc:  # e.g. a full disk while the lock's text is written
+        if not had_lock:
+            (out / LOCK_FILE).unlink(missing_ok=True)
         _remove_empty(created)
         raise out_error(out, exc) from None
     try:
@@ -309,9 +312,13 @@ def _take_lock(out: Path):
         except FileNotFoundError:
             same = False
         if same:  # not a file its last holder unlinked while we waited for it
-            f.seek(0)
-            f.truncate()
-            f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
-            f.flush()
+            try:
+                f.seek(0)
+                f.truncate()
+                f.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+                f.flush()
+            except OSError:
+                f.close()
+                raise
             return f
         f.close()

@@ -23,8 +23,8 @@ from finetune import ddp
 from finetune.batchnorm import recalibrate_batchnorm
 from finetune.metrics import Evaluation, evaluate
 from finetune.train import FinetuneConfig, finetune
-from prune.config import PruneConfig
-from prune.errors import UsageError
+from prune.config import PruneConfig, check_type
+from prune.errors import UsageError, usage_errors
 from prune.outputs.checkpoint import read_checkpoint, save_pruned
 from prune.outputs.export import check_export, export_onnx
 from prune.outputs.files import torch_save, write_json
@@ -49,7 +49,12 @@ from prune.zoo.data import (
     make_loader,
     unreadable_counts,
 )
-from prune.zoo.models import ModelSpec, check_model_name, load_model, state_dict_mismatch
+from prune.zoo.models import (
+    ModelSpec,
+    check_model_name,
+    load_model,
+    state_dict_mismatch,
+)
 
 FINETUNE_FORMAT = "topoprune/finetune-state/v1"
 SCORES_FORMAT = "topoprune/scores/v1"
@@ -92,10 +97,8 @@ def validate(config: PruneConfig, out: Path | None = None) -> None:
     data or weights), before anything is loaded or written."""
     if not 0.0 <= config.ratio < 1.0:
         raise UsageError(f"--ratio {config.ratio} is outside [0, 1); pass e.g. --ratio 0.5")
-    try:
+    with usage_errors("; fix --scorer or --scorer-opt"):
         make_scorer(config)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(f"{exc}; fix --scorer or --scorer-opt") from None
     check_model_name(config.model)
     if config.schedule not in ("progressive", "oneshot"):
         raise UsageError(f"--schedule {config.schedule!r} is unknown; use progressive or oneshot")
@@ -367,10 +370,8 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     probe = min(config.samples_per_class, PROBE_IMAGES)
     check_finite(model, torch.cat([class_images(data, c, probe, seed=config.seed) for c in classes]))
     scorer = make_scorer(config)
-    try:
+    with usage_errors():
         scorer.check(model, classes=len(classes), samples_per_class=config.samples_per_class)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     return Loaded(data, classes, model, surgeon, scorer, unreadable, finetune_set)
 
 
@@ -396,12 +397,15 @@ def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet:
         export: str | None = None) -> PruneReport | None:
     """Run the main job and write its outputs into `out`; returns the report (report.json is its `as_dict()`).
 
-    Bad input raises UsageError before `out` is touched, or (found later, e.g. NaN units in
-    a deeper layer) after undoing this run's changes to `out`. Started by torchrun, every
+    Bad input raises UsageError before `out` is touched. Any failure found later (NaN units in
+    a deeper layer, a full disk, a bug) is raised after `out` is put back as it was before
+    (a run `overwrite` was replacing is restored; a folder that did not exist is removed); an
+    interruption (KeyboardInterrupt) keeps what resume needs. Started by torchrun, every
     process runs this: scoring is split by class, fine-tuning uses DDP, rank 0 writes every
     file and returns the report (other ranks return None). `export="onnx"` also
     writes `out/model.onnx` (an output option: not part of the settings that decide the result).
     """
+    _check_arguments(config, out, overwrite=overwrite, quiet=quiet, export=export)
     validate(config, out)
     check_export(export)
     device = resolve_device(config.device)
@@ -418,6 +422,18 @@ def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet:
             distributed.shutdown()
 
 
+def _check_arguments(config: object, out: object, **flags: object) -> None:
+    """UsageError unless `config` is a PruneConfig, `out` a path, `overwrite`/`quiet` bools and `export` None or str."""
+    if not isinstance(config, PruneConfig):
+        raise UsageError(f"prune.run takes a PruneConfig, not a {type(config).__name__}; "
+                         "pass prune.PruneConfig(...) (keywords only)")
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
+        raise UsageError(f"prune.run out={out!r} must be a folder path (str or pathlib.Path)")
+    check_type("overwrite", flags["overwrite"], ("bool",), "prune.run")
+    check_type("quiet", flags["quiet"], ("bool",), "prune.run")
+    check_type("export", flags["export"], ("str", "None"), "prune.run")
+
+
 def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: distributed.World,
          device: torch.device, export: str | None = None) -> PruneReport | None:
     timings: dict[str, float] = {}
@@ -432,7 +448,7 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
         claimed, resume = _claim(out, config, loaded.data, overwrite, world, stack)
         try:
             report = _job(config, loaded, out, resume, quiet, world, device, timings, export)
-        except (UsageError, FileNotFoundError):
+        except Exception:  # any failure puts `out` back as it was; an interruption keeps it for resume
             if claimed is not None:
                 claimed.rollback()
             raise
