@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 import scoring
-from benchmarks.ablation import LayerTail, ablation_masks, channel_mask, unit_module
+from benchmarks.ablation import ablation_masks
 from benchmarks.common import Setup, load_setup, torch_threads
 from benchmarks.layers import conv_layers, find_conv
+from benchmarks.tail import LayerTail, channel_mask, unit_module
 from benchmarks.units import fold_bn
 from prune.pipeline.hooks import forward_hooks
 from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG

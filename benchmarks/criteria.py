@@ -1,0 +1,368 @@
+"""How well each criterion finds the channels that matter: its scores against the oracle, per layer.
+
+    python -m benchmarks.criteria                                 # every shipped testbed
+    python -m benchmarks.criteria --testbeds embedded-plain --bootstrap 20
+    python -m benchmarks.criteria --quick                         # a smoke run (tests)
+
+For the unpruned, trained network of each testbed and each conv layer:
+
+- **oracle importance** of channel c: the increase of the mean cross-entropy on held-out images
+  (the val split, `oracle_per_class` per class) when unit c alone is zeroed (Molchanov et al.,
+  CVPR 2019). The unit is zeroed at the output of the module the ReLU reads (the BatchNorm after
+  the conv, else the conv; for ReLU the same as zeroing after it), and the rest of the network
+  is run on a cached copy (`benchmarks.tail.LayerTail`);
+- for every arm of `benchmarks.compare` (the project's scorers, both entropy conventions, and
+  the torch-pruning criteria that apply): **Spearman ρ** between its scores (N scoring images per
+  class, all classes, the main job's choice) and the oracle, with a 95% percentile bootstrap
+  interval (each replicate resamples the held-out images of the oracle and, within each class,
+  the scoring images of the scorer), and **top20_recall**: the share of the oracle's top 20%
+  channels that the scorer's top 20% holds;
+- **split_half**: Spearman between the scores from two disjoint sets of N images per class
+  (data scorers; null for the weight scorers, whose scores do not depend on images);
+- **layer_top1**: held-out top-1 with the round(ratio·C) lowest-scored channels of that layer
+  alone zeroed (no fine-tuning), beside the worst and best of `random_draws` random draws.
+
+High ρ = the criterion ranks channels as removing them would; ρ ≈ 0 = unrelated. One JSON per
+testbed under benchmarks/results/criteria/ (finished testbeds are skipped on restart); the
+summary goes to benchmarks/results/criteria.{json,md} and criteria-rho.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+import scoring
+from benchmarks.common import (
+    RESULTS,
+    ExperimentSettings,
+    load_setup,
+    machine,
+    markdown_table,
+    new_figure,
+    save_figure,
+)
+from benchmarks.compare import ARMS, EXTRA_ARMS, Arm, applies
+from benchmarks.layers import class_batch, conv_layers
+from benchmarks.tail import LayerTail
+from prune.errors import exit_code
+from prune.outputs.files import write_json, write_text
+
+TOP_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the criteria benchmark measures (frozen; `full` and `quick` presets below)."""
+
+    testbeds: tuple[str, ...] = ("embedded", "embedded-plain", "fashion", "fashion-plain")
+    arms: tuple[str, ...] = tuple(a.name for a in ARMS + EXTRA_ARMS)
+    samples_per_class: int = 100
+    oracle_per_class: int = 100
+    ratio: float = 0.5
+    bootstrap: int = 20
+    random_draws: int = 200
+    seed: int = 0
+    threads: int | None = None
+    quick: bool = False
+    """Embedded data shrunk as every experiment's --quick does."""
+    quiet: bool = False
+    results: Path = RESULTS
+    name: str = "criteria"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.results / self.name
+
+
+PRESETS = {
+    "full": Settings(),
+    "quick": Settings(testbeds=("embedded",), arms=("entropy", "l1", "random"), samples_per_class=4,
+                      oracle_per_class=6, bootstrap=3, random_draws=5, threads=1, quick=True, quiet=True,
+                      name="criteria-quick"),
+}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def spearman(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> float | None:
+    """Spearman's rank correlation (ties share ranks); None when either side is constant."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+def top_recall(scores: torch.Tensor, oracle: torch.Tensor, share: float = TOP_SHARE) -> float:
+    """Share of the oracle's top `share` channels (largest loss increase) among the scorer's top
+    `share` (highest scores); at least one channel each."""
+    k = max(1, round(share * len(scores)))
+    mine = set(torch.argsort(scores, descending=True, stable=True)[:k].tolist())
+    best = set(torch.argsort(oracle, descending=True, stable=True)[:k].tolist())
+    return len(mine & best) / k
+
+
+def interval(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """2.5% and 97.5% percentiles of the defined bootstrap values (None if none is)."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return None, None
+    low, high = np.percentile(defined, [2.5, 97.5])
+    return float(low), float(high)
+
+
+# ---------------------------------------------------------------- oracle
+
+
+@torch.no_grad()
+def per_image_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per image: logits [..., N, K], labels [N] → [..., N]."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return F.cross_entropy(flat, labels.repeat(flat.shape[0] // len(labels)), reduction="none").view(logits.shape[:-1])
+
+
+@torch.no_grad()
+def oracle_losses(tail: LayerTail, labels: torch.Tensor, channels: int) -> torch.Tensor:
+    """Per-image loss increase [C, N] when each channel alone is zeroed (row c: channel c)."""
+    base = per_image_loss(tail.logits(torch.ones(channels)), labels)
+    masks = 1.0 - torch.eye(channels)
+    return per_image_loss(tail.logits_many(masks), labels) - base
+
+
+@torch.no_grad()
+def pruned_top1(tail: LayerTail, labels: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """Top-1 [S] with the channels of each row of `removed` [S, k] zeroed."""
+    masks = torch.ones(len(removed), tail.channels).scatter_(1, removed, 0.0)
+    return (tail.logits_many(masks).argmax(-1) == labels).float().mean(-1)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def arm_of(name: str) -> Arm:
+    return next(a for a in ARMS + EXTRA_ARMS if a.name == name)
+
+
+def score(arm: Arm, model: nn.Module, conv: nn.Conv2d, name: str, batches: list[scoring.ClassBatch],
+          seed: int) -> torch.Tensor:
+    """Scores [C] (higher = keep) of one layer by `arm`, from `batches` (ignored by weight scorers)."""
+    options = dict(arm.options)
+    if "seed" in scoring.scorer_options(arm.scorer):
+        options["seed"] = seed
+    scorer = scoring.create(arm.scorer, **options)
+    layer = scoring.LayerSpec(model=model, conv=conv, name=name, example=batches[0].images[:1])
+    return scorer(layer, batches if scorer.info.needs_data else ()).float()
+
+
+def resampled(batches: list[scoring.ClassBatch], rng: np.random.Generator) -> list[scoring.ClassBatch]:
+    """Each class's images drawn with replacement (a bootstrap replicate of the scoring images)."""
+    out = []
+    for b in batches:
+        idx = torch.from_numpy(rng.integers(0, len(b.images), len(b.images)))
+        out.append(scoring.ClassBatch(class_index=b.class_index, images=b.images[idx], activations=b.activations[idx]))
+    return out
+
+
+def split_half(arm: Arm, model: nn.Module, conv: nn.Conv2d, name: str, pool: list[scoring.ClassBatch], n: int,
+               seed: int) -> float | None:
+    """Spearman between the arm's scores from the first and from the last `n` images of each class."""
+    first, second = halves(pool, n)
+    return spearman(score(arm, model, conv, name, first, seed), score(arm, model, conv, name, second, seed))
+
+
+def halves(batches: list[scoring.ClassBatch], n: int) -> tuple[list, list]:
+    """The first and the last `n` images of each class: two disjoint scoring sets."""
+    def part(sl: slice) -> list[scoring.ClassBatch]:
+        return [scoring.ClassBatch(class_index=b.class_index, images=b.images[sl], activations=b.activations[sl])
+                for b in batches]
+
+    return part(slice(0, n)), part(slice(n, 2 * n))
+
+
+# ---------------------------------------------------------------- one layer, one testbed
+
+
+def layer_rows(s: Settings, testbed: str, model: nn.Module, data, test: tuple[torch.Tensor, torch.Tensor],
+               name: str, conv: nn.Conv2d, arms: Sequence[Arm]) -> tuple[list[dict], dict]:
+    """The rows of one conv layer (one per arm) and its layer entry (random-draw range)."""
+    images, labels = test
+    channels = conv.out_channels
+    tail = LayerTail(model, conv, images)
+    delta = oracle_losses(tail, labels, channels)
+    oracle = delta.mean(1)
+    pool = [class_batch(model, conv, name, data, c, 2 * s.samples_per_class, seed=s.seed)
+            for c in range(len(data.classes))]
+    first, _ = halves(pool, s.samples_per_class)
+    k = round(s.ratio * channels)
+    g = torch.Generator().manual_seed(s.seed)
+    draws = torch.stack([torch.randperm(channels, generator=g)[:k] for _ in range(s.random_draws)])
+    random_top1 = pruned_top1(tail, labels, draws) if k else torch.ones(1)
+    map_size = int(first[0].activations.shape[-1])
+    rng = np.random.default_rng(s.seed)
+    rows = []
+    for arm in arms:
+        scores = score(arm, model, conv, name, first, s.seed)
+        data_driven = scoring.scorer_info(arm.scorer).needs_data
+        replicates = []
+        for _ in range(s.bootstrap):
+            idx = torch.from_numpy(rng.integers(0, delta.shape[1], delta.shape[1]))
+            again = score(arm, model, conv, name, resampled(first, rng), s.seed) if data_driven else scores
+            replicates.append(spearman(again, delta[:, idx].mean(1)))
+        low, high = interval(replicates)
+        lowest = torch.argsort(scores, stable=True)[:k].unsqueeze(0)
+        rows.append({
+            "testbed": testbed, "layer": name, "scorer": arm.name, "map_size": map_size, "channels": channels,
+            "rho": spearman(scores, oracle), "rho_low": low, "rho_high": high,
+            "top20_recall": top_recall(scores, oracle),
+            "split_half": split_half(arm, model, conv, name, pool, s.samples_per_class, s.seed) if data_driven else None,
+            "layer_top1": float(pruned_top1(tail, labels, lowest)[0]) if k else None,
+        })
+    layer = {"testbed": testbed, "layer": name, "map_size": map_size, "channels": channels, "removed": k,
+             "oracle": oracle.tolist(), "random_top1_min": float(random_top1.min()),
+             "random_top1_max": float(random_top1.max()), "random_top1_mean": float(random_top1.mean())}
+    return rows, layer
+
+
+def run_testbed(s: Settings, testbed: str) -> dict:
+    """Every layer × arm of one testbed; written to runs_dir/<testbed>.json."""
+    setup = load_setup(ExperimentSettings(model=testbed, test_per_class=s.oracle_per_class, seed=s.seed,
+                                          quick=s.quick, quiet=s.quiet))
+    model = setup.model.eval()
+    arms = [arm_of(a) for a in s.arms if applies(a, testbed)]
+    started = time.perf_counter()
+    rows, layers = [], []
+    for name, conv in tqdm(conv_layers(model), desc=testbed, disable=s.quiet):
+        mine, layer = layer_rows(s, testbed, model, setup.data, setup.test, name, conv, arms)
+        rows += mine
+        layers.append(layer)
+    result = {"testbed": testbed, "settings": settings_dict(s), "machine": machine(), "oracle_images":
+              len(setup.test[1]), "seconds": round(time.perf_counter() - started, 1), "rows": rows, "layers": layers}
+    write_json(s.runs_dir / f"{testbed}.json", result)
+    return result
+
+
+# ---------------------------------------------------------------- summary
+
+
+def settings_dict(s: Settings) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
+
+
+def fmt_rho(row: dict) -> str:
+    if row["rho"] is None:
+        return "—"
+    band = "" if row["rho_low"] is None else f" [{row['rho_low']:+.2f}, {row['rho_high']:+.2f}]"
+    return f"{row['rho']:+.2f}{band}"
+
+
+def markdown(results: list[dict]) -> str:
+    """One table per testbed: ρ [95% interval] per layer (columns) and arm (rows), then the
+    mean over layers of top-20 recall, split-half reliability and layer top-1."""
+    text = ["# Criteria against the oracle (Spearman ρ with the loss increase of zeroing each channel alone)", ""]
+    for result in results:
+        rows, layers = result["rows"], result["layers"]
+        names = [layer["layer"] for layer in layers]
+        header = ["scorer", *(f"{layer['layer']} ({layer['map_size']}²)" for layer in layers), "top-20 recall",
+                  "split-half ρ", f"layer top-1 (r={result['settings']['ratio']})"]
+        body = []
+        for arm in dict.fromkeys(r["scorer"] for r in rows):
+            mine = {r["layer"]: r for r in rows if r["scorer"] == arm}
+            halves_ = [mine[n]["split_half"] for n in names if mine[n]["split_half"] is not None]
+            top1 = [mine[n]["layer_top1"] for n in names if mine[n]["layer_top1"] is not None]
+            body.append([arm, *(fmt_rho(mine[n]) for n in names),
+                         f"{np.mean([mine[n]['top20_recall'] for n in names]):.2f}",
+                         f"{np.mean(halves_):.2f}" if halves_ else "—", f"{np.mean(top1):.3f}" if top1 else "—"])
+        random_range = np.mean([layer["random_top1_min"] for layer in layers]), np.mean(
+            [layer["random_top1_max"] for layer in layers])
+        text += [f"## {result['testbed']} ({result['oracle_images']} held-out images, "
+                 f"{result['settings']['bootstrap']} bootstrap replicates)", "",
+                 markdown_table(header, body), "",
+                 f"Random draws of the same number of channels, mean over layers: worst {random_range[0]:.3f}, "
+                 f"best {random_range[1]:.3f} top-1 ({result['settings']['random_draws']} draws per layer).", ""]
+    return "\n".join(text)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """ρ (with its interval) per layer for each arm, one panel per testbed."""
+    fig, axes = new_figure(1, len(results), size=(6.0, 4.0))
+    for ax, result in zip(axes[0], results):
+        names = [layer["layer"] for layer in result["layers"]]
+        for arm in dict.fromkeys(r["scorer"] for r in result["rows"]):
+            mine = {r["layer"]: r for r in result["rows"] if r["scorer"] == arm}
+            xs = [i for i, n in enumerate(names) if mine[n]["rho"] is not None]
+            ys = [mine[names[i]]["rho"] for i in xs]
+            ax.plot(xs, ys, marker="o", label=arm, lw=1)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+        ax.set_ylim(-1, 1)
+        ax.set_ylabel("Spearman ρ with the oracle")
+        ax.set_title(result["testbed"])
+    axes[0][-1].legend(fontsize=6, ncol=2)
+    save_figure(fig, path)
+
+
+def report(s: Settings) -> dict:
+    """criteria.json / .md / -rho.png from the finished testbeds."""
+    results = [json.loads(p.read_text()) for tb in s.testbeds if (p := s.runs_dir / f"{tb}.json").exists()]
+    summary = {"machine": machine(), "settings": settings_dict(s), "rows": [r for res in results for r in res["rows"]],
+               "layers": [layer for res in results for layer in res["layers"]],
+               "testbeds": [res["testbed"] for res in results], "map_size_study": [], "n_study": []}
+    text = markdown(results)
+    write_json(s.results / f"{s.name}.json", summary)
+    write_text(s.results / f"{s.name}.md", text)
+    if results:
+        plot(results, s.results / f"{s.name}-rho.png")
+    if not s.quiet:
+        print(text)
+    return summary
+
+
+def criteria(s: Settings) -> dict:
+    """Run every testbed not yet finished, then summarise."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    for testbed in s.testbeds:
+        if not (s.runs_dir / f"{testbed}.json").exists():
+            run_testbed(s, testbed)
+    return report(s)
+
+
+def parse(argv: list[str] | None) -> tuple[Settings, bool]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.criteria", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a smoke run on embedded (writes criteria-quick.*)")
+    p.add_argument("--testbeds", nargs="+")
+    p.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS + EXTRA_ARMS])
+    p.add_argument("--samples-per-class", type=int, help="N scoring images per class (split-half uses 2N)")
+    p.add_argument("--oracle-per-class", type=int, help="held-out images per class for the oracle")
+    p.add_argument("--bootstrap", type=int, help="bootstrap replicates of ρ")
+    p.add_argument("--random-draws", type=int, help="random channel draws per layer for the layer top-1 range")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--results", type=Path)
+    p.add_argument("--quiet", action="store_true", default=None)
+    p.add_argument("--report-only", action="store_true", help="summarise the finished testbeds, run nothing")
+    args = p.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k not in ("quick", "report_only") and v is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    return replace(PRESETS["quick" if args.quick else "full"], **given), args.report_only
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings, report_only = parse(argv)
+    (report if report_only else criteria)(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(exit_code(main))

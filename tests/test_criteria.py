@@ -1,0 +1,113 @@
+"""benchmarks.criteria: the oracle and ρ recover importances known by construction; split-half
+reliability is 1 for a weight scorer and near 0 for a data scorer on pure noise."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import scoring
+from benchmarks import criteria
+from benchmarks.tail import LayerTail
+
+CONTRIBUTIONS = torch.tensor([0.5, 3.0, 1.0, 2.0, 0.1, 4.0, 1.5, 2.5])
+"""Channel c adds CONTRIBUTIONS[c] × (mean image value) to the true class's logit."""
+
+
+def known_net(weights_scale: torch.Tensor, head: torch.Tensor, other: float = 0.0) -> nn.Sequential:
+    """1×1 conv (channel c = weights_scale[c] × the summed input channels) → ReLU → mean → linear
+    head: class 0's logit weighs channel c by head[c], class 1's weighs every channel by `other`."""
+    c = len(weights_scale)
+    net = nn.Sequential(nn.Conv2d(3, c, 1, bias=False), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(c, 2, bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(weights_scale.view(c, 1, 1, 1).expand(c, 3, 1, 1))
+        net[4].weight[0] = head
+        net[4].weight[1] = other
+    return net.eval()
+
+
+def test_the_oracle_ranks_channels_by_their_known_contribution():
+    # contribution_c = conv scale × head weight; the two factors are ordered differently,
+    # so a weight-norm criterion (conv only) cannot be right by accident
+    scale = torch.tensor([1.0, 2.0, 0.5, 4.0, 0.25, 2.0, 3.0, 1.25])
+    net = known_net(scale, CONTRIBUTIONS / scale)
+    images = torch.rand(12, 3, 6, 6) * 0.1 + 0.05  # positive: every unit is active, label 0
+    labels = torch.zeros(12, dtype=torch.long)
+    tail = LayerTail(net, net[0], images)
+    assert tail.tail is not None  # the fx split runs only the rest of the network
+    delta = criteria.oracle_losses(tail, labels, len(scale))
+    assert delta.shape == (8, 12) and (delta > 0).all()
+    oracle = delta.mean(1)
+    assert criteria.spearman(oracle, CONTRIBUTIONS) == pytest.approx(1.0)
+    assert criteria.top_recall(CONTRIBUTIONS, oracle) == 1.0
+    # zeroing channel c lowers the logit margin by exactly its contribution: check one by hand
+    margin = (CONTRIBUTIONS.sum() * 3 * images.mean((1, 2, 3)))
+    loss = nn.functional.softplus(-margin)
+    by_hand = nn.functional.softplus(-(margin - CONTRIBUTIONS[5] * 3 * images.mean((1, 2, 3)))) - loss
+    assert torch.allclose(delta[5], by_hand, atol=1e-5)
+    # l1 sees only the conv scale: its ρ with the oracle is that of scale with the contributions
+    batch = scoring.ClassBatch(class_index=0, images=images, activations=torch.relu(net[0](images)).detach())
+    l1 = criteria.score(criteria.arm_of("l1"), net, net[0], "0", [batch], seed=0)
+    assert criteria.spearman(l1, oracle) == pytest.approx(criteria.spearman(scale, CONTRIBUTIONS))
+    assert criteria.spearman(l1, oracle) < 0.9
+
+
+def test_layer_top1_zeroes_the_given_channels():
+    net = known_net(torch.ones(8), CONTRIBUTIONS, other=1.5)  # class 0 wins by 14.6 to 12 (× image mean)
+    images = torch.rand(10, 3, 4, 4) + 0.1
+    tail = LayerTail(net, net[0], images)
+    labels = torch.zeros(10, dtype=torch.long)
+    # without the 3 largest contributors class 0 has 5.1 against 7.5; without the 3 smallest, 13.0 against 7.5
+    removed = torch.tensor([[5, 1, 7], [4, 0, 2]])
+    assert criteria.pruned_top1(tail, labels, removed).tolist() == [0.0, 1.0]
+
+
+def _noise_pool(classes: int, n: int, channels: int, side: int, seed: int) -> list[scoring.ClassBatch]:
+    g = torch.Generator().manual_seed(seed)
+    return [scoring.ClassBatch(class_index=c, images=torch.randn(n, 3, side, side, generator=g),
+                               activations=torch.relu(torch.randn(n, channels, side, side, generator=g)))
+            for c in range(classes)]
+
+
+@pytest.mark.parametrize("arm", ["apoz", "entropy"])
+def test_split_half_of_a_data_scorer_on_pure_noise_is_near_zero(arm):
+    conv = nn.Conv2d(3, 64, 3, padding=1)
+    net = nn.Sequential(conv, nn.ReLU())
+    pool = _noise_pool(classes=2, n=40, channels=64, side=6, seed=1)
+    rho = criteria.split_half(criteria.arm_of(arm), net, conv, "0", pool, 20, seed=0)
+    assert rho is not None and abs(rho) < 0.4  # 64 channels: |ρ| of independent noise has sd ≈ 0.13
+
+
+def test_split_half_of_a_weight_scorer_is_one():
+    conv = nn.Conv2d(3, 64, 3, padding=1)
+    net = nn.Sequential(conv, nn.ReLU())
+    pool = _noise_pool(classes=2, n=10, channels=64, side=6, seed=2)
+    assert criteria.split_half(criteria.arm_of("l1"), net, conv, "0", pool, 5, seed=0) == pytest.approx(1.0)
+
+
+def test_statistics_helpers():
+    assert criteria.spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert criteria.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert criteria.spearman([1, 1, 1], [1, 2, 3]) is None
+    assert criteria.interval([None, None]) == (None, None)
+    low, high = criteria.interval([float(v) for v in range(101)])
+    assert (low, high) == (pytest.approx(2.5), pytest.approx(97.5))
+    assert criteria.top_recall(torch.tensor([5.0, 4, 3, 2, 1]), torch.tensor([1.0, 2, 3, 4, 5])) == 0.0
+
+
+def test_quick_run_writes_a_row_per_layer_and_arm(tmp_path, one_thread):
+    assert criteria.main(["--quick", "--results", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "criteria-quick.json").read_text())
+    layers = {layer["layer"] for layer in summary["layers"]}
+    assert len(layers) == 6 and len(summary["rows"]) == 6 * 3
+    for row in summary["rows"]:
+        assert {"testbed", "layer", "scorer", "rho", "rho_low", "rho_high", "top20_recall", "split_half",
+                "layer_top1", "map_size"} <= row.keys()
+        assert row["rho_low"] is not None and row["rho_low"] <= row["rho_high"]
+        assert (row["split_half"] is None) == (row["scorer"] in ("l1", "random"))
+    assert (tmp_path / "criteria-quick.md").exists() and (tmp_path / "criteria-quick-rho.png").exists()
+    assert (tmp_path / "criteria-quick" / "embedded.json").exists()
