@@ -2,6 +2,7 @@
 
     python -m benchmarks.criteria                                 # every shipped testbed
     python -m benchmarks.criteria --testbeds embedded-plain --bootstrap 20
+    python -m benchmarks.criteria --n-study embedded-plain        # also ρ and split-half for N = 25 … 200
     python -m benchmarks.criteria --quick                         # a smoke run (tests)
 
 For the unpruned, trained network of each testbed and each conv layer:
@@ -25,6 +26,10 @@ For the unpruned, trained network of each testbed and each conv layer:
 High ρ = the criterion ranks channels as removing them would; ρ ≈ 0 = unrelated. One JSON per
 testbed under benchmarks/results/criteria/ (finished testbeds are skipped on restart); the
 summary goes to benchmarks/results/criteria.{json,md} and criteria-rho.png.
+
+The N study (`--n-study TESTBED`): the same oracle, and for N = 25, 50, 100, 200 images per class
+the ρ and split-half reliability of entropy (both conventions), l1 and tp-taylor (the paper
+finds 50 images too scattered and uses 100).
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ class Settings:
     ratio: float = 0.5
     bootstrap: int = 20
     random_draws: int = 200
+    n_study: tuple[int, ...] = (25, 50, 100, 200)
+    """Images per class of the N study (`--n-study TESTBED`); split-half needs 2N per class."""
+    n_study_arms: tuple[str, ...] = ("entropy", "entropy-authors", "l1", "tp-taylor")
     seed: int = 0
     threads: int | None = None
     quick: bool = False
@@ -89,7 +97,8 @@ class Settings:
 PRESETS = {
     "full": Settings(),
     "quick": Settings(testbeds=("embedded",), arms=("entropy", "l1", "random"), samples_per_class=4,
-                      oracle_per_class=6, bootstrap=3, random_draws=5, threads=1, quick=True, quiet=True,
+                      oracle_per_class=6, bootstrap=3, random_draws=5, n_study=(2, 4), n_study_arms=("entropy", "l1"),
+                      threads=1, quick=True, quiet=True,
                       name="criteria-quick"),
 }
 
@@ -253,6 +262,32 @@ def run_testbed(s: Settings, testbed: str) -> dict:
     return result
 
 
+def run_n_study(s: Settings, testbed: str) -> dict:
+    """ρ with the oracle and split-half reliability of `n_study_arms` for each N of `n_study`
+    (images per class), every layer of `testbed`; written to runs_dir/n-study-<testbed>.json."""
+    setup = load_setup(ExperimentSettings(model=testbed, test_per_class=s.oracle_per_class, seed=s.seed,
+                                          quick=s.quick, quiet=s.quiet))
+    model, (images, labels) = setup.model.eval(), setup.test
+    arms = [arm_of(a) for a in s.n_study_arms if applies(a, testbed)]
+    entries = []
+    for name, conv in tqdm(conv_layers(model), desc=f"N study {testbed}", disable=s.quiet):
+        oracle = oracle_losses(LayerTail(model, conv, images), labels, conv.out_channels).mean(1)
+        for n in s.n_study:
+            pool = [class_batch(model, conv, name, setup.data, c, 2 * n, seed=s.seed)
+                    for c in range(len(setup.data.classes))]
+            first, _ = halves(pool, n)
+            for arm in arms:
+                data_driven = scoring.scorer_info(arm.scorer).needs_data
+                entries.append({
+                    "testbed": testbed, "n": n, "layer": name, "map_size": int(first[0].activations.shape[-1]),
+                    "scorer": arm.name, "rho": spearman(score(arm, model, conv, name, first, s.seed), oracle),
+                    "split_half": split_half(arm, model, conv, name, pool, n, s.seed) if data_driven else None,
+                })
+    result = {"testbed": testbed, "settings": settings_dict(s), "machine": machine(), "entries": entries}
+    write_json(s.runs_dir / f"n-study-{testbed}.json", result)
+    return result
+
+
 # ---------------------------------------------------------------- summary
 
 
@@ -294,6 +329,29 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(text)
 
 
+def n_study_markdown(entries: list[dict]) -> str:
+    """ρ with the oracle and split-half ρ, mean over layers, per testbed, scorer and N."""
+    if not entries:
+        return ""
+    text = ["", "## N study (images per class; mean over layers)", ""]
+    for testbed in dict.fromkeys(e["testbed"] for e in entries):
+        mine = [e for e in entries if e["testbed"] == testbed]
+        ns = sorted({e["n"] for e in mine})
+        body = []
+        for arm in dict.fromkeys(e["scorer"] for e in mine):
+            cells = []
+            for n in ns:
+                group = [e for e in mine if e["scorer"] == arm and e["n"] == n]
+                rho = [e["rho"] for e in group if e["rho"] is not None]
+                half = [e["split_half"] for e in group if e["split_half"] is not None]
+                cells.append(f"{np.mean(rho):+.2f} / {np.mean(half):.2f}" if half else
+                             f"{np.mean(rho):+.2f} / —" if rho else "—")
+            body.append([arm, *cells])
+        text += [f"### {testbed}: ρ with the oracle / split-half ρ", "",
+                 markdown_table(["scorer", *(f"N = {n}" for n in ns)], body), ""]
+    return "\n".join(text)
+
+
 def plot(results: list[dict], path: Path) -> None:
     """ρ (with its interval) per layer for each arm, one panel per testbed."""
     fig, axes = new_figure(1, len(results), size=(6.0, 4.0))
@@ -316,10 +374,11 @@ def plot(results: list[dict], path: Path) -> None:
 def report(s: Settings) -> dict:
     """criteria.json / .md / -rho.png from the finished testbeds."""
     results = [json.loads(p.read_text()) for tb in s.testbeds if (p := s.runs_dir / f"{tb}.json").exists()]
+    n_study = [e for p in sorted(s.runs_dir.glob("n-study-*.json")) for e in json.loads(p.read_text())["entries"]]
     summary = {"machine": machine(), "settings": settings_dict(s), "rows": [r for res in results for r in res["rows"]],
                "layers": [layer for res in results for layer in res["layers"]],
-               "testbeds": [res["testbed"] for res in results], "map_size_study": [], "n_study": []}
-    text = markdown(results)
+               "testbeds": [res["testbed"] for res in results], "map_size_study": [], "n_study": n_study}
+    text = markdown(results) + n_study_markdown(n_study)
     write_json(s.results / f"{s.name}.json", summary)
     write_text(s.results / f"{s.name}.md", text)
     if results:
@@ -329,17 +388,20 @@ def report(s: Settings) -> dict:
     return summary
 
 
-def criteria(s: Settings) -> dict:
-    """Run every testbed not yet finished, then summarise."""
+def criteria(s: Settings, n_study_testbeds: Sequence[str] = ()) -> dict:
+    """Run every testbed (and N study) not yet finished, then summarise."""
     if s.threads:
         torch.set_num_threads(s.threads)
     for testbed in s.testbeds:
         if not (s.runs_dir / f"{testbed}.json").exists():
             run_testbed(s, testbed)
+    for testbed in n_study_testbeds:
+        if not (s.runs_dir / f"n-study-{testbed}.json").exists():
+            run_n_study(s, testbed)
     return report(s)
 
 
-def parse(argv: list[str] | None) -> tuple[Settings, bool]:
+def parse(argv: list[str] | None) -> tuple[Settings, bool, tuple[str, ...]]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.criteria", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run on embedded (writes criteria-quick.*)")
     p.add_argument("--testbeds", nargs="+")
@@ -348,19 +410,24 @@ def parse(argv: list[str] | None) -> tuple[Settings, bool]:
     p.add_argument("--oracle-per-class", type=int, help="held-out images per class for the oracle")
     p.add_argument("--bootstrap", type=int, help="bootstrap replicates of ρ")
     p.add_argument("--random-draws", type=int, help="random channel draws per layer for the layer top-1 range")
+    p.add_argument("--n-study", nargs="+", default=[], metavar="TESTBED",
+                   help="also run the N study (N = 25, 50, 100, 200 per class) on these testbeds")
     p.add_argument("--threads", type=int)
     p.add_argument("--results", type=Path)
     p.add_argument("--quiet", action="store_true", default=None)
     p.add_argument("--report-only", action="store_true", help="summarise the finished testbeds, run nothing")
     args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if k not in ("quick", "report_only") and v is not None}
+    given = {k: v for k, v in vars(args).items() if k not in ("quick", "report_only", "n_study") and v is not None}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    return replace(PRESETS["quick" if args.quick else "full"], **given), args.report_only
+    return replace(PRESETS["quick" if args.quick else "full"], **given), args.report_only, tuple(args.n_study)
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings, report_only = parse(argv)
-    (report if report_only else criteria)(settings)
+    settings, report_only, n_study = parse(argv)
+    if report_only:
+        report(settings)
+    else:
+        criteria(settings, n_study)
     return 0
 
 

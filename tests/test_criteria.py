@@ -100,7 +100,7 @@ def test_statistics_helpers():
 
 
 def test_quick_run_writes_a_row_per_layer_and_arm(tmp_path, one_thread):
-    assert criteria.main(["--quick", "--results", str(tmp_path)]) == 0
+    assert criteria.main(["--quick", "--results", str(tmp_path), "--n-study", "embedded"]) == 0
     summary = json.loads((tmp_path / "criteria-quick.json").read_text())
     layers = {layer["layer"] for layer in summary["layers"]}
     assert len(layers) == 6 and len(summary["rows"]) == 6 * 3
@@ -111,3 +111,6 @@ def test_quick_run_writes_a_row_per_layer_and_arm(tmp_path, one_thread):
         assert (row["split_half"] is None) == (row["scorer"] in ("l1", "random"))
     assert (tmp_path / "criteria-quick.md").exists() and (tmp_path / "criteria-quick-rho.png").exists()
     assert (tmp_path / "criteria-quick" / "embedded.json").exists()
+    n_study = summary["n_study"]
+    assert {(e["n"], e["scorer"]) for e in n_study} == {(n, a) for n in (2, 4) for a in ("entropy", "l1")}
+    assert all(e["layer"] in layers for e in n_study) and len(n_study) == 2 * 2 * 6
