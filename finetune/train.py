@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from finetune import ddp
 from finetune.batches import Batches
+from finetune.batchnorm import has_batchnorm, lone_remainder
 from finetune.schedule import step_lr
 
 LrSchedule = Callable[[int, int], float]
@@ -43,12 +44,16 @@ def _one_epoch(
     desc: str,
     quiet: bool,
 ) -> float:
-    """One pass over `batches`; the mean training loss (over all ranks under DDP)."""
+    """One pass over `batches`; the mean training loss (over all ranks under DDP). Empty
+    batches and, on a BatchNorm model, a one-image batch after larger ones are skipped."""
     model.train()
-    total, count = 0.0, 0
+    total, count, largest = 0.0, 0, 0
+    batch_norm = has_batchnorm(model)
     with ddp.join(model):
         for i, (x, y) in enumerate(tqdm(batches, desc=desc, disable=quiet, leave=False)):
-            if len(y) == 0:
+            skip = len(y) == 0 or lone_remainder(len(y), largest, batch_norm=batch_norm)
+            largest = max(largest, len(y))
+            if skip:
                 continue
             for group in optimizer.param_groups:
                 group["lr"] = lr(epoch, i)
@@ -86,7 +91,10 @@ def fit(
     Per epoch: `on_epoch_start(epoch)` (e.g. reseed), train mode, one pass over `batches`
     with the optimiser's lr set to `lr(epoch, batch)` before each step and `augment` applied
     to each batch of images before it moves to `device`; then eval mode and
-    `on_epoch_end(epoch, mean_loss)`. Empty batches (every image unreadable) are skipped.
+    `on_epoch_end(epoch, mean_loss)`. Empty batches (every image unreadable) are skipped,
+    and so is, on a model with BatchNorm, a batch of one image after larger ones (a last
+    batch of one: train-mode BatchNorm cannot take it where a map is 1x1; see
+    `finetune.batchnorm.lone_remainder`), as DataLoader's drop_last would, for that case only.
     """
     losses = []
     for epoch in range(start_epoch, epochs):

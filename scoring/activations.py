@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
 from scoring.registry import register
@@ -80,6 +81,11 @@ class SelectivityScorer(Scorer):
     every class) gives 0. Needs at least two classes (ValueError otherwise). Batches with the
     same class index are pooled. Selective units (1 = responds to one class only) are kept.
     """
+
+    def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
+        if classes < 2:
+            raise ValueError(f"scorer 'selectivity' compares classes and needs at least 2, got {classes}; "
+                             "pass --classes 2 or more, or choose another --scorer")
 
     def reset(self, layer: LayerSpec) -> None:
         super().reset(layer)

@@ -276,6 +276,16 @@ class NISPScorer(Scorer):
         self.seed = seed
         self.normalize = normalize
 
+    def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
+        """Inf-FS needs at least 2 images in all (correlations); the features are the input of
+        the model's classifier, its last nn.Linear."""
+        if classes * samples_per_class < 2:
+            raise ValueError(f"scorer 'nisp' needs at least 2 scoring images, got {classes * samples_per_class}; "
+                             "pass --classes 2 or more or --samples-per-class 2 or more, or choose another --scorer")
+        if not any(isinstance(m, nn.Linear) for m in model.modules()):
+            raise ValueError(f"scorer 'nisp' scores the input of the classifier, an nn.Linear, and "
+                             f"{type(model).__name__} has none; choose another --scorer, e.g. --scorer l1")
+
     def reset(self, layer: LayerSpec) -> None:
         super().reset(layer)
         self._sample: torch.Tensor | None = None  # [n <= max_samples, F] float32 CPU

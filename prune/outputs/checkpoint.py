@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from prune.version import __version__
 from prune.errors import UsageError
 from prune.outputs.files import torch_save
-from prune.zoo.models import ModelSpec, build_model
 from prune.pipeline.surgery import replay_history
+from prune.version import __version__
+from prune.zoo.models import ModelSpec, build_model, classifier, state_dict_mismatch
+from prune.zoo.registry import model_entry
 
 FORMAT = "topoprune/pruned-model/v1"
 
@@ -49,16 +50,76 @@ def read_checkpoint(path: Path, expected_format: str) -> dict:
     return blob
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _fields_problem(blob: dict) -> str | None:
+    """The first field of a model.pt `blob` that is missing or of the wrong kind (None if all fit)."""
+    if not isinstance(blob.get("model"), str):
+        return f"field 'model' is {blob.get('model')!r}, not a model name"
+    try:
+        model_entry(blob["model"])
+    except UsageError:
+        return f"field 'model' is {blob['model']!r}, not a model topoprune knows (prune.list_models())"
+    for field in ("num_classes", "input_size"):
+        if not _positive_int(blob.get(field)):
+            return f"field {field!r} is {blob.get(field)!r}, not a positive int"
+    if not isinstance(blob.get("pruning_history"), list):
+        return f"field 'pruning_history' is {type(blob.get('pruning_history')).__name__}, not a list"
+    state = blob.get("state_dict")
+    if not isinstance(state, dict):
+        return "field 'state_dict' is missing" if state is None else \
+            f"field 'state_dict' is a {type(state).__name__}, not a dict"
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            return f"field 'state_dict': key {key!r} holds a {type(value).__name__}, not a tensor"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"field 'state_dict': key {key!r} holds NaN or Inf values"
+    return None
+
+
+def _classifier_problem(model: nn.Module, blob: dict) -> str | None:
+    """Why `num_classes` does not match the classifier saved in the state_dict (None if it does)."""
+    name, _ = classifier(model)
+    weight = blob["state_dict"].get(f"{name}.weight")
+    if isinstance(weight, torch.Tensor) and weight.dim() >= 1 and weight.shape[0] != blob["num_classes"]:
+        return (f"field 'num_classes' is {blob['num_classes']} but the state_dict's classifier {name!r} "
+                f"predicts {weight.shape[0]} classes")
+    return None
+
+
 def load_pruned(path: str | Path) -> nn.Module:
     """Rebuild a pruned model saved by `python -m prune` (`<out>/model.pt`), in eval mode.
 
-    The architecture is rebuilt from the model name, the saved torch-pruning history is
-    replayed, then the weights are loaded (all with `weights_only=True`).
+    Every field is checked before anything is built (the model name, positive int
+    `num_classes` and `input_size`, a `state_dict` of finite tensors, the class count against
+    its classifier, each `pruning_history` entry against the model as pruned so far, the
+    rebuilt architecture against the state_dict); the first problem is one UsageError (a
+    ValueError) naming the field. The architecture is rebuilt from the model name, the
+    saved torch-pruning history is replayed, then the weights are loaded (all with
+    `weights_only=True`).
     """
-    blob = read_checkpoint(Path(path), FORMAT)
-    model = build_model(ModelSpec(blob["model"], int(blob["num_classes"])))
-    example = torch.zeros(1, 3, int(blob["input_size"]), int(blob["input_size"]))
-    model.eval()
-    replay_history(model, example, blob["pruning_history"])
+    path = Path(path)
+    blob = read_checkpoint(path, FORMAT)
+
+    def refuse(problem: str) -> UsageError:
+        return UsageError(f"{path}: {problem}; pass a model.pt written by topoprune, unedited")
+
+    problem = _fields_problem(blob)
+    if problem is not None:
+        raise refuse(problem)
+    model = build_model(ModelSpec(blob["model"], blob["num_classes"])).eval()
+    problem = _classifier_problem(model, blob)
+    if problem is not None:
+        raise refuse(problem)
+    example = torch.zeros(1, 3, blob["input_size"], blob["input_size"])
+    try:
+        replay_history(model, example, blob["pruning_history"])
+    except ValueError as exc:
+        raise refuse(f"field 'pruning_history' does not fit field 'model' ({blob['model']!r}): {exc}") from None
+    why = state_dict_mismatch(model, blob["state_dict"])
+    if why is not None:
+        raise refuse(f"field 'state_dict' does not fit model {blob['model']!r} pruned as 'pruning_history' says: {why}")
     model.load_state_dict(blob["state_dict"])
     return model.eval()

@@ -53,19 +53,33 @@ def normalize_scores(scores: torch.Tensor, how: str | None) -> torch.Tensor:
     return out.float()
 
 
-def _scoring_source(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> ScoringData:
-    """A ScoringData over in-memory `images` [N, 3, H, W] and `labels` [N].
+def checked_labels(labels: torch.Tensor | Sequence[int], n: int, num_classes: int | None = None) -> torch.Tensor:
+    """`labels` as a 1-D int64 tensor [n] of class indices in 0..num_classes-1 (any
+    non-negative index if `num_classes` is None); UsageError naming the fix otherwise."""
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise UsageError(f"labels must be a 1-D integer tensor [N] of class indices, got shape {tuple(labels.shape)} "
+                         f"of {labels.dtype}; pass e.g. torch.tensor([0, 1, 1, 2])")
+    if len(labels) != n:
+        raise UsageError(f"{n} images but {len(labels)} labels; pass one label per image")
+    if n == 0 or int(labels.min()) < 0:
+        raise UsageError("labels must be non-negative class indices, at least one image")
+    if num_classes is not None and int(labels.max()) >= num_classes:
+        raise UsageError(f"label {int(labels.max())} is outside the model's {num_classes} classes; "
+                         f"pass class indices in 0..{num_classes - 1}")
+    return labels.long()
+
+
+def _scoring_source(images: torch.Tensor, labels: torch.Tensor | Sequence[int], batch_size: int,
+                    num_classes: int | None = None) -> ScoringData:
+    """A ScoringData over in-memory `images` [N, 3, H, W] and `labels` [N] (`checked_labels`).
 
     Every class contributes the same number n of images (the count of its smallest class;
     larger classes give a seeded choice of n), as feature entropy's ln N rule assumes one N.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise UsageError(f"images must be [N, 3, H, W]; got shape {tuple(images.shape)}")
-    labels = torch.as_tensor(labels).reshape(-1).long()
-    if len(labels) != len(images):
-        raise UsageError(f"{len(images)} images but {len(labels)} labels; pass one label per image")
-    if len(labels) == 0 or int(labels.min()) < 0:
-        raise UsageError("labels must be non-negative class indices, at least one image")
+    labels = checked_labels(labels, len(images), num_classes)
     classes = sorted(set(labels.tolist()))
     per_class = min(int((labels == c).sum()) for c in classes)
     data = DataBundle(
@@ -83,6 +97,8 @@ class ScorerImportance(tp.importance.Importance):
 
     The group's model is `group._DG.model` (the graph the pruner built). The model is scored
     in eval mode (BatchNorm statistics untouched) and its train/eval flags are restored.
+    On the first call for a model the labels are checked against its classes (the logits
+    of `example`): UsageError if one is outside 0..num_classes-1.
     """
 
     def __init__(
@@ -95,6 +111,17 @@ class ScorerImportance(tp.importance.Importance):
         self.source = source
         self.normalize = normalize
         self.example = example
+        self._checked: set[int] = set()
+
+    def _check_labels(self, model: nn.Module) -> None:
+        """UsageError if a label is not one of `model`'s classes (once per model)."""
+        if self.source is None or self.example is None or id(model) in self._checked:
+            return
+        logits = model(self.example.to(next(model.parameters()).device))
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+            checked_labels(torch.as_tensor(self.source.data.train_targets), len(self.source.data.train_targets),
+                           int(logits.shape[1]))
+        self._checked.add(id(model))
 
     @staticmethod
     def members(group: tp.dependency.Group) -> list[tuple[nn.Conv2d, list[int], list[int]]]:
@@ -119,6 +146,7 @@ class ScorerImportance(tp.importance.Importance):
         modes = {m: m.training for m in model.modules()}
         model.eval()
         try:
+            self._check_labels(model)
             for conv, idxs, root_idxs in members:
                 one = PrunableGroup(names=(names[conv],), convs=(conv,))
                 scores = score_group(model, one, self.scorer, self.source, example=self.example).double()
@@ -140,13 +168,16 @@ def as_tp_importance(
     normalize: str | None = "standardize",
     batch_size: int = 128,
     example: torch.Tensor | None = None,
+    num_classes: int | None = None,
     **options,
 ) -> ScorerImportance:
     """Registered scorer `name` as a torch-pruning importance; higher = keep.
 
-    images [N, 3, H, W] (as the model takes them) and labels [N] (class indices) feed the
-    data-driven scorers; weight scorers (l1, fpgm, random) accept None for both. `options`
-    go to `scoring.create(name, **options)` (e.g. p=0.1 for entropy). example [1, 3, H, W]: an
+    images [N, 3, H, W] (as the model takes them) and labels [N] (1-D integer class indices,
+    each below `num_classes` if given, else below the model's output count, checked at the
+    first call; UsageError otherwise) feed the data-driven scorers; weight scorers (l1, fpgm,
+    random) accept None for both. `options` go to `scoring.create(name, **options)` (e.g.
+    p=0.1 for entropy). example [1, 3, H, W]: an
     input the model takes, which torch-pruning's own criteria (tp-*) trace the model on;
     default images[:1] (pass it for tp-magnitude, tp-lamp, tp-fpgm, tp-bnscale without images).
 
@@ -168,7 +199,7 @@ def as_tp_importance(
     if images is not None or labels is not None:
         if images is None or labels is None:
             raise UsageError("pass both images= and labels= (or neither, for a weight scorer)")
-        source = _scoring_source(images, torch.as_tensor(labels), batch_size)
+        source = _scoring_source(images, labels, batch_size, num_classes)
     elif scorer.info.needs_data:
         raise UsageError(f"scorer {name!r} needs data: pass images=[N, 3, H, W] and labels=[N]")
     if example is None and images is not None:

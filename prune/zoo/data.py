@@ -265,8 +265,12 @@ def load_data(root: str | None, *, input_size: int | None = None, model: str = "
         )
     size = input_size or (EMBEDDED_INPUT_SIZE if root is None else entry.input_size)
     if root is None:
-        from prune.zoo.shapes import CLASSES, make_shapes
+        from prune.zoo.shapes import CLASSES, MIN_SIZE, make_shapes
 
+        if size < MIN_SIZE:
+            raise UsageError(f"--input-size {size} is too small for the generated shapes10 data (it draws images of "
+                             f"at least {MIN_SIZE} pixels); pass --input-size {MIN_SIZE} or more, or --data with "
+                             "your own images")
         train = make_shapes("train", size=size)
         return DataBundle(
             train=train,

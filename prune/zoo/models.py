@@ -105,13 +105,58 @@ def _load_default_weights(entry: ModelEntry, num_classes: int) -> nn.Module:
     return model.eval()
 
 
+def classifier(model: nn.Module) -> tuple[str, nn.Linear | nn.Conv2d]:
+    """(qualified name, module) of the final classifier: the last registered nn.Linear, or the
+    last nn.Conv2d of a model with none (SqueezeNet's 1x1 conv head)."""
+    for kind in (nn.Linear, nn.Conv2d):
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
+        if layers:
+            return layers[-1]
+    raise UsageError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d classifier")
+
+
+def outputs(layer: nn.Linear | nn.Conv2d) -> int:
+    """Output features of a Linear, output channels of a Conv2d."""
+    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+
+
+def _fresh_like(layer: nn.Linear | nn.Conv2d, num_classes: int) -> nn.Linear | nn.Conv2d:
+    """A new, randomly initialised copy of `layer` with `num_classes` outputs (same device, dtype)."""
+    options = {"device": layer.weight.device, "dtype": layer.weight.dtype, "bias": layer.bias is not None}
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(layer.in_features, num_classes, **options)
+    return nn.Conv2d(layer.in_channels, num_classes, layer.kernel_size, stride=layer.stride, padding=layer.padding,
+                     dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode, **options)
+
+
+def fit_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """`model` (changed in place) predicting `num_classes` classes, as timm's `num_classes=` does.
+
+    The final classifier (`classifier`: the last nn.Linear, else the last nn.Conv2d) and every layer
+    of its kind with the same number of outputs (auxiliary heads such as Inception's) are
+    replaced by fresh ones with `num_classes` outputs; the rest keeps its weights. A model
+    whose head already has `num_classes` outputs is returned unchanged.
+    """
+    _, head = classifier(model)
+    old = outputs(head)
+    if old == num_classes:
+        return model
+    for name, layer in list(model.named_modules()):
+        if name and type(layer) is type(head) and outputs(layer) == old:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, _fresh_like(layer, num_classes))
+    return model
+
+
 def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module:
     """Build `name` (a registry name: 'embedded', 'embedded-plain', 'vgg16', 'timm:<name>', ...) and load `weights`.
 
     weights: None (the entry's default weights file if it has one, e.g. the embedded models'
     shipped weights; random init otherwise), a checkpoint path (a state_dict, loaded with
     weights_only=True), or a named weight set of the family such as torchvision's
-    'IMAGENET1K_V1' / 'DEFAULT' (needs the torchvision weights cache or network).
+    'IMAGENET1K_V1' / 'DEFAULT' (needs the torchvision weights cache or network); its classifier
+    is then replaced by a fresh one of `num_classes` outputs if it predicts another count
+    (`fit_head`), so `build_model(ModelSpec(name, num_classes))` has the same architecture.
     """
     entry = model_entry(name)
     if weights is None and entry.weights is not None:
@@ -123,5 +168,5 @@ def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module
     if weights is not None:
         if entry.named_weights is None:
             raise UsageError(f"weights file {weights!r} not found; pass an existing checkpoint path")
-        return entry.named_weights(weights)
+        return fit_head(entry.named_weights(weights), num_classes)
     return entry.build(num_classes)

@@ -269,13 +269,33 @@ def _timm_build(name: str, num_classes: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
+TAGS_SHOWN = 6
+"""Pretrained tags listed in the error for an unknown timm tag."""
+
+
+def _timm_bad_tag(name: str) -> UsageError:
+    """UsageError for `arch.tag` whose tag timm does not know, naming the tags it has (nearest first)."""
+    import timm
+
+    arch, _, tag = name.partition(".")
+    tags = [t.partition(".")[2] for t in timm.list_pretrained(f"{arch}.*")]
+    near = difflib.get_close_matches(tag, tags, n=len(tags), cutoff=0.0)[:TAGS_SHOWN]
+    more = f" (all: timm.list_pretrained('{arch}.*'))" if len(tags) > TAGS_SHOWN else ""
+    known = f"one of {', '.join(f'timm:{arch}.{t}' for t in near)}{more}" if near else "no tag"
+    return UsageError(f"timm has no pretrained tag {tag!r} for {arch}; use --model timm:{arch} or {known}")
+
+
 @register_family("timm", names=_timm_names, contains=_timm_contains,
                  description="any name of timm.list_models()")
 def _timm(name: str) -> ModelEntry:
-    """Input size, normalisation and class count from timm's pretrained config of `name`."""
+    """Input size, normalisation and class count from timm's pretrained config of `name`
+    (UsageError for an `arch.tag` name whose tag timm does not know; nothing is downloaded)."""
     import timm
 
-    cfg = timm.get_pretrained_cfg(name)
+    try:
+        cfg = timm.get_pretrained_cfg(name)
+    except RuntimeError:  # timm: "Invalid pretrained tag (...)"
+        raise _timm_bad_tag(name) from None
     return ModelEntry(
         f"timm:{name}",
         build=partial(_timm_build, name),

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-__all__ = ["CLASSES", "DEFAULT_PER_CLASS", "MEAN", "STD", "SPLITS", "make_shapes"]
+__all__ = ["CLASSES", "DEFAULT_PER_CLASS", "MEAN", "MIN_SIZE", "SPLITS", "STD", "make_shapes"]
 
 CLASSES: tuple[str, ...] = (
     "circle",
@@ -40,6 +40,8 @@ CLASSES: tuple[str, ...] = (
 """Human-readable class names; label ``i`` is ``CLASSES[i]``."""
 
 SPLITS: tuple[str, ...] = ("train", "test")
+MIN_SIZE: int = 16
+"""Smallest image side `make_shapes` draws: below it the shapes and textures are a few pixels."""
 DEFAULT_PER_CLASS: dict[str, int] = {"train": 600, "test": 200}
 
 MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)
@@ -68,8 +70,8 @@ def make_shapes(
     n = DEFAULT_PER_CLASS[split] if per_class is None else per_class
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"per_class must be a positive int, got {per_class!r}: pass e.g. per_class=100")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
-        raise ValueError(f"size must be an int >= 16, got {size!r}: pass e.g. size=32")
+    if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE:
+        raise ValueError(f"size must be an int >= {MIN_SIZE}, got {size!r}: pass e.g. size=32")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}: pass e.g. seed=0")
 
