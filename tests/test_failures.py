@@ -248,3 +248,15 @@ def test_run_refuses_mistyped_arguments_before_out_exists(tmp_path, kwargs):
     with pytest.raises(UsageError):
         prune.run(call.pop("config"), **call)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_issue_sequence_keeps_the_good_run(good_run, capsys):
+    """A good run, then twice a command the scorer refuses with --overwrite: the run stays."""
+    flags, out = good_run
+    before = _snapshot(out)
+    capsys.readouterr()
+    bad = [*flags, "--scorer", "selectivity", "--classes", "1", "--overwrite", "--out", str(out), "--quiet"]
+    for _ in range(2):
+        assert main(bad) == 2
+        assert "selectivity" in _one_error_line(capsys.readouterr().err)
+        assert _snapshot(out) == before

@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import scoring
-from prune.errors import UsageError
+from prune.errors import UsageError, usage_errors
 from prune.pipeline.selection import ScoringData, score_group
 from prune.pipeline.surgery import PrunableGroup
 from prune.zoo.data import DataBundle
@@ -191,10 +191,8 @@ def as_tp_importance(
     every group at mean 0, std 1 (a z-score), meaningful for any scorer and sign; None keeps
     the scorer's raw values (use it for local pruning or to compare with the scorer itself).
     """
-    try:
+    with usage_errors():
         scorer = scoring.create(name, **options)
-    except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
     source = None
     if images is not None or labels is not None:
         if images is None or labels is None:
