@@ -10,7 +10,7 @@ from benchmarks.table12 import PAPER, vgg16_row
 from prune.pipeline.counting import count_cost
 from prune.zoo.models import build_model, ModelSpec
 from prune.pipeline.selection import lowest, select_and_prune
-from prune.pipeline.surgery import Surgeon, channels_to_remove
+from prune.pipeline.surgery import Surgeon, channels_to_remove, classifier_convs
 
 
 @pytest.mark.parametrize("ratio", sorted(PAPER))
@@ -101,3 +101,19 @@ def test_resnet_residual_group_holds_every_conv_feeding_the_addition():
     surgeon = Surgeon(model.eval(), torch.zeros(1, 3, 64, 64))
     stage2 = next(g for g in surgeon.groups if "layer2.0.downsample.0" in g.names)
     assert set(stage2.names) == {"layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2", "layer2.2.conv2", "layer2.3.conv2"}
+
+
+def test_a_classifier_conv_is_never_pruned_but_its_inputs_follow():
+    """SqueezeNet's head is a 1x1 conv whose channels are the classes: not a group; the convs
+    feeding it are, and pruning them keeps the model's 10 outputs."""
+    model = torchvision.models.squeezenet1_0(num_classes=10).eval()
+    x = torch.zeros(1, 3, 64, 64)
+    assert classifier_convs(model, x) == [model.classifier[1]]
+    surgeon = Surgeon(model, x)
+    names = [n for g in surgeon.groups for n in g.names]
+    assert "classifier.1" not in names and "features.12.expand3x3" in names
+    for group in surgeon.groups:
+        surgeon.prune(group, list(range(group.num_channels // 2)))
+    assert model(x).shape == (1, 10) and model.classifier[1].in_channels == 256
+    vgg = torchvision.models.vgg11(num_classes=10).eval()
+    assert classifier_convs(vgg, torch.zeros(1, 3, 32, 32)) == []  # a Linear head: nothing to exclude

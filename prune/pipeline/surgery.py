@@ -60,8 +60,25 @@ def _execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.
     return list(dict.fromkeys(order))
 
 
+@torch.no_grad()
+def classifier_convs(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """[the conv that is the classifier] when the last Conv2d/Linear a forward runs is a conv
+    whose output channels are the model's outputs (SqueezeNet's 1x1 classifier conv); else [].
+    Its channels are the classes: never pruned, as a Linear head is not."""
+    order: list[nn.Module] = []
+    heads = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with forward_hooks(heads, lambda mod, _i, _o: order.append(mod)):
+        out = model(example_inputs)
+    last = order[-1] if order else None
+    if isinstance(last, nn.Conv2d) and isinstance(out, torch.Tensor) and out.ndim >= 2 \
+            and out.shape[1] == last.out_channels:
+        return [last]
+    return []
+
+
 class Surgeon:
-    """Owns the dependency graph of `model` and removes output channels of conv groups."""
+    """Owns the dependency graph of `model` and removes output channels of conv groups
+    (every Conv2d with groups=1 but a classifier conv, `classifier_convs`)."""
 
     def __init__(
         self,
@@ -74,6 +91,7 @@ class Surgeon:
         self.example = example_inputs
         self._names = {m: n for n, m in model.named_modules()}
         self._ignored = list(ignored_layers)
+        self._classifiers = classifier_convs(model, example_inputs)  # its input channels still follow pruning
         with torch.enable_grad():
             self.graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, ignored_layers=self._ignored, verbose=False
@@ -86,7 +104,8 @@ class Surgeon:
             )
 
     def _is_root_candidate(self, m: nn.Module) -> bool:
-        return isinstance(m, nn.Conv2d) and m.groups == 1 and m not in self._ignored and m.out_channels > 1
+        return (isinstance(m, nn.Conv2d) and m.groups == 1 and m.out_channels > 1
+                and m not in self._ignored and m not in self._classifiers)
 
     def _find_groups(self, order: list[nn.Module]) -> list[PrunableGroup]:
         depth = {m: i for i, m in enumerate(order)}
