@@ -16,7 +16,8 @@ For the unpruned, trained network of each testbed and each conv layer:
   the torch-pruning criteria that apply): **Spearman ρ** between its scores (N scoring images per
   class, all classes, the main job's choice) and the oracle, with a 95% percentile bootstrap
   interval (each replicate resamples the held-out images of the oracle and, within each class,
-  the scoring images of the scorer), and **top20_recall**: the share of the oracle's top 20%
+  the scoring images of the scorer; a scorer that draws, such as `random`, draws anew with another
+  seed), and **top20_recall**: the share of the oracle's top 20%
   channels that the scorer's top 20% holds;
 - **split_half**: Spearman between the scores from two disjoint sets of N images per class
   (data scorers; null for the weight scorers, whose scores do not depend on images);
@@ -225,9 +226,12 @@ def layer_rows(s: Settings, testbed: str, model: nn.Module, data, test: tuple[to
         scores = score(arm, model, conv, name, first, s.seed)
         data_driven = scoring.scorer_info(arm.scorer).needs_data
         replicates = []
-        for _ in range(s.bootstrap):
+        draws = "seed" in scoring.scorer_options(arm.scorer)
+        for b in range(s.bootstrap):
             idx = torch.from_numpy(rng.integers(0, delta.shape[1], delta.shape[1]))
-            again = score(arm, model, conv, name, resampled(first, rng), s.seed) if data_driven else scores
+            seed = s.seed + 1 + b if draws else s.seed  # a scorer that draws, draws anew: its chance is in the interval
+            again = (score(arm, model, conv, name, resampled(first, rng) if data_driven else first, seed)
+                     if data_driven or draws else scores)
             replicates.append(spearman(again, delta[:, idx].mean(1)))
         low, high = interval(replicates)
         lowest = torch.argsort(scores, stable=True)[:k].unsqueeze(0)

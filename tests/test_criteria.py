@@ -12,6 +12,7 @@ from torch import nn
 import scoring
 from benchmarks import criteria
 from benchmarks.tail import LayerTail
+from tests.helpers import small_data
 
 CONTRIBUTIONS = torch.tensor([0.5, 3.0, 1.0, 2.0, 0.1, 4.0, 1.5, 2.5])
 """Channel c adds CONTRIBUTIONS[c] × (mean image value) to the true class's logit."""
@@ -114,3 +115,15 @@ def test_quick_run_writes_a_row_per_layer_and_arm(tmp_path, one_thread):
     n_study = summary["n_study"]
     assert {(e["n"], e["scorer"]) for e in n_study} == {(n, a) for n in (2, 4) for a in ("entropy", "l1")}
     assert all(e["layer"] in layers for e in n_study) and len(n_study) == 2 * 2 * 6
+
+
+def test_the_random_controls_interval_includes_its_own_draws():
+    """A seeded scorer draws anew in each bootstrap replicate: the interval of `random` on a
+    layer whose oracle is known spans both signs (one fixed draw would give a narrow band)."""
+    settings = criteria.Settings(samples_per_class=3, bootstrap=30, random_draws=2, seed=0)
+    net = known_net(torch.ones(8), CONTRIBUTIONS)
+    data = small_data(classes=2, per_class=10, size=4)
+    images = (torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.1) * 0.02  # small margins
+    rows, _ = criteria.layer_rows(settings, "t", net, data, (images, torch.zeros(6, dtype=torch.long)), "0", net[0],
+                                  [criteria.arm_of("random")])
+    assert rows[0]["rho_low"] < 0 < rows[0]["rho_high"]
