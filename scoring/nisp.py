@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
+from scoring.modes import eval_mode
 from scoring.registry import register
 
 _IDENTITY_MODULES = (
@@ -299,7 +300,7 @@ class NISPScorer(Scorer):
             raise ValueError("nisp: call reset(layer) before update()")
         model = self.layer.model
         device = next(model.parameters()).device
-        with _eval_mode(model):
+        with eval_mode(model):
             feats = _run_to_classifier(model, batch.images.to(device)).float().cpu()
         if feats.shape[1] > self.max_features:
             raise ValueError(
@@ -335,13 +336,3 @@ class NISPScorer(Scorer):
         return channel_scores.float()
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put `model` in eval mode inside the block, then restore every module's flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
+from scoring.modes import eval_mode
 from scoring.registry import register
 
 Sums = dict[str, torch.Tensor]
@@ -43,22 +44,18 @@ Sums = dict[str, torch.Tensor]
 def _held(model: nn.Module) -> Iterator[None]:
     """Eval mode, grad enabled and every parameter differentiable inside; train/eval flags,
     `requires_grad` and `.grad` of the caller's model restored on exit."""
-    modes = {m: m.training for m in model.modules()}
     params = list(model.parameters())
     saved = [(p.requires_grad, p.grad) for p in params]
-    model.eval()
     try:
         for p in params:
             p.requires_grad_(True)
             p.grad = None
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             yield
     finally:
         for p, (requires, grad) in zip(params, saved):
             p.grad = grad
             p.requires_grad_(requires)
-        for m, training in modes.items():
-            m.training = training
 
 
 def pruning_group(layer: LayerSpec, example: torch.Tensor) -> Any:

@@ -6,11 +6,15 @@ fvcore's "flop" is one multiply-add, i.e. a MAC; FLOPs here are 2 × MACs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
+
+from scoring.modes import eval_mode
 
 _COUNTED = (nn.Conv2d, nn.Linear)
 
@@ -32,20 +36,29 @@ class ModelCost:
         return {"params": self.params, "macs": self.macs, "flops": self.flops}
 
 
+@contextmanager
+def _quiet_fvcore() -> Iterator[None]:
+    """fvcore's logger at ERROR inside the block, its own level restored after."""
+    logger = logging.getLogger("fvcore")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def count_cost(model: nn.Module, *, input_size: int) -> ModelCost:
     """Count `model` for one [1, 3, input_size, input_size] image on its own device."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     x = torch.zeros(1, 3, input_size, input_size, device=device)
-    logging.getLogger("fvcore").setLevel(logging.ERROR)
-    analysis = FlopCountAnalysis(model, x)
-    analysis.unsupported_ops_warnings(False)
-    analysis.uncalled_modules_warnings(False)
-    per_module = analysis.by_module()
+    with eval_mode(model), _quiet_fvcore():
+        analysis = FlopCountAnalysis(model, x)
+        analysis.unsupported_ops_warnings(False)
+        analysis.uncalled_modules_warnings(False)
+        per_module = analysis.by_module()
     by_module = {
         name: int(per_module.get(name, 0)) for name, m in model.named_modules() if isinstance(m, _COUNTED)
     }
-    model.train(was_training)
     params = sum(p.numel() for p in model.parameters())
     return ModelCost(params=params, macs=sum(by_module.values()), input_size=input_size, by_module=by_module)

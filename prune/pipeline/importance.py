@@ -26,6 +26,7 @@ from prune.errors import UsageError, usage_errors
 from prune.pipeline.selection import ScoringData, score_group
 from prune.pipeline.surgery import PrunableGroup
 from prune.zoo.data import DataBundle
+from scoring.modes import eval_mode
 
 NORMALIZERS = (None, "mean", "max", "standardize")
 _CONV_OUT = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels)
@@ -143,9 +144,7 @@ class ScorerImportance(tp.importance.Importance):
         position = {int(r): k for k, r in enumerate(group[0].idxs)}
         total = torch.zeros(len(position), dtype=torch.float64)
         count = torch.zeros(len(position), dtype=torch.float64)
-        modes = {m: m.training for m in model.modules()}
-        model.eval()
-        try:
+        with eval_mode(model):
             self._check_labels(model)
             for conv, idxs, root_idxs in members:
                 one = PrunableGroup(names=(names[conv],), convs=(conv,))
@@ -154,9 +153,6 @@ class ScorerImportance(tp.importance.Importance):
                     if r is not None and int(r) in position:
                         total[position[int(r)]] += scores[i]
                         count[position[int(r)]] += 1
-        finally:
-            for m, training in modes.items():
-                m.training = training
         return normalize_scores(total / count.clamp_min(1), self.normalize)
 
 

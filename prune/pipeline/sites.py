@@ -38,6 +38,7 @@ import torch
 from torch import fx, nn
 
 from prune.errors import UsageError
+from scoring.modes import eval_mode
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
@@ -179,17 +180,13 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
 
 def _trace(model: nn.Module) -> fx.Graph | None:
     """fx graph of `model` in eval mode (training flags restored), None with one warning if untraceable."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        return _Tracer().trace(model)
+        with eval_mode(model):
+            return _Tracer().trace(model)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, …) on untraceable code
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         _warn_once(type(model).__qualname__, f"torch.fx cannot trace {type(model).__qualname__} ({reason})")
         return None
-    finally:
-        for m, training in modes.items():
-            m.train(training)
 
 
 def _warn_once(key: str, what: str) -> None:

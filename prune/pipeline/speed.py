@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from scoring.modes import eval_mode
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,23 @@ def device_name(device: torch.device) -> str:
     return "cpu"
 
 
+def _resolved(device: torch.device) -> torch.device:
+    """`cuda` as the `cuda:N` it means, so that devices compare equal."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _placed(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """`model` itself when it already is on `device` in the wanted memory format, else a copy that is."""
+    tensors = [*model.parameters(), *model.buffers()]
+    here = all(_resolved(t.device) == device for t in tensors)
+    if here and not channels_last and all(t.is_contiguous() for t in tensors):
+        return model
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return copy.deepcopy(model).to(device).to(memory_format=fmt)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -52,14 +72,15 @@ def measure_throughput(
 ) -> Throughput:
     """Images per second of `model` in eval mode on random [batch, 3, s, s] inputs.
 
-    amp: bf16 autocast on CPU, fp16 on CUDA. channels_last: NHWC memory format.
+    amp: bf16 autocast on CPU, fp16 on CUDA. channels_last: NHWC memory format. The caller's
+    model is never moved or converted (a copy is measured where needed); its modes are restored.
     """
-    device = torch.device(device)
+    device = _resolved(torch.device(device))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device).eval().to(memory_format=fmt)
+    model = _placed(model, device, channels_last)
     x = torch.randn(batch_size, 3, input_size, input_size, device=device).to(memory_format=fmt)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+    with eval_mode(model), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
         for _ in range(warmup):
             model(x)
         _sync(device)
