@@ -31,16 +31,21 @@ _EXPORTS: dict[str, str] = {
 }
 """Public name → the module that defines it."""
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # the names of _EXPORTS, in its order
+    "__version__", "PruneConfig", "run", "PruneReport", "Measurement", "LayerResult", "list_models", "load_pruned",
+    "as_tp_importance", "UsageError",
+]
 
-if TYPE_CHECKING:
-    from prune.config import PruneConfig
-    from prune.errors import UsageError
-    from prune.outputs.checkpoint import load_pruned
-    from prune.outputs.report import LayerResult, Measurement, PruneReport
-    from prune.pipeline.importance import as_tp_importance
-    from prune.pipeline.run import run
-    from prune.zoo.registry import list_models
+if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ imports them on first use
+    from prune.config import PruneConfig as PruneConfig
+    from prune.errors import UsageError as UsageError
+    from prune.outputs.checkpoint import load_pruned as load_pruned
+    from prune.outputs.report import LayerResult as LayerResult
+    from prune.outputs.report import Measurement as Measurement
+    from prune.outputs.report import PruneReport as PruneReport
+    from prune.pipeline.importance import as_tp_importance as as_tp_importance
+    from prune.pipeline.run import run as run
+    from prune.zoo.registry import list_models as list_models
 
 
 def __getattr__(name: str) -> Any:

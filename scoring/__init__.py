@@ -8,11 +8,10 @@
 >>> scores = scorer(layer, class_batches)  # [C] float32, higher = keep
 """
 
-from scoring.base import ClassBatch, LayerSpec, Scorer, ScorerInfo
-from scoring.registry import create, list_scorers, parse_options, register, scorer_info, scorer_options
-
 # Importing a scorer module registers it.
 from scoring import activations, control, entropy, nisp, tp_importances, weights  # noqa: E402,F401
+from scoring.base import ClassBatch, LayerSpec, Scorer, ScorerInfo
+from scoring.registry import create, list_scorers, parse_options, register, scorer_info, scorer_options
 
 __all__ = [
     "ClassBatch",

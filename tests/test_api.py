@@ -84,3 +84,10 @@ def test_run_refuses_bad_input_before_touching_out(tmp_path):
     with pytest.raises(prune.UsageError, match="ratio"):
         prune.run(prune.PruneConfig(ratio=1.5), out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_all_lists_exactly_the_lazy_exports():
+    import prune
+
+    assert set(prune.__all__) == {"__version__", *prune._EXPORTS}
+    assert all(getattr(prune, name) is not None for name in prune.__all__)

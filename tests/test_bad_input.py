@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import image_folder, quick_run
 
 from prune.outputs.outdir import RUN_FILE, RUN_FORMAT, claim
-from helpers import image_folder, quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--classes", "2", "--samples-per-class", "2", "--no-finetune", "--quiet"]

@@ -41,7 +41,7 @@ def test_pruned_model_has_the_reported_channels_and_reloads(entropy_run):
         assert conv.out_channels == layer["channels_after"] == layer["channels_before"] - len(layer["removed"])
         assert layer["channels_after"] == layer["channels_before"] - round(0.5 * layer["channels_before"])
     scores = json.loads((entropy_run / "scores.json").read_text())
-    assert [len(v) for v in scores.values()] == [l["channels_before"] for l in report["layers"]]
+    assert [len(v) for v in scores.values()] == [layer["channels_before"] for layer in report["layers"]]
     data = load_data(None)
     x = torch.stack([data.val[i][0] for i in range(64)])
     labels = torch.stack([data.val[i][1] for i in range(64)])

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import image_folder, small_data
 
 import scoring
-from prune.zoo.data import choose_classes
 from prune.pipeline.distributed import World, shard
-from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
 from prune.pipeline.selection import ScoringData, class_batches, class_states, merged_scores
-from helpers import image_folder, small_data
+from prune.zoo.data import choose_classes
+from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--classes", "4", "--samples-per-class", "10", "--scorer", "entropy", "--quiet"]

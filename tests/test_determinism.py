@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import small_data
 
 import scoring
-from prune.zoo.data import choose_classes
-from prune.zoo.embedded_model import EmbeddedVGG
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.surgery import Surgeon
-from helpers import small_data
+from prune.zoo.data import choose_classes
+from prune.zoo.embedded_model import EmbeddedVGG
 
 
 def _select(seed: int, scorer: str) -> list:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_bad_input import assert_usage_error, prune_cli
 from torch import nn
 
 from prune.errors import UsageError
@@ -19,7 +20,6 @@ from prune.zoo import fashion, train_embedded
 from prune.zoo.data import load_data
 from prune.zoo.embedded_model import VARIANTS, load_embedded
 from prune.zoo.registry import model_entry
-from test_bad_input import assert_usage_error, prune_cli
 
 PER_CLASS = {"train": 4, "val": 2}
 

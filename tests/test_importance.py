@@ -13,7 +13,6 @@ import scoring
 from prune.errors import UsageError
 from prune.pipeline.importance import normalize_scores
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch_pruning as tp
 import torchvision
+from helpers import image_folder, quick_run
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,7 +26,6 @@ from prune.zoo import registry
 from prune.zoo.embedded_model import EmbeddedVGG
 from prune.zoo.models import fit_head, load_model
 from prune.zoo.shapes import MIN_SIZE, make_shapes
-from helpers import image_folder, quick_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

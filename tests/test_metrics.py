@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from finetune.metrics import balanced_accuracy, class_metrics, confusion_matrix, one_vs_rest_balanced_accuracy, summarize
+from finetune.metrics import (
+    balanced_accuracy,
+    class_metrics,
+    confusion_matrix,
+    one_vs_rest_balanced_accuracy,
+    summarize,
+)
 from finetune.schedule import step_lr, warmup_cosine_lr
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from helpers import image_folder
 from PIL import Image
 from torch import nn
 
@@ -19,7 +20,6 @@ from prune.zoo import registry
 from prune.zoo.data import load_data
 from prune.zoo.models import ModelSpec, build_model, load_model
 from prune.zoo.registry import ModelEntry, model_entry, register_family, register_model
-from helpers import image_folder
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from prune.pipeline.surgery import Surgeon
 from prune.zoo.embedded_model import EmbeddedVGG
 
 
-
 def _close(got: torch.Tensor, expected: torch.Tensor, *, scale: torch.Tensor | None = None) -> None:
     """Equal up to float32 rounding, relative to the size of the values (or of `scale`)."""
     size = (expected if scale is None else scale).abs().max().item()

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import image_folder, quick_run
 
 from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
-from helpers import image_folder, quick_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["--classes", "10", "--samples-per-class", "12", "--epochs", "8", "--batch-size", "4", "--quiet"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 from torch import nn
 
 from prune.pipeline.counting import count_cost

@@ -8,9 +8,9 @@ from torch import nn
 import scoring
 from benchmarks.table12 import PAPER, vgg16_row
 from prune.pipeline.counting import count_cost
-from prune.zoo.models import build_model, ModelSpec
 from prune.pipeline.selection import lowest, select_and_prune
 from prune.pipeline.surgery import Surgeon, channels_to_remove, classifier_convs
+from prune.zoo.models import ModelSpec, build_model
 
 
 @pytest.mark.parametrize("ratio", sorted(PAPER))

@@ -177,8 +177,8 @@ def markdown(report: dict) -> str:
         "| layer | channels before | channels after | removed |",
         "|---|---|---|---|",
         *[
-            f"| {l['name']} | {l['channels_before']} | {l['channels_after']} | {len(l['removed'])} |"
-            for l in report["layers"]
+            f"| {layer['name']} | {layer['channels_before']} | {layer['channels_after']} | {len(layer['removed'])} |"
+            for layer in report["layers"]
         ],
         "",
         "Stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),

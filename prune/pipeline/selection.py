@@ -22,12 +22,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import scoring
-from prune.pipeline import distributed
-from prune.zoo.data import DataBundle, class_images
 from prune.errors import UsageError
 from prune.outputs.report import LayerResult
+from prune.pipeline import distributed
 from prune.pipeline.observe import collect_units
 from prune.pipeline.surgery import PrunableGroup, Surgeon, channels_to_remove
+from prune.zoo.data import DataBundle, class_images
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ Slow full-persistence tools (gudhi), for tests, benchmarks and paper Table 5 / A
 
 from __future__ import annotations
 
-from scoring.topology.maps import as_maps
 from scoring.topology.births import (
     AUTHORS_MAX_BIRTH,
     CONVENTIONS,
@@ -25,6 +24,7 @@ from scoring.topology.births import (
     birth_times,
     resolve_convention,
 )
+from scoring.topology.maps import as_maps
 from scoring.topology.persistence import (
     betti1_curve,
     betti1_integral,
