@@ -50,15 +50,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 import scoring
-from benchmarks.common import (
-    RESULTS,
-    ExperimentSettings,
-    load_setup,
-    machine,
-    markdown_table,
-    new_figure,
-    save_figure,
-)
+from benchmarks.common import RESULTS, ExperimentSettings, load_setup, machine, markdown_table, new_figure, save_figure
 from benchmarks.compare import ARMS, EXTRA_ARMS, Arm, applies
 from benchmarks.layers import class_batch, conv_layers
 from benchmarks.tail import LayerTail

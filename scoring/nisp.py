@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
-from scoring.modes import eval_mode
+from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 
 _IDENTITY_MODULES = (
@@ -141,7 +141,7 @@ def _linear_counterpart(module: nn.Module) -> nn.Module | None:
 
 def linearised_copy(model: nn.Module) -> nn.Module:
     """A float64 eval-mode deep copy of `model` made linear with |W| (see the module doc)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     net = copy.deepcopy(model).eval()
     for module in net.modules():
         module._forward_hooks.clear()
@@ -212,7 +212,7 @@ def propagate_scores(
     except AttributeError as err:
         raise ValueError(f"nisp: the model has no module named {layer.name!r}") from err
     conv.register_forward_hook(make_leaf)
-    device = next(net.parameters()).device
+    device = model_device(net)
     dummy = torch.ones(1, *input_shape[1:], dtype=torch.float64, device=device)
     with torch.enable_grad():
         features = _run_to_classifier(net, dummy)
@@ -299,7 +299,7 @@ class NISPScorer(Scorer):
         if getattr(self, "layer", None) is None:
             raise ValueError("nisp: call reset(layer) before update()")
         model = self.layer.model
-        device = next(model.parameters()).device
+        device = model_device(model)
         with eval_mode(model):
             feats = _run_to_classifier(model, batch.images.to(device)).float().cpu()
         if feats.shape[1] > self.max_features:

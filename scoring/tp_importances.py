@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
-from scoring.modes import eval_mode
+from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 
 Sums = dict[str, torch.Tensor]
@@ -62,7 +62,7 @@ def pruning_group(layer: LayerSpec, example: torch.Tensor) -> Any:
     """torch-pruning's group for all C output channels of `layer.conv`, traced on `example`."""
     import torch_pruning as tp
 
-    device = next(layer.model.parameters()).device
+    device = model_device(layer.model)
     graph = tp.DependencyGraph().build_dependency(layer.model, example_inputs=example.to(device), verbose=False)
     return graph.get_pruning_group(layer.conv, tp.prune_conv_out_channels, idxs=list(range(layer.num_channels)))
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from torch import nn
 
 from prune.pipeline.counting import count_cost
 from prune.pipeline.speed import measure_throughput
-from scoring.modes import eval_mode
+from scoring.model_state import eval_mode
 
 
 def _mixed() -> nn.Sequential:
@@ -50,3 +51,10 @@ def test_counting_restores_modes_and_fvcore_logger_level():
     cost = count_cost(net, input_size=8)
     assert cost.macs == 4 * 3 * 9 * 36 + 4 * 2  # conv 3x3 on 6x6 outputs + linear, by hand
     assert _flags(net) == flags and logger.level == logging.DEBUG
+
+
+def test_model_device_is_where_the_parameters_are():
+    from scoring.model_state import model_device
+
+    assert model_device(_mixed()) == torch.device("cpu")
+    assert model_device(nn.ReLU()) == torch.device("cpu")  # no parameters: CPU

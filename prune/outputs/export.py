@@ -23,6 +23,7 @@ from torch import nn
 
 from prune.errors import UsageError
 from prune.outputs.files import write_bytes
+from scoring.model_state import model_device
 
 OPSET = 17
 FORMATS = ("onnx",)
@@ -50,7 +51,7 @@ def check_export(fmt: str | None) -> None:
 
 def onnx_bytes(model: nn.Module, *, input_size: int, opset: int = OPSET) -> bytes:
     """`model` (eval mode) as a serialised ONNX graph: images [batch, 3, s, s] → logits [batch, K]."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     example = torch.zeros(1, 3, input_size, input_size, device=device)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -89,7 +90,7 @@ def export_onnx(model: nn.Module, path: Path, *, input_size: int, opset: int = O
     graph = onnx_bytes(model, input_size=input_size, opset=opset)
     onnx.checker.check_model(onnx.load_from_string(graph))
     images = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
-    expected = model(images.to(next(model.parameters()).device)).float().cpu().numpy()
+    expected = model(images.to(model_device(model))).float().cpu().numpy()
     got = onnxruntime_logits(graph, images)
     if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
         raise RuntimeError(f"the ONNX export of the model does not reproduce its logits; {path} not written")

@@ -14,7 +14,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
-from scoring.modes import eval_mode
+from scoring.model_state import eval_mode, model_device
 
 _COUNTED = (nn.Conv2d, nn.Linear)
 
@@ -50,7 +50,7 @@ def _quiet_fvcore() -> Iterator[None]:
 
 def count_cost(model: nn.Module, *, input_size: int) -> ModelCost:
     """Count `model` for one [1, 3, input_size, input_size] image on its own device."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     x = torch.zeros(1, 3, input_size, input_size, device=device)
     with eval_mode(model), _quiet_fvcore():
         analysis = FlopCountAnalysis(model, x)

@@ -26,7 +26,7 @@ from prune.errors import UsageError, usage_errors
 from prune.pipeline.selection import ScoringData, score_group
 from prune.pipeline.surgery import PrunableGroup
 from prune.zoo.data import DataBundle
-from scoring.modes import eval_mode
+from scoring.model_state import eval_mode, model_device
 
 NORMALIZERS = (None, "mean", "max", "standardize")
 _CONV_OUT = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels)
@@ -118,7 +118,7 @@ class ScorerImportance(tp.importance.Importance):
         """UsageError if a label is not one of `model`'s classes (once per model)."""
         if self.source is None or self.example is None or id(model) in self._checked:
             return
-        logits = model(self.example.to(next(model.parameters()).device))
+        logits = model(self.example.to(model_device(model)))
         if isinstance(logits, torch.Tensor) and logits.dim() == 2:
             checked_labels(torch.as_tensor(self.source.data.train_targets), len(self.source.data.train_targets),
                            int(logits.shape[1]))

@@ -43,6 +43,7 @@ from torch import nn
 
 from prune.errors import UsageError
 from prune.pipeline.sites import UnitSite, prefix_module, unit_site
+from scoring.model_state import model_device
 
 __all__ = ["CHUNK_BYTES", "UnitSite", "collect_units", "following_norm", "observe", "run_until_captured", "unit_site"]
 
@@ -169,7 +170,7 @@ def collect_units(
     C is `conv.out_channels`. The first chunk is one image; later chunks hold at most
     `batch_size` images and about CHUNK_BYTES of units. NaN/Inf activations raise UsageError.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     units: torch.Tensor | None = None
     start, step = 0, 1
     with observe(model, conv) as captured:

@@ -49,12 +49,8 @@ from prune.zoo.data import (
     make_loader,
     unreadable_counts,
 )
-from prune.zoo.models import (
-    ModelSpec,
-    check_model_name,
-    load_model,
-    state_dict_mismatch,
-)
+from prune.zoo.models import ModelSpec, check_model_name, load_model, state_dict_mismatch
+from scoring.model_state import model_device
 
 FINETUNE_FORMAT = "topoprune/finetune-state/v1"
 SCORES_FORMAT = "topoprune/scores/v1"
@@ -281,7 +277,7 @@ def check_finite(model: nn.Module, images: torch.Tensor) -> None:
 
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     with forward_hooks(convs, hook):
-        logits = model(images.to(next(model.parameters()).device))
+        logits = model(images.to(model_device(model)))
     if bad or not torch.isfinite(logits).all():
         where = f"layer {bad[0]}" if bad else "the output"
         raise UsageError(
@@ -301,7 +297,7 @@ def _evaluate_bn_reestimated(
     try:
         if refit() == 0:
             return pruned_eval
-        return evaluate(model, loader, device=next(model.parameters()).device)
+        return evaluate(model, loader, device=model_device(model))
     finally:
         for m, state in zip(norms, saved):
             m.load_state_dict(state)

@@ -28,6 +28,7 @@ from prune.pipeline import distributed
 from prune.pipeline.observe import collect_units
 from prune.pipeline.surgery import PrunableGroup, Surgeon, channels_to_remove
 from prune.zoo.data import DataBundle, class_images
+from scoring.model_state import model_device
 
 
 @dataclass(frozen=True)
@@ -164,7 +165,7 @@ def _streamed_scores(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: S
 @torch.no_grad()
 def scoring_top1(model: nn.Module, source: ScoringData) -> float:
     """Top-1 in [0, 1] of `model` (eval mode) on the scoring images of `source`, labels = their classes."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     correct = total = 0
     for cls in source.classes:
         images = class_images(source.data, cls, source.per_class, seed=source.seed)

@@ -38,7 +38,7 @@ import torch
 from torch import fx, nn
 
 from prune.errors import UsageError
-from scoring.modes import eval_mode
+from scoring.model_state import eval_mode
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from scoring.modes import eval_mode
+from scoring.model_state import eval_mode
 
 
 @dataclass(frozen=True)

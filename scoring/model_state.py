@@ -1,10 +1,12 @@
-"""Train/eval flags of a model's modules, set for a block and restored after it."""
+"""A model's state that helpers read or set for a while: the device its parameters are on, and
+its modules' train/eval flags (set for a block, restored after it)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 
@@ -19,3 +21,10 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.training = training
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of `model`'s first parameter (or buffer); CPU for a model with neither."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
