@@ -119,19 +119,38 @@ def test_a_group_without_conv_outputs_is_left_to_torch_pruning():
     assert prune.as_tp_importance("l1", images=None, labels=None)(group) is None
 
 
-@pytest.mark.parametrize("how", ["mean", "max", "standardize"])
+@pytest.mark.parametrize("how", ["mean", "max", "gaussian", "standarization"])
 def test_normalizers_keep_the_order_for_negative_scores(how):
     scores = torch.tensor([-3.0, -0.5, -2.0, -1.0])  # like entropy's −H
     out = normalize_scores(scores, how)
     assert torch.equal(torch.argsort(out), torch.argsort(scores))
-    if how == "standardize":
-        assert abs(float(out.mean())) < 1e-6 and abs(float(out.std(unbiased=False)) - 1) < 1e-6
+    if how == "gaussian":
+        assert abs(float(out.mean())) < 1e-6 and abs(float(out.std()) - 1) < 1e-6
+    if how == "standarization":
+        assert torch.allclose(out, torch.tensor([0.0, 1.0, 0.4, 0.8]))  # (s − min) / (max − min) by hand
     if how == "max":
         assert float(out.abs().max()) == pytest.approx(1.0)
 
 
+def test_normalizers_match_torch_prunings_own():
+    """The same name gives the same values as torch-pruning's importance normaliser."""
+    import torch_pruning as tp
+
+    scores = torch.tensor([0.3, 2.0, 1.1, 0.7, 1.6])
+    lib = tp.importance.GroupMagnitudeImportance()
+    for how in ("gaussian", "standarization", "max"):
+        assert torch.allclose(normalize_scores(scores, how), lib._normalize(scores, how), atol=1e-4), how
+
+
 def test_constant_scores_standardize_to_zero():
-    assert torch.equal(normalize_scores(torch.full((5,), 2.5), "standardize"), torch.zeros(5))
+    assert torch.equal(normalize_scores(torch.full((5,), 2.5), "gaussian"), torch.zeros(5))
+
+
+def test_the_old_name_still_works_with_a_deprecation_warning():
+    scores = torch.tensor([0.3, 2.0, 1.1])
+    with pytest.warns(DeprecationWarning, match="gaussian"):
+        old = normalize_scores(scores, "standardize")
+    assert torch.equal(old, normalize_scores(scores, "gaussian"))
 
 
 def test_bad_arguments_are_usage_errors():

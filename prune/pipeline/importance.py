@@ -14,6 +14,7 @@ left to torch-pruning as unscorable: `__call__` returns None and MetaPruner skip
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,10 @@ from prune.pipeline.surgery import PrunableGroup
 from prune.zoo.data import DataBundle
 from scoring.model_state import eval_mode, model_device
 
-NORMALIZERS = (None, "mean", "max", "standardize")
+NORMALIZERS = (None, "mean", "max", "gaussian", "standarization")
+"""Names as torch-pruning's importances name them (its `_normalize`)."""
+DEPRECATED_NORMALIZERS = {"standardize": "gaussian"}
+"""Old name → its torch-pruning name; accepted with a DeprecationWarning for one release."""
 _CONV_OUT = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels)
 _EPS = 1e-12
 
@@ -36,9 +40,12 @@ _EPS = 1e-12
 def normalize_scores(scores: torch.Tensor, how: str | None) -> torch.Tensor:
     """Order-preserving rescaling of one group's scores [C] (higher = keep stays higher).
 
-    None: unchanged. "mean": s / mean|s|. "max": s / max|s|. "standardize": (s − mean) / std.
-    Dividing by |·| keeps the order for negative scores (entropy's −H) too.
+    None: unchanged. "mean": s / mean|s|. "max": s / max|s|. "gaussian": (s − mean) / std (a
+    z-score with the sample std). "standarization": (s − min) / (max − min), in [0, 1]. The names and the last two
+    formulas are torch-pruning's; dividing by |·| keeps the order for negative scores (entropy's
+    −H) too. "standardize" (the old name of "gaussian") still works, with a DeprecationWarning.
     """
+    how = _current_name(how)
     s = scores.double()
     if how is None:
         out = s
@@ -46,12 +53,24 @@ def normalize_scores(scores: torch.Tensor, how: str | None) -> torch.Tensor:
         out = s / s.abs().mean().clamp_min(_EPS)
     elif how == "max":
         out = s / s.abs().max().clamp_min(_EPS)
-    elif how == "standardize":
-        std = s.std(unbiased=False) if len(s) > 1 else s.new_zeros(())
+    elif how == "gaussian":
+        std = s.std() if len(s) > 1 else s.new_zeros(())  # the sample std, as torch-pruning's
         out = (s - s.mean()) / std.clamp_min(_EPS)
+    elif how == "standarization":
+        out = (s - s.min()) / (s.max() - s.min()).clamp_min(_EPS)
     else:
         raise UsageError(f"normalize={how!r} is unknown; use one of {NORMALIZERS}")
     return out.float()
+
+
+def _current_name(how: str | None) -> str | None:
+    """`how`, with a deprecated name replaced by its torch-pruning name (and a DeprecationWarning)."""
+    if isinstance(how, str) and how in DEPRECATED_NORMALIZERS:
+        new = DEPRECATED_NORMALIZERS[how]
+        warnings.warn(f"normalize={how!r} is now called {new!r} (torch-pruning's name); the old name will go",
+                      DeprecationWarning, stacklevel=3)
+        return new
+    return how
 
 
 def checked_labels(labels: torch.Tensor | Sequence[int], n: int, num_classes: int | None = None) -> torch.Tensor:
@@ -106,6 +125,7 @@ class ScorerImportance(tp.importance.Importance):
         self, scorer: scoring.Scorer, source: ScoringData | None, normalize: str | None,
         example: torch.Tensor | None = None,
     ) -> None:
+        normalize = _current_name(normalize)
         if normalize not in NORMALIZERS:
             raise UsageError(f"normalize={normalize!r} is unknown; use one of {NORMALIZERS}")
         self.scorer = scorer
@@ -161,7 +181,7 @@ def as_tp_importance(
     *,
     images: torch.Tensor | None,
     labels: torch.Tensor | Sequence[int] | None,
-    normalize: str | None = "standardize",
+    normalize: str | None = "gaussian",
     batch_size: int = 128,
     example: torch.Tensor | None = None,
     num_classes: int | None = None,
@@ -177,13 +197,14 @@ def as_tp_importance(
     input the model takes, which torch-pruning's own criteria (tp-*) trace the model on;
     default images[:1] (pass it for tp-magnitude, tp-lamp, tp-fpgm, tp-bnscale without images).
 
-    normalize (per group, order-preserving): None | "mean" | "max" | "standardize" (default).
+    normalize (per group, order-preserving, named as torch-pruning names them): None | "mean" |
+    "max" | "gaussian" (default, a z-score) | "standarization" (min-max, [0, 1]).
     Within a group it never changes which channels are lowest, so local pruning (MetaPruner's
     default) is the same for every choice. It matters for `global_pruning=True`, where scores
     of different layers are ranked together and raw values are rarely comparable: entropy is
     in nats, bounded by ln N and shaped by the map size m (deep 2×2 maps have no births at
     all); l1 grows with fan-in (C_in·k²); fpgm with the layer's width; apoz and selectivity
-    lie in [0, 1] but their spread differs by depth; random has no scale. "standardize" puts
+    lie in [0, 1] but their spread differs by depth; random has no scale. "gaussian" puts
     every group at mean 0, std 1 (a z-score), meaningful for any scorer and sign; None keeps
     the scorer's raw values (use it for local pruning or to compare with the scorer itself).
     """
