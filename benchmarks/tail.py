@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from benchmarks.layers import module_name
-from prune.pipeline.hooks import forward_hooks
 from prune.pipeline.observe import following_norm
+from scoring.hooks import capture, forward_hooks, run_until_stopped
 
 
 def unit_module(model: nn.Module, conv: nn.Conv2d) -> nn.Module:
@@ -31,10 +31,6 @@ def channel_mask(module: nn.Module, mask: torch.Tensor) -> Iterator[None]:
 
     with forward_hooks([module], hook):
         yield
-
-
-class _Stop(Exception):
-    pass
 
 
 def _tail_graph(model: nn.Module, name: str) -> nn.Module | None:
@@ -80,19 +76,10 @@ class LayerTail:
 
     @torch.no_grad()
     def _capture(self) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = []
-
-        def grab(_m: nn.Module, _i: tuple, y: torch.Tensor) -> None:
-            out.append(y.detach().clone())
-            raise _Stop
-
-        with forward_hooks([self.module], grab):
+        with capture(self.module) as seen:
             for x in self.images.split(self.batch_size):
-                try:
-                    self.model(x)
-                except _Stop:
-                    pass
-        return out
+                run_until_stopped(self.model, x)
+        return [y.clone() for y in seen]
 
     @torch.no_grad()
     def logits(self, mask: torch.Tensor) -> torch.Tensor:

@@ -20,14 +20,13 @@ model's forward() also pass scores through; functional max pooling is not linear
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
+from scoring.hooks import capture, run_until_stopped
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 
@@ -162,30 +161,10 @@ def last_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the classifier input is seen."""
-
-
-@contextlib.contextmanager
-def _classifier_input(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Within the block, forwarding `model` appends its classifier input to the list and stops."""
-    seen: list[torch.Tensor] = []
-
-    def grab(module: nn.Module, args: tuple) -> None:
-        seen.append(args[0])
-        raise _Stop
-
-    handle = last_linear(model).register_forward_pre_hook(grab)
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
 def _run_to_classifier(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Forward `images` up to the classifier; its input flattened to [N, F]."""
-    with _classifier_input(model) as seen, contextlib.suppress(_Stop):
-        model(images)
+    with capture(last_linear(model), inputs=True) as seen:
+        run_until_stopped(model, images)
     if not seen:
         raise ValueError("nisp: the model's last nn.Linear was not called in forward()")
     return seen[0].flatten(1)

@@ -10,10 +10,10 @@ from torch import nn
 
 from finetune.batches import in_order
 from finetune.metrics import evaluate
-from prune.pipeline.hooks import forward_hooks
 from prune.zoo import train_embedded
 from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, VARIANTS, EmbeddedVGG, load_embedded
 from prune.zoo.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
+from scoring.hooks import forward_hooks
 
 
 def test_classes_are_named_and_enough() -> None:

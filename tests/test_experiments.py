@@ -20,8 +20,8 @@ from benchmarks.common import Setup, load_setup, torch_threads
 from benchmarks.layers import conv_layers, find_conv
 from benchmarks.tail import LayerTail, channel_mask, unit_module
 from benchmarks.units import fold_bn
-from prune.pipeline.hooks import forward_hooks
 from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
+from scoring.hooks import forward_hooks
 
 needs_weights = pytest.mark.skipif(not EMBEDDED_WEIGHTS.is_file(), reason="embedded weights not built yet")
 

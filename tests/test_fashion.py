@@ -15,11 +15,11 @@ from test_bad_input import assert_usage_error, prune_cli
 from torch import nn
 
 from prune.errors import UsageError
-from prune.pipeline.hooks import forward_hooks
 from prune.zoo import fashion, train_embedded
 from prune.zoo.data import load_data
 from prune.zoo.embedded_model import VARIANTS, load_embedded
 from prune.zoo.registry import model_entry
+from scoring.hooks import forward_hooks
 
 PER_CLASS = {"train": 4, "val": 2}
 

@@ -43,16 +43,13 @@ from torch import nn
 
 from prune.errors import UsageError
 from prune.pipeline.sites import UnitSite, prefix_module, unit_site
+from scoring.hooks import StopForward, run_until_stopped
 from scoring.model_state import model_device
 
 __all__ = ["CHUNK_BYTES", "UnitSite", "collect_units", "following_norm", "observe", "run_until_captured", "unit_site"]
 
 CHUNK_BYTES = 1 << 27
 """Units of one forward chunk are kept under this size (128 MiB) when scoring."""
-
-
-class _Captured(Exception):
-    """Raised inside a hook to end the forward pass early."""
 
 
 def conv_name(model: nn.Module, conv: nn.Conv2d) -> str:
@@ -80,7 +77,7 @@ def observe(model: nn.Module, conv: nn.Conv2d) -> Iterator[list[torch.Tensor]]:
 
     def finish(t: torch.Tensor) -> None:
         captured.append(t.detach().movedim(site.channel_dim, 1))
-        raise _Captured
+        raise StopForward
 
     if not site.traced:
         handles = _chain_hooks(model, site, finish)
@@ -155,10 +152,7 @@ def _chain_hooks(model: nn.Module, site: UnitSite, finish: Finish) -> list:
 
 def run_until_captured(model: nn.Module, images: torch.Tensor) -> None:
     """Forward `images` through `model`, stopping once an `observe` hook has its units."""
-    try:
-        model(images)
-    except _Captured:
-        pass
+    run_until_stopped(model, images)
 
 
 @torch.no_grad()

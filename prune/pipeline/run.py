@@ -33,7 +33,6 @@ from prune.outputs.outdir import check as check_out
 from prune.outputs.report import Measurement, PruneReport, write_report
 from prune.pipeline import distributed
 from prune.pipeline.counting import count_cost
-from prune.pipeline.hooks import forward_hooks
 from prune.pipeline.provenance import inputs_fingerprint
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.speed import device_name, measure_throughput
@@ -50,6 +49,7 @@ from prune.zoo.data import (
     unreadable_counts,
 )
 from prune.zoo.models import ModelSpec, check_model_name, load_model, state_dict_mismatch
+from scoring.hooks import forward_hooks
 from scoring.model_state import model_device
 
 FINETUNE_FORMAT = "topoprune/finetune-state/v1"

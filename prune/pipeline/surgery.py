@@ -17,7 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prune.errors import UsageError
-from prune.pipeline.hooks import forward_hooks
+from scoring.hooks import forward_hooks
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,65 @@
+"""Forward hooks owned by a context manager, so that no hook outlives its block, and the one
+way a hook ends a forward pass early (`StopForward`, `capture`, `run_until_stopped`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+ForwardHook = Callable[[nn.Module, tuple, Any], Any]
+"""hook(module, inputs, output) → None, or a replacement output."""
+
+
+@contextmanager
+def forward_hooks(modules: Iterable[nn.Module], hook: ForwardHook) -> Iterator[None]:
+    """Register `hook` as a forward hook on each of `modules` for the block's duration.
+
+    Every handle is removed on exit, also when the block (or a later registration) raises.
+    """
+    handles: list[RemovableHandle] = []
+    try:
+        for module in modules:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once it has what it came for."""
+
+
+def run_until_stopped(model: nn.Module, *inputs: Any) -> None:
+    """Forward `inputs` through `model`; a StopForward raised by a hook ends the pass quietly."""
+    try:
+        model(*inputs)
+    except StopForward:
+        pass
+
+
+@contextmanager
+def capture(module: nn.Module, *, inputs: bool = False) -> Iterator[list[torch.Tensor]]:
+    """Inside: each forward that reaches `module` appends its output (its first input with
+    `inputs=True`) to the list, as is (still in the autograd graph when grad is on), and stops
+    the pass (use `run_until_stopped`)."""
+    seen: list[torch.Tensor] = []
+
+    def grab_output(_m: nn.Module, _args: tuple, out: torch.Tensor) -> None:
+        seen.append(out)
+        raise StopForward
+
+    def grab_input(_m: nn.Module, args: tuple) -> None:
+        seen.append(args[0])
+        raise StopForward
+
+    handle = module.register_forward_pre_hook(grab_input) if inputs else module.register_forward_hook(grab_output)
+    try:
+        yield seen
+    finally:
+        handle.remove()
