@@ -4,7 +4,7 @@
     H = feature_entropy(births.T)         # [C] nats; low = stable unit
     scorer = scoring.create("entropy")    # score = −mean_c H_c, higher = keep
 
-The authors' released code (convention="authors", DESIGN.md) differs in the births (see
+The authors' released code (convention="authors", docs/definitions.md) differs in the births (see
 `scoring.topology.birth_times`) and in the per-class quantity, the ineffectiveness d:
 
     births = birth_times(acts, convention="authors")

@@ -4,9 +4,9 @@ Two conventions number the same filtration differently; both read the threshold 
 largest value w at which the clique complex of {i≠j : max(U[i, j], U[j, i]) ≥ w} has
 β1 ≠ 0 over GF(2)) from the engine:
 
-- "paper" (default, DESIGN.md "Birth time"): b = 1 + #{entries of U > w*}, the rank over all
+- "paper" (default, docs/definitions.md "Birth time"): b = 1 + #{entries of U > w*}, the rank over all
   m² entries, diagonal included.
-- "authors" (the authors' released code, DESIGN.md "Authors' code convention"):
+- "authors" (the authors' released code, docs/definitions.md "Authors' code convention"):
   b = #{distinct off-diagonal values of max(U, Uᵀ) > w*}, i.e. t* − 1 for the step t* at
   which the first cycle appears; none when b = 0, b > 50 or t* > ⌈0.8·C(m, 2)⌉.
 """
@@ -121,7 +121,7 @@ def birth_times(maps: Any, convention: str = "paper") -> np.ndarray:
     Returns int64 [...]. Exact for every finite input (ties, negative or constant maps);
     NaN/Inf raise ValueError. Lower b = the pattern forms among fewer, stronger activations.
 
-    convention="paper" (default, DESIGN.md): rank all m² entries of U descending (the
+    convention="paper" (default, docs/definitions.md): rank all m² entries of U descending (the
     diagonal counts in the ranking, never as an edge); b = 1 + #{entries > w*}, w* the
     largest threshold at which the clique complex of {i≠j : max(U[i,j], U[j,i]) ≥ w} has
     β1 ≠ 0 (GF(2)).
