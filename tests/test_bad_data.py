@@ -17,13 +17,8 @@ from helpers import image_folder, quick_run
 from PIL import Image
 from test_bad_input import ROOT, SMALL, assert_usage_error, main_error, prune_cli
 
-from prune.zoo.data import (
-    TolerantImageFolder,
-    decode_rgb,
-    folder_transform,
-    sane_size,
-    to_rgb,
-)
+from prune.zoo.data import TolerantImageFolder, decode_rgb, sane_size, to_rgb
+from prune.zoo.transforms import folder_transform
 
 MEMORY_LIMIT = 6 << 30
 """Address-space bound of a memory-bounded run: importing torch (CUDA build) maps about 3.5 GB;
@@ -85,7 +80,8 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path, mode, name):
 
 LIST_SAMPLES = """
 import json, sys, warnings
-from prune.zoo.data import TolerantImageFolder, folder_transform
+from prune.zoo.data import TolerantImageFolder
+from prune.zoo.transforms import folder_transform
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     folder = TolerantImageFolder(sys.argv[1], folder_transform(8), input_size=8)

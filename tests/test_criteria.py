@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from helpers import small_data
 from torch import nn
 
 import scoring
 from benchmarks import criteria
 from benchmarks.tail import LayerTail
-from tests.helpers import small_data
 
 CONTRIBUTIONS = torch.tensor([0.5, 3.0, 1.0, 2.0, 0.1, 4.0, 1.5, 2.5])
 """Channel c adds CONTRIBUTIONS[c] × (mean image value) to the true class's logit."""

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from helpers import quick_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -17,7 +18,6 @@ import prune
 from prune import PruneConfig, UsageError
 from prune.cli import main
 from prune.errors import exit_code
-from tests.helpers import quick_run
 
 QUICK = ["--classes", "2", "--samples-per-class", "2", "--no-finetune"]
 

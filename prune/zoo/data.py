@@ -23,8 +23,6 @@ from torchvision import datasets, transforms
 
 from prune.errors import UsageError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 """What decoding a bad image file raises (a decompression bomb included)."""
 T = TypeVar("T")
@@ -206,20 +204,6 @@ def skip_none_collate(batch: list, image_shape: tuple[int, ...] = (3, 1, 1)):
     if not kept:
         return torch.zeros(0, *image_shape), torch.zeros(0, dtype=torch.long)
     return default_collate(kept)
-
-
-def folder_transform(
-    input_size: int, *, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
-) -> transforms.Compose:
-    """Resize to 256/224 of the input size, center-crop, normalise `(x - mean) / std` (default ImageNet)."""
-    return transforms.Compose(
-        [
-            transforms.Resize(round(input_size * 256 / 224)),
-            transforms.CenterCrop(input_size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
-        ]
-    )
 
 
 def _image_folder(root: Path, transform: transforms.Compose, input_size: int) -> TolerantImageFolder:

@@ -29,7 +29,7 @@ from torch import nn
 from torchvision import transforms
 
 from prune.errors import UsageError
-from prune.zoo.data import IMAGENET_MEAN, IMAGENET_STD, folder_transform
+from prune.zoo.transforms import IMAGENET_MEAN, IMAGENET_STD, folder_transform
 
 Builder = Callable[[int], nn.Module]
 """num_classes → an untrained model (random init, no download)."""
