@@ -29,7 +29,7 @@ from torch.utils.data import Dataset, TensorDataset
 from prune.errors import UsageError, exit_code
 from prune.outputs.files import write_bytes, write_json, write_text
 from prune.zoo.data import DataBundle, load_data, make_loader
-from prune.zoo.models import load_model
+from prune.zoo.models import create_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -222,7 +222,7 @@ def load_setup(s: ExperimentSettings) -> Setup:
     """Model and data from the shared settings; the test split is read into memory once."""
     torch.manual_seed(s.seed)
     data = load_bundle(s)
-    model = load_model(s.model, weights=s.weights, num_classes=len(data.classes)).eval()
+    model = create_model(s.model, weights=s.weights, num_classes=len(data.classes)).eval()
     cap = s.test_per_class if s.test_per_class is not None else (QUICK_PER_CLASS["test"] if s.quick else None)
     test = dataset_tensors(data.val, per_class=cap, seed=s.seed)
     if not 0 <= s.cls < len(data.classes):

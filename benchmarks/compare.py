@@ -117,11 +117,11 @@ PRESETS = {
 @functools.cache
 def applies(arm_name: str, testbed: str) -> bool:
     """False if the arm's scorer refuses the testbed's model (`Scorer.check`, e.g. tp-bnscale without BatchNorm)."""
-    from prune.zoo.models import load_model
+    from prune.zoo.models import create_model
     from prune.zoo.registry import model_entry
 
     arm = next(a for a in ARMS + EXTRA_ARMS if a.name == arm_name)
-    model = load_model(testbed, weights=None, num_classes=model_entry(testbed).num_classes)
+    model = create_model(testbed, weights=None, num_classes=model_entry(testbed).num_classes)
     try:
         scoring.create(arm.scorer, **dict(arm.options)).check(model, classes=2, samples_per_class=2)
     except ValueError:

@@ -30,14 +30,14 @@ from prune.pipeline.counting import count_cost
 from prune.pipeline.selection import select_and_prune
 from prune.pipeline.speed import Throughput, measure_throughput
 from prune.pipeline.surgery import Surgeon
-from prune.zoo.models import ModelSpec, build_model
+from prune.zoo.models import create_model
 
 
 def pruned_pair(name: str, ratio: float, input_size: int, rounding: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(unpruned, pruned) copies of model `name` with random weights."""
     torch.manual_seed(0)
-    unpruned = build_model(ModelSpec(name, 1000)).eval()
-    pruned = build_model(ModelSpec(name, 1000)).eval()
+    unpruned = create_model(name, num_classes=1000, pretrained=False).eval()
+    pruned = create_model(name, num_classes=1000, pretrained=False).eval()
     pruned.load_state_dict(unpruned.state_dict())
     surgeon = Surgeon(pruned, torch.zeros(1, 3, input_size, input_size))
     select_and_prune(surgeon, scoring.create("l1"), None, ratio=ratio, rounding=rounding, quiet=True)

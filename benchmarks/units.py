@@ -67,7 +67,7 @@ from finetune.metrics import Evaluation, class_metrics, predict, summarize
 from prune.errors import UsageError, exit_code
 from prune.pipeline.observe import following_norm
 from prune.zoo.data import DataBundle
-from prune.zoo.models import ModelSpec, build_model
+from prune.zoo.models import create_model
 from prune.zoo.train_embedded import TrainConfig, fit_embedded
 
 INDICATORS = ("l1", "apoz", "selectivity", "entropy", "selective_rate")
@@ -227,7 +227,7 @@ def table1(setup: Setup, layer: str, unit: int, n: int) -> list[dict]:
 def random_model(setup: Setup, seed: int) -> nn.Module:
     """A freshly initialised model of the same architecture (seeded), eval mode."""
     torch.manual_seed(seed)
-    return build_model(ModelSpec(setup.settings.model, setup.num_classes)).eval()
+    return create_model(setup.settings.model, num_classes=setup.num_classes, pretrained=False).eval()
 
 
 def table2(setup: Setup, layer: str, unit: int, n: int, trained: dict) -> dict:

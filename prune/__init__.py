@@ -7,6 +7,11 @@ The library API (what `python -m prune` and the benchmarks use)::
     report.after.top1, report.layers[0].removed      # a typed PruneReport
     prune.list_models("vgg*")                          # names --model takes
     model = prune.load_pruned("runs/r0.5/model.pt")
+    net = prune.create_model("vgg16", weights="IMAGENET1K_V1", num_classes=10)  # the one way to get a model
+
+The mid-level pieces the main job is made of are public too: `prune.load_data`,
+`prune.Surgeon` (torch-pruning surgery by channel group), `prune.select_and_prune` (layer-by-layer
+selection), `prune.count_cost` (params, MACs, FLOPs) and `prune.measure_throughput` (img/s).
 
 Names are imported on first use, so `import prune` stays light.
 """
@@ -28,12 +33,19 @@ _EXPORTS: dict[str, str] = {
     "load_pruned": "prune.outputs.checkpoint",
     "as_tp_importance": "prune.pipeline.importance",
     "UsageError": "prune.errors",
+    "create_model": "prune.zoo.models",
+    "load_data": "prune.zoo.data",
+    "Surgeon": "prune.pipeline.surgery",
+    "select_and_prune": "prune.pipeline.selection",
+    "count_cost": "prune.pipeline.counting",
+    "measure_throughput": "prune.pipeline.speed",
 }
 """Public name → the module that defines it."""
 
 __all__ = [  # the names of _EXPORTS, in its order
     "__version__", "PruneConfig", "run", "PruneReport", "Measurement", "LayerResult", "list_models", "load_pruned",
-    "as_tp_importance", "UsageError",
+    "as_tp_importance", "UsageError", "create_model", "load_data", "Surgeon", "select_and_prune", "count_cost",
+    "measure_throughput",
 ]
 
 if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ imports them on first use
@@ -43,8 +55,14 @@ if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ import
     from prune.outputs.report import LayerResult as LayerResult
     from prune.outputs.report import Measurement as Measurement
     from prune.outputs.report import PruneReport as PruneReport
+    from prune.pipeline.counting import count_cost as count_cost
     from prune.pipeline.importance import as_tp_importance as as_tp_importance
     from prune.pipeline.run import run as run
+    from prune.pipeline.selection import select_and_prune as select_and_prune
+    from prune.pipeline.speed import measure_throughput as measure_throughput
+    from prune.pipeline.surgery import Surgeon as Surgeon
+    from prune.zoo.data import load_data as load_data
+    from prune.zoo.models import create_model as create_model
     from prune.zoo.registry import list_models as list_models
 
 

@@ -144,7 +144,7 @@ def test_nan_activations_leave_no_output(tmp_path, embedded_weights, tiny):
 def test_model_without_prunable_conv(tmp_path, tiny):
     code = (
         "import sys, warnings; warnings.simplefilter('ignore'); import torch, prune.pipeline.run as r; "
-        "r.load_model = lambda *a, **k: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)); "
+        "r.create_model = lambda *a, **k: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10)); "
         "from prune.cli import main; sys.exit(main(sys.argv[1:]))"
     )
     result = prune_cli("--out", str(tmp_path / "out"), *tiny, code=code)

@@ -11,7 +11,8 @@ from torch import nn
 from finetune.batches import in_order
 from finetune.metrics import evaluate
 from prune.zoo import train_embedded
-from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, VARIANTS, EmbeddedVGG, load_embedded
+from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE, VARIANTS, EmbeddedVGG
+from prune.zoo.models import create_model
 from prune.zoo.shapes import CLASSES, DEFAULT_PER_CLASS, make_shapes
 from scoring.hooks import forward_hooks
 
@@ -84,14 +85,14 @@ def test_shipped_weights_load_and_are_accurate(variant: str) -> None:
     assert path.stat().st_size < 2 * 1024 * 1024
     state = torch.load(path, map_location="cpu", weights_only=True)
     assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
-    model = load_embedded(variant=variant)
+    model = create_model(variant)
     assert not model.training
     images, labels = make_shapes("test", size=EMBEDDED_INPUT_SIZE).tensors
     assert evaluate(model, in_order(images, labels, batch_size=500)).top1 >= 0.85
 
 
 def test_plain_variant_is_the_papers_setting() -> None:
-    model = load_embedded(variant="embedded-plain")
+    model = create_model("embedded-plain")
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     last_conv = [m for m in model.features if isinstance(m, nn.Conv2d)][-1]
     seen: list[torch.Size] = []
@@ -100,10 +101,19 @@ def test_plain_variant_is_the_papers_setting() -> None:
     assert seen[0][-1] >= 14 and seen[0][-2] >= 14  # VGG16's last conv maps are 14x14 at 224
 
 
-def test_missing_weights_name_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="python -m prune.zoo.train_embedded"):
-        load_embedded(weights=tmp_path / "absent.pt")
-    assert isinstance(load_embedded(pretrained=False), EmbeddedVGG)
+def test_missing_weights_name_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from prune import UsageError
+    from prune.zoo import models
+
+    with pytest.raises(UsageError, match="not found"):  # a --weights path that does not exist
+        create_model("embedded", weights=str(tmp_path / "absent.pt"))
+    shipped = dataclasses.replace(models.model_entry("embedded"), weights=str(tmp_path / "absent.pt"))
+    monkeypatch.setattr(models, "model_entry", lambda _name: shipped)
+    with pytest.raises(FileNotFoundError, match="python -m prune.zoo.train_embedded"):  # shipped file gone
+        create_model("embedded")
+    assert isinstance(create_model("embedded", pretrained=False), EmbeddedVGG)
 
 
 def test_train_embedded_main_writes_loadable_state_dict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,5 +121,5 @@ def test_train_embedded_main_writes_loadable_state_dict(tmp_path: Path, capsys: 
     assert train_embedded.main(["--epochs", "1", "--per-class", "4", "--out", str(out), "--quiet"]) == 0
     assert "test top-1" in capsys.readouterr().out
     assert [p.name for p in out.parent.iterdir()] == ["vgg.pt"]  # no temp file left behind
-    model = load_embedded(weights=out)
+    model = create_model("embedded", weights=out)
     assert isinstance(model, EmbeddedVGG)

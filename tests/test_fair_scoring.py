@@ -15,7 +15,8 @@ from prune.pipeline.run import make_scorer
 from prune.pipeline.selection import LayerDecision, ScoringData, select_and_prune
 from prune.pipeline.surgery import Surgeon
 from prune.zoo.data import load_data, make_loader
-from prune.zoo.embedded_model import EmbeddedVGG, load_embedded
+from prune.zoo.embedded_model import EmbeddedVGG
+from prune.zoo.models import create_model
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def shapes():
 
 
 def prune_embedded(scorer: scoring.Scorer, source: ScoringData | None, **kwargs) -> list[LayerDecision]:
-    model = load_embedded() if source is not None else EmbeddedVGG().eval()
+    model = create_model("embedded") if source is not None else EmbeddedVGG().eval()
     surgeon = Surgeon(model, torch.zeros(1, 3, 32, 32))
     return select_and_prune(surgeon, scorer, source, ratio=0.5, quiet=True, **kwargs)
 
@@ -53,7 +54,7 @@ def test_bn_reestimation_restores_the_network_that_is_scored(shapes) -> None:
         loader = make_loader(shapes.train, batch_size=64, shuffle=True, seed=4)
         recalibrate_batchnorm(refits[0], loader, batches=5, device="cpu")
 
-    model = load_embedded()
+    model = create_model("embedded")
     refits.append(model)
     surgeon = Surgeon(model, torch.zeros(1, 3, 32, 32))
     fitted = select_and_prune(surgeon, scoring.create("l1"), source, ratio=0.5, quiet=True, refit=refit)

@@ -17,7 +17,8 @@ from torch import nn
 from prune.errors import UsageError
 from prune.zoo import fashion, train_embedded
 from prune.zoo.data import load_data
-from prune.zoo.embedded_model import VARIANTS, load_embedded
+from prune.zoo.embedded_model import VARIANTS
+from prune.zoo.models import create_model
 from prune.zoo.registry import model_entry
 from scoring.hooks import forward_hooks
 
@@ -109,7 +110,7 @@ def test_fashion_models_are_registry_entries() -> None:
 
 @pytest.mark.parametrize(("variant", "side", "batch_norm"), [("fashion", 7, True), ("fashion-plain", 14, False)])
 def test_fashion_models_shapes(variant: str, side: int, batch_norm: bool) -> None:
-    model = load_embedded(variant=variant)
+    model = create_model(variant)
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == batch_norm
     last_conv = [m for m in model.features if isinstance(m, nn.Conv2d)][-1]
     seen: list[torch.Size] = []
@@ -133,7 +134,7 @@ def test_train_embedded_on_an_idx_folder(tmp_path: Path, capsys: pytest.CaptureF
     code = train_embedded.main(["--model", "fashion", "--epochs", "1", "--per-class", "2", "--quiet",
                                 "--data", f"fashion-mnist:{tmp_path / 'fm'}", "--out", str(out)])
     assert code == 0 and "on 20 images" in capsys.readouterr().out
-    assert isinstance(load_embedded(variant="fashion", weights=out), nn.Module)
+    assert isinstance(create_model("fashion", weights=out), nn.Module)
 
 
 @pytest.mark.slow
@@ -145,5 +146,5 @@ def test_shipped_fashion_weights_reach_their_floor(variant: str, floor: float) -
 
     data = load_data("fashion-mnist", model=variant)
     assert len(data.val) == 10_000
-    top1 = evaluate(load_embedded(variant=variant), make_loader(data.val, batch_size=500, shuffle=False, seed=0)).top1
+    top1 = evaluate(create_model(variant), make_loader(data.val, batch_size=500, shuffle=False, seed=0)).top1
     assert top1 >= floor

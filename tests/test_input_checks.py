@@ -24,7 +24,7 @@ from prune.errors import UsageError
 from prune.outputs.checkpoint import FORMAT, read_checkpoint
 from prune.zoo import registry
 from prune.zoo.embedded_model import EmbeddedVGG
-from prune.zoo.models import fit_head, load_model
+from prune.zoo.models import create_model, fit_head
 from prune.zoo.shapes import MIN_SIZE, make_shapes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,7 +211,7 @@ def test_named_torchvision_weights_fit_the_data_and_reload(tmp_path, monkeypatch
         return torchvision.models.get_model(name, weights=None)
 
     monkeypatch.setattr(registry, "_torchvision_weights", offline)
-    assert load_model("resnet18", weights="IMAGENET1K_V1", num_classes=3).fc.out_features == 3
+    assert create_model("resnet18", weights="IMAGENET1K_V1", num_classes=3).fc.out_features == 3
     data = image_folder(tmp_path / "data", classes=2, train=2, val=2, size=8)
     out = tmp_path / "o"
     code = main(["--model", "resnet18", "--weights", "IMAGENET1K_V1", "--data", str(data), "--input-size", "32",

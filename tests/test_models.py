@@ -18,7 +18,7 @@ from prune.errors import UsageError
 from prune.outputs.checkpoint import FORMAT, read_checkpoint
 from prune.zoo import registry
 from prune.zoo.data import load_data
-from prune.zoo.models import ModelSpec, build_model, load_model
+from prune.zoo.models import create_model
 from prune.zoo.registry import ModelEntry, model_entry, register_family, register_model
 
 
@@ -147,13 +147,13 @@ def test_timm_entry_follows_timm_pretrained_config():
     assert entry.input_size == cfg.input_size[-1] and entry.mean == tuple(cfg.mean) and entry.std == tuple(cfg.std)
 
 
-def test_load_model_uses_entry_weights_and_checks_classes():
-    model = load_model("embedded", weights=None, num_classes=10)
+def test_create_model_uses_entry_weights_and_checks_classes():
+    model = create_model("embedded", weights=None, num_classes=10)
     entry = model_entry("embedded")
     assert torch.equal(model.state_dict()["features.0.weight"],
                        torch.load(entry.weights, weights_only=True)["features.0.weight"])
     with pytest.raises(UsageError, match="predicts 10 classes but the data has 3"):
-        load_model("embedded", weights=None, num_classes=3)
+        create_model("embedded", weights=None, num_classes=3)
     with pytest.raises(UsageError, match="not found"):
-        load_model("timm:resnet18", weights="no-such-file.pt", num_classes=3)
-    assert build_model(ModelSpec("embedded-plain", 3)).classifier[-1].out_features == 3
+        create_model("timm:resnet18", weights="no-such-file.pt", num_classes=3)
+    assert create_model("embedded-plain", num_classes=3, pretrained=False).classifier[-1].out_features == 3

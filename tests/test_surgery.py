@@ -10,7 +10,7 @@ from benchmarks.table12 import PAPER, vgg16_row
 from prune.pipeline.counting import count_cost
 from prune.pipeline.selection import lowest, select_and_prune
 from prune.pipeline.surgery import Surgeon, channels_to_remove, classifier_convs
-from prune.zoo.models import ModelSpec, build_model
+from prune.zoo.models import create_model
 
 
 @pytest.mark.parametrize("ratio", sorted(PAPER))
@@ -85,7 +85,7 @@ def test_removed_channels_are_the_lowest_l1_filters():
 
 @pytest.mark.parametrize("name", ["resnet34", "timm:convnext_atto", "timm:mobilenetv3_small_050"])
 def test_residual_and_timm_models_prune_at_half_and_run(name):
-    model = build_model(ModelSpec(name, 10))
+    model = create_model(name, num_classes=10, pretrained=False)
     before = count_cost(model, input_size=64)
     surgeon, decisions = _prune_l1(model, 64)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
@@ -97,7 +97,7 @@ def test_residual_and_timm_models_prune_at_half_and_run(name):
 
 
 def test_resnet_residual_group_holds_every_conv_feeding_the_addition():
-    model = build_model(ModelSpec("resnet34", 10))
+    model = create_model("resnet34", num_classes=10, pretrained=False)
     surgeon = Surgeon(model.eval(), torch.zeros(1, 3, 64, 64))
     stage2 = next(g for g in surgeon.groups if "layer2.0.downsample.0" in g.names)
     assert set(stage2.names) == {"layer2.0.conv2", "layer2.0.downsample.0", "layer2.1.conv2", "layer2.2.conv2", "layer2.3.conv2"}

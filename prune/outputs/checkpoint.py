@@ -11,7 +11,7 @@ from prune.errors import UsageError
 from prune.outputs.files import torch_save
 from prune.pipeline.surgery import replay_history
 from prune.version import __version__
-from prune.zoo.models import ModelSpec, build_model, classifier, state_dict_mismatch
+from prune.zoo.models import ModelSpec, classifier, create_model, state_dict_mismatch
 from prune.zoo.registry import model_entry
 
 FORMAT = "topoprune/pruned-model/v1"
@@ -109,7 +109,7 @@ def load_pruned(path: str | Path) -> nn.Module:
     problem = _fields_problem(blob)
     if problem is not None:
         raise refuse(problem)
-    model = build_model(ModelSpec(blob["model"], blob["num_classes"])).eval()
+    model = create_model(blob["model"], num_classes=blob["num_classes"], pretrained=False).eval()
     problem = _classifier_problem(model, blob)
     if problem is not None:
         raise refuse(problem)

@@ -48,7 +48,7 @@ from prune.zoo.data import (
     make_loader,
     unreadable_counts,
 )
-from prune.zoo.models import ModelSpec, check_model_name, load_model, state_dict_mismatch
+from prune.zoo.models import ModelSpec, check_model_name, create_model, state_dict_mismatch
 from scoring.hooks import forward_hooks
 from scoring.model_state import model_device
 
@@ -360,7 +360,7 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     if config.train_images is not None:
         finetune_set = Subset(data.train, balanced_subset(data.train_targets, config.train_images,
                                                           classes=len(data.classes)))
-    model = load_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
+    model = create_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
     example = _example_input(model, data.input_size, config.model, device)
     surgeon = Surgeon(model, example)
     probe = min(config.samples_per_class, PROBE_IMAGES)

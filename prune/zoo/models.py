@@ -1,4 +1,6 @@
-"""Model loading: any name of the model registry (prune.zoo.registry) with its weights."""
+"""The one way to get a model: `create_model(name, weights=, num_classes=)`, any name of the
+model registry (prune.zoo.registry) with its weights, as torchvision's `get_model` and timm's
+`create_model`."""
 
 from __future__ import annotations
 
@@ -23,11 +25,6 @@ class ModelSpec:
 def check_model_name(name: str) -> None:
     """UsageError (listing the known names and the nearest ones) unless the registry knows `name`."""
     model_entry(name)
-
-
-def build_model(spec: ModelSpec) -> nn.Module:
-    """An untrained instance of `spec` (no download)."""
-    return model_entry(spec.name).build(spec.num_classes)
 
 
 def state_dict_mismatch(model: nn.Module, state: object) -> str | None:
@@ -148,25 +145,30 @@ def fit_head(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
-def load_model(name: str, *, weights: str | None, num_classes: int) -> nn.Module:
-    """Build `name` (a registry name: 'embedded', 'embedded-plain', 'vgg16', 'timm:<name>', ...) and load `weights`.
+def create_model(name: str, *, weights: str | None = None, num_classes: int | None = None,
+                 pretrained: bool = True) -> nn.Module:
+    """The registry model `name` ('embedded', 'fashion-plain', 'vgg16', 'timm:<name>', ...) in eval mode.
 
-    weights: None (the entry's default weights file if it has one, e.g. the embedded models'
-    shipped weights; random init otherwise), a checkpoint path (a state_dict, loaded with
-    weights_only=True), or a named weight set of the family such as torchvision's
-    'IMAGENET1K_V1' / 'DEFAULT' (needs the torchvision weights cache or network); its classifier
-    is then replaced by a fresh one of `num_classes` outputs if it predicts another count
-    (`fit_head`), so `build_model(ModelSpec(name, num_classes))` has the same architecture.
+    num_classes: the classes it predicts (default: the entry's, e.g. 10 for the embedded models,
+    1000 for torchvision's). weights: None (with `pretrained`, the entry's default weights file
+    if it has one, e.g. the embedded models' shipped weights; random init otherwise), a
+    checkpoint path (a state_dict, loaded with weights_only=True), or a named weight set of the
+    family such as torchvision's 'IMAGENET1K_V1' / 'DEFAULT' (needs the torchvision weights
+    cache or network), whose classifier is replaced by a fresh one of `num_classes` outputs if
+    it predicts another count (`fit_head`). `pretrained=False`: an untrained instance, no file
+    read and no download (`create_model(name, num_classes=n, pretrained=False)` is the
+    architecture of any `create_model(name, weights=..., num_classes=n)`).
     """
     entry = model_entry(name)
-    if weights is None and entry.weights is not None:
+    num_classes = entry.num_classes if num_classes is None else num_classes
+    if weights is None and (entry.weights is None or not pretrained):
+        return entry.build(num_classes).eval()
+    if weights is None:
         return _load_default_weights(entry, num_classes)
-    if weights is not None and Path(weights).exists():
+    if Path(weights).exists():
         model = entry.build(num_classes)
         _load_checkpoint_weights(model, Path(weights))
-        return model
-    if weights is not None:
-        if entry.named_weights is None:
-            raise UsageError(f"weights file {weights!r} not found; pass an existing checkpoint path")
-        return fit_head(entry.named_weights(weights), num_classes)
-    return entry.build(num_classes)
+        return model.eval()
+    if entry.named_weights is None:
+        raise UsageError(f"weights file {weights!r} not found; pass an existing checkpoint path")
+    return fit_head(entry.named_weights(weights), num_classes).eval()

@@ -32,7 +32,8 @@ from finetune.schedule import warmup_cosine_lr
 from finetune.train import fit
 from prune.errors import UsageError
 from prune.outputs.files import torch_save
-from prune.zoo.embedded_model import VARIANTS, EmbeddedVGG, build_embedded
+from prune.zoo.embedded_model import VARIANTS, EmbeddedVGG
+from prune.zoo.models import create_model
 from prune.zoo.shapes import DEFAULT_PER_CLASS, make_shapes
 
 __all__ = ["TrainConfig", "augment_flips", "fit_embedded", "main", "train"]
@@ -113,7 +114,7 @@ def train(
 ) -> EmbeddedVGG:
     """Train a fresh embedded model `variant` on ``data`` (images [N, 3, s, s], labels [N]) from scratch."""
     torch.manual_seed(config.seed)
-    model = build_embedded(variant, num_classes=10)
+    model = create_model(variant, num_classes=10, pretrained=False)
     images, labels = data.tensors
     vertical = VARIANTS[variant].dataset == "shapes10"
     fit_embedded(model, images, labels, config=config, vertical_flips=vertical, quiet=quiet)
