@@ -123,7 +123,7 @@ def clean(tmp_path_factory, quick) -> dict:
 
 def test_tampered_score_cache_is_scored_again(tmp_path, quick, clean):
     from prune.cli import main
-    from prune.pipeline.run import SCORES_FORMAT
+    from prune.outputs.score_store import SCORES_FORMAT
 
     out = tmp_path / "out"
     assert main([*quick, "--out", str(out)]) == 0

@@ -31,12 +31,13 @@ from prune.outputs.files import torch_save, write_json
 from prune.outputs.outdir import Claim, claim, locked
 from prune.outputs.outdir import check as check_out
 from prune.outputs.report import Measurement, PruneReport, write_report
+from prune.outputs.score_store import FileScoreStore
 from prune.pipeline import distributed
 from prune.pipeline.counting import count_cost
 from prune.pipeline.provenance import inputs_fingerprint
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.speed import device_name, measure_throughput
-from prune.pipeline.surgery import PrunableGroup, Surgeon
+from prune.pipeline.surgery import Surgeon
 from prune.version import __version__
 from prune.zoo.data import (
     DataBundle,
@@ -53,7 +54,6 @@ from scoring.hooks import forward_hooks
 from scoring.model_state import model_device
 
 FINETUNE_FORMAT = "topoprune/finetune-state/v1"
-SCORES_FORMAT = "topoprune/scores/v1"
 PROBE_IMAGES = 4
 """Scoring images per class forwarded through the whole model to find NaN/Inf early."""
 
@@ -175,44 +175,6 @@ def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: tor
         balanced_accuracy=ev.balanced_accuracy, loss=ev.loss, img_per_s=speed.img_per_s, device=speed.device,
         throughput=speed,
     )
-
-
-def fits_layer(scores: object, channels: int) -> bool:
-    """True if `scores` can be a layer's scores: a 1-D finite float tensor of length `channels`."""
-    return (
-        isinstance(scores, torch.Tensor) and scores.dim() == 1 and scores.numel() == channels
-        and scores.is_floating_point() and bool(torch.isfinite(scores).all())
-    )
-
-
-def _score_cache(out: Path, resume: bool, world: distributed.World):
-    """Per-layer score files in `out/cache`: reused on resume, written after each layer.
-
-    Rank 0 reads and writes the files; the scores it finds are broadcast to every rank. A
-    cache file that is unreadable or does not fit its layer (`fits_layer`) is scored again.
-    """
-
-    def stored(path: Path, group: PrunableGroup) -> torch.Tensor | None:
-        if not (world.is_main and resume and path.exists()):
-            return None
-        try:
-            blob = read_checkpoint(path, SCORES_FORMAT)
-        except UsageError:
-            return None
-        scores = blob.get("scores")
-        return scores if blob.get("layer") == group.name and fits_layer(scores, group.num_channels) else None
-
-    def cached(i: int, group: PrunableGroup, compute) -> torch.Tensor:
-        path = out / "cache" / f"scores-{i:03d}.pt"
-        hit = distributed.broadcast(stored(path, group))
-        if hit is not None:
-            return hit
-        scores = compute()
-        if world.is_main:
-            torch_save(path, {"format": SCORES_FORMAT, "layer": group.name, "scores": scores})
-        return scores
-
-    return cached
 
 
 def _finetune_state(path: Path, resume: bool, world: distributed.World, model: nn.Module) -> dict | None:
@@ -470,7 +432,7 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
     with _timed(timings, "select_and_prune"):
         decisions = select_and_prune(
             surgeon, loaded.scorer, source, ratio=config.ratio, schedule=config.schedule, rounding=config.rounding,
-            cache=_score_cache(out, resume, world), quiet=quiet, world=world,
+            store=FileScoreStore(out, resume=resume, world=world), quiet=quiet, world=world,
             refit=(lambda: refit_batchnorm(config.layer_bn_batches)) if config.layer_bn_batches > 0 else None,
         )
     pruned_eval = pruned_bn_eval = None

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 import scoring
 from prune.errors import UsageError
 from prune.outputs.report import LayerResult
+from prune.outputs.score_store import NO_STORE, ScoreStore
 from prune.pipeline import distributed
 from prune.pipeline.observe import collect_units
 from prune.pipeline.surgery import PrunableGroup, Surgeon, channels_to_remove
@@ -188,13 +189,6 @@ def lowest(scores: torch.Tensor, n: int) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in order[:n]))
 
 
-ScoreCache = Callable[[int, PrunableGroup, Callable[[], torch.Tensor]], torch.Tensor]
-
-
-def _no_cache(_i: int, _g: PrunableGroup, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    return compute()
-
-
 def select_and_prune(
     surgeon: Surgeon,
     scorer: scoring.Scorer,
@@ -203,7 +197,7 @@ def select_and_prune(
     ratio: float,
     schedule: str = "progressive",
     rounding: str = "round",
-    cache: ScoreCache = _no_cache,
+    store: ScoreStore = NO_STORE,
     refit: Callable[[], None] | None = None,
     quiet: bool = False,
     world: distributed.World = distributed.SINGLE,
@@ -212,7 +206,8 @@ def select_and_prune(
 
     progressive: group l is scored on the network already pruned at groups < l (paper A.7.2).
     oneshot: every group is scored on the original network first, then all are pruned.
-    `cache(i, group, compute)` may return stored scores instead of computing them (resume).
+    `store` may hold layer i's scores from an earlier attempt (resume: `store.get`); scores
+    computed here are given to it (`store.put`).
     `refit()`, if given, runs after each group's surgery but the last in the progressive
     schedule (e.g. re-estimating BatchNorm statistics), so the next group is scored on a
     network that fits. (After the last group nothing is scored; in a plain chain its own
@@ -228,8 +223,13 @@ def select_and_prune(
     groups = list(surgeon.groups)
     decisions: list[LayerDecision] = []
 
-    def compute(g: PrunableGroup) -> Callable[[], torch.Tensor]:
-        return lambda: score_group(model, g, scorer, source, world, surgeon.example)
+    def scores_of(i: int, g: PrunableGroup) -> torch.Tensor:
+        stored = store.get(i, g)
+        if stored is not None:
+            return stored
+        scores = score_group(model, g, scorer, source, world, surgeon.example)
+        store.put(i, g, scores)
+        return scores
 
     def observed(g: PrunableGroup) -> tuple[int, float | None]:
         top1 = None if source is None else scoring_top1(model, source)
@@ -237,13 +237,13 @@ def select_and_prune(
 
     if schedule == "oneshot":
         state = [observed(g) for g in groups]
-        all_scores = [cache(i, g, compute(g)) for i, g in enumerate(tqdm(groups, desc="score", disable=quiet))]
+        all_scores = [scores_of(i, g) for i, g in enumerate(tqdm(groups, desc="score", disable=quiet))]
     for i, group in enumerate(tqdm(groups, desc="prune layers", disable=quiet)):
         before = group.num_channels
         if schedule == "oneshot":
             scores, (m, top1) = all_scores[i], state[i]
         else:
-            (m, top1), scores = observed(group), cache(i, group, compute(group))
+            (m, top1), scores = observed(group), scores_of(i, group)
         removed = lowest(scores, channels_to_remove(before, ratio, rule=rounding))
         surgeon.prune(group, removed)
         if refit is not None and schedule == "progressive" and i + 1 < len(groups):

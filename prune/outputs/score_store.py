@@ -1,0 +1,83 @@
+"""Where a run keeps each layer's scores, so that a resumed run does not score a layer twice.
+
+`select_and_prune` asks `store.get(i, group)` before scoring layer i and calls
+`store.put(i, group, scores)` after. `NO_STORE` keeps nothing; `FileScoreStore` keeps one file
+per layer in `<out>/cache/`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from prune.errors import UsageError
+from prune.outputs.checkpoint import read_checkpoint
+from prune.outputs.files import torch_save
+from prune.pipeline import distributed
+from prune.pipeline.surgery import PrunableGroup
+
+SCORES_FORMAT = "topoprune/scores/v1"
+
+
+class ScoreStore(Protocol):
+    """Scores [C] of layer i (higher = keep), kept between runs."""
+
+    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None: ...
+
+    def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None: ...
+
+
+class _NoStore:
+    """Keeps nothing: every layer is scored."""
+
+    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
+        return None
+
+    def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None:
+        return None
+
+
+NO_STORE: ScoreStore = _NoStore()
+
+
+def fits_layer(scores: object, channels: int) -> bool:
+    """True if `scores` can be a layer's scores: a 1-D finite float tensor of length `channels`."""
+    return (
+        isinstance(scores, torch.Tensor) and scores.dim() == 1 and scores.numel() == channels
+        and scores.is_floating_point() and bool(torch.isfinite(scores).all())
+    )
+
+
+class FileScoreStore:
+    """One file per layer, `<out>/cache/scores-<i>.pt`: read on resume, written after scoring.
+
+    Rank 0 reads and writes the files; what it finds is broadcast to every rank (all ranks call
+    `get` and `put` in the same order). A file that is unreadable or does not fit its layer
+    (`fits_layer`) counts as absent, so that layer is scored again.
+    """
+
+    def __init__(self, out: Path, *, resume: bool, world: distributed.World) -> None:
+        self.out, self.resume, self.world = Path(out), resume, world
+
+    def _path(self, i: int) -> Path:
+        return self.out / "cache" / f"scores-{i:03d}.pt"
+
+    def _read(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
+        path = self._path(i)
+        if not (self.world.is_main and self.resume and path.exists()):
+            return None
+        try:
+            blob = read_checkpoint(path, SCORES_FORMAT)
+        except UsageError:
+            return None
+        scores = blob.get("scores")
+        return scores if blob.get("layer") == group.name and fits_layer(scores, group.num_channels) else None
+
+    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
+        return distributed.broadcast(self._read(i, group))
+
+    def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None:
+        if self.world.is_main:
+            torch_save(self._path(i), {"format": SCORES_FORMAT, "layer": group.name, "scores": scores})
