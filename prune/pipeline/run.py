@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -177,11 +178,11 @@ def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: tor
     )
 
 
-def _finetune_state(path: Path, resume: bool, world: distributed.World, model: nn.Module) -> dict | None:
+def _finetune_state(path: Path, ctx: RunContext, model: nn.Module) -> dict | None:
     """The last fine-tuning checkpoint (read by rank 0, broadcast to all), or None (also when
     it does not fit `model`: fine-tuning then starts again)."""
     state = None
-    if world.is_main and resume and path.exists():
+    if ctx.world.is_main and ctx.resume and path.exists():
         try:
             state = read_checkpoint(path, FINETUNE_FORMAT)
         except UsageError:
@@ -192,19 +193,18 @@ def _finetune_state(path: Path, resume: bool, world: distributed.World, model: n
     return distributed.broadcast(state)
 
 
-def _finetune(model, train: Dataset, config, device, out: Path, resume: bool, quiet: bool,
-              world: distributed.World) -> list[float]:
+def _finetune(model: nn.Module, train: Dataset, config: PruneConfig, ctx: RunContext) -> list[float]:
     """Fine-tune with a checkpoint after each epoch (rank 0 writes it); resume from it if present.
 
     Under torchrun the model is wrapped in DistributedDataParallel and each rank trains on
     its DistributedSampler share of the training set.
     """
     ft = FinetuneConfig(epochs=config.epochs, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    path = out / "cache" / "finetune.pt"
-    state = _finetune_state(path, resume, world, model)
+    path = ctx.out / "cache" / "finetune.pt"
+    state = _finetune_state(path, ctx, model)
     if state is not None:
         model.load_state_dict(state["model"])
-    net = ddp.wrap(model, device)
+    net = ddp.wrap(model, ctx.device)
     optimizer = torch.optim.SGD(net.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
     start, losses = 0, []
     if state is not None:
@@ -213,7 +213,7 @@ def _finetune(model, train: Dataset, config, device, out: Path, resume: bool, qu
 
     def checkpoint(epoch: int, opt: torch.optim.Optimizer, loss: float) -> None:
         losses.append(loss)
-        if world.is_main:
+        if ctx.world.is_main:
             torch_save(
                 path,
                 {"format": FINETUNE_FORMAT, "epoch": epoch, "losses": losses,
@@ -222,7 +222,7 @@ def _finetune(model, train: Dataset, config, device, out: Path, resume: bool, qu
 
     sampler = ddp.sampler(train, seed=config.seed)
     loader = make_loader(train, batch_size=config.batch_size, shuffle=True, seed=config.seed, sampler=sampler)
-    finetune(net, loader, config=ft, device=device, quiet=quiet, start_epoch=start, optimizer=optimizer,
+    finetune(net, loader, config=ft, device=ctx.device, quiet=ctx.quiet, start_epoch=start, optimizer=optimizer,
              on_epoch_end=checkpoint, seed=config.seed)
     return losses
 
@@ -277,6 +277,18 @@ def versions() -> dict[str, str]:
         "gudhi": gudhi.__version__,
         "numpy": np.__version__,
     }
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where and how a run executes: its processes (`world`, rank 0 writes every file), the
+    device, its output folder, whether it continues an earlier attempt, progress bars."""
+
+    world: distributed.World
+    device: torch.device
+    out: Path
+    resume: bool = False
+    quiet: bool = False
 
 
 @dataclass(frozen=True)
@@ -404,8 +416,9 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
                       f"scoring images), {counts['val']} in val/; remove or replace them", UnreadableImages, stacklevel=2)
     with ExitStack() as stack:
         claimed, resume = _claim(out, config, loaded.data, overwrite, world, stack)
+        ctx = RunContext(world=world, device=device, out=out, resume=resume, quiet=quiet)
         try:
-            report = _job(config, loaded, out, resume, quiet, world, device, timings, export)
+            report = _job(config, loaded, ctx, timings, export)
         except Exception:  # any failure puts `out` back as it was; an interruption keeps it for resume
             if claimed is not None:
                 claimed.rollback()
@@ -415,56 +428,34 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
     return report
 
 
-def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bool, world: distributed.World,
-         device: torch.device, timings: dict[str, float], export: str | None = None) -> PruneReport | None:
-    """Measure, select and prune, fine-tune, measure, save (files by rank 0 only)."""
-    data, model, surgeon = loaded.data, loaded.model, loaded.surgeon
-    before = None
+def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str, float],
+         export: str | None = None) -> PruneReport | None:
+    """measure → select and prune → fine-tune → measure → write (files by rank 0 only)."""
+    main = ctx.world.is_main
     with _timed(timings, "evaluate_before"):
-        if world.is_main:
-            before = measure(model, data, config, device, quiet)
-    source = ScoringData(data=data, classes=loaded.classes, per_class=config.samples_per_class, seed=config.seed)
-
-    def refit_batchnorm(batches: int) -> int:
-        loader = make_loader(data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
-        return recalibrate_batchnorm(model, loader, batches=batches, device=device)
-
+        before = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet) if main else None
     with _timed(timings, "select_and_prune"):
-        decisions = select_and_prune(
-            surgeon, loaded.scorer, source, ratio=config.ratio, schedule=config.schedule, rounding=config.rounding,
-            store=FileScoreStore(out, resume=resume, world=world), quiet=quiet, world=world,
-            refit=(lambda: refit_batchnorm(config.layer_bn_batches)) if config.layer_bn_batches > 0 else None,
-        )
-    pruned_eval = pruned_bn_eval = None
+        decisions = _select_and_prune(config, loaded, ctx)
     with _timed(timings, "evaluate_pruned"):
-        if world.is_main:
-            loader = make_loader(data.val, batch_size=config.batch_size, shuffle=False, seed=0)
-            pruned_eval = evaluate(model, loader, device=device)
-            batches = max(config.bn_recalibration, config.layer_bn_batches, 1)
-            pruned_bn_eval = _evaluate_bn_reestimated(model, loader, lambda: refit_batchnorm(batches), pruned_eval)
+        pruned_eval, pruned_bn_eval = _evaluate_pruned(config, loaded, ctx) if main else (None, None)
     if config.bn_recalibration > 0:
         with _timed(timings, "bn_recalibration"):
-            refit_batchnorm(config.bn_recalibration)
+            _refit_batchnorm(config, loaded, ctx, config.bn_recalibration)
     losses: list[float] = []
     if config.finetune and config.epochs > 0:
         with _timed(timings, "finetune"):
-            losses = _finetune(model, loaded.finetune_set, config, device, out, resume, quiet, world)
-    model.eval()
-    if not world.is_main:
+            losses = _finetune(loaded.model, loaded.finetune_set, config, ctx)
+    loaded.model.eval()
+    if not main:
         return None
     with _timed(timings, "evaluate_after"):
-        after = measure(model, data, config, device, quiet)
-    spec = ModelSpec(config.model, len(data.classes))
-    save_pruned(out / "model.pt", model, spec=spec, history=surgeon.history(), input_size=data.input_size)
-    if export == "onnx":
-        export_onnx(model, out / "model.onnx", input_size=data.input_size)
-    write_json(out / "scores.json", {d.name: [float(s) for s in d.scores] for d in decisions})
+        after = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet)
     report = PruneReport(
         settings=config,
-        processes=world.size,
-        classes_used=tuple(data.classes[c] for c in loaded.classes),
+        processes=ctx.world.size,
+        classes_used=tuple(loaded.data.classes[c] for c in loaded.classes),
         unreadable_scoring_images=loaded.unreadable,
-        unreadable_images=unreadable_counts(data),
+        unreadable_images=unreadable_counts(loaded.data),
         before=before,
         pruned_before_finetune=pruned_eval,
         pruned_bn_reestimated=pruned_bn_eval,
@@ -473,7 +464,49 @@ def _job(config: PruneConfig, loaded: Loaded, out: Path, resume: bool, quiet: bo
         layers=tuple(d.result() for d in decisions),
         timings=dict(timings),
         versions=versions(),
-        device=device_name(device),
+        device=device_name(ctx.device),
     )
-    write_report(out, report)
+    _write_outputs(config, loaded, ctx, decisions, report, export)
     return report
+
+
+def _refit_batchnorm(config: PruneConfig, loaded: Loaded, ctx: RunContext, batches: int) -> int:
+    """Re-estimate the model's BatchNorm statistics on `batches` training batches; images used."""
+    loader = make_loader(loaded.data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    return recalibrate_batchnorm(loaded.model, loader, batches=batches, device=ctx.device)
+
+
+def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> list:
+    """Score and prune every layer, shallow → deep, with the per-layer scores kept in --out/cache."""
+    source = ScoringData(data=loaded.data, classes=loaded.classes, per_class=config.samples_per_class,
+                         seed=config.seed)
+    refit = None
+    if config.layer_bn_batches > 0:
+        def refit() -> int:
+            return _refit_batchnorm(config, loaded, ctx, config.layer_bn_batches)
+    return select_and_prune(
+        loaded.surgeon, loaded.scorer, source, ratio=config.ratio, schedule=config.schedule,
+        rounding=config.rounding, store=FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world),
+        quiet=ctx.quiet, world=ctx.world, refit=refit,
+    )
+
+
+def _evaluate_pruned(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> tuple[Evaluation, Evaluation]:
+    """The pruned network on the val split before fine-tuning: as pruned, and with BatchNorm re-estimated."""
+    loader = make_loader(loaded.data.val, batch_size=config.batch_size, shuffle=False, seed=0)
+    pruned_eval = evaluate(loaded.model, loader, device=ctx.device)
+    batches = max(config.bn_recalibration, config.layer_bn_batches, 1)
+    refit = partial(_refit_batchnorm, config, loaded, ctx, batches)
+    return pruned_eval, _evaluate_bn_reestimated(loaded.model, loader, refit, pruned_eval)
+
+
+def _write_outputs(config: PruneConfig, loaded: Loaded, ctx: RunContext, decisions: list, report: PruneReport,
+                   export: str | None) -> None:
+    """model.pt, model.onnx (`export`), scores.json, report.json and report.md in --out (rank 0)."""
+    model, data = loaded.model, loaded.data
+    spec = ModelSpec(config.model, len(data.classes))
+    save_pruned(ctx.out / "model.pt", model, spec=spec, history=loaded.surgeon.history(), input_size=data.input_size)
+    if export == "onnx":
+        export_onnx(model, ctx.out / "model.onnx", input_size=data.input_size)
+    write_json(ctx.out / "scores.json", {d.name: [float(s) for s in d.scores] for d in decisions})
+    write_report(ctx.out, report)
