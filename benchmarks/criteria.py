@@ -350,14 +350,19 @@ def n_study_markdown(entries: list[dict]) -> str:
 
 def plot(results: list[dict], path: Path) -> None:
     """ρ (with its interval) per layer for each arm, one panel per testbed."""
+    from matplotlib import colormaps
+
     fig, axes = new_figure(1, len(results), size=(6.0, 4.0))
+    arms = list(dict.fromkeys(r["scorer"] for result in results for r in result["rows"]))
+    colour = {arm: colormaps["tab20"](i % 20) for i, arm in enumerate(arms)}  # one colour per arm, all panels
     for ax, result in zip(axes[0], results):
         names = [layer["layer"] for layer in result["layers"]]
         for arm in dict.fromkeys(r["scorer"] for r in result["rows"]):
             mine = {r["layer"]: r for r in result["rows"] if r["scorer"] == arm}
             xs = [i for i, n in enumerate(names) if mine[n]["rho"] is not None]
             ys = [mine[names[i]]["rho"] for i in xs]
-            ax.plot(xs, ys, marker="o", label=arm, lw=1)
+            wide = arm.startswith("entropy")  # the criterion under study, drawn bold
+            ax.plot(xs, ys, marker="o", label=arm, color=colour[arm], lw=2.5 if wide else 1, zorder=3 if wide else 2)
         ax.axhline(0, color="grey", lw=0.5)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
         ax.set_ylim(-1, 1)
