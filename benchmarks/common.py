@@ -17,7 +17,7 @@ import platform
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,6 +68,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def settings_json(settings: Any) -> dict:
+    """A settings dataclass as JSON-ready values (paths as text)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:

@@ -38,13 +38,13 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
 import prune
 import scoring
-from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure
+from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure, settings_json
 from prune import LayerResult, PruneConfig
 from prune.errors import exit_code
 from prune.outputs.files import write_json, write_text
@@ -114,14 +114,18 @@ PRESETS = {
 }
 
 
+def arm_of(name: str) -> Arm:
+    """The arm called `name` (default or peer)."""
+    return next(a for a in ARMS + EXTRA_ARMS if a.name == name)
+
+
 @functools.cache
 def applies(arm_name: str, testbed: str) -> bool:
     """False if the arm's scorer refuses the testbed's model (`Scorer.check`, e.g. tp-bnscale without BatchNorm)."""
     from prune.zoo.models import create_model
-    from prune.zoo.registry import model_entry
 
-    arm = next(a for a in ARMS + EXTRA_ARMS if a.name == arm_name)
-    model = create_model(testbed, weights=None, num_classes=model_entry(testbed).num_classes)
+    arm = arm_of(arm_name)
+    model = create_model(testbed, pretrained=False)  # the architecture is all a check looks at
     try:
         scoring.create(arm.scorer, **dict(arm.options)).check(model, classes=2, samples_per_class=2)
     except ValueError:
@@ -159,7 +163,7 @@ def run_one(settings: Settings, testbed: str, arm_name: str, seed: int) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    arm = next(a for a in ARMS + EXTRA_ARMS if a.name == arm_name)
+    arm = arm_of(arm_name)
     config = PruneConfig(
         model=testbed, ratio=settings.ratio, scorer=arm.scorer, scorer_options=arm.options,
         samples_per_class=settings.samples_per_class, epochs=settings.epochs, finetune=settings.epochs > 0,
@@ -306,8 +310,7 @@ def report(settings: Settings) -> dict:
         top1 = "—" if unpruned[tb] is None else f"{unpruned[tb]:.4f}"
         text += [f"## {tb} (unpruned top-1 {top1})", "",
                  table([r for r in rows if r["testbed"] == tb], [d for d in diffs if d["testbed"] == tb]), ""]
-    settings_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
-    summary = {"machine": machine(), "settings": settings_dict, "unpruned_top1": unpruned,
+    summary = {"machine": machine(), "settings": settings_json(settings), "unpruned_top1": unpruned,
                "rows": rows, "paired": diffs, "runs": runs}
     settings.results.mkdir(parents=True, exist_ok=True)
     write_json(settings.results / f"{settings.name}.json", summary)

@@ -39,7 +39,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,9 +50,18 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 import scoring
-from benchmarks.common import RESULTS, ExperimentSettings, load_setup, machine, markdown_table, new_figure, save_figure
-from benchmarks.compare import ARMS, EXTRA_ARMS, Arm, applies
-from benchmarks.layers import class_batch, conv_layers
+from benchmarks.common import (
+    RESULTS,
+    ExperimentSettings,
+    load_setup,
+    machine,
+    markdown_table,
+    new_figure,
+    save_figure,
+    settings_json,
+)
+from benchmarks.compare import ARMS, EXTRA_ARMS, Arm, applies, arm_of
+from benchmarks.layers import class_batch, conv_layers, score_layer
 from benchmarks.tail import LayerTail
 from prune.errors import exit_code
 from prune.outputs.files import write_json, write_text
@@ -153,19 +162,13 @@ def pruned_top1(tail: LayerTail, labels: torch.Tensor, removed: torch.Tensor) ->
 # ---------------------------------------------------------------- scoring
 
 
-def arm_of(name: str) -> Arm:
-    return next(a for a in ARMS + EXTRA_ARMS if a.name == name)
-
-
 def score(arm: Arm, model: nn.Module, conv: nn.Conv2d, name: str, batches: list[scoring.ClassBatch],
           seed: int) -> torch.Tensor:
     """Scores [C] (higher = keep) of one layer by `arm`, from `batches` (ignored by weight scorers)."""
     options = dict(arm.options)
     if "seed" in scoring.scorer_options(arm.scorer):
         options["seed"] = seed
-    scorer = scoring.create(arm.scorer, **options)
-    layer = scoring.LayerSpec(model=model, conv=conv, name=name, example=batches[0].images[:1])
-    return scorer(layer, batches if scorer.info.needs_data else ()).float()
+    return score_layer(arm.scorer, model, conv, name, batches, **options)
 
 
 def resampled(batches: list[scoring.ClassBatch], rng: np.random.Generator) -> list[scoring.ClassBatch]:
@@ -252,7 +255,7 @@ def run_testbed(s: Settings, testbed: str) -> dict:
         mine, layer = layer_rows(s, testbed, model, setup.data, setup.test, name, conv, arms)
         rows += mine
         layers.append(layer)
-    result = {"testbed": testbed, "settings": settings_dict(s), "machine": machine(), "oracle_images":
+    result = {"testbed": testbed, "settings": settings_json(s), "machine": machine(), "oracle_images":
               len(setup.test[1]), "seconds": round(time.perf_counter() - started, 1), "rows": rows, "layers": layers}
     write_json(s.runs_dir / f"{testbed}.json", result)
     return result
@@ -279,16 +282,12 @@ def run_n_study(s: Settings, testbed: str) -> dict:
                     "scorer": arm.name, "rho": spearman(score(arm, model, conv, name, first, s.seed), oracle),
                     "split_half": split_half(arm, model, conv, name, pool, n, s.seed) if data_driven else None,
                 })
-    result = {"testbed": testbed, "settings": settings_dict(s), "machine": machine(), "entries": entries}
+    result = {"testbed": testbed, "settings": settings_json(s), "machine": machine(), "entries": entries}
     write_json(s.runs_dir / f"n-study-{testbed}.json", result)
     return result
 
 
 # ---------------------------------------------------------------- summary
-
-
-def settings_dict(s: Settings) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()}
 
 
 def fmt_rho(row: dict) -> str:
@@ -376,7 +375,7 @@ def report(s: Settings) -> dict:
     """criteria.json / .md / -rho.png from the finished testbeds."""
     results = [json.loads(p.read_text()) for tb in s.testbeds if (p := s.runs_dir / f"{tb}.json").exists()]
     n_study = [e for p in sorted(s.runs_dir.glob("n-study-*.json")) for e in json.loads(p.read_text())["entries"]]
-    summary = {"machine": machine(), "settings": settings_dict(s), "rows": [r for res in results for r in res["rows"]],
+    summary = {"machine": machine(), "settings": settings_json(s), "rows": [r for res in results for r in res["rows"]],
                "layers": [layer for res in results for layer in res["layers"]],
                "testbeds": [res["testbed"] for res in results], "map_size_study": [], "n_study": n_study}
     text = markdown(results) + n_study_markdown(n_study)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import scoring
 from prune.config import PruneConfig
-from prune.errors import UsageError, exit_code, usage_errors
+from prune.errors import UsageError, exit_code, one_line, usage_errors
 
 if TYPE_CHECKING:
     from prune.outputs.report import PruneReport
@@ -114,7 +114,7 @@ def default_out(config: PruneConfig) -> Path:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {' '.join(str(message).split())}", file=sys.stderr if file is None else file)
+    print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
 
 
 @contextmanager
