@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 import scoring
@@ -50,7 +51,7 @@ from benchmarks.common import (
 from benchmarks.layers import class_batch, find_conv, per_class_count, score_layer
 from benchmarks.tail import LayerTail
 from finetune.metrics import class_metrics
-from prune.errors import exit_code
+from prune.errors import UsageError, exit_code
 
 ORDERS = ("ascending", "descending")
 METRICS = ("accuracy", "loss", "balanced_accuracy")
@@ -92,9 +93,22 @@ def parse_args(argv: list[str] | None) -> Settings:
     return parse_settings(p, argv, full=FULL, quick=QUICK)
 
 
-def scorer_names(s: Settings) -> list[str]:
-    """The scorers compared: `s.scorers`, or every registered one."""
-    return list(s.scorers) if s.scorers is not None else scoring.list_scorers()
+def scorer_names(s: Settings, model: nn.Module, *, classes: int, samples_per_class: int) -> tuple[list[str], dict]:
+    """The scorers compared and those left out with the reason: `s.scorers` (one that refuses
+    `model` is a usage error), or every registered one that accepts `model` (`Scorer.check`,
+    e.g. tp-bnscale needs BatchNorm)."""
+    names = list(s.scorers) if s.scorers is not None else scoring.list_scorers()
+    kept, skipped = [], {}
+    for name in names:
+        try:
+            scoring.create(name).check(model, classes=classes, samples_per_class=samples_per_class)
+        except ValueError as e:
+            if s.scorers is not None:
+                raise UsageError(str(e)) from None
+            skipped[name] = str(e)
+        else:
+            kept.append(name)
+    return kept, skipped
 
 
 def ablation_masks(order: torch.Tensor, steps: Sequence[int]) -> torch.Tensor:
@@ -133,9 +147,9 @@ def orders_of(scores: torch.Tensor) -> dict[str, torch.Tensor]:
 def run_ablation(setup: Setup) -> dict:
     """Curves for every class and scorer; returns the JSON payload."""
     model, data, cfg = setup.model, setup.data, setup.settings
-    names = scorer_names(cfg)
     name, conv = find_conv(model, cfg.layer)
     n = per_class_count(data, cfg.samples_per_class)
+    names, skipped = scorer_names(cfg, model, classes=setup.num_classes, samples_per_class=n)
     classes = list(range(setup.num_classes))[: cfg.table_classes]
     if cfg.cls not in classes:
         classes.append(cfg.cls)
@@ -168,6 +182,7 @@ def run_ablation(setup: Setup) -> dict:
         "class_name": data.classes[cfg.cls],
         "samples_per_class": n,
         "scorers": names,
+        "scorers_skipped": skipped,
         "orders": {"ascending": "lowest score (least important) first", "descending": "highest score first"},
         "steps": steps,
         "unchanged": class_metrics(tail.logits(ones), labels, cfg.cls),
@@ -219,7 +234,8 @@ def markdown(result: dict) -> str:
             f"Fig. 12 curves for class {result['class']} ({result['class_name']!r}); scores from "
             f"{result['samples_per_class']} training images per class; unchanged class accuracy "
             f"{result['unchanged']['accuracy']:.3f}, all-zero layer accuracy {result['all_zero']['accuracy']:.3f} "
-            f"(loss {result['all_zero']['loss']:.3f}). 'ascending' = least important (lowest score) unit first.",
+            f"(loss {result['all_zero']['loss']:.3f}). 'ascending' = least important (lowest score) unit first."
+            + "".join(f" Not run: {k} ({v})." for k, v in result.get("scorers_skipped", {}).items()),
             markdown_table(
                 ["scorer", "order", "acc. unchanged", "peak acc.", "at units", "acc. = 0 at", "peak loss"],
                 curve_rows(result),

@@ -56,6 +56,7 @@ class Settings(ExperimentSettings):
     k_ratio: float = 0.5
     samples_per_class: int = 100
     epochs: int = 3
+    train_images: int | None = None
     batch_size: int = 64
     device: str = "cpu"
 
@@ -74,6 +75,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     a("--k-ratio", type=float, help="ratio of the K sweep (default 0.5)")
     a("--samples-per-class", type=positive_int, help="scoring images per class (100; 10 quick)")
     a("--epochs", type=int, help="fine-tuning epochs (3; 1 quick)")
+    a("--train-images", type=positive_int,
+      help="fine-tune on a seeded class-balanced subset of this many training images (default: all)")
     a("--batch-size", type=positive_int, help="fine-tuning and evaluation batch size (default 64)")
     a("--device", help="cpu or cuda (default cpu)")
     return parse_settings(p, argv, full=FULL, quick=QUICK)
@@ -101,7 +104,8 @@ def one_run(cfg: Settings, data: str | None, input_size: int | None, *, ratio: f
     """One main-job run; the numbers of its report that the curves need."""
     config = PruneConfig(
         model=cfg.model, weights=cfg.weights, data=data, ratio=ratio, scorer=scorer, classes=k,
-        samples_per_class=cfg.samples_per_class, epochs=cfg.epochs, batch_size=cfg.batch_size,
+        samples_per_class=cfg.samples_per_class, epochs=cfg.epochs, train_images=cfg.train_images,
+        batch_size=cfg.batch_size,
         input_size=input_size, device=cfg.device, seed=cfg.seed,
     )
     start = time.perf_counter()
@@ -140,7 +144,7 @@ def run_curves(cfg: Settings) -> dict:
         "experiment": "pruning curves (paper Fig. 13)",
         "setup": {"model": cfg.model, "weights": cfg.weights, "data": cfg.data or "embedded shapes10",
                   "quick": bool(cfg.quick), "seed": cfg.seed, "samples_per_class": cfg.samples_per_class,
-                  "epochs": cfg.epochs, "machine": {**machine(), "torch_threads": torch.get_num_threads()}},
+                  "epochs": cfg.epochs, "train_images": cfg.train_images, "machine": {**machine(), "torch_threads": torch.get_num_threads()}},
         "scorer": cfg.scorer,
         "k_ratio": cfg.k_ratio,
         "ratio_classes": max(cfg.ks),
@@ -153,7 +157,9 @@ def markdown(r: dict) -> str:
     unchanged = rows[0]["top1_before"]
     return "\n\n".join(
         [
-            f"## Pruning curves — scorer `{r['scorer']}`, unchanged top-1 {unchanged:.4f}",
+            f"## Pruning curves — scorer `{r['scorer']}`, unchanged top-1 {unchanged:.4f}"
+            + ("" if r["setup"].get("train_images") is None
+               else f", fine-tuned on {r['setup']['train_images']:,} training images"),
             markdown_table(
                 ["scorer", "ratio", "K", "top-1 pruned", "top-1 fine-tuned", "drop", "balanced acc.", "params", "MFLOPs", "s"],
                 [[w["scorer"], w["ratio"], w["classes"], w["top1_pruned"], w["top1_after"], w["top1_drop"],

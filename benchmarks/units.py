@@ -83,6 +83,7 @@ class Settings(ExperimentSettings):
     random_inits: int = 50
     layer_classes: int | None = None
     train_epochs: int = 8
+    train_per_class: int | None = None
     corruptions: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     corrupt_per_class: int = 50
     corrupt_epochs: int = 40
@@ -111,6 +112,8 @@ def parse_args(argv: list[str] | None) -> Settings:
     a("--random-inits", type=positive_int, help="random initialisations in Table 2 (50; 3 quick; the paper uses 100)")
     a("--layer-classes", type=positive_int, help="classes averaged in parts 3-5 (all; 2 quick)")
     a("--train-epochs", type=positive_int, help="epochs of the training analysis (8; 1 quick; the shipped recipe trains 15)")
+    a("--train-per-class", type=positive_int,
+      help="training images per class of the training analysis (default: the whole train split)")
     a("--corruptions", type=_fractions, help="label-corruption fractions (0,0.2,0.4,0.6,0.8,1; 0,0.5,1 quick)")
     a("--corrupt-per-class", type=positive_int, help="training images per class of the corrupted-label models (50; 10 quick)")
     a("--corrupt-epochs", type=positive_int, help="epochs of the corrupted-label models (40; 3 quick)")
@@ -302,7 +305,7 @@ def last_layer_entropy(model: nn.Module, data: DataBundle, classes: list[int], n
 def training(setup: Setup, n: int) -> list[dict]:
     """Train a fresh model; after each epoch (and at 0): losses, test accuracy, last-layer H."""
     cfg = setup.settings
-    x, y = dataset_tensors(setup.data.train)
+    x, y = dataset_tensors(setup.data.train, per_class=cfg.train_per_class, seed=cfg.seed)
     classes = studied_classes(setup)
     model = random_model(setup, cfg.seed)
     history: list[dict] = []
@@ -395,6 +398,7 @@ def run_units(setup: Setup) -> dict:
         "table1": t1,
         "table2": table2(setup, layer, unit, n, t1[0]),
         "layers": layers(setup, n),
+        "training_per_class": setup.settings.train_per_class,
         "training": training(setup, n),
         "corrupted": corrupted(setup),
     }
@@ -428,7 +432,9 @@ def markdown(r: dict) -> str:
                 [[a["layer"], a["entropy_mean"], b["entropy_mean"], a["selective_rate_mean"], b["selective_rate_mean"]]
                  for a, b in zip(L["trained"], L["random"])],
             ),
-            "### Training (Fig. 5B) — last conv layer",
+            "### Training (Fig. 5B) — last conv layer"
+            + ("" if r.get("training_per_class") is None
+               else f", trained on {r['training_per_class']} images per class"),
             markdown_table(
                 ["epoch", "train loss", "train loss (eval)", "test acc.", f"H class {r['class']}", "H mean"],
                 [[h["epoch"], "-" if h["train_loss"] is None else h["train_loss"], h["train_loss_eval"], h["test_accuracy"],

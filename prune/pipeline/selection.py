@@ -14,7 +14,7 @@ weight scorers are cheap).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import scoring
+from finetune.metrics import predict
 from prune.errors import UsageError
 from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
@@ -33,29 +34,15 @@ from scoring.model_state import model_device
 
 
 @dataclass(frozen=True)
-class LayerDecision:
-    """What happened at one group: `scores` [C] (higher = keep) and the `removed` indices.
+class LayerDecision(LayerResult):
+    """The report's `LayerResult` of one group plus its `scores` [C] (higher = keep), which
+    go to scores.json instead of the report."""
 
-    map_size: side m of the units [m, m] that were scored. scoring_top1: top-1 of the whole
-    network on the scoring images at the moment the group was scored (None without data).
-    """
-
-    name: str
-    members: tuple[str, ...]
-    channels_before: int
     scores: torch.Tensor
-    removed: tuple[int, ...]
-    map_size: int = 0
-    scoring_top1: float | None = None
-
-    @property
-    def channels_after(self) -> int:
-        return self.channels_before - len(self.removed)
 
     def result(self) -> LayerResult:
-        """The report's record of this decision (scores go to scores.json instead)."""
-        return LayerResult(self.name, self.members, self.channels_before, self.channels_after, self.removed,
-                           self.map_size, self.scoring_top1)
+        """The report's record of this decision (every field but `scores`)."""
+        return LayerResult(**{f.name: getattr(self, f.name) for f in fields(LayerResult)})
 
 
 @dataclass(frozen=True)
@@ -163,18 +150,19 @@ def _streamed_scores(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: S
     return scorer.compute()
 
 
-@torch.no_grad()
 def scoring_top1(model: nn.Module, source: ScoringData) -> float:
     """Top-1 in [0, 1] of `model` (eval mode) on the scoring images of `source`, labels = their classes."""
-    device = model_device(model)
-    correct = total = 0
+    logits, labels = predict(model, _scoring_batches(source), device=model_device(model))
+    return int((logits.argmax(1) == labels).sum()) / len(labels)
+
+
+def _scoring_batches(source: ScoringData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches of at most `source.batch_size` images, class by class."""
     for cls in source.classes:
         images = class_images(source.data, cls, source.per_class, seed=source.seed)
         for start in range(0, len(images), source.batch_size):
-            logits = model(images[start : start + source.batch_size].to(device))
-            correct += int((logits.argmax(1).cpu() == cls).sum())
-        total += len(images)
-    return correct / total
+            batch = images[start : start + source.batch_size]
+            yield batch, torch.full((len(batch),), cls, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -248,5 +236,7 @@ def select_and_prune(
         surgeon.prune(group, removed)
         if refit is not None and schedule == "progressive" and i + 1 < len(groups):
             refit()
-        decisions.append(LayerDecision(group.name, group.names, before, scores, removed, m, top1))
+        decisions.append(LayerDecision(
+            name=group.name, members=group.names, channels_before=before, channels_after=before - len(removed),
+            removed=removed, map_size=m, scoring_top1=top1, scores=scores))
     return decisions
