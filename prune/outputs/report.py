@@ -17,8 +17,8 @@ class Measurement:
     """One network measured: cost at the model's input size, accuracy on the val split, speed.
 
     params: all parameters. macs / flops (= 2 × MACs): conv + linear layers for one image.
-    top1, top5, balanced_accuracy in [0, 1]; loss: mean cross-entropy. img_per_s on `device`
-    (`throughput` says how it was measured).
+    top1, top5, balanced_accuracy in [0, 1]; loss: mean cross-entropy. `throughput`: img/s and
+    how it was measured (its `img_per_s` and `device` are also read here as properties).
     """
 
     params: int
@@ -28,9 +28,15 @@ class Measurement:
     top5: float
     balanced_accuracy: float
     loss: float
-    img_per_s: float
-    device: str
     throughput: Throughput
+
+    @property
+    def img_per_s(self) -> float:
+        return self.throughput.img_per_s
+
+    @property
+    def device(self) -> str:
+        return self.throughput.device
 
     def as_dict(self) -> dict[str, Any]:
         """report.json's "before" / "after" (same keys, same order)."""
@@ -42,7 +48,8 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Measurement:
-        return cls(**{**d, "throughput": Throughput(**d["throughput"])})
+        own = {k: v for k, v in d.items() if k not in ("img_per_s", "device")}  # stored in report.json for readers
+        return cls(**{**own, "throughput": Throughput(**d["throughput"])})
 
 
 @dataclass(frozen=True)

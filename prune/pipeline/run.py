@@ -173,8 +173,7 @@ def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: tor
     cost = count_cost(model, input_size=data.input_size)
     return Measurement(
         params=cost.params, macs=cost.macs, flops=cost.flops, top1=ev.top1, top5=ev.top5,
-        balanced_accuracy=ev.balanced_accuracy, loss=ev.loss, img_per_s=speed.img_per_s, device=speed.device,
-        throughput=speed,
+        balanced_accuracy=ev.balanced_accuracy, loss=ev.loss, throughput=speed,
     )
 
 
