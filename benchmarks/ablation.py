@@ -48,7 +48,7 @@ from benchmarks.common import (
     run_experiment,
     setup_info,
 )
-from benchmarks.layers import class_batch, find_conv, per_class_count, score_layer
+from benchmarks.layers import class_batch, find_conv, per_class_count, refusal, score_layer
 from benchmarks.tail import LayerTail
 from finetune.metrics import class_metrics
 from prune.errors import UsageError, exit_code
@@ -100,14 +100,13 @@ def scorer_names(s: Settings, model: nn.Module, *, classes: int, samples_per_cla
     names = list(s.scorers) if s.scorers is not None else scoring.list_scorers()
     kept, skipped = [], {}
     for name in names:
-        try:
-            scoring.create(name).check(model, classes=classes, samples_per_class=samples_per_class)
-        except ValueError as e:
-            if s.scorers is not None:
-                raise UsageError(str(e)) from None
-            skipped[name] = str(e)
-        else:
+        why = refusal(scoring.create(name), model, classes=classes, samples_per_class=samples_per_class)
+        if why is not None and s.scorers is not None:
+            raise UsageError(why)
+        if why is None:
             kept.append(name)
+        else:
+            skipped[name] = why
     return kept, skipped
 
 

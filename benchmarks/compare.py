@@ -45,6 +45,7 @@ from pathlib import Path
 import prune
 import scoring
 from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure, settings_json
+from benchmarks.layers import refusal
 from prune import LayerResult, PruneConfig
 from prune.errors import exit_code
 from prune.outputs.files import write_json, write_text
@@ -126,11 +127,7 @@ def applies(arm_name: str, testbed: str) -> bool:
 
     arm = arm_of(arm_name)
     model = create_model(testbed, pretrained=False)  # the architecture is all a check looks at
-    try:
-        scoring.create(arm.scorer, **dict(arm.options)).check(model, classes=2, samples_per_class=2)
-    except ValueError:
-        return False
-    return True
+    return refusal(scoring.create(arm.scorer, **dict(arm.options)), model, classes=2, samples_per_class=2) is None
 
 
 def t95(n: int) -> float:

@@ -54,6 +54,16 @@ def per_class_count(data: DataBundle, wanted: int) -> int:
     return int(min(wanted, counts.min()))
 
 
+def refusal(scorer: scoring.Scorer, model: nn.Module, *, classes: int, samples_per_class: int) -> str | None:
+    """Why `scorer` cannot score `model` (`Scorer.check`'s one line, e.g. tp-bnscale without
+    BatchNorm), or None if it can."""
+    try:
+        scorer.check(model, classes=classes, samples_per_class=samples_per_class)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def score_layer(
     scorer_name: str, model: nn.Module, conv: nn.Conv2d, name: str, batches: Sequence[scoring.ClassBatch], **options: Any
 ) -> torch.Tensor:
