@@ -141,15 +141,20 @@ def _as_tensors(dataset, indices: list[int]) -> TensorDataset:
 
 
 def training_data(
-    variant: str, *, per_class: int | None, seed: int, data: str | None = None
+    variant: str, *, per_class: int | None, seed: int, data: str | None = None, input_size: int | None = None
 ) -> tuple[TensorDataset, TensorDataset]:
-    """(train, test) of the data set `variant` is trained on, at its input side, normalised as its
-    registry entry says; `per_class` keeps that many images per class in each split."""
+    """(train, test) of the data set `variant` is trained on, at its input side (or `input_size`,
+    shapes10 only: it is generated at any side), normalised as its registry entry says;
+    `per_class` keeps that many images per class in each split."""
     v = VARIANTS[variant]
     if v.dataset == "shapes10":
         per_test = None if per_class is None else min(per_class, DEFAULT_PER_CLASS["test"])
-        return (make_shapes("train", per_class=per_class, size=v.input_size, seed=seed),
-                make_shapes("test", per_class=per_test, size=v.input_size, seed=seed))
+        size = input_size or v.input_size
+        return (make_shapes("train", per_class=per_class, size=size, seed=seed),
+                make_shapes("test", per_class=per_test, size=size, seed=seed))
+    if input_size not in (None, v.input_size):
+        raise UsageError(f"--input-size {input_size}: {variant} is trained on Fashion-MNIST at its own "
+                         f"{v.input_size}x{v.input_size}; drop --input-size or train a shapes10 model")
     from prune.zoo.data import load_data
 
     bundle = load_data(data, model=variant)
@@ -183,6 +188,8 @@ def _parser() -> argparse.ArgumentParser:
         f"{DEFAULT_PER_CLASS['test']} test); smaller for quick checks",
     )
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--input-size", type=_positive_int, default=None,
+                   help="image side for the shapes10 models (default: the model's, 32); the network takes any side")
     p.add_argument("--data", default=None, help="Fashion-MNIST models: fashion-mnist:<dir> with the IDX files "
                    "(default: the Debian package's folder)")
     return p
@@ -197,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        train_set, test_set = training_data(args.model, per_class=args.per_class, seed=args.seed, data=args.data)
+        train_set, test_set = training_data(args.model, per_class=args.per_class, seed=args.seed, data=args.data,
+                                           input_size=args.input_size)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -216,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     torch_save(out, model.state_dict())
     print(
         f"{args.model}: test top-1 {100 * top1:.2f}% on {len(test_set)} images; trained {config.epochs} epochs "
-        f"on {len(train_set)} images in {seconds:.0f}s with {torch.get_num_threads()} threads; wrote {out}"
+        f"on {len(train_set)} images of side {train_set.tensors[0].shape[-1]} in {seconds:.0f}s with {torch.get_num_threads()} threads; wrote {out}"
     )
     return 0
 
