@@ -101,6 +101,22 @@ class ExperimentSettings:
     results_dir: Path = RESULTS
 
 
+@dataclass(frozen=True)
+class Testbed:
+    """A trained network and its data: a shipped testbed by name, or any `--model/--weights/--data`."""
+
+    name: str
+    model: str
+    weights: str | None = None
+    data: str | None = None
+    input_size: int | None = None
+
+    @classmethod
+    def shipped(cls, name: str) -> Testbed:
+        """A testbed the project ships (`embedded`, `embedded-plain`, `fashion`, `fashion-plain`)."""
+        return cls(name=name, model=name)
+
+
 S = TypeVar("S")
 
 
@@ -177,21 +193,23 @@ class Setup:
         return len(self.data.classes)
 
 
-def quick_embedded_data() -> DataBundle:
-    """The embedded shapes10 set, shrunk to QUICK_PER_CLASS images per class."""
+def quick_embedded_data(size: int | None = None) -> DataBundle:
+    """The embedded shapes10 set, shrunk to QUICK_PER_CLASS images per class, at side `size`
+    (default the embedded models' 32)."""
     from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE
     from prune.zoo.shapes import CLASSES, make_shapes
 
-    train = make_shapes("train", per_class=QUICK_PER_CLASS["train"], size=EMBEDDED_INPUT_SIZE)
-    val = make_shapes("test", per_class=QUICK_PER_CLASS["test"], size=EMBEDDED_INPUT_SIZE)
+    size = size or EMBEDDED_INPUT_SIZE
+    train = make_shapes("train", per_class=QUICK_PER_CLASS["train"], size=size)
+    val = make_shapes("test", per_class=QUICK_PER_CLASS["test"], size=size)
     targets = tuple(int(t) for t in train.tensors[1])
-    return DataBundle(train=train, val=val, classes=tuple(CLASSES), train_targets=targets, input_size=EMBEDDED_INPUT_SIZE)
+    return DataBundle(train=train, val=val, classes=tuple(CLASSES), train_targets=targets, input_size=size)
 
 
 def load_bundle(s: ExperimentSettings) -> DataBundle:
-    """The data the settings name; the shrunk embedded set with --quick and no --data."""
-    if s.data is None and s.quick and s.input_size is None:
-        return quick_embedded_data()
+    """The data the settings name; the shrunk embedded set (at --input-size) with --quick and no --data."""
+    if s.data is None and s.quick:
+        return quick_embedded_data(s.input_size)
     return load_data(s.data, input_size=s.input_size, model=s.model)
 
 

@@ -50,9 +50,12 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 import scoring
+from benchmarks import criteria_map_size as map_size
 from benchmarks.common import (
     RESULTS,
     ExperimentSettings,
+    Setup,
+    Testbed,
     load_setup,
     machine,
     markdown_table,
@@ -63,17 +66,19 @@ from benchmarks.common import (
 from benchmarks.compare import ARMS, EXTRA_ARMS, Arm, applies, arm_of
 from benchmarks.layers import class_batch, conv_layers, score_layer
 from benchmarks.tail import LayerTail
-from prune.errors import exit_code
+from prune.errors import UsageError, exit_code
 from prune.outputs.files import write_json, write_text
 
 TOP_SHARE = 0.2
+SHIPPED: tuple[str, ...] = ("embedded", "embedded-plain", "fashion", "fashion-plain")
+"""The testbeds the project ships (default)."""
 
 
 @dataclass(frozen=True)
 class Settings:
     """What the criteria benchmark measures (frozen; `full` and `quick` presets below)."""
 
-    testbeds: tuple[str, ...] = ("embedded", "embedded-plain", "fashion", "fashion-plain")
+    testbeds: tuple[str, ...] = SHIPPED
     arms: tuple[str, ...] = tuple(a.name for a in ARMS + EXTRA_ARMS)
     samples_per_class: int = 100
     oracle_per_class: int = 100
@@ -83,6 +88,9 @@ class Settings:
     n_study: tuple[int, ...] = (25, 50, 100, 200)
     """Images per class of the N study (`--n-study TESTBED`); split-half needs 2N per class."""
     n_study_arms: tuple[str, ...] = ("entropy", "entropy-authors", "l1", "tp-taylor")
+    map_sizes: tuple[int, ...] = (32, 64, 96)
+    """Input sides of the map-size study (`--map-size-study`, benchmarks/criteria_map_size.py)."""
+    map_size_arms: tuple[str, ...] = ("entropy", "entropy-authors", "l1", "tp-taylor")
     seed: int = 0
     threads: int | None = None
     quick: bool = False
@@ -90,6 +98,8 @@ class Settings:
     quiet: bool = False
     results: Path = RESULTS
     name: str = "criteria"
+    custom: Testbed | None = None
+    """The `--model/--weights/--data/--input-size` network, when given (then the only testbed)."""
 
     @property
     def runs_dir(self) -> Path:
@@ -100,7 +110,7 @@ PRESETS = {
     "full": Settings(),
     "quick": Settings(testbeds=("embedded",), arms=("entropy", "l1", "random"), samples_per_class=4,
                       oracle_per_class=6, bootstrap=3, random_draws=5, n_study=(2, 4), n_study_arms=("entropy", "l1"),
-                      threads=1, quick=True, quiet=True,
+                      map_sizes=(32, 40), map_size_arms=("entropy", "l1"), threads=1, quick=True, quiet=True,
                       name="criteria-quick"),
 }
 
@@ -199,6 +209,13 @@ def halves(batches: list[scoring.ClassBatch], n: int) -> tuple[list, list]:
 # ---------------------------------------------------------------- one layer, one testbed
 
 
+def random_range(top1: torch.Tensor | None) -> dict[str, float | None]:
+    """Worst, best and mean top-1 [S] of the random draws (None without draws)."""
+    stats = {"min": None, "max": None, "mean": None} if top1 is None else {
+        "min": float(top1.min()), "max": float(top1.max()), "mean": float(top1.mean())}
+    return {f"random_top1_{k}": v for k, v in stats.items()}
+
+
 def layer_rows(s: Settings, testbed: str, model: nn.Module, data, test: tuple[torch.Tensor, torch.Tensor],
                name: str, conv: nn.Conv2d, arms: Sequence[Arm]) -> tuple[list[dict], dict]:
     """The rows of one conv layer (one per arm) and its layer entry (random-draw range)."""
@@ -212,8 +229,8 @@ def layer_rows(s: Settings, testbed: str, model: nn.Module, data, test: tuple[to
     first, _ = halves(pool, s.samples_per_class)
     k = round(s.ratio * channels)
     g = torch.Generator().manual_seed(s.seed)
-    draws = torch.stack([torch.randperm(channels, generator=g)[:k] for _ in range(s.random_draws)])
-    random_top1 = pruned_top1(tail, labels, draws) if k else torch.ones(1)
+    draws = [torch.randperm(channels, generator=g)[:k] for _ in range(s.random_draws)]
+    random_top1 = (pruned_top1(tail, labels, torch.stack(draws)) if k else torch.ones(1)) if draws else None
     map_size = int(first[0].activations.shape[-1])
     rng = np.random.default_rng(s.seed)
     rows = []
@@ -238,36 +255,42 @@ def layer_rows(s: Settings, testbed: str, model: nn.Module, data, test: tuple[to
             "layer_top1": float(pruned_top1(tail, labels, lowest)[0]) if k else None,
         })
     layer = {"testbed": testbed, "layer": name, "map_size": map_size, "channels": channels, "removed": k,
-             "oracle": oracle.tolist(), "random_top1_min": float(random_top1.min()),
-             "random_top1_max": float(random_top1.max()), "random_top1_mean": float(random_top1.mean())}
+             "oracle": oracle.tolist(), **random_range(random_top1)}
     return rows, layer
 
 
-def run_testbed(s: Settings, testbed: str) -> dict:
-    """Every layer × arm of one testbed; written to runs_dir/<testbed>.json."""
-    setup = load_setup(ExperimentSettings(model=testbed, test_per_class=s.oracle_per_class, seed=s.seed,
-                                          quick=s.quick, quiet=s.quiet))
+def testbed_setup(s: Settings, testbed: Testbed) -> Setup:
+    """Model (eval mode), data and the held-out oracle images of `testbed`."""
+    return load_setup(ExperimentSettings(model=testbed.model, weights=testbed.weights, data=testbed.data,
+                                         input_size=testbed.input_size, test_per_class=s.oracle_per_class,
+                                         seed=s.seed, quick=s.quick, quiet=s.quiet))
+
+
+def run_testbed(s: Settings, testbed: Testbed, path: Path | None = None) -> dict:
+    """Every layer × arm of one testbed; written to `path` (default runs_dir/<name>.json)."""
+    setup = testbed_setup(s, testbed)
     model = setup.model.eval()
-    arms = [arm_of(a) for a in s.arms if applies(a, testbed)]
+    arms = [arm_of(a) for a in s.arms if applies(a, testbed.model)]
     started = time.perf_counter()
     rows, layers = [], []
-    for name, conv in tqdm(conv_layers(model), desc=testbed, disable=s.quiet):
-        mine, layer = layer_rows(s, testbed, model, setup.data, setup.test, name, conv, arms)
+    for name, conv in tqdm(conv_layers(model), desc=testbed.name, disable=s.quiet):
+        mine, layer = layer_rows(s, testbed.name, model, setup.data, setup.test, name, conv, arms)
         rows += mine
         layers.append(layer)
-    result = {"testbed": testbed, "settings": settings_json(s), "machine": machine(), "oracle_images":
-              len(setup.test[1]), "seconds": round(time.perf_counter() - started, 1), "rows": rows, "layers": layers}
-    write_json(s.runs_dir / f"{testbed}.json", result)
+    result = {"testbed": testbed.name, "model": settings_json(testbed), "settings": settings_json(s),
+              "machine": machine(), "oracle_images": len(setup.test[1]), "input_size": setup.data.input_size,
+              "seconds": round(time.perf_counter() - started, 1), "rows": rows, "layers": layers}
+    write_json(path or s.runs_dir / f"{testbed.name}.json", result)
     return result
 
 
-def run_n_study(s: Settings, testbed: str) -> dict:
+def run_n_study(s: Settings, testbed: Testbed) -> dict:
     """ρ with the oracle and split-half reliability of `n_study_arms` for each N of `n_study`
-    (images per class), every layer of `testbed`; written to runs_dir/n-study-<testbed>.json."""
-    setup = load_setup(ExperimentSettings(model=testbed, test_per_class=s.oracle_per_class, seed=s.seed,
-                                          quick=s.quick, quiet=s.quiet))
+    (images per class), every layer of `testbed`; written to runs_dir/n-study-<name>.json."""
+    setup = testbed_setup(s, testbed)
     model, (images, labels) = setup.model.eval(), setup.test
-    arms = [arm_of(a) for a in s.n_study_arms if applies(a, testbed)]
+    arms = [arm_of(a) for a in s.n_study_arms if applies(a, testbed.model)]
+    started = time.perf_counter()
     entries = []
     for name, conv in tqdm(conv_layers(model), desc=f"N study {testbed}", disable=s.quiet):
         oracle = oracle_losses(LayerTail(model, conv, images), labels, conv.out_channels).mean(1)
@@ -278,12 +301,14 @@ def run_n_study(s: Settings, testbed: str) -> dict:
             for arm in arms:
                 data_driven = scoring.scorer_info(arm.scorer).needs_data
                 entries.append({
-                    "testbed": testbed, "n": n, "layer": name, "map_size": int(first[0].activations.shape[-1]),
+                    "testbed": testbed.name, "input_size": setup.data.input_size, "n": n, "layer": name, "map_size": int(first[0].activations.shape[-1]),
                     "scorer": arm.name, "rho": spearman(score(arm, model, conv, name, first, s.seed), oracle),
                     "split_half": split_half(arm, model, conv, name, pool, n, s.seed) if data_driven else None,
                 })
-    result = {"testbed": testbed, "settings": settings_json(s), "machine": machine(), "entries": entries}
-    write_json(s.runs_dir / f"n-study-{testbed}.json", result)
+    result = {"testbed": testbed.name, "model": settings_json(testbed), "settings": settings_json(s),
+              "machine": machine(), "oracle_images": len(labels), "seconds": round(time.perf_counter() - started, 1),
+              "entries": entries}
+    write_json(s.runs_dir / f"n-study-{testbed.name}.json", result)
     return result
 
 
@@ -372,62 +397,99 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def report(s: Settings) -> dict:
-    """criteria.json / .md / -rho.png from the finished testbeds."""
+    """criteria.json / .md / -rho.png (and the studies' plots) from the finished runs."""
     results = [json.loads(p.read_text()) for tb in s.testbeds if (p := s.runs_dir / f"{tb}.json").exists()]
     n_study = [e for p in sorted(s.runs_dir.glob("n-study-*.json")) for e in json.loads(p.read_text())["entries"]]
+    map_study = map_size.finished(s)
     summary = {"machine": machine(), "settings": settings_json(s), "rows": [r for res in results for r in res["rows"]],
                "layers": [layer for res in results for layer in res["layers"]],
-               "testbeds": [res["testbed"] for res in results], "map_size_study": [], "n_study": n_study}
-    text = markdown(results) + n_study_markdown(n_study)
+               "testbeds": [res["testbed"] for res in results], "map_size_study": map_study, "n_study": n_study}
+    text = markdown(results) + map_size.markdown(map_study) + n_study_markdown(n_study)
     write_json(s.results / f"{s.name}.json", summary)
     write_text(s.results / f"{s.name}.md", text)
     if results:
         plot(results, s.results / f"{s.name}-rho.png")
+    if map_study:
+        map_size.plot(map_study, s.results / f"{s.name}-map-size.png")
+    if n_study:
+        map_size.plot_n_study(n_study, s.results / f"{s.name}-n-study.png")
     if not s.quiet:
         print(text)
     return summary
 
 
-def criteria(s: Settings, n_study_testbeds: Sequence[str] = ()) -> dict:
-    """Run every testbed (and N study) not yet finished, then summarise."""
+def resolve(s: Settings, name: str) -> Testbed:
+    """The testbed called `name`: `--model`'s, a side of the map-size study (embedded-plain-<side>)
+    or a shipped one."""
+    if s.custom is not None and name == s.custom.name:
+        return s.custom
+    prefix = f"{map_size.MODEL}-"
+    if name.startswith(prefix) and name[len(prefix):].isdigit():
+        return map_size.testbed(s, int(name[len(prefix):]))
+    if name in SHIPPED:
+        return Testbed.shipped(name)
+    raise UsageError(f"unknown testbed {name!r}; use one of {', '.join(SHIPPED)}, {prefix}<side> or --model")
+
+
+def criteria(s: Settings, n_study_testbeds: Sequence[str] = (), map_size_study: bool = False) -> dict:
+    """Run every testbed, the map-size study and the N studies not yet finished, then summarise."""
     if s.threads:
         torch.set_num_threads(s.threads)
-    for testbed in s.testbeds:
-        if not (s.runs_dir / f"{testbed}.json").exists():
-            run_testbed(s, testbed)
-    for testbed in n_study_testbeds:
-        if not (s.runs_dir / f"n-study-{testbed}.json").exists():
-            run_n_study(s, testbed)
+    for name in s.testbeds:
+        if not (s.runs_dir / f"{name}.json").exists():
+            run_testbed(s, resolve(s, name))
+    if map_size_study:
+        map_size.run_study(s, run_testbed)
+    for name in n_study_testbeds:
+        if not (s.runs_dir / f"n-study-{name}.json").exists():
+            run_n_study(s, resolve(s, name))
     return report(s)
 
 
-def parse(argv: list[str] | None) -> tuple[Settings, bool, tuple[str, ...]]:
+def parse(argv: list[str] | None) -> tuple[Settings, bool, tuple[str, ...], bool]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.criteria", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run on embedded (writes criteria-quick.*)")
-    p.add_argument("--testbeds", nargs="+")
+    p.add_argument("--testbeds", nargs="+", help=f"shipped testbeds (default: {' '.join(SHIPPED)})")
+    p.add_argument("--model", help="measure this model instead of the shipped testbeds (any name python -m prune "
+                   "takes), with --weights, --data and --input-size as there")
+    p.add_argument("--weights")
+    p.add_argument("--data")
+    p.add_argument("--input-size", type=int)
     p.add_argument("--arms", nargs="+", choices=[a.name for a in ARMS + EXTRA_ARMS])
     p.add_argument("--samples-per-class", type=int, help="N scoring images per class (split-half uses 2N)")
     p.add_argument("--oracle-per-class", type=int, help="held-out images per class for the oracle")
     p.add_argument("--bootstrap", type=int, help="bootstrap replicates of ρ")
     p.add_argument("--random-draws", type=int, help="random channel draws per layer for the layer top-1 range")
     p.add_argument("--n-study", nargs="+", default=[], metavar="TESTBED",
-                   help="also run the N study (N = 25, 50, 100, 200 per class) on these testbeds")
+                   help="also run the N study (N = 25, 50, 100, 200 per class) on these testbeds "
+                   "(a shipped one, embedded-plain-<side> of the map-size study, or --model's)")
+    p.add_argument("--map-size-study", action="store_true",
+                   help="also run the map-size study (embedded-plain trained at each of --map-sizes)")
+    p.add_argument("--map-sizes", nargs="+", type=int, help="input sides of the map-size study (default 32 64 96)")
     p.add_argument("--threads", type=int)
     p.add_argument("--results", type=Path)
     p.add_argument("--quiet", action="store_true", default=None)
-    p.add_argument("--report-only", action="store_true", help="summarise the finished testbeds, run nothing")
+    p.add_argument("--report-only", action="store_true", help="summarise the finished runs, run nothing")
     args = p.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if k not in ("quick", "report_only", "n_study") and v is not None}
+    flags = ("quick", "report_only", "n_study", "map_size_study", "model", "weights", "data", "input_size")
+    given = {k: v for k, v in vars(args).items() if k not in flags and v is not None}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    return replace(PRESETS["quick" if args.quick else "full"], **given), args.report_only, tuple(args.n_study)
+    if args.model is not None:
+        custom = Testbed(name=args.model.replace(":", "-").replace("/", "-"), model=args.model, weights=args.weights,
+                         data=args.data, input_size=args.input_size)
+        given.update(custom=custom, testbeds=(custom.name,))
+    elif any(v is not None for v in (args.weights, args.data, args.input_size)):
+        raise UsageError("--weights, --data and --input-size describe --model's network; pass --model too")
+    settings = replace(PRESETS["quick" if args.quick else "full"], **given)
+    return settings, args.report_only, tuple(args.n_study), args.map_size_study
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings, report_only, n_study = parse(argv)
+    settings, report_only, n_study, map_size_study = parse(argv)
     if report_only:
         report(settings)
     else:
-        criteria(settings, n_study)
+        criteria(settings, n_study, map_size_study)
     return 0
 
 

@@ -117,6 +117,35 @@ def test_quick_run_writes_a_row_per_layer_and_arm(tmp_path, one_thread):
     assert all(e["layer"] in layers for e in n_study) and len(n_study) == 2 * 2 * 6
 
 
+def test_quick_map_size_study_trains_a_network_per_side_and_keeps_what_it_finished(tmp_path, one_thread):
+    args = ["--quick", "--results", str(tmp_path), "--testbeds", "embedded-plain", "--arms", "l1",
+            "--map-size-study", "--map-sizes", "32", "24", "--n-study", "embedded-plain-24"]
+    assert criteria.main(args) == 0
+    summary = json.loads((tmp_path / "criteria-quick.json").read_text())
+    study = summary["map_size_study"]
+    assert {e["input_size"] for e in study} == {24, 32}
+    assert {e["scorer"] for e in study} == {"entropy", "l1"}  # the quick preset's map_size_arms
+    for e in study:
+        assert {"input_size", "layer", "map_size", "scorer", "rho", "rho_low", "rho_high", "split_half"} <= e.keys()
+        first = e["layer"] in ("features.0", "features.2")  # before the plain VGG's first pool
+        assert e["map_size"] == (e["input_size"] if first else e["input_size"] // 2)
+        assert (e["split_half"] is None) == (e["scorer"] == "l1")
+    # at the shipped side the study reuses the testbed run: the same ρ for the same arm and layer
+    shipped = {(r["layer"], r["scorer"]): r["rho"] for r in summary["rows"]}
+    assert all(e["rho"] == shipped[(e["layer"], e["scorer"])] for e in study if e["input_size"] == 32
+               and e["scorer"] == "l1")
+    record = json.loads((tmp_path / "criteria-quick" / "map-size" / "train-24.json").read_text())
+    assert record["input_size"] == 24 and 0 <= record["test_top1"] <= 1
+    assert {e["input_size"] for e in summary["n_study"]} == {24}
+    for png in ("map-size", "n-study"):
+        assert (tmp_path / f"criteria-quick-{png}.png").stat().st_size > 0
+    # a restart skips the trained network and the finished sides
+    weights = tmp_path / "criteria-quick" / "map-size" / "embedded-plain-24.pt"
+    stamp = weights.stat().st_mtime_ns
+    assert criteria.main(args) == 0
+    assert weights.stat().st_mtime_ns == stamp
+
+
 def test_the_random_controls_interval_includes_its_own_draws():
     """A seeded scorer draws anew in each bootstrap replicate: the interval of `random` on a
     layer whose oracle is known spans both signs (one fixed draw would give a narrow band)."""
