@@ -51,7 +51,7 @@ from benchmarks.common import (
 from benchmarks.layers import class_batch, find_conv, per_class_count, refusal, score_layer
 from benchmarks.tail import LayerTail
 from finetune.metrics import class_metrics
-from prune.errors import UsageError, exit_code
+from prune import UsageError, exit_code
 
 ORDERS = ("ascending", "descending")
 METRICS = ("accuracy", "loss", "balanced_accuracy")

@@ -41,7 +41,7 @@ from benchmarks.common import (
     setup_info,
 )
 from benchmarks.layers import class_batch, conv_layers, find_conv, layer_entropy, per_class_count, pick_unit
-from prune.errors import exit_code
+from prune import exit_code
 from scoring.entropy import feature_entropy, selective_rate
 from scoring.topology import betti1_curve, birth_times, cubical_birth_times
 

@@ -26,10 +26,18 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from prune.errors import UsageError, exit_code
-from prune.outputs.files import write_bytes, write_json, write_text
-from prune.zoo.data import DataBundle, load_data, make_loader
-from prune.zoo.models import create_model
+from prune import (
+    DataBundle,
+    UsageError,
+    create_model,
+    embedded_data,
+    exit_code,
+    load_data,
+    make_loader,
+    write_bytes,
+    write_json,
+    write_text,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -196,14 +204,8 @@ class Setup:
 def quick_embedded_data(size: int | None = None) -> DataBundle:
     """The embedded shapes10 set, shrunk to QUICK_PER_CLASS images per class, at side `size`
     (default the embedded models' 32)."""
-    from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE
-    from prune.zoo.shapes import CLASSES, make_shapes
-
-    size = size or EMBEDDED_INPUT_SIZE
-    train = make_shapes("train", per_class=QUICK_PER_CLASS["train"], size=size)
-    val = make_shapes("test", per_class=QUICK_PER_CLASS["test"], size=size)
-    targets = tuple(int(t) for t in train.tensors[1])
-    return DataBundle(train=train, val=val, classes=tuple(CLASSES), train_targets=targets, input_size=size)
+    return embedded_data(input_size=size, train_per_class=QUICK_PER_CLASS["train"],
+                         val_per_class=QUICK_PER_CLASS["test"])
 
 
 def load_bundle(s: ExperimentSettings) -> DataBundle:

@@ -46,9 +46,7 @@ import prune
 import scoring
 from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure, settings_json
 from benchmarks.layers import refusal
-from prune import LayerResult, PruneConfig
-from prune.errors import exit_code
-from prune.outputs.files import write_json, write_text
+from prune import LayerResult, PruneConfig, exit_code, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -123,7 +121,7 @@ def arm_of(name: str) -> Arm:
 @functools.cache
 def applies(arm_name: str, testbed: str) -> bool:
     """False if the arm's scorer refuses the testbed's model (`Scorer.check`, e.g. tp-bnscale without BatchNorm)."""
-    from prune.zoo.models import create_model
+    from prune import create_model
 
     arm = arm_of(arm_name)
     model = create_model(testbed, pretrained=False)  # the architecture is all a check looks at

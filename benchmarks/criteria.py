@@ -66,8 +66,7 @@ from benchmarks.common import (
 from benchmarks.compare import ARMS, EXTRA_ARMS, Arm, applies, arm_of
 from benchmarks.layers import class_batch, conv_layers, score_layer
 from benchmarks.tail import LayerTail
-from prune.errors import UsageError, exit_code
-from prune.outputs.files import write_json, write_text
+from prune import UsageError, exit_code, write_json, write_text
 
 TOP_SHARE = 0.2
 SHIPPED: tuple[str, ...] = ("embedded", "embedded-plain", "fashion", "fashion-plain")

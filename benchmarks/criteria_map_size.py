@@ -20,21 +20,16 @@ criteria results folder; a restart skips what exists.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+import prune
 from benchmarks.common import QUICK_PER_CLASS, Testbed, machine, markdown_table, new_figure, save_figure
-from finetune.batches import in_order
 from finetune.metrics import evaluate
-from prune.outputs.files import torch_save, write_json
-from prune.zoo.embedded_model import VARIANTS
-from prune.zoo.models import create_model
-from prune.zoo.train_embedded import RECIPES, train, training_data
 
 if TYPE_CHECKING:
     from benchmarks.criteria import Settings
@@ -59,30 +54,37 @@ def testbed_name(size: int) -> str:
 
 def native_size() -> int:
     """The input side the shipped `embedded-plain` weights were trained at (32)."""
-    return VARIANTS[MODEL].input_size
+    return prune.model_entry(MODEL).input_size
 
 
 def trained_weights(s: Settings, size: int) -> Path:
-    """The state_dict of `embedded-plain` trained at side `size` (trained here if missing),
-    with its training record `train-<size>.json` (recipe, seconds, test top-1)."""
+    """The state_dict of `embedded-plain` trained at side `size` with its recipe (trained here if
+    missing, e.g. by `python -m prune.zoo.train_embedded --model embedded-plain --input-size <size>`),
+    with its training record `train-<size>.json` (recipe, images, seconds, test top-1)."""
     path = folder(s) / f"{testbed_name(size)}.pt"
     record = folder(s) / f"train-{size}.json"
     if path.exists() and record.exists():
         return path
-    recipe = replace(RECIPES[MODEL], epochs=1) if s.quick else RECIPES[MODEL]
-    per_class = QUICK_PER_CLASS["train"] if s.quick else None
-    train_set, test_set = training_data(MODEL, per_class=per_class, seed=recipe.seed, input_size=size)
-    seconds = None
-    if not path.exists():
-        started = time.perf_counter()
-        torch_save(path, train(data=train_set, config=recipe, quiet=s.quiet, variant=MODEL).state_dict())
-        seconds = round(time.perf_counter() - started, 1)
-    model = create_model(MODEL, weights=str(path), num_classes=10)
-    top1 = evaluate(model, in_order(*test_set.tensors, batch_size=500)).top1
-    write_json(record, {"model": MODEL, "input_size": size, "recipe": asdict(recipe),
-                        "train_images": len(train_set), "test_images": len(test_set), "test_top1": top1,
-                        "train_seconds": seconds, "machine": machine()})
+    if path.exists():  # trained by the command above: record its recipe and test top-1 (no timing)
+        entry = dict(config=asdict(replace(prune.RECIPES[MODEL], epochs=1) if s.quick else prune.RECIPES[MODEL]),
+                     input_size=size, seconds=None, **test_top1(s, path, size))
+    else:
+        quick = dict(per_class=QUICK_PER_CLASS["train"], epochs=1) if s.quick else {}
+        trained = prune.train_variant(MODEL, input_size=size, quiet=s.quiet, **quick)
+        prune.torch_save(path, trained.model.state_dict())
+        entry = {f.name: getattr(trained, f.name) for f in fields(trained) if f.name != "model"}
+        entry["config"] = asdict(trained.config)
+    prune.write_json(record, {"model": MODEL, **entry, "machine": machine()})
     return path
+
+
+def test_top1(s: Settings, path: Path, size: int) -> dict:
+    """Top-1 of the weights at `path` on the shapes10 test split at side `size`, with the image counts."""
+    per_class = QUICK_PER_CLASS["train"] if s.quick else None
+    data = prune.embedded_data(input_size=size, train_per_class=per_class, val_per_class=per_class)
+    model = prune.create_model(MODEL, weights=str(path), num_classes=len(data.classes))
+    top1 = evaluate(model, prune.make_loader(data.val, batch_size=500, shuffle=False, seed=0)).top1
+    return {"train_images": len(data.train), "test_images": len(data.val), "test_top1": top1}
 
 
 def testbed(s: Settings, size: int) -> Testbed:
@@ -116,7 +118,7 @@ def from_testbed_run(s: Settings, result: dict, path: Path) -> dict:
     side = {**result, "testbed": testbed_name(native_size()), "input_size": native_size(),
             "rows": [r for r in result["rows"] if r["scorer"] in s.map_size_arms],
             "taken_from": f"{MODEL}.json"}
-    write_json(path, side)
+    prune.write_json(path, side)
     return side
 
 

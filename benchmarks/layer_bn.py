@@ -18,9 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, markdown_table
-from prune import PruneConfig
-from prune.errors import exit_code
-from prune.outputs.files import write_json, write_text
+from prune import PruneConfig, exit_code, write_json, write_text
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,7 @@ import torch
 from torch import nn
 
 import scoring
-from prune.errors import UsageError
-from prune.pipeline.observe import collect_units
-from prune.zoo.data import DataBundle, class_images
+from prune import DataBundle, UsageError, class_images, collect_units
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:

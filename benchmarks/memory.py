@@ -25,11 +25,7 @@ from torch.utils.data import Dataset
 
 import scoring
 from benchmarks.common import RESULTS, machine, positive_int, settings_from
-from prune.errors import exit_code
-from prune.outputs.files import write_json
-from prune.pipeline.selection import ScoringData, lowest, score_group
-from prune.pipeline.surgery import Surgeon, channels_to_remove
-from prune.zoo.data import DataBundle
+from prune import DataBundle, ScoringData, Surgeon, channels_to_remove, exit_code, lowest, score_group, write_json
 
 GIB = 1024**3
 

@@ -40,9 +40,7 @@ from benchmarks.common import (
     quick_embedded_data,
     run_experiment,
 )
-from prune import PruneConfig
-from prune.errors import exit_code
-from prune.zoo.registry import model_entry
+from prune import PruneConfig, exit_code, model_entry
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,20 @@ import torch
 
 import scoring
 from benchmarks.common import RESULTS, machine
-from prune.errors import exit_code
-from prune.outputs.files import write_json
-from prune.pipeline.counting import count_cost
-from prune.pipeline.selection import select_and_prune
-from prune.pipeline.speed import Throughput, measure_throughput
-from prune.pipeline.surgery import Surgeon
-from prune.zoo.models import create_model
+from prune import (
+    Surgeon,
+    Throughput,
+    count_cost,
+    create_model,
+    exit_code,
+    measure_throughput,
+    onnx_bytes,
+    select_and_prune,
+    write_json,
+)
+
+OPSET = 17
+"""The ONNX opset of the graphs timed against ONNX Runtime (recorded in the JSON)."""
 
 
 def pruned_pair(name: str, ratio: float, input_size: int, rounding: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -127,12 +134,8 @@ def onnxruntime_throughput(graph: bytes, *, input_size: int, batch_size: int, wa
 
 def compare_runtimes(args: argparse.Namespace, models: dict, flops: dict, *, batch: int, iters: int) -> int:
     """Unpruned vs pruned in eager NCHW, eager channels-last and ONNX Runtime, one process; JSON + ratios."""
-    import onnxruntime
-
-    from prune.outputs.export import OPSET, onnx_bytes, require_onnx
-
-    require_onnx()
-    graphs = {k: onnx_bytes(m, input_size=args.input_size) for k, m in models.items()}
+    graphs = {k: onnx_bytes(m, input_size=args.input_size, opset=OPSET) for k, m in models.items()}
+    import onnxruntime  # present: onnx_bytes checked it
     load_before = os.getloadavg()
     timers = {
         "eager": lambda k: measure_throughput(models[k], input_size=args.input_size, batch_size=batch,

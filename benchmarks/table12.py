@@ -19,11 +19,7 @@ import torchvision
 
 import scoring
 from benchmarks.common import RESULTS, machine, markdown_table, settings_from
-from prune.errors import exit_code
-from prune.outputs.files import write_json
-from prune.pipeline.counting import count_cost
-from prune.pipeline.selection import select_and_prune
-from prune.pipeline.surgery import Surgeon
+from prune import Surgeon, count_cost, exit_code, select_and_prune, write_json
 
 PAPER = {0.0: (138.0e6, 30.96e9), 0.4: (87.8e6, 11.15e9), 0.5: (75.9e6, 7.87e9), 0.6: (64.2e6, 5.02e9)}
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from benchmarks.layers import module_name
-from prune.pipeline.observe import following_norm
+from prune import following_norm
 from scoring.hooks import capture, forward_hooks, run_until_stopped
 
 

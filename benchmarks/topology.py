@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import RESULTS, machine, positive_int, settings_from
-from prune.errors import exit_code
-from prune.outputs.files import write_json
+from prune import exit_code, write_json
 from scoring.hooks import forward_hooks
 
 SIZES = (7, 14, 28, 56, 112, 224)

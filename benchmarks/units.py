@@ -64,11 +64,7 @@ from benchmarks.layers import (
 )
 from finetune.batches import in_order
 from finetune.metrics import Evaluation, class_metrics, predict, summarize
-from prune.errors import UsageError, exit_code
-from prune.pipeline.observe import following_norm
-from prune.zoo.data import DataBundle
-from prune.zoo.models import create_model
-from prune.zoo.train_embedded import TrainConfig, fit_embedded
+from prune import DataBundle, TrainConfig, UsageError, create_model, exit_code, fit_embedded, following_norm
 
 INDICATORS = ("l1", "apoz", "selectivity", "entropy", "selective_rate")
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from finetune import ddp
 from finetune.batches import Batches
 from finetune.batchnorm import has_batchnorm, lone_remainder
+from finetune.checkpoint import CheckpointFile, restore, save
 from finetune.schedule import step_lr
 
 LrSchedule = Callable[[int, int], float]
@@ -116,21 +117,20 @@ def finetune(
     config: FinetuneConfig = FinetuneConfig(),
     device: torch.device | str = "cpu",
     quiet: bool = False,
-    start_epoch: int = 0,
-    optimizer: torch.optim.Optimizer | None = None,
-    on_epoch_end: Callable[[int, torch.optim.Optimizer, float], None] | None = None,
     seed: int = 0,
+    checkpoint: CheckpointFile | None = None,
 ) -> list[float]:
-    """Fine-tune `model` in place with SGD and the step schedule; returns each epoch's mean loss.
+    """Fine-tune `model` (or its DDP wrapper) in place with SGD and the step schedule; returns
+    each epoch's mean loss.
 
-    `start_epoch`/`optimizer` resume an interrupted run; `on_epoch_end(epoch, optimizer,
-    loss)` is called after each epoch (e.g. to write a checkpoint). Each epoch reseeds torch
-    and the loader's sampler with `seed + epoch`, so a resumed run repeats an uninterrupted one.
+    With a `checkpoint` file, the state after each epoch is written to it, and a run finding a
+    checkpoint there that fits `model` continues after its epoch (`finetune.checkpoint`; the
+    losses returned then include the epochs done before). Each epoch reseeds torch and the
+    loader's sampler with `seed + epoch`, so a resumed run repeats an uninterrupted one.
     """
-    if optimizer is None:
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
-        )
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    progress = restore(checkpoint, ddp.unwrap(model), optimizer)
 
     def reseed(epoch: int) -> None:
         torch.manual_seed(seed + epoch)
@@ -140,11 +140,14 @@ def finetune(
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
 
-    def checkpoint(epoch: int, loss: float) -> None:
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, optimizer, loss)
+    def epoch_done(epoch: int, loss: float) -> None:
+        progress.losses.append(loss)
+        if checkpoint is not None:
+            save(checkpoint, epoch, progress, ddp.unwrap(model), optimizer)
 
-    return fit(
-        model, loader, optimizer, epochs=config.epochs, lr=lambda epoch, _batch: step_lr(config.lr, epoch, decay=config.lr_decay),
-        device=device, start_epoch=start_epoch, on_epoch_start=reseed, on_epoch_end=checkpoint, desc="fine-tune", quiet=quiet,
+    fit(
+        model, loader, optimizer, epochs=config.epochs,
+        lr=lambda epoch, _batch: step_lr(config.lr, epoch, decay=config.lr_decay), device=device,
+        start_epoch=progress.start_epoch, on_epoch_start=reseed, on_epoch_end=epoch_done, desc="fine-tune", quiet=quiet,
     )
+    return progress.losses

@@ -11,7 +11,11 @@ The library API (what `python -m prune` and the benchmarks use)::
 
 The mid-level pieces the main job is made of are public too: `prune.load_data`,
 `prune.Surgeon` (torch-pruning surgery by channel group), `prune.select_and_prune` (layer-by-layer
-selection), `prune.count_cost` (params, MACs, FLOPs) and `prune.measure_throughput` (img/s).
+selection), `prune.count_cost` (params, MACs, FLOPs) and `prune.measure_throughput` (img/s), with
+the pieces they take and give (`DataBundle`, `embedded_data`, `class_images`, `make_loader`,
+`model_entry`, `ScoringData`, `score_group`, `lowest`, `channels_to_remove`, `collect_units`,
+`following_norm`, `Throughput`, `onnx_bytes`, `fit_embedded`/`TrainConfig`), and the command
+helpers the benchmarks use (`exit_code`; atomic `write_json`/`write_text`/`write_bytes`).
 
 Names are imported on first use, so `import prune` stays light.
 """
@@ -39,31 +43,78 @@ _EXPORTS: dict[str, str] = {
     "select_and_prune": "prune.pipeline.selection",
     "count_cost": "prune.pipeline.counting",
     "measure_throughput": "prune.pipeline.speed",
+    "Throughput": "prune.pipeline.speed",
+    "DataBundle": "prune.zoo.data",
+    "embedded_data": "prune.zoo.data",
+    "class_images": "prune.zoo.data",
+    "make_loader": "prune.zoo.data",
+    "model_entry": "prune.zoo.registry",
+    "ScoringData": "prune.pipeline.selection",
+    "score_group": "prune.pipeline.selection",
+    "lowest": "prune.pipeline.selection",
+    "channels_to_remove": "prune.pipeline.surgery",
+    "collect_units": "prune.pipeline.observe",
+    "following_norm": "prune.pipeline.observe",
+    "onnx_bytes": "prune.outputs.export",
+    "fit_embedded": "prune.zoo.train_embedded",
+    "TrainConfig": "prune.zoo.train_embedded",
+    "train_variant": "prune.zoo.train_embedded",
+    "RECIPES": "prune.zoo.train_embedded",
+    "exit_code": "prune.errors",
+    "write_json": "prune.outputs.files",
+    "write_text": "prune.outputs.files",
+    "write_bytes": "prune.outputs.files",
+    "torch_save": "prune.outputs.files",
 }
 """Public name → the module that defines it."""
 
 __all__ = [  # the names of _EXPORTS, in its order
     "__version__", "PruneConfig", "run", "PruneReport", "Measurement", "LayerResult", "list_models", "load_pruned",
     "as_tp_importance", "UsageError", "create_model", "load_data", "Surgeon", "select_and_prune", "count_cost",
-    "measure_throughput",
+    "measure_throughput", "Throughput", "DataBundle", "embedded_data", "class_images", "make_loader", "model_entry",
+    "ScoringData", "score_group", "lowest", "channels_to_remove", "collect_units", "following_norm", "onnx_bytes",
+    "fit_embedded", "TrainConfig", "train_variant", "RECIPES", "exit_code", "write_json", "write_text", "write_bytes",
+    "torch_save",
 ]
 
 if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ imports them on first use
     from prune.config import PruneConfig as PruneConfig
     from prune.errors import UsageError as UsageError
+    from prune.errors import exit_code as exit_code
     from prune.outputs.checkpoint import load_pruned as load_pruned
+    from prune.outputs.export import onnx_bytes as onnx_bytes
+    from prune.outputs.files import torch_save as torch_save
+    from prune.outputs.files import write_bytes as write_bytes
+    from prune.outputs.files import write_json as write_json
+    from prune.outputs.files import write_text as write_text
     from prune.outputs.report import LayerResult as LayerResult
     from prune.outputs.report import Measurement as Measurement
     from prune.outputs.report import PruneReport as PruneReport
     from prune.pipeline.counting import count_cost as count_cost
     from prune.pipeline.importance import as_tp_importance as as_tp_importance
+    from prune.pipeline.observe import collect_units as collect_units
+    from prune.pipeline.observe import following_norm as following_norm
     from prune.pipeline.run import run as run
+    from prune.pipeline.selection import ScoringData as ScoringData
+    from prune.pipeline.selection import lowest as lowest
+    from prune.pipeline.selection import score_group as score_group
     from prune.pipeline.selection import select_and_prune as select_and_prune
+    from prune.pipeline.speed import Throughput as Throughput
     from prune.pipeline.speed import measure_throughput as measure_throughput
     from prune.pipeline.surgery import Surgeon as Surgeon
+    from prune.pipeline.surgery import channels_to_remove as channels_to_remove
+    from prune.zoo.data import DataBundle as DataBundle
+    from prune.zoo.data import class_images as class_images
+    from prune.zoo.data import embedded_data as embedded_data
     from prune.zoo.data import load_data as load_data
+    from prune.zoo.data import make_loader as make_loader
     from prune.zoo.models import create_model as create_model
     from prune.zoo.registry import list_models as list_models
+    from prune.zoo.registry import model_entry as model_entry
+    from prune.zoo.train_embedded import RECIPES as RECIPES
+    from prune.zoo.train_embedded import TrainConfig as TrainConfig
+    from prune.zoo.train_embedded import fit_embedded as fit_embedded
+    from prune.zoo.train_embedded import train_variant as train_variant
 
 
 def __getattr__(name: str) -> Any:

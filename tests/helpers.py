@@ -1,7 +1,9 @@
-"""Small seeded data sets shared by the tests."""
+"""Small seeded data sets shared by the tests, and running a benchmark as its user does."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -9,6 +11,15 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from prune.zoo.data import DataBundle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`python -m benchmarks.<name> *args` from the checkout (benchmarks are not an installed package)."""
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
 
 _CHANNELS = {"L": 1, "RGB": 3, "RGBA": 4}
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_benchmark
 
 import scoring
 from finetune.batchnorm import recalibrate_batchnorm
@@ -134,9 +135,8 @@ def test_plain_testbed_runs_the_main_job_with_large_maps(tmp_path: Path) -> None
 
 
 def test_layer_bn_benchmark_quick(tmp_path: Path) -> None:
-    from benchmarks import layer_bn
-
-    assert layer_bn.main(["--preset", "quick", "--results", str(tmp_path)]) == 0
+    done = run_benchmark("layer_bn", "--preset", "quick", "--results", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
     runs = json.loads((tmp_path / "layer_bn-quick.json").read_text())["runs"]
     by_b = {r["batches"]: r["mean_layers_2_to_L"] for r in runs}
     assert set(by_b) == {0, 2} and by_b[2] > by_b[0]

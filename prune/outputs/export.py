@@ -50,7 +50,9 @@ def check_export(fmt: str | None) -> None:
 
 
 def onnx_bytes(model: nn.Module, *, input_size: int, opset: int = OPSET) -> bytes:
-    """`model` (eval mode) as a serialised ONNX graph: images [batch, 3, s, s] → logits [batch, K]."""
+    """`model` (eval mode) as a serialised ONNX graph: images [batch, 3, s, s] → logits [batch, K]
+    (UsageError naming the install command if onnx or onnxruntime is missing)."""
+    require_onnx()
     device = model_device(model)
     example = torch.zeros(1, 3, input_size, input_size, device=device)
     buffer = io.BytesIO()

@@ -12,9 +12,7 @@ from typing import Protocol
 
 import torch
 
-from prune.errors import UsageError
-from prune.outputs.checkpoint import read_checkpoint
-from prune.outputs.files import torch_save
+from prune.outputs.cache_file import CacheFile
 from prune.pipeline import distributed
 from prune.pipeline.surgery import PrunableGroup
 
@@ -51,7 +49,7 @@ def fits_layer(scores: object, channels: int) -> bool:
 
 
 class FileScoreStore:
-    """One file per layer, `<out>/cache/scores-<i>.pt`: read on resume, written after scoring.
+    """One file per layer, `<out>/cache/scores-<i>.pt` (a `CacheFile`): read on resume, written after scoring.
 
     Rank 0 reads and writes the files; what it finds is broadcast to every rank (all ranks call
     `get` and `put` in the same order). A file that is unreadable or does not fit its layer
@@ -61,23 +59,15 @@ class FileScoreStore:
     def __init__(self, out: Path, *, resume: bool, world: distributed.World) -> None:
         self.out, self.resume, self.world = Path(out), resume, world
 
-    def _path(self, i: int) -> Path:
-        return self.out / "cache" / f"scores-{i:03d}.pt"
+    def _file(self, i: int) -> CacheFile:
+        return CacheFile(self.out / "cache" / f"scores-{i:03d}.pt", SCORES_FORMAT, resume=self.resume, world=self.world)
 
-    def _read(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
-        path = self._path(i)
-        if not (self.world.is_main and self.resume and path.exists()):
-            return None
-        try:
-            blob = read_checkpoint(path, SCORES_FORMAT)
-        except UsageError:
+    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
+        blob = self._file(i).read()
+        if blob is None:
             return None
         scores = blob.get("scores")
         return scores if blob.get("layer") == group.name and fits_layer(scores, group.num_channels) else None
 
-    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
-        return distributed.broadcast(self._read(i, group))
-
     def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None:
-        if self.world.is_main:
-            torch_save(self._path(i), {"format": SCORES_FORMAT, "layer": group.name, "scores": scores})
+        self._file(i).write({"layer": group.name, "scores": scores})

@@ -1,4 +1,5 @@
-"""Multi-process helpers for `torchrun -m prune`: process group, rank, gather, broadcast.
+"""Multi-process helpers for `torchrun -m prune`: process group, rank, gather, broadcast, and a
+failure on one rank raised as the same exception on every rank (`main_only`, `every_rank`).
 
 Started by torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT in the
 environment) the job joins a process group (nccl on CUDA, gloo on CPU); otherwise every
@@ -10,7 +11,8 @@ processes is running is `finetune.ddp.is_distributed()` (finetune may not import
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import pickle
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -44,6 +46,22 @@ class World:
     def active(self) -> bool:
         """True when several processes take part."""
         return self.size > 1
+
+    def gather(self, obj: T) -> list[T]:
+        """Every process's `obj`, in rank order, on every process (picklable objects)."""
+        if not is_distributed():
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: T, src: int = 0) -> T:
+        """Process `src`'s `obj` on every process."""
+        if not is_distributed():
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
 
 
 SINGLE = World()
@@ -108,24 +126,57 @@ def barrier() -> None:
         dist.barrier()
 
 
-def gather(obj: T) -> list[T]:
-    """Every process's `obj`, in rank order, on every process (picklable objects)."""
-    if not is_distributed():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast(obj: T, src: int = 0) -> T:
-    """Process `src`'s `obj` on every process."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def shard(items: Sequence[T], world: World) -> list[T]:
     """This rank's share of `items` (round-robin: items rank, rank + size, ...)."""
     return list(items[world.rank :: world.size])
+
+
+# ---------------------------------------------------------------- one failure, raised on every rank
+
+
+def _portable(exc: Exception) -> Exception:
+    """`exc` if it can travel to another process as itself (pickled: same type and message),
+    else a RuntimeError naming its type and message."""
+    try:
+        copy = pickle.loads(pickle.dumps(exc))
+        if type(copy) is type(exc) and str(copy) == str(exc):
+            return exc
+    except Exception:  # noqa: BLE001 - any exception that does not pickle travels as a RuntimeError
+        pass
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _raise_first(errors: Sequence[Exception | None], mine: Exception | None, rank: int) -> None:
+    """Raise the first of `errors` (index = rank) that is not None: where that rank is this one
+    (`rank`), its own exception `mine` with its traceback, else the copy received."""
+    failed = [i for i, error in enumerate(errors) if error is not None]
+    if failed:
+        raise mine if failed[0] == rank else errors[failed[0]]
+
+
+def main_only(fn: Callable[[], T], world: World) -> T | None:
+    """`fn()` run on rank 0 only (its result there, None on the other ranks). If it raises, every
+    rank raises that exception (same type and message), so no rank is left waiting and a
+    UsageError stays a UsageError. All ranks call this together."""
+    result, mine = None, None
+    if world.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # raised on every rank below
+            mine = exc
+    _raise_first([world.broadcast(None if mine is None else _portable(mine))], mine, world.rank)
+    return result
+
+
+def every_rank(fn: Callable[[], T], world: World) -> list[T]:
+    """`fn()` run on every rank; every rank's result in rank order, on every rank. If it raises
+    on any rank, every rank raises the first failing rank's exception (same type and message).
+    All ranks call this together."""
+    result, mine = None, None
+    try:
+        result = fn()
+    except Exception as exc:  # raised on every rank below
+        mine = exc
+    outcomes = world.gather((result, None if mine is None else _portable(mine)))
+    _raise_first([error for _, error in outcomes], mine, world.rank)
+    return [value for value, _ in outcomes]

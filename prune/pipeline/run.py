@@ -20,15 +20,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import scoring
-from finetune import ddp
+from finetune import checkpoint, ddp
 from finetune.batchnorm import recalibrate_batchnorm
 from finetune.metrics import Evaluation, evaluate
 from finetune.train import FinetuneConfig, finetune
 from prune.config import PruneConfig, check_type
 from prune.errors import UsageError, usage_errors
-from prune.outputs.checkpoint import read_checkpoint, save_pruned
+from prune.outputs.cache_file import CacheFile
+from prune.outputs.checkpoint import save_pruned
 from prune.outputs.export import check_export, export_onnx
-from prune.outputs.files import torch_save, write_json
+from prune.outputs.files import write_json
 from prune.outputs.outdir import Claim, claim, locked
 from prune.outputs.outdir import check as check_out
 from prune.outputs.report import Measurement, PruneReport, write_report
@@ -50,11 +51,10 @@ from prune.zoo.data import (
     make_loader,
     unreadable_counts,
 )
-from prune.zoo.models import ModelSpec, check_model_name, create_model, state_dict_mismatch
+from prune.zoo.models import ModelSpec, check_model_name, create_model
 from scoring.hooks import forward_hooks
 from scoring.model_state import model_device
 
-FINETUNE_FORMAT = "topoprune/finetune-state/v1"
 PROBE_IMAGES = 4
 """Scoring images per class forwarded through the whole model to find NaN/Inf early."""
 
@@ -177,53 +177,19 @@ def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: tor
     )
 
 
-def _finetune_state(path: Path, ctx: RunContext, model: nn.Module) -> dict | None:
-    """The last fine-tuning checkpoint (read by rank 0, broadcast to all), or None (also when
-    it does not fit `model`: fine-tuning then starts again)."""
-    state = None
-    if ctx.world.is_main and ctx.resume and path.exists():
-        try:
-            state = read_checkpoint(path, FINETUNE_FORMAT)
-        except UsageError:
-            state = None
-        if state is not None and (state_dict_mismatch(model, state.get("model")) is not None
-                                  or not isinstance(state.get("optimizer"), dict)):
-            state = None
-    return distributed.broadcast(state)
-
-
 def _finetune(model: nn.Module, train: Dataset, config: PruneConfig, ctx: RunContext) -> list[float]:
-    """Fine-tune with a checkpoint after each epoch (rank 0 writes it); resume from it if present.
+    """Fine-tune with a checkpoint after each epoch in --out/cache/finetune.pt (rank 0 writes it),
+    resuming from it if present; the mean loss of every epoch.
 
     Under torchrun the model is wrapped in DistributedDataParallel and each rank trains on
     its DistributedSampler share of the training set.
     """
     ft = FinetuneConfig(epochs=config.epochs, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    path = ctx.out / "cache" / "finetune.pt"
-    state = _finetune_state(path, ctx, model)
-    if state is not None:
-        model.load_state_dict(state["model"])
-    net = ddp.wrap(model, ctx.device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=ft.lr, momentum=ft.momentum, weight_decay=ft.weight_decay)
-    start, losses = 0, []
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        start, losses = int(state["epoch"]) + 1, list(state["losses"])
-
-    def checkpoint(epoch: int, opt: torch.optim.Optimizer, loss: float) -> None:
-        losses.append(loss)
-        if ctx.world.is_main:
-            torch_save(
-                path,
-                {"format": FINETUNE_FORMAT, "epoch": epoch, "losses": losses,
-                 "model": model.state_dict(), "optimizer": opt.state_dict()},
-            )
-
+    file = CacheFile(ctx.out / "cache" / "finetune.pt", checkpoint.FORMAT, resume=ctx.resume, world=ctx.world)
     sampler = ddp.sampler(train, seed=config.seed)
     loader = make_loader(train, batch_size=config.batch_size, shuffle=True, seed=config.seed, sampler=sampler)
-    finetune(net, loader, config=ft, device=ctx.device, quiet=ctx.quiet, start_epoch=start, optimizer=optimizer,
-             on_epoch_end=checkpoint, seed=config.seed)
-    return losses
+    return finetune(ddp.wrap(model, ctx.device), loader, config=ft, device=ctx.device, quiet=ctx.quiet,
+                    seed=config.seed, checkpoint=file)
 
 
 @torch.no_grad()
@@ -347,19 +313,15 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
 def _claim(out: Path, config: PruneConfig, data: DataBundle, overwrite: bool, world: distributed.World,
            stack: ExitStack) -> tuple[Claim | None, bool]:
     """Rank 0 locks and claims `out` (the lock is released when `stack` closes); every rank
-    learns whether to resume (or gets rank 0's UsageError)."""
-    result: Claim | str | None = None
-    if world.is_main:
-        try:
-            inputs = inputs_fingerprint(config, data)
-            stack.enter_context(locked(out))
-            result = claim(out, config.fingerprint(), overwrite=overwrite, processes=world.size, inputs=inputs)
-        except UsageError as exc:
-            result = str(exc)
-    shared = distributed.broadcast(result if isinstance(result, str) else result is not None and result.resume)
-    if isinstance(shared, str):
-        raise UsageError(shared)
-    return (result if isinstance(result, Claim) else None), bool(shared)
+    learns whether to resume (or raises rank 0's error)."""
+
+    def lock_and_claim() -> Claim:
+        inputs = inputs_fingerprint(config, data)
+        stack.enter_context(locked(out))
+        return claim(out, config.fingerprint(), overwrite=overwrite, processes=world.size, inputs=inputs)
+
+    claimed = distributed.main_only(lock_and_claim, world)
+    return claimed, bool(world.broadcast(claimed is not None and claimed.resume))
 
 
 def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet: bool = False,

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 import scoring
 from finetune.metrics import predict
-from prune.errors import UsageError
 from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
 from prune.pipeline import distributed
@@ -98,19 +97,11 @@ def _sharded_scores(
 ) -> torch.Tensor:
     """Scores [C] with this rank's classes scored here and the states gathered from all ranks.
 
-    A failure on any rank is raised on every rank (no rank is left waiting).
+    A failure on any rank is raised on every rank, as the same exception (no rank is left waiting).
     """
-    mine: list[tuple[int, Any]] = []
-    error: tuple[bool, str] | None = None
-    try:
-        mine = class_states(scorer, layer, source, distributed.shard(source.classes, world))
-    except Exception as exc:  # reported to every rank below
-        error = (isinstance(exc, (UsageError, ValueError)), str(exc))
-    gathered = distributed.gather((mine, error))
-    for _, err in gathered:
-        if err is not None:
-            raise (UsageError if err[0] else RuntimeError)(err[1])
-    states = {cls: state for part, _ in gathered for cls, state in part}
+    gathered = distributed.every_rank(
+        lambda: class_states(scorer, layer, source, distributed.shard(source.classes, world)), world)
+    states = {cls: state for part in gathered for cls, state in part}
     return merged_scores(scorer, layer, states, source.classes)
 
 

@@ -225,6 +225,28 @@ def unreadable_counts(data: DataBundle) -> dict[str, int]:
     return {name: len(getattr(split, "skipped", ())) for name, split in (("train", data.train), ("val", data.val))}
 
 
+def embedded_data(*, input_size: int | None = None, train_per_class: int | None = None,
+                  val_per_class: int | None = None) -> DataBundle:
+    """The generated shapes10 set (what `load_data(None)` gives), normalised, at `input_size`
+    (default: the embedded model's 32); `*_per_class` shrink a split (default: its full size)."""
+    from prune.zoo.embedded_model import EMBEDDED_INPUT_SIZE
+    from prune.zoo.shapes import CLASSES, MIN_SIZE, make_shapes
+
+    size = input_size or EMBEDDED_INPUT_SIZE
+    if size < MIN_SIZE:
+        raise UsageError(f"--input-size {size} is too small for the generated shapes10 data (it draws images of "
+                         f"at least {MIN_SIZE} pixels); pass --input-size {MIN_SIZE} or more, or --data with "
+                         "your own images")
+    train = make_shapes("train", per_class=train_per_class, size=size)
+    return DataBundle(
+        train=train,
+        val=make_shapes("test", per_class=val_per_class, size=size),
+        classes=tuple(CLASSES),
+        train_targets=tuple(int(t) for t in train.tensors[1]),
+        input_size=size,
+    )
+
+
 def load_data(root: str | None, *, input_size: int | None = None, model: str = "embedded") -> DataBundle:
     """The data `--data` names, for `model`: the embedded set (None, unless the model's entry
     names its own default data), Fashion-MNIST (`fashion-mnist[:<dir>]`, prune.zoo.fashion) or
@@ -249,20 +271,7 @@ def load_data(root: str | None, *, input_size: int | None = None, model: str = "
         )
     size = input_size or (EMBEDDED_INPUT_SIZE if root is None else entry.input_size)
     if root is None:
-        from prune.zoo.shapes import CLASSES, MIN_SIZE, make_shapes
-
-        if size < MIN_SIZE:
-            raise UsageError(f"--input-size {size} is too small for the generated shapes10 data (it draws images of "
-                             f"at least {MIN_SIZE} pixels); pass --input-size {MIN_SIZE} or more, or --data with "
-                             "your own images")
-        train = make_shapes("train", size=size)
-        return DataBundle(
-            train=train,
-            val=make_shapes("test", size=size),
-            classes=tuple(CLASSES),
-            train_targets=tuple(int(t) for t in train.tensors[1]),
-            input_size=size,
-        )
+        return embedded_data(input_size=size)
     base = Path(root)
     if not base.is_dir():
         raise UsageError(f"data path {base} does not exist; pass an ImageFolder root with train/ and val/")

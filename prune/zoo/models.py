@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from finetune.checkpoint import state_dict_mismatch
 from prune.errors import UsageError
 from prune.zoo.registry import ModelEntry, model_entry
 
@@ -25,29 +26,6 @@ class ModelSpec:
 def check_model_name(name: str) -> None:
     """UsageError (listing the known names and the nearest ones) unless the registry knows `name`."""
     model_entry(name)
-
-
-def state_dict_mismatch(model: nn.Module, state: object) -> str | None:
-    """Why `state` is not a state_dict of `model`: the first missing or unexpected key or
-    mismatched shape (with how many more there are), or None if every key and shape fits.
-
-    Missing BatchNorm `num_batches_tracked` counters are allowed (torch fills them in).
-    """
-    if not isinstance(state, dict):
-        return f"it holds a {type(state).__name__}, not a state_dict"
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong = [k for k in expected if k in state and getattr(state[k], "shape", None) != expected[k].shape]
-    problems = [f"missing key {k!r}" for k in missing] + [f"unexpected key {k!r}" for k in unexpected]
-    problems += [
-        f"key {k!r} has shape {tuple(getattr(state[k], 'shape', ()))} but the model's is {tuple(expected[k].shape)}"
-        if isinstance(state[k], torch.Tensor) else f"key {k!r} holds a {type(state[k]).__name__}, not a tensor"
-        for k in wrong
-    ]
-    if not problems:
-        return None
-    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
 
 
 REAL_DTYPES = frozenset({

@@ -36,7 +36,7 @@ from prune.zoo.embedded_model import VARIANTS, EmbeddedVGG
 from prune.zoo.models import create_model
 from prune.zoo.shapes import DEFAULT_PER_CLASS, make_shapes
 
-__all__ = ["TrainConfig", "augment_flips", "fit_embedded", "main", "train"]
+__all__ = ["RECIPES", "TrainConfig", "Trained", "augment_flips", "fit_embedded", "main", "train", "train_variant"]
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,41 @@ def train(
     vertical = VARIANTS[variant].dataset == "shapes10"
     fit_embedded(model, images, labels, config=config, vertical_flips=vertical, quiet=quiet)
     return model.eval()
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A model trained by `train_variant` (eval mode) and its record: recipe, image counts and
+    side, test top-1 in [0, 1], training seconds."""
+
+    model: EmbeddedVGG
+    config: TrainConfig
+    input_size: int
+    train_images: int
+    test_images: int
+    test_top1: float
+    seconds: float
+
+
+def train_variant(variant: str, *, input_size: int | None = None, per_class: int | None = None,
+                  epochs: int | None = None, seed: int = 0, data: str | None = None, quiet: bool = False) -> Trained:
+    """Train the embedded model `variant` from scratch with its recipe (`RECIPES`; `epochs` overrides
+    its length), deterministic on CPU for a given thread count, on its data at `input_size`
+    (shapes10 models only; default the model's side) and evaluate it on the test split."""
+    train_set, test_set = training_data(variant, per_class=per_class, seed=seed, data=data, input_size=input_size)
+    recipe = RECIPES[variant]
+    config = replace(recipe, epochs=epochs or recipe.epochs, seed=seed)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    start = time.perf_counter()
+    try:
+        model = train(data=train_set, config=config, quiet=quiet, variant=variant)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    seconds = time.perf_counter() - start
+    top1 = evaluate(model, in_order(*test_set.tensors, batch_size=500)).top1
+    return Trained(model=model, config=config, input_size=int(train_set.tensors[0].shape[-1]),
+                   train_images=len(train_set), test_images=len(test_set), test_top1=top1, seconds=round(seconds, 1))
 
 
 def _balanced_head(dataset, per_class: int | None) -> list[int]:
@@ -204,27 +239,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
-        train_set, test_set = training_data(args.model, per_class=args.per_class, seed=args.seed, data=args.data,
-                                           input_size=args.input_size)
+        trained = train_variant(args.model, input_size=args.input_size, per_class=args.per_class, epochs=args.epochs,
+                                seed=args.seed, data=args.data, quiet=args.quiet)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    recipe = RECIPES[args.model]
-    config = replace(recipe, epochs=args.epochs or recipe.epochs, seed=args.seed)
     out = args.out or VARIANTS[args.model].weights
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    start = time.perf_counter()
-    try:
-        model = train(data=train_set, config=config, quiet=args.quiet, variant=args.model)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-    seconds = time.perf_counter() - start
-    top1 = evaluate(model, in_order(*test_set.tensors, batch_size=500)).top1
-    torch_save(out, model.state_dict())
+    torch_save(out, trained.model.state_dict())
     print(
-        f"{args.model}: test top-1 {100 * top1:.2f}% on {len(test_set)} images; trained {config.epochs} epochs "
-        f"on {len(train_set)} images of side {train_set.tensors[0].shape[-1]} in {seconds:.0f}s with {torch.get_num_threads()} threads; wrote {out}"
+        f"{args.model}: test top-1 {100 * trained.test_top1:.2f}% on {trained.test_images} images; trained "
+        f"{trained.config.epochs} epochs on {trained.train_images} images of side {trained.input_size} in "
+        f"{trained.seconds:.0f}s with {torch.get_num_threads()} threads; wrote {out}"
     )
     return 0
 
