@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from helpers import small_data
 from torch import nn
 
 import scoring
 from benchmarks import criteria
 from benchmarks.tail import LayerTail
+from prune import DataBundle
 
 CONTRIBUTIONS = torch.tensor([0.5, 3.0, 1.0, 2.0, 0.1, 4.0, 1.5, 2.5])
 """Channel c adds CONTRIBUTIONS[c] × (mean image value) to the true class's logit."""
@@ -146,12 +146,20 @@ def test_quick_map_size_study_trains_a_network_per_side_and_keeps_what_it_finish
     assert weights.stat().st_mtime_ns == stamp
 
 
+def random_data(classes: int, per_class: int, size: int) -> DataBundle:
+    """Seeded random images [3, size, size], `per_class` of each class, as both splits."""
+    x = torch.randn(classes * per_class, 3, size, size, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(classes).repeat_interleave(per_class)
+    split = torch.utils.data.TensorDataset(x, y)
+    return DataBundle(split, split, tuple(f"c{i}" for i in range(classes)), tuple(y.tolist()), size)
+
+
 def test_the_random_controls_interval_includes_its_own_draws():
     """A seeded scorer draws anew in each bootstrap replicate: the interval of `random` on a
     layer whose oracle is known spans both signs (one fixed draw would give a narrow band)."""
     settings = criteria.Settings(samples_per_class=3, bootstrap=30, random_draws=2, seed=0)
     net = known_net(torch.ones(8), CONTRIBUTIONS)
-    data = small_data(classes=2, per_class=10, size=4)
+    data = random_data(classes=2, per_class=10, size=4)
     images = (torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(0)) + 0.1) * 0.02  # small margins
     rows, _ = criteria.layer_rows(settings, "t", net, data, (images, torch.zeros(6, dtype=torch.long)), "0", net[0],
                                   [criteria.arm_of("random")])

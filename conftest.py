@@ -1,4 +1,4 @@
-"""Shared fixtures."""
+"""Fixtures shared by the library tests (tests/) and the benchmark tests (benchmarks/tests/)."""
 
 import pytest
 import torch
