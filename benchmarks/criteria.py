@@ -265,21 +265,50 @@ def testbed_setup(s: Settings, testbed: Testbed) -> Setup:
                                          seed=s.seed, quick=s.quick, quiet=s.quiet))
 
 
+class LayerProgress:
+    """The finished layers of a run in progress, kept in `<path>.partial.json` after each layer, so
+    a restart with the same settings continues with the next layer (each layer's result depends
+    only on the settings: its draws are seeded per layer). Removed when the run is written."""
+
+    def __init__(self, path: Path, key: dict) -> None:
+        self.path = path.with_name(path.stem + ".partial.json")
+        self.key = key
+        saved = json.loads(self.path.read_text()) if self.path.exists() else {}
+        same = saved.get("key") == json.loads(json.dumps(key))
+        self.layers: dict[str, object] = saved.get("layers", {}) if same else {}
+        self.earlier_seconds: float = saved.get("seconds", 0.0) if same else 0.0
+        self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Wall seconds over every attempt."""
+        return round(self.earlier_seconds + time.perf_counter() - self.started, 1)
+
+    def put(self, layer: str, value: object) -> None:
+        self.layers[layer] = value
+        write_json(self.path, {"key": self.key, "layers": self.layers, "seconds": self.seconds()})
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def run_testbed(s: Settings, testbed: Testbed, path: Path | None = None) -> dict:
-    """Every layer × arm of one testbed; written to `path` (default runs_dir/<name>.json)."""
+    """Every layer × arm of one testbed; written to `path` (default runs_dir/<name>.json);
+    resumes layer by layer (`LayerProgress`)."""
+    path = path or s.runs_dir / f"{testbed.name}.json"
     setup = testbed_setup(s, testbed)
     model = setup.model.eval()
     arms = [arm_of(a) for a in s.arms if applies(a, testbed.model)]
-    started = time.perf_counter()
-    rows, layers = [], []
+    progress = LayerProgress(path, {"settings": settings_json(s), "model": settings_json(testbed)})
     for name, conv in tqdm(conv_layers(model), desc=testbed.name, disable=s.quiet):
-        mine, layer = layer_rows(s, testbed.name, model, setup.data, setup.test, name, conv, arms)
-        rows += mine
-        layers.append(layer)
+        if name not in progress.layers:
+            progress.put(name, layer_rows(s, testbed.name, model, setup.data, setup.test, name, conv, arms))
+    done = [progress.layers[name] for name, _ in conv_layers(model)]
     result = {"testbed": testbed.name, "model": settings_json(testbed), "settings": settings_json(s),
               "machine": machine(), "oracle_images": len(setup.test[1]), "input_size": setup.data.input_size,
-              "seconds": round(time.perf_counter() - started, 1), "rows": rows, "layers": layers}
-    write_json(path or s.runs_dir / f"{testbed.name}.json", result)
+              "seconds": progress.seconds(), "rows": [r for rows, _ in done for r in rows],
+              "layers": [layer for _, layer in done]}
+    write_json(path, result)
+    progress.done()
     return result
 
 
@@ -289,10 +318,13 @@ def run_n_study(s: Settings, testbed: Testbed) -> dict:
     setup = testbed_setup(s, testbed)
     model, (images, labels) = setup.model.eval(), setup.test
     arms = [arm_of(a) for a in s.n_study_arms if applies(a, testbed.model)]
-    started = time.perf_counter()
-    entries = []
-    for name, conv in tqdm(conv_layers(model), desc=f"N study {testbed}", disable=s.quiet):
+    path = s.runs_dir / f"n-study-{testbed.name}.json"
+    progress = LayerProgress(path, {"settings": settings_json(s), "model": settings_json(testbed), "n_study": True})
+    for name, conv in tqdm(conv_layers(model), desc=f"N study {testbed.name}", disable=s.quiet):
+        if name in progress.layers:
+            continue
         oracle = oracle_losses(LayerTail(model, conv, images), labels, conv.out_channels).mean(1)
+        entries = []
         for n in s.n_study:
             pool = [class_batch(model, conv, name, setup.data, c, 2 * n, seed=s.seed)
                     for c in range(len(setup.data.classes))]
@@ -300,14 +332,17 @@ def run_n_study(s: Settings, testbed: Testbed) -> dict:
             for arm in arms:
                 data_driven = scoring.scorer_info(arm.scorer).needs_data
                 entries.append({
-                    "testbed": testbed.name, "input_size": setup.data.input_size, "n": n, "layer": name, "map_size": int(first[0].activations.shape[-1]),
-                    "scorer": arm.name, "rho": spearman(score(arm, model, conv, name, first, s.seed), oracle),
+                    "testbed": testbed.name, "input_size": setup.data.input_size, "n": n, "layer": name,
+                    "map_size": int(first[0].activations.shape[-1]), "scorer": arm.name,
+                    "rho": spearman(score(arm, model, conv, name, first, s.seed), oracle),
                     "split_half": split_half(arm, model, conv, name, pool, n, s.seed) if data_driven else None,
                 })
+        progress.put(name, entries)
     result = {"testbed": testbed.name, "model": settings_json(testbed), "settings": settings_json(s),
-              "machine": machine(), "oracle_images": len(labels), "seconds": round(time.perf_counter() - started, 1),
-              "entries": entries}
-    write_json(s.runs_dir / f"n-study-{testbed.name}.json", result)
+              "machine": machine(), "oracle_images": len(labels), "seconds": progress.seconds(),
+              "entries": [e for name, _ in conv_layers(model) for e in progress.layers[name]]}
+    write_json(path, result)
+    progress.done()
     return result
 
 
@@ -398,7 +433,8 @@ def plot(results: list[dict], path: Path) -> None:
 def report(s: Settings) -> dict:
     """criteria.json / .md / -rho.png (and the studies' plots) from the finished runs."""
     results = [json.loads(p.read_text()) for tb in s.testbeds if (p := s.runs_dir / f"{tb}.json").exists()]
-    n_study = [e for p in sorted(s.runs_dir.glob("n-study-*.json")) for e in json.loads(p.read_text())["entries"]]
+    n_study = [e for p in sorted(s.runs_dir.glob("n-study-*.json")) if not p.name.endswith(".partial.json")
+               for e in json.loads(p.read_text())["entries"]]
     map_study = map_size.finished(s)
     summary = {"machine": machine(), "settings": settings_json(s), "rows": [r for res in results for r in res["rows"]],
                "layers": [layer for res in results for layer in res["layers"]],

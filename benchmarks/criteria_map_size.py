@@ -143,7 +143,8 @@ def run_study(s: Settings, measure: Measure) -> list[dict]:
 def finished(s: Settings) -> list[dict]:
     """The entries of the sides already finished (no work)."""
     out = []
-    for path in sorted(folder(s).glob(f"{MODEL}-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1])):
+    done = [p for p in folder(s).glob(f"{MODEL}-*.json") if p.stem.rsplit("-", 1)[1].isdigit()]  # not .partial
+    for path in sorted(done, key=lambda p: int(p.stem.rsplit("-", 1)[1])):
         result = json.loads(path.read_text())
         out += entries(result, model_top1(s, result["input_size"]))
     return out

@@ -146,6 +146,16 @@ def test_quick_map_size_study_trains_a_network_per_side_and_keeps_what_it_finish
     assert weights.stat().st_mtime_ns == stamp
 
 
+def test_layer_progress_keeps_finished_layers_for_the_same_settings_only(tmp_path):
+    path = tmp_path / "t.json"
+    first = criteria.LayerProgress(path, {"settings": {"seed": 0}})
+    first.put("features.0", [[{"rho": 0.5}], {"layer": "features.0"}])
+    assert criteria.LayerProgress(path, {"settings": {"seed": 0}}).layers == first.layers
+    assert criteria.LayerProgress(path, {"settings": {"seed": 1}}).layers == {}  # other settings: start again
+    first.done()
+    assert not (tmp_path / "t.partial.json").exists()
+
+
 def random_data(classes: int, per_class: int, size: int) -> DataBundle:
     """Seeded random images [3, size, size], `per_class` of each class, as both splits."""
     x = torch.randn(classes * per_class, 3, size, size, generator=torch.Generator().manual_seed(0))
