@@ -101,6 +101,8 @@ class BudgetResult:
     achieved_flops: float
     speedup: float | None = None
     note: str = ""
+    final_speedup: float | None = None
+    """Speed target only: the final network against an unpruned copy, measured as `speedup` at the end."""
 
     def as_dict(self) -> dict[str, Any]:
         """report.json's "budget"."""
@@ -244,7 +246,8 @@ def _budget_lines(budget: dict | None) -> list[str]:
     if budget is None:
         return []
     speed = "" if budget["speedup"] is None else (
-        f" Speed-up measured while planning: {budget['speedup']:.2f} (target {budget['target_speedup']:g}).")
+        f" Speed-up measured while planning: {budget['speedup']:.2f} (target {budget['target_speedup']:g}); "
+        f"final network against an unpruned copy: {budget['final_speedup']:.2f}.")
     note = f" {budget['note']}." if budget["note"] else ""
     return [f"Budget: `{budget['allocation']}` allocation for {budget['flops_target']:.4f} of the unpruned FLOPs "
             f"(target {budget['target_flops'] if budget['target_flops'] is not None else '—'}, at most "

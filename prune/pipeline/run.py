@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -38,7 +39,7 @@ from prune.pipeline.budget import Plan, Planning, planned
 from prune.pipeline.counting import count_cost
 from prune.pipeline.provenance import inputs_fingerprint
 from prune.pipeline.selection import ScoringData, select_and_prune
-from prune.pipeline.speed import device_name, measure_throughput
+from prune.pipeline.speed import device_name, measure_speedup, measure_throughput
 from prune.pipeline.surgery import Surgeon
 from prune.version import __version__
 from prune.zoo.data import (
@@ -462,6 +463,7 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
     if config.has_target:
         with _timed(timings, "plan"):
             plan = _plan(config, loaded, ctx)
+    unpruned = copy.deepcopy(loaded.model) if main and config.target_speedup is not None else None
     with _timed(timings, "select_and_prune"):
         decisions = _select_and_prune(config, loaded, ctx, plan)
     with _timed(timings, "evaluate_pruned"):
@@ -478,6 +480,8 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
         return None
     with _timed(timings, "evaluate_after"):
         after = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet)
+    final_speedup = None if unpruned is None else measure_speedup(
+        loaded.model, unpruned, input_size=loaded.data.input_size, device=ctx.device)
     report = PruneReport(
         settings=config,
         processes=ctx.world.size,
@@ -493,7 +497,7 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
         timings=dict(timings),
         versions=versions(),
         device=device_name(ctx.device),
-        budget=None if plan is None else _budget_result(config, plan, before, after),
+        budget=None if plan is None else _budget_result(config, plan, before, after, final_speedup),
     )
     _write_outputs(config, loaded, ctx, decisions, report, export)
     return report
@@ -520,11 +524,14 @@ def _plan(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> Plan:
     return plan
 
 
-def _budget_result(config: PruneConfig, plan: Plan, before: Measurement, after: Measurement) -> BudgetResult:
+def _budget_result(config: PruneConfig, plan: Plan, before: Measurement, after: Measurement,
+                   final_speedup: float | None) -> BudgetResult:
+    """The report's budget (`final_speedup`: the final network against an unpruned copy, speed target only)."""
     return BudgetResult(
         allocation=config.allocation, target_flops=config.target_flops, target_speedup=config.target_speedup,
         max_layer_ratio=config.max_layer_ratio, ratios=plan.ratios, flops_target=plan.flops_target,
         achieved_flops=after.flops / before.flops, speedup=plan.speedup, note=plan.note,
+        final_speedup=final_speedup,
     )
 
 

@@ -102,7 +102,7 @@ def measure_throughput(
 
 
 def measure_speedup(model: nn.Module, baseline: nn.Module, *, input_size: int, device: str | torch.device = "cpu",
-                    batch_size: int = 32, repeats: int = 3) -> float:
+                    batch_size: int = 32, repeats: int = 5) -> float:
     """img/s of `model` over img/s of `baseline` (`measure_throughput`, batch `batch_size`),
     measured alternately `repeats` times in this process; the median ratio."""
     ratios = []
