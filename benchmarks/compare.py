@@ -36,7 +36,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
@@ -200,9 +200,10 @@ def load_runs(settings: Settings) -> list[dict]:
     return runs
 
 
-def run_seeds(settings: Settings, seeds: dict[tuple[str, str], int]) -> None:
+def run_seeds(settings: Settings, seeds: dict[tuple[str, str], int], job: Callable[..., dict] = run_one) -> None:
     """Run every missing (testbed, arm, seed) for seed < seeds[testbed, arm], `settings.jobs`
-    processes at a time."""
+    processes at a time; `job(settings, testbed, arm, seed)` runs one (a module-level function)
+    and returns its entry, with the keys printed below."""
     todo = sorted(
         ((testbed, arm, seed) for (testbed, arm), n in seeds.items() for seed in range(n)
          if not run_path(settings, testbed, arm, seed).exists()),
@@ -212,7 +213,7 @@ def run_seeds(settings: Settings, seeds: dict[tuple[str, str], int]) -> None:
         return
     print(f"{len(todo)} runs to do", flush=True)
     with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_one, settings, *job): job for job in todo}
+        futures = {pool.submit(job, settings, *one): one for one in todo}
         for done, future in enumerate(futures, 1):
             r = future.result()
             print(f"[{done}/{len(todo)}] {r['testbed']:15s} {r['scorer']:16s} seed {r['seed']:2d}: pruned "
