@@ -20,41 +20,40 @@ against the achieved FLOPs fraction).
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import prune
-from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure, settings_json
-from benchmarks.compare import fmt, load_runs, mean_ci, paired, removed_digest, run_path, run_seeds, summarise
-from prune import PruneConfig
+from benchmarks.common import markdown_table, new_figure, save_figure
+from benchmarks.compare import (
+    Study,
+    fmt,
+    load_runs,
+    mean_ci,
+    paired,
+    run_main_job,
+    run_path,
+    run_seeds,
+    study_config,
+    summarise,
+    write_summary,
+)
 from prune.config import ALLOCATIONS
 from prune.errors import exit_code
-from prune.outputs.files import write_json, write_text
+from prune.outputs.files import write_json
 
 BASELINE = "uniform"
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(Study):
     """What the budget benchmark runs (frozen; `quick` and `full` presets below)."""
 
     testbeds: tuple[str, ...] = ("fashion-plain", "embedded")
+    train_images: tuple[tuple[str, int], ...] = (("fashion-plain", 10_000),)
+    name: str = "budget"
     allocations: tuple[str, ...] = ALLOCATIONS
     scorers: tuple[str, ...] = ("l1", "entropy", "tp-fpgm")
     target_flops: float = 0.25
-    train_images: tuple[tuple[str, int], ...] = (("fashion-plain", 10_000),)
-    samples_per_class: int = 100
-    epochs: int = 3
-    seeds: int = 10
-    jobs: int = 2
-    results: Path = RESULTS
-    name: str = "budget"
-
-    @property
-    def runs_dir(self) -> Path:
-        return self.results / self.name
 
     def arms_of(self, testbed: str) -> tuple[str, ...]:
         """Every `<allocation>-<scorer>` arm (the same on every testbed)."""
@@ -81,32 +80,12 @@ def split_arm(arm: str) -> tuple[str, str]:
 def run_one(settings: Settings, testbed: str, arm: str, seed: int) -> dict:
     """One main job on one thread; writes and returns its result entry ("scorer" holds the arm's name,
     as benchmarks.compare's statistics read it)."""
-    import torch
-
-    torch.set_num_threads(1)
     allocation, scorer = split_arm(arm)
-    config = PruneConfig(
-        model=testbed, target_flops=settings.target_flops, allocation=allocation, scorer=scorer,
-        samples_per_class=settings.samples_per_class, epochs=settings.epochs, finetune=settings.epochs > 0,
-        train_images=dict(settings.train_images).get(testbed), seed=seed,
-    )
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        report = prune.run(config, out=Path(tmp) / "out", quiet=True)
-    entry = {
-        "testbed": testbed, "scorer": arm, "allocation": allocation, "criterion": scorer, "seed": seed,
-        "top1": report.after.top1,
-        "top1_pruned": report.pruned_before_finetune.top1,
-        "top1_pruned_bn": report.pruned_bn_reestimated.top1,
-        "top1_unpruned": report.before.top1,
-        "flops_fraction": report.budget.achieved_flops,
-        "ratios": list(report.budget.ratios),
-        "removed_sha256": removed_digest(report.layers),
-        "params": report.after.params,
-        "flops": report.after.flops,
-        "seconds": round(time.perf_counter() - start, 1),
-        "settings": config.as_dict(),
-    }
+    config = study_config(settings, testbed, seed, target_flops=settings.target_flops, allocation=allocation,
+                          scorer=scorer)
+    report, entry = run_main_job(config, arm)
+    entry.update(allocation=allocation, criterion=scorer, flops_fraction=report.budget.achieved_flops,
+                 ratios=list(report.budget.ratios))
     write_json(run_path(settings, testbed, arm, seed), entry)
     return entry
 
@@ -162,14 +141,7 @@ def report(settings: Settings) -> dict:
     for tb in settings.testbeds:
         text += [f"## {tb}", "", table([r for r in rows if r["testbed"] == tb], [d for d in diffs
                                                                                  if d["testbed"] == tb]), ""]
-    summary = {"machine": machine(), "settings": settings_json(settings), "rows": rows, "paired": diffs,
-               "runs": runs}
-    write_json(settings.results / f"{settings.name}.json", summary)
-    write_text(settings.results / f"{settings.name}.md", "\n".join(text))
-    if rows:
-        plot(rows, settings.results / f"{settings.name}.png")
-    print("\n".join(text))
-    return summary
+    return write_summary(settings, {"rows": rows, "paired": diffs, "runs": runs}, text, plot)
 
 
 def parse(argv: list[str] | None) -> tuple[Settings, bool]:
