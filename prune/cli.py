@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weights", default=None, help="checkpoint path (state_dict) or torchvision weights name (IMAGENET1K_V1); "
       "default: the shipped weights for 'embedded' and 'embedded-plain', random init otherwise")
     a("--data", default=None, help="ImageFolder root with train/ and val/ class folders; default: embedded shapes set")
-    a("--ratio", type=float, default=None,
+    a("--ratio", type=float, default=argparse.SUPPRESS,
       help=f"fraction of channels removed at each prunable conv, in [0, 1) (default {DEFAULTS.ratio}; "
       "not with a target)")
     a("--target-flops", type=float, default=None, metavar="F",
@@ -109,11 +109,12 @@ def scorer_options(scorer: str, pairs: list[str]) -> tuple[tuple[str, object], .
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
     """The PruneConfig of parsed flags; `--data` is normalised (`d/` and `./d` are `d`)."""
     data = os.path.normpath(args.data) if args.data else args.data
-    if args.ratio is not None and (args.target_flops is not None or args.target_speedup is not None):
+    ratio = getattr(args, "ratio", None)  # absent unless given
+    if ratio is not None and (args.target_flops is not None or args.target_speedup is not None):
         raise UsageError("--ratio and a target (--target-flops / --target-speedup) were both given; pass one of them")
     return PruneConfig(
         model=args.model, weights=args.weights, data=data,
-        ratio=DEFAULTS.ratio if args.ratio is None else args.ratio, target_flops=args.target_flops,
+        ratio=DEFAULTS.ratio if ratio is None else ratio, target_flops=args.target_flops,
         target_speedup=args.target_speedup, allocation=args.allocation, max_layer_ratio=args.max_layer_ratio,
         scorer=args.scorer,
         scorer_options=scorer_options(args.scorer, args.scorer_opt), classes=args.classes,

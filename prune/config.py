@@ -13,6 +13,8 @@ from prune.errors import UsageError
 
 ALLOCATIONS = ("uniform", "global", "sensitivity")
 """How a FLOPs or speed target is shared between layers (prune/pipeline/allocation.py)."""
+MAX_LAYER_RATIO = 0.9
+"""Default `--max-layer-ratio`: a target removes at most this fraction of one layer's channels."""
 LAYER_BN_BATCHES = 5
 """Default training batches for re-estimating BatchNorm statistics after each layer's surgery."""
 
@@ -37,7 +39,7 @@ class PruneConfig:
     """Be this many times faster (img/s measured on `device`, > 1), per-layer ratios chosen by `allocation`."""
     allocation: str = "uniform"
     """How a target is shared between layers: uniform, global or sensitivity (prune/pipeline/allocation.py)."""
-    max_layer_ratio: float = 0.9
+    max_layer_ratio: float = MAX_LAYER_RATIO
     """The largest fraction of one layer's channels a target may remove (at least one is kept)."""
     scorer: str = "entropy"
     scorer_options: tuple[tuple[str, Any], ...] = ()

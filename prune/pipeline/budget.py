@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import scoring
 from prune.config import PruneConfig
@@ -71,6 +72,8 @@ class Planning:
     data: DataBundle
     store: ScoreStore
     quiet: bool = True
+    refit: Callable[[nn.Module], object] | None = None
+    """Re-estimates a pruned copy's BatchNorm statistics before its sensitivity is measured (None: not)."""
 
 
 def allocator(p: Planning, cost: StructureCost) -> tuple[Callable[[float], tuple[float, ...]], SensitivityCurves | None]:
@@ -82,7 +85,7 @@ def allocator(p: Planning, cost: StructureCost) -> tuple[Callable[[float], tuple
         scores = [stored_or_scored(p.surgeon, i, g, p.scorer, p.source, p.store) for i, g in enumerate(p.surgeon.groups)]
         return (lambda f: global_ranking(cost, scores, f, cap)), None
     curves = measure_curves(p.surgeon, p.scorer, p.source, heldout(p.data.val), rounding=p.config.rounding,
-                            batch_size=p.config.batch_size, quiet=p.quiet)
+                            batch_size=p.config.batch_size, quiet=p.quiet, refit=p.refit)
     increase = curves.increase()
     return (lambda f: least_loss(cost, increase, f, cap)), curves
 
@@ -167,8 +170,8 @@ def planned(p: Planning, out: Path, *, resume: bool, world: distributed.World = 
     with torch.no_grad():
         plan = make_plan(p)
     plan = distributed.broadcast(plan)
-    if world.is_main:
-        write_json(plan_path(out), {"format": PLAN_FORMAT, "plan": plan.as_dict()})
+    if world.is_main:  # plan.json last: an attempt killed before it made no plan
         if plan.curves is not None:
             write_curves(out, plan.curves)
+        write_json(plan_path(out), {"format": PLAN_FORMAT, "plan": plan.as_dict()})
     return plan

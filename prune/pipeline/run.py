@@ -25,7 +25,7 @@ from finetune import ddp
 from finetune.batchnorm import recalibrate_batchnorm
 from finetune.metrics import Evaluation, evaluate
 from finetune.train import FinetuneConfig, finetune
-from prune.config import ALLOCATIONS, PruneConfig, check_type
+from prune.config import ALLOCATIONS, MAX_LAYER_RATIO, PruneConfig, check_type
 from prune.errors import UsageError, usage_errors
 from prune.outputs.checkpoint import read_checkpoint, save_pruned
 from prune.outputs.export import check_export, export_onnx
@@ -150,7 +150,7 @@ def _validate_budget(config: PruneConfig) -> None:
         raise UsageError(f"--allocation {config.allocation!r} is unknown; use one of {', '.join(ALLOCATIONS)}")
     _check_range("--max-layer-ratio", config.max_layer_ratio, 0 < config.max_layer_ratio < 1,
                  "in (0, 1), e.g. --max-layer-ratio 0.9")
-    if not config.has_target and (config.allocation != "uniform" or config.max_layer_ratio != 0.9):
+    if not config.has_target and (config.allocation != "uniform" or config.max_layer_ratio != MAX_LAYER_RATIO):
         raise UsageError("--allocation and --max-layer-ratio share a target between layers; "
                          "pass --target-flops F or --target-speedup S with them")
 
@@ -503,10 +503,11 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
     return report
 
 
-def _refit_batchnorm(config: PruneConfig, loaded: Loaded, ctx: RunContext, batches: int) -> int:
-    """Re-estimate the model's BatchNorm statistics on `batches` training batches; images used."""
+def _refit_batchnorm(config: PruneConfig, loaded: Loaded, ctx: RunContext, batches: int,
+                     model: nn.Module | None = None) -> int:
+    """Re-estimate the BatchNorm statistics of `model` (default: the run's) on `batches` training batches; images used."""
     loader = make_loader(loaded.data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
-    return recalibrate_batchnorm(loaded.model, loader, batches=batches, device=ctx.device)
+    return recalibrate_batchnorm(loaded.model if model is None else model, loader, batches=batches, device=ctx.device)
 
 
 def _scoring_data(config: PruneConfig, loaded: Loaded) -> ScoringData:
@@ -517,11 +518,17 @@ def _plan(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> Plan:
     """The per-layer ratios of the run's target (kept in --out/cache; the speed search's note is warned once)."""
     planning = Planning(config=config, surgeon=loaded.surgeon, scorer=loaded.scorer,
                         source=_scoring_data(config, loaded), data=loaded.data,
-                        store=FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world), quiet=ctx.quiet)
+                        store=FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world), quiet=ctx.quiet,
+                        refit=_copy_refit(config, loaded, ctx))
     plan = planned(planning, ctx.out, resume=ctx.resume, world=ctx.world)
     if plan.note and ctx.world.is_main:
         warnings.warn(plan.note, TargetNotMet, stacklevel=2)
     return plan
+
+
+def _copy_refit(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> Callable[[nn.Module], int] | None:
+    """What the progressive schedule does after a layer's surgery (`--layer-bn-batches`), for any model."""
+    return partial(_refit_batchnorm, config, loaded, ctx, config.layer_bn_batches) if config.layer_bn_batches else None
 
 
 def _budget_result(config: PruneConfig, plan: Plan, before: Measurement, after: Measurement,

@@ -2,16 +2,19 @@
 
 For each prunable group l, scored by the run's scorer on the unpruned network, and each ratio r
 of RATIO_GRID, a copy of the model loses the lowest-scoring round(r·C_l) channels of group l
-only (no fine-tuning, no BatchNorm re-estimation) and is evaluated on a fixed, class-balanced
-subset of the val split (at most HELDOUT_PER_CLASS images per class, the same for every seed).
+only (no fine-tuning; BatchNorm statistics re-estimated by `refit` when given, as the progressive
+schedule does after each layer) and is evaluated on a fixed, class-balanced subset of the val
+split (at most HELDOUT_PER_CLASS images per class, the same for every seed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 from tqdm.auto import tqdm
 
@@ -78,8 +81,10 @@ def heldout(val: Dataset, per_class: int = HELDOUT_PER_CLASS) -> Subset:
 
 
 def measure_curves(surgeon: Surgeon, scorer: scoring.Scorer, source: ScoringData | None, images: Dataset, *,
-                   rounding: str = "round", batch_size: int = 64, quiet: bool = True) -> SensitivityCurves:
-    """The curves of every group of `surgeon` (its model is left unpruned); `images`: held-out (image, label)."""
+                   rounding: str = "round", batch_size: int = 64, quiet: bool = True,
+                   refit: Callable[[nn.Module], object] | None = None) -> SensitivityCurves:
+    """The curves of every group of `surgeon` (its model is left unpruned); `images`: held-out (image,
+    label); `refit(model)`, if given, runs on each pruned copy before it is evaluated."""
     loader = make_loader(images, batch_size=batch_size, shuffle=False, seed=0)
     device = surgeon.example.device
     surgeon.model.eval()
@@ -91,6 +96,8 @@ def measure_curves(surgeon: Surgeon, scorer: scoring.Scorer, source: ScoringData
         for r in RATIO_GRID:
             twin = surgeon.clone()
             twin.prune(twin.groups[i], lowest(scores, channels_to_remove(group.num_channels, r, rule=rounding)))
+            if refit is not None:
+                refit(twin.model)
             row.append(evaluate(twin.model.eval(), loader, device=device))
         loss.append(tuple(e.loss for e in row))
         top1.append(tuple(e.top1 for e in row))
