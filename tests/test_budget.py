@@ -147,6 +147,35 @@ def test_global_keeps_a_channel_per_layer_under_the_cap(one_thread):
     assert plan.schedule == "oneshot"
 
 
+def speed_as_inverse_flops(monkeypatch) -> None:
+    """Measured speed-up replaced by unpruned FLOPs / pruned FLOPs (from the shapes): deterministic."""
+    from prune.pipeline import budget
+
+    monkeypatch.setattr(budget, "measure_speedup", lambda model, baseline, **_: flops(baseline) / flops(model))
+
+
+def plan_for_speed(target: float, cap: float = 0.9):
+    model = tiny()
+    config = PruneConfig(target_speedup=target, max_layer_ratio=cap, scorer="l1")
+    planning = Planning(config=config, surgeon=Surgeon(model, torch.zeros(1, 3, SIZE, SIZE)),
+                        scorer=scoring.create("l1"), source=None, data=bundle(model), store=NO_STORE)
+    return make_plan(planning)
+
+
+def test_speed_target_is_searched_to_within_5_percent(monkeypatch, one_thread):
+    speed_as_inverse_flops(monkeypatch)
+    plan = plan_for_speed(2.0)
+    assert abs(plan.speedup / 2.0 - 1) <= 0.05 and plan.note == ""
+    assert plan.speedup == pytest.approx(1 / plan.planned_flops)
+
+
+def test_unreachable_speed_target_says_what_was_reached(monkeypatch, one_thread):
+    speed_as_inverse_flops(monkeypatch)
+    plan = plan_for_speed(50.0, cap=0.5)
+    assert plan.note.startswith(f"speed-up {plan.speedup:.2f} reached, not 50") and "--max-layer-ratio 0.5" in plan.note
+    assert [round(r * 16) for r in plan.ratios] == [8, 8]  # the most the cap allows: half of each layer
+
+
 # ---------------------------------------------------------------- the CLI
 
 
