@@ -141,6 +141,19 @@ def test_uniform_picks_the_closest_reachable_ratio(one_thread):
     assert len(set(plan.ratios)) == 1
 
 
+def test_global_removes_the_lowest_z_scored_channels_across_layers(one_thread):
+    plan, surgeon = plan_for("global", 0.5)
+    z = {}
+    for name in ("a", "b"):  # l1 of each output channel, z-scored per layer with the sample std
+        l1 = getattr(surgeon.model, name).weight.detach().abs().sum((1, 2, 3)).double()
+        z[name] = ((l1 - l1.mean()) / l1.std()).tolist()
+    decisions = select_and_prune(surgeon, scoring.create("l1"), None, ratio=plan.ratios, schedule=plan.schedule,
+                                 quiet=True)
+    removed = [z[d.name][i] for d in decisions for i in d.removed]
+    kept = [z[d.name][i] for d in decisions for i in range(d.channels_before) if i not in d.removed]
+    assert removed and max(removed) <= min(kept)
+
+
 def test_global_keeps_a_channel_per_layer_under_the_cap(one_thread):
     plan, surgeon = plan_for("global", 0.05)  # unreachable: every layer ends at the cap
     assert all(round(r * 16) <= 14 for r in plan.ratios)  # 0.9·16 = 14.4 → at most 14 of 16

@@ -33,7 +33,7 @@ from prune.outputs.files import torch_save, write_json
 from prune.outputs.outdir import Claim, claim, locked
 from prune.outputs.outdir import check as check_out
 from prune.outputs.report import BudgetResult, Measurement, PruneReport, write_report
-from prune.outputs.score_store import FileScoreStore
+from prune.outputs.score_store import FileScoreStore, RememberingStore, ScoreStore
 from prune.pipeline import distributed
 from prune.pipeline.budget import Plan, Planning, planned
 from prune.pipeline.counting import count_cost
@@ -459,13 +459,13 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
     main = ctx.world.is_main
     with _timed(timings, "evaluate_before"):
         before = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet) if main else None
-    plan = None
+    plan, store = None, RememberingStore(FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world))
     if config.has_target:
         with _timed(timings, "plan"):
-            plan = _plan(config, loaded, ctx)
+            plan = _plan(config, loaded, ctx, store)
     unpruned = copy.deepcopy(loaded.model) if main and config.target_speedup is not None else None
     with _timed(timings, "select_and_prune"):
-        decisions = _select_and_prune(config, loaded, ctx, plan)
+        decisions = _select_and_prune(config, loaded, ctx, store, plan)
     with _timed(timings, "evaluate_pruned"):
         pruned_eval, pruned_bn_eval = _evaluate_pruned(config, loaded, ctx) if main else (None, None)
     if config.bn_recalibration > 0:
@@ -514,11 +514,10 @@ def _scoring_data(config: PruneConfig, loaded: Loaded) -> ScoringData:
     return ScoringData(data=loaded.data, classes=loaded.classes, per_class=config.samples_per_class, seed=config.seed)
 
 
-def _plan(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> Plan:
+def _plan(config: PruneConfig, loaded: Loaded, ctx: RunContext, store: ScoreStore) -> Plan:
     """The per-layer ratios of the run's target (kept in --out/cache; the speed search's note is warned once)."""
     planning = Planning(config=config, surgeon=loaded.surgeon, scorer=loaded.scorer,
-                        source=_scoring_data(config, loaded), data=loaded.data,
-                        store=FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world), quiet=ctx.quiet,
+                        source=_scoring_data(config, loaded), data=loaded.data, store=store, quiet=ctx.quiet,
                         refit=_copy_refit(config, loaded, ctx))
     plan = planned(planning, ctx.out, resume=ctx.resume, world=ctx.world)
     if plan.note and ctx.world.is_main:
@@ -542,7 +541,8 @@ def _budget_result(config: PruneConfig, plan: Plan, before: Measurement, after: 
     )
 
 
-def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, plan: Plan | None = None) -> list:
+def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, store: ScoreStore,
+                      plan: Plan | None = None) -> list:
     """Score and prune every layer, shallow → deep, with the per-layer scores kept in --out/cache:
     at `config.ratio`, or at the `plan`'s ratios and schedule."""
     source = _scoring_data(config, loaded)
@@ -553,7 +553,7 @@ def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, plan
     ratio, schedule = (config.ratio, config.schedule) if plan is None else (plan.ratios, plan.schedule)
     return select_and_prune(
         loaded.surgeon, loaded.scorer, source, ratio=ratio, schedule=schedule,
-        rounding=config.rounding, store=FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world),
+        rounding=config.rounding, store=store,
         quiet=ctx.quiet, world=ctx.world, refit=refit,
     )
 
