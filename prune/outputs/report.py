@@ -241,6 +241,12 @@ def _what(settings: dict) -> str:
     return f"ratio {settings['ratio']}"
 
 
+def _target(budget: dict) -> str:
+    if budget["target_speedup"] is not None:
+        return f"searched for a speed-up of {budget['target_speedup']:g}"
+    return f"target {budget['target_flops']:g}"
+
+
 def _budget_lines(budget: dict | None) -> list[str]:
     """The budget paragraph of report.md (none without a budget)."""
     if budget is None:
@@ -250,7 +256,7 @@ def _budget_lines(budget: dict | None) -> list[str]:
         f"final network against an unpruned copy: {budget['final_speedup']:.2f}.")
     note = f" {budget['note']}." if budget["note"] else ""
     return [f"Budget: `{budget['allocation']}` allocation for {budget['flops_target']:.4f} of the unpruned FLOPs "
-            f"(target {budget['target_flops'] if budget['target_flops'] is not None else '—'}, at most "
+            f"({_target(budget)}, at most "
             f"{budget['max_layer_ratio']:g} of a layer's channels); achieved FLOPs fraction "
             f"{budget['achieved_flops']:.4f}.{speed}{note}", ""]
 
