@@ -36,7 +36,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from multiprocessing import get_context
@@ -46,7 +46,7 @@ import prune
 import scoring
 from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure, settings_json
 from benchmarks.layers import refusal
-from prune import LayerResult, PruneConfig, exit_code, write_json, write_text
+from prune import LayerResult, PruneConfig, PruneReport, exit_code, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -75,22 +75,16 @@ BASELINES = ("random", "l1")
 
 
 @dataclass(frozen=True)
-class Settings:
-    """What the comparison runs (frozen; `quick` and `full` presets below)."""
+class Study:
+    """What a seeded study of the main job shares (benchmarks.compare, benchmarks.budget): testbeds,
+    the scoring and fine-tuning budget, seeds, parallel runs and where one JSON per run goes."""
 
     testbeds: tuple[str, ...] = ("embedded", "embedded-plain", "fashion", "fashion-plain")
-    arms: tuple[str, ...] = tuple(a.name for a in ARMS)
-    peers: tuple[str, ...] = tuple(a.name for a in EXTRA_ARMS)
-    """Arms added on `peer_testbeds` only (where the scorer applies to the model)."""
-    peer_testbeds: tuple[str, ...] = ("fashion", "fashion-plain")
     train_images: tuple[tuple[str, int], ...] = (("fashion", 10_000), ("fashion-plain", 10_000))
     """Testbeds that fine-tune on a fixed class-balanced subset of the train split (`--train-images`)."""
-    ratio: float = 0.5
     samples_per_class: int = 100
     epochs: int = 3
     seeds: int = 10
-    max_seeds: int = 80
-    target_halfwidth: float = 0.03
     jobs: int = 2
     results: Path = RESULTS
     name: str = "compare"
@@ -99,6 +93,19 @@ class Settings:
     def runs_dir(self) -> Path:
         """One JSON per run; a preset of its own keeps its runs apart from the full ones."""
         return self.results / self.name
+
+
+@dataclass(frozen=True)
+class Settings(Study):
+    """What the comparison runs (frozen; `quick` and `full` presets below)."""
+
+    arms: tuple[str, ...] = tuple(a.name for a in ARMS)
+    peers: tuple[str, ...] = tuple(a.name for a in EXTRA_ARMS)
+    """Arms added on `peer_testbeds` only (where the scorer applies to the model)."""
+    peer_testbeds: tuple[str, ...] = ("fashion", "fashion-plain")
+    ratio: float = 0.5
+    max_seeds: int = 80
+    target_halfwidth: float = 0.03
 
     def arms_of(self, testbed: str) -> tuple[str, ...]:
         """The arms run on `testbed`: `arms`, plus the peers that apply to its model on a peer testbed."""
@@ -149,41 +156,53 @@ def removed_digest(layers: Sequence[LayerResult]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def run_path(settings: Settings, testbed: str, arm: str, seed: int) -> Path:
+def run_path(settings: Study, testbed: str, arm: str, seed: int) -> Path:
     return settings.runs_dir / testbed / f"{arm}-s{seed:03d}.json"
 
 
-def run_one(settings: Settings, testbed: str, arm_name: str, seed: int) -> dict:
-    """One main job on one thread; writes and returns its result entry."""
+def study_config(settings: Study, testbed: str, seed: int, **arm: object) -> PruneConfig:
+    """The settings of one run: the study's testbed, scoring and fine-tuning budget and seed, plus the
+    arm's own fields (`arm`: scorer, ratio, target, ...)."""
+    return PruneConfig(
+        model=testbed, samples_per_class=settings.samples_per_class, epochs=settings.epochs,
+        finetune=settings.epochs > 0, train_images=dict(settings.train_images).get(testbed), seed=seed, **arm,
+    )
+
+
+def run_main_job(config: PruneConfig, arm: str) -> tuple[PruneReport, dict]:
+    """Run `config` on one thread in a temporary folder: its report, and the entry every study
+    records (testbed, arm as "scorer", seed, accuracies, selection digest, cost, seconds, settings)."""
     import torch
 
     torch.set_num_threads(1)
-    arm = arm_of(arm_name)
-    config = PruneConfig(
-        model=testbed, ratio=settings.ratio, scorer=arm.scorer, scorer_options=arm.options,
-        samples_per_class=settings.samples_per_class, epochs=settings.epochs, finetune=settings.epochs > 0,
-        train_images=dict(settings.train_images).get(testbed), seed=seed,
-    )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         report = prune.run(config, out=Path(tmp) / "out", quiet=True)
     entry = {
-        "testbed": testbed,
-        "scorer": arm.name,
-        "scorer_options": dict(arm.options),
-        "seed": seed,
+        "testbed": config.model,
+        "scorer": arm,
+        "seed": config.seed,
         "top1": report.after.top1,
         "top1_pruned": report.pruned_before_finetune.top1,
         "top1_pruned_bn": report.pruned_bn_reestimated.top1,
         "top1_unpruned": report.before.top1,
         "removed_sha256": removed_digest(report.layers),
-        "scoring_top1": [layer.scoring_top1 for layer in report.layers],
-        "map_size": [layer.map_size for layer in report.layers],
         "params": report.after.params,
         "flops": report.after.flops,
         "seconds": round(time.perf_counter() - start, 1),
         "settings": config.as_dict(),
     }
+    return report, entry
+
+
+def run_one(settings: Settings, testbed: str, arm_name: str, seed: int) -> dict:
+    """One main job on one thread; writes and returns its result entry."""
+    arm = arm_of(arm_name)
+    config = study_config(settings, testbed, seed, ratio=settings.ratio, scorer=arm.scorer,
+                          scorer_options=arm.options)
+    report, entry = run_main_job(config, arm.name)
+    entry.update(scorer_options=dict(arm.options), scoring_top1=[layer.scoring_top1 for layer in report.layers],
+                 map_size=[layer.map_size for layer in report.layers])
     write_json(run_path(settings, testbed, arm.name, seed), entry)
     return entry
 
@@ -198,9 +217,10 @@ def load_runs(settings: Settings) -> list[dict]:
     return runs
 
 
-def run_seeds(settings: Settings, seeds: dict[tuple[str, str], int]) -> None:
+def run_seeds(settings: Study, seeds: dict[tuple[str, str], int], job: Callable[..., dict] = run_one) -> None:
     """Run every missing (testbed, arm, seed) for seed < seeds[testbed, arm], `settings.jobs`
-    processes at a time."""
+    processes at a time; `job(settings, testbed, arm, seed)` runs one (a module-level function)
+    and returns its entry, with the keys printed below."""
     todo = sorted(
         ((testbed, arm, seed) for (testbed, arm), n in seeds.items() for seed in range(n)
          if not run_path(settings, testbed, arm, seed).exists()),
@@ -210,7 +230,7 @@ def run_seeds(settings: Settings, seeds: dict[tuple[str, str], int]) -> None:
         return
     print(f"{len(todo)} runs to do", flush=True)
     with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(run_one, settings, *job): job for job in todo}
+        futures = {pool.submit(job, settings, *one): one for one in todo}
         for done, future in enumerate(futures, 1):
             r = future.result()
             print(f"[{done}/{len(todo)}] {r['testbed']:15s} {r['scorer']:16s} seed {r['seed']:2d}: pruned "
@@ -305,13 +325,19 @@ def report(settings: Settings) -> dict:
         top1 = "—" if unpruned[tb] is None else f"{unpruned[tb]:.4f}"
         text += [f"## {tb} (unpruned top-1 {top1})", "",
                  table([r for r in rows if r["testbed"] == tb], [d for d in diffs if d["testbed"] == tb]), ""]
-    summary = {"machine": machine(), "settings": settings_json(settings), "unpruned_top1": unpruned,
-               "rows": rows, "paired": diffs, "runs": runs}
+    return write_summary(settings, {"unpruned_top1": unpruned, "rows": rows, "paired": diffs, "runs": runs}, text,
+                         plot)
+
+
+def write_summary(settings: Study, result: dict, text: list[str], draw: Callable[[list[dict], Path], None]) -> dict:
+    """Write <name>.json (the machine, the settings and `result`), <name>.md (`text`) and, when
+    `result` has rows, <name>.png (`draw(rows, path)`); print the text; return the JSON's content."""
+    summary = {"machine": machine(), "settings": settings_json(settings), **result}
     settings.results.mkdir(parents=True, exist_ok=True)
     write_json(settings.results / f"{settings.name}.json", summary)
     write_text(settings.results / f"{settings.name}.md", "\n".join(text))
-    if rows:
-        plot(rows, settings.results / f"{settings.name}.png")
+    if result["rows"]:
+        draw(result["rows"], settings.results / f"{settings.name}.png")
     print("\n".join(text))
     return summary
 

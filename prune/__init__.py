@@ -5,6 +5,8 @@ The library API (what `python -m prune` and the benchmarks use)::
     import prune
     report = prune.run(prune.PruneConfig(ratio=0.5, scorer="entropy"), out="runs/r0.5")
     report.after.top1, report.layers[0].removed      # a typed PruneReport
+    report = prune.run(prune.PruneConfig(target_flops=0.5, allocation="sensitivity"), out="runs/f0.5")
+    report.budget.ratios, report.budget.achieved_flops  # per-layer ratios chosen for a FLOPs budget
     prune.list_models("vgg*")                          # names --model takes
     model = prune.load_pruned("runs/r0.5/model.pt")
     net = prune.create_model("vgg16", weights="IMAGENET1K_V1", num_classes=10)  # the one way to get a model

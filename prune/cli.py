@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import scoring
-from prune.config import PruneConfig
+from prune.config import ALLOCATIONS, PruneConfig
 from prune.errors import UsageError, exit_code, one_line, usage_errors
 
 if TYPE_CHECKING:
@@ -46,7 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--weights", default=None, help="checkpoint path (state_dict) or torchvision weights name (IMAGENET1K_V1); "
       "default: the shipped weights for 'embedded' and 'embedded-plain', random init otherwise")
     a("--data", default=None, help="ImageFolder root with train/ and val/ class folders; default: embedded shapes set")
-    a("--ratio", type=float, default=DEFAULTS.ratio, help="fraction of channels removed at each prunable conv, in [0, 1)")
+    a("--ratio", type=float, default=argparse.SUPPRESS,
+      help=f"fraction of channels removed at each prunable conv, in [0, 1) (default {DEFAULTS.ratio}; "
+      "not with a target)")
+    a("--target-flops", type=float, default=None, metavar="F",
+      help="instead of --ratio: keep this fraction of the unpruned FLOPs, in (0, 1), with per-layer ratios "
+      "chosen by --allocation")
+    a("--target-speedup", type=float, default=None, metavar="S",
+      help="instead of --ratio: be S times faster (img/s on --device, pruned vs unpruned measured in this "
+      "process, within 5%%), per-layer ratios chosen by --allocation")
+    a("--allocation", choices=ALLOCATIONS, default=DEFAULTS.allocation,
+      help="how a target is shared between layers: uniform (one ratio, by bisection), global (channels ranked "
+      "across layers by normalised scores, one-shot), sensitivity (per-layer ratios with the least held-out "
+      "loss increase; curves in --out)")
+    a("--max-layer-ratio", type=float, default=DEFAULTS.max_layer_ratio, metavar="R",
+      help="with a target: the largest fraction of one layer's channels removed (at least one is kept)")
     a("--scorer", default=DEFAULTS.scorer, help=f"channel scorer (higher = keep). {_scorer_help()}")
     a("--scorer-opt", action="append", default=[], metavar="KEY=VALUE",
       help="scorer option, repeatable (e.g. convention=authors, p=0.1 for entropy); the seed comes from --seed")
@@ -95,8 +109,14 @@ def scorer_options(scorer: str, pairs: list[str]) -> tuple[tuple[str, object], .
 def config_from_args(args: argparse.Namespace) -> PruneConfig:
     """The PruneConfig of parsed flags; `--data` is normalised (`d/` and `./d` are `d`)."""
     data = os.path.normpath(args.data) if args.data else args.data
+    ratio = getattr(args, "ratio", None)  # absent unless given
+    if ratio is not None and (args.target_flops is not None or args.target_speedup is not None):
+        raise UsageError("--ratio and a target (--target-flops / --target-speedup) were both given; pass one of them")
     return PruneConfig(
-        model=args.model, weights=args.weights, data=data, ratio=args.ratio, scorer=args.scorer,
+        model=args.model, weights=args.weights, data=data,
+        ratio=DEFAULTS.ratio if ratio is None else ratio, target_flops=args.target_flops,
+        target_speedup=args.target_speedup, allocation=args.allocation, max_layer_ratio=args.max_layer_ratio,
+        scorer=args.scorer,
         scorer_options=scorer_options(args.scorer, args.scorer_opt), classes=args.classes,
         samples_per_class=args.samples_per_class, schedule=args.schedule, rounding=args.rounding,
         layer_bn_batches=args.layer_bn_batches, bn_recalibration=args.bn_recalibration,
@@ -107,10 +127,19 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 
 def default_out(config: PruneConfig) -> Path:
-    """runs/<model>-<scorer>[-<option>=<value>...]-r<ratio>: scorer options get their own folder."""
+    """runs/<model>-<scorer>[-<option>=<value>...]-r<ratio>: scorer options get their own folder;
+    a target replaces -r<ratio> by -flops<F>-<allocation> or -speedup<S>-<allocation>."""
     model = config.model.replace(":", "-").replace("/", "-")
     options = "".join(f"-{k}={v}" for k, v in config.scorer_options)
-    return Path("runs") / f"{model}-{config.scorer}{options}-r{config.ratio:g}"
+    return Path("runs") / f"{model}-{config.scorer}{options}-{_budget_name(config)}"
+
+
+def _budget_name(config: PruneConfig) -> str:
+    if config.target_speedup is not None:
+        return f"speedup{config.target_speedup:g}-{config.allocation}"
+    if config.target_flops is not None:
+        return f"flops{config.target_flops:g}-{config.allocation}"
+    return f"r{config.ratio:g}"
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -162,8 +191,11 @@ def main(argv: list[str] | None = None) -> int:
 def summary_line(report: PruneReport, out: Path) -> str:
     """The one line the CLI prints after a run: what pruning cost and kept, and where the report is."""
     config, b, a = report.settings, report.before, report.after
+    what = f"ratio {config.ratio}" if report.budget is None else (
+        f"{_budget_name(config).replace('-', ' ')}: FLOPs fraction {report.budget.achieved_flops:.4f}"
+        + ("" if report.budget.speedup is None else f", speed-up {report.budget.speedup:.2f} measured"))
     return (
-        f"{config.model} · {config.scorer} · ratio {config.ratio}: params {b.params:,} → {a.params:,}, "
+        f"{config.model} · {config.scorer} · {what}: params {b.params:,} → {a.params:,}, "
         f"FLOPs {b.flops / 1e6:.1f}M → {a.flops / 1e6:.1f}M, top-1 {b.top1:.4f} → {a.top1:.4f} "
         f"(pruned, before fine-tune {report.pruned_before_finetune.top1:.4f}); report: {out / 'report.md'}"
     )

@@ -11,6 +11,10 @@ from typing import Any
 
 from prune.errors import UsageError
 
+ALLOCATIONS = ("uniform", "global", "sensitivity")
+"""How a FLOPs or speed target is shared between layers (prune/pipeline/allocation.py)."""
+MAX_LAYER_RATIO = 0.9
+"""Default `--max-layer-ratio`: a target removes at most this fraction of one layer's channels."""
 LAYER_BN_BATCHES = 5
 """Default training batches for re-estimating BatchNorm statistics after each layer's surgery."""
 
@@ -28,6 +32,15 @@ class PruneConfig:
     weights: str | None = None
     data: str | None = None
     ratio: float = 0.5
+    """Fraction of channels removed at every prunable conv (unused when a target is given)."""
+    target_flops: float | None = None
+    """Keep this fraction of the unpruned FLOPs, in (0, 1), with per-layer ratios chosen by `allocation`."""
+    target_speedup: float | None = None
+    """Be this many times faster (img/s measured on `device`, > 1), per-layer ratios chosen by `allocation`."""
+    allocation: str = "uniform"
+    """How a target is shared between layers: uniform, global or sensitivity (prune/pipeline/allocation.py)."""
+    max_layer_ratio: float = MAX_LAYER_RATIO
+    """The largest fraction of one layer's channels a target may remove (at least one is kept)."""
     scorer: str = "entropy"
     scorer_options: tuple[tuple[str, Any], ...] = ()
     classes: int | None = None
@@ -64,16 +77,28 @@ class PruneConfig:
         """The settings as JSON-ready values (`scorer_options` as a dict)."""
         return {**asdict(self), "scorer_options": dict(self.scorer_options)}
 
+    @property
+    def has_target(self) -> bool:
+        """True when a FLOPs or speed target replaces `ratio`."""
+        return self.target_flops is not None or self.target_speedup is not None
+
     def fingerprint(self) -> str:
-        """Stable text of the settings that decide the result (device excluded)."""
+        """Stable text of the settings that decide the result (device excluded; without a
+        target the budget fields are left out, so a ratio run keeps its earlier fingerprint)."""
         d = self.as_dict()
         d.pop("device")
+        if not self.has_target:
+            for name in BUDGET_FIELDS:
+                d.pop(name)
         return json.dumps(d, sort_keys=True)
 
 
 PATH_FIELDS = ("weights", "data")
+BUDGET_FIELDS = ("target_flops", "target_speedup", "allocation", "max_layer_ratio")
 FIELD_KINDS: dict[str, tuple[str, ...]] = {
     "model": ("str",), "weights": ("str", "None"), "data": ("str", "None"), "ratio": ("float",),
+    "target_flops": ("float", "None"), "target_speedup": ("float", "None"), "allocation": ("str",),
+    "max_layer_ratio": ("float",),
     "scorer": ("str",), "scorer_options": ("options",), "classes": ("int", "None"), "samples_per_class": ("int",),
     "schedule": ("str",), "rounding": ("str",), "layer_bn_batches": ("int",), "bn_recalibration": ("int",),
     "finetune": ("bool",), "epochs": ("int",), "train_images": ("int", "None"), "lr": ("float",),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,37 @@ class LayerResult:
 
 
 @dataclass(frozen=True)
+class BudgetResult:
+    """How a FLOPs or speed target was shared between layers and what it gave.
+
+    ratios: the chosen ratio of each prunable group, shallow → deep (named as `PruneReport.layers`).
+    flops_target: the FLOPs fraction allocated for (`target_flops`, or where a speed search
+    settled); achieved_flops: the pruned network's FLOPs over the unpruned one's. speedup: the
+    speed-up measured while planning (speed target only); note: why a speed target is not met.
+    """
+
+    allocation: str
+    target_flops: float | None
+    target_speedup: float | None
+    max_layer_ratio: float
+    ratios: tuple[float, ...]
+    flops_target: float
+    achieved_flops: float
+    speedup: float | None = None
+    note: str = ""
+    final_speedup: float | None = None
+    """Speed target only: the final network against an unpruned copy, measured as `speedup` at the end."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """report.json's "budget"."""
+        return {**asdict(self), "ratios": list(self.ratios)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BudgetResult:
+        return cls(**{**d, "ratios": tuple(d["ratios"])})
+
+
+@dataclass(frozen=True)
 class PruneReport:
     """Everything a run reports (`prune.run` returns it; report.json is `as_dict()`).
 
@@ -109,6 +140,8 @@ class PruneReport:
     timings: dict[str, float]
     versions: dict[str, str]
     device: str
+    budget: BudgetResult | None = None
+    """The target and each layer's chosen ratio when a budget replaced `--ratio`, else None."""
 
     def as_dict(self) -> dict[str, Any]:
         """The report as report.json holds it (JSON-ready, same keys in the same order)."""
@@ -127,6 +160,7 @@ class PruneReport:
             "timings": dict(self.timings),
             "versions": dict(self.versions),
             "device": self.device,
+            "budget": None if self.budget is None else self.budget.as_dict(),
         }
 
     @classmethod
@@ -148,6 +182,7 @@ class PruneReport:
             timings=dict(d["timings"]),
             versions=dict(d["versions"]),
             device=d["device"],
+            budget=None if d.get("budget") is None else BudgetResult.from_dict(d["budget"]),
         )
 
 
@@ -170,10 +205,12 @@ def markdown(report: dict) -> str:
         ("balanced accuracy", f"{b['balanced_accuracy']:.4f}", f"{a['balanced_accuracy']:.4f}", None),
         ("img/s", f"{b['img_per_s']:.1f}", f"{a['img_per_s']:.1f}", a["img_per_s"] / b["img_per_s"]),
     ]
-    s = report["settings"]
+    s, budget = report["settings"], report.get("budget")
+    ratios = [s["ratio"]] * len(report["layers"]) if budget is None else budget["ratios"]
     lines = [
-        f"# Pruning report: {s['model']} · scorer `{s['scorer']}` · ratio {s['ratio']}",
+        f"# Pruning report: {s['model']} · scorer `{s['scorer']}` · {_what(s)}",
         "",
+        *_budget_lines(budget),
         "| metric | before | after | after/before |",
         "|---|---|---|---|",
         *[f"| {n} | {x} | {y} | {'' if r is None else f'{r:.3f}'} |" for n, x, y, r in rows],
@@ -181,17 +218,47 @@ def markdown(report: dict) -> str:
         f"Throughput on {a['device']}, batch {a['throughput']['batch_size']}, {a['throughput']['dtype']}, "
         f"{a['throughput']['threads']} threads, {a['throughput']['warmup']} warm-up batches.",
         "",
-        "| layer | channels before | channels after | removed |",
-        "|---|---|---|---|",
+        "| layer | ratio | channels before | channels after | removed |",
+        "|---|---|---|---|---|",
         *[
-            f"| {layer['name']} | {layer['channels_before']} | {layer['channels_after']} | {len(layer['removed'])} |"
-            for layer in report["layers"]
+            f"| {layer['name']} | {r:.4g} | {layer['channels_before']} | {layer['channels_after']} | "
+            f"{len(layer['removed'])} |"
+            for layer, r in zip(report["layers"], ratios)
         ],
         "",
         "Stage timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items()),
         "",
     ]
     return "\n".join(lines)
+
+
+def _what(settings: dict) -> str:
+    """"ratio r", or the target and its allocation."""
+    if settings.get("target_speedup") is not None:
+        return f"target speed-up {settings['target_speedup']:g} ({settings['allocation']})"
+    if settings.get("target_flops") is not None:
+        return f"target FLOPs {settings['target_flops']:g} ({settings['allocation']})"
+    return f"ratio {settings['ratio']}"
+
+
+def _target(budget: dict) -> str:
+    if budget["target_speedup"] is not None:
+        return f"searched for a speed-up of {budget['target_speedup']:g}"
+    return f"target {budget['target_flops']:g}"
+
+
+def _budget_lines(budget: dict | None) -> list[str]:
+    """The budget paragraph of report.md (none without a budget)."""
+    if budget is None:
+        return []
+    speed = "" if budget["speedup"] is None else (
+        f" Speed-up measured while planning: {budget['speedup']:.2f} (target {budget['target_speedup']:g}); "
+        f"final network against an unpruned copy: {budget['final_speedup']:.2f}.")
+    note = f" {budget['note']}." if budget["note"] else ""
+    return [f"Budget: `{budget['allocation']}` allocation for {budget['flops_target']:.4f} of the unpruned FLOPs "
+            f"({_target(budget)}, at most "
+            f"{budget['max_layer_ratio']:g} of a layer's channels); achieved FLOPs fraction "
+            f"{budget['achieved_flops']:.4f}.{speed}{note}", ""]
 
 
 def write_report(out: Path, report: PruneReport) -> None:

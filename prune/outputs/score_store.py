@@ -2,7 +2,8 @@
 
 `select_and_prune` asks `store.get(i, group)` before scoring layer i and calls
 `store.put(i, group, scores)` after. `NO_STORE` keeps nothing; `FileScoreStore` keeps one file
-per layer in `<out>/cache/`.
+per layer in `<out>/cache/`; `RememberingStore` also keeps what this process scored in memory
+(a budget's `global` allocation scores every layer before the one-shot selection reuses them).
 """
 
 from __future__ import annotations
@@ -71,3 +72,24 @@ class FileScoreStore:
 
     def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None:
         self._file(i).write({"layer": group.name, "scores": scores})
+
+
+class RememberingStore:
+    """`inner`, with every layer's scores got or put through it also kept in memory for this run."""
+
+    def __init__(self, inner: ScoreStore) -> None:
+        self.inner = inner
+        self._kept: dict[tuple[int, str], torch.Tensor] = {}
+
+    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
+        kept = self._kept.get((i, group.name))
+        if kept is not None and kept.numel() == group.num_channels:
+            return kept
+        found = self.inner.get(i, group)
+        if found is not None:
+            self._kept[i, group.name] = found
+        return found
+
+    def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None:
+        self._kept[i, group.name] = scores
+        self.inner.put(i, group, scores)

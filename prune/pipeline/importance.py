@@ -31,6 +31,8 @@ from scoring.model_state import eval_mode, model_device
 
 NORMALIZERS = (None, "mean", "max", "gaussian", "standarization")
 """Names as torch-pruning's importances name them (its `_normalize`)."""
+DEFAULT_NORMALIZE = "gaussian"
+"""How `as_tp_importance` (and the `global` allocation) make scores of different groups comparable."""
 DEPRECATED_NORMALIZERS = {"standardize": "gaussian"}
 """Old name → its torch-pruning name; accepted with a DeprecationWarning for one release."""
 _CONV_OUT = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels)
@@ -181,7 +183,7 @@ def as_tp_importance(
     *,
     images: torch.Tensor | None,
     labels: torch.Tensor | Sequence[int] | None,
-    normalize: str | None = "gaussian",
+    normalize: str | None = DEFAULT_NORMALIZE,
     batch_size: int = 128,
     example: torch.Tensor | None = None,
     num_classes: int | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -24,7 +25,7 @@ from finetune import checkpoint, ddp
 from finetune.batchnorm import recalibrate_batchnorm
 from finetune.metrics import Evaluation, evaluate
 from finetune.train import FinetuneConfig, finetune
-from prune.config import PruneConfig, check_type
+from prune.config import ALLOCATIONS, MAX_LAYER_RATIO, PruneConfig, check_type
 from prune.errors import UsageError, usage_errors
 from prune.outputs.cache_file import CacheFile
 from prune.outputs.checkpoint import save_pruned
@@ -32,13 +33,14 @@ from prune.outputs.export import check_export, export_onnx
 from prune.outputs.files import write_json
 from prune.outputs.outdir import Claim, claim, locked
 from prune.outputs.outdir import check as check_out
-from prune.outputs.report import Measurement, PruneReport, write_report
-from prune.outputs.score_store import FileScoreStore
+from prune.outputs.report import BudgetResult, Measurement, PruneReport, write_report
+from prune.outputs.score_store import FileScoreStore, RememberingStore, ScoreStore
 from prune.pipeline import distributed
+from prune.pipeline.budget import Plan, Planning, planned
 from prune.pipeline.counting import count_cost
 from prune.pipeline.provenance import inputs_fingerprint
 from prune.pipeline.selection import ScoringData, select_and_prune
-from prune.pipeline.speed import device_name, measure_throughput
+from prune.pipeline.speed import device_name, measure_speedup, measure_throughput
 from prune.pipeline.surgery import Surgeon
 from prune.version import __version__
 from prune.zoo.data import (
@@ -61,6 +63,10 @@ PROBE_IMAGES = 4
 
 class UnreadableImages(UserWarning):
     """Some image files could not be decoded and are skipped."""
+
+
+class TargetNotMet(UserWarning):
+    """A speed target could not be reached; the run prunes to what was reached."""
 
 
 SEED_LIMIT = 2**32
@@ -94,6 +100,7 @@ def validate(config: PruneConfig, out: Path | None = None) -> None:
     data or weights), before anything is loaded or written."""
     if not 0.0 <= config.ratio < 1.0:
         raise UsageError(f"--ratio {config.ratio} is outside [0, 1); pass e.g. --ratio 0.5")
+    _validate_budget(config)
     with usage_errors("; fix --scorer or --scorer-opt"):
         make_scorer(config)
     check_model_name(config.model)
@@ -127,6 +134,25 @@ def validate(config: PruneConfig, out: Path | None = None) -> None:
         raise UsageError("--data is empty; pass an ImageFolder root or leave --data out for the embedded set")
     if out is not None:
         _check_paths(config, Path(out))
+
+
+def _validate_budget(config: PruneConfig) -> None:
+    """UsageError for a target out of range, two targets, or budget settings without a target."""
+    if config.target_flops is not None and config.target_speedup is not None:
+        raise UsageError("--target-flops and --target-speedup were both given; pass one of them")
+    if config.target_flops is not None:
+        _check_range("--target-flops", config.target_flops, 0 < config.target_flops < 1,
+                     "a fraction of the unpruned FLOPs in (0, 1), e.g. --target-flops 0.5")
+    if config.target_speedup is not None:
+        _check_range("--target-speedup", config.target_speedup, config.target_speedup > 1,
+                     "a finite number > 1, e.g. --target-speedup 2")
+    if config.allocation not in ALLOCATIONS:
+        raise UsageError(f"--allocation {config.allocation!r} is unknown; use one of {', '.join(ALLOCATIONS)}")
+    _check_range("--max-layer-ratio", config.max_layer_ratio, 0 < config.max_layer_ratio < 1,
+                 "in (0, 1), e.g. --max-layer-ratio 0.9")
+    if not config.has_target and (config.allocation != "uniform" or config.max_layer_ratio != MAX_LAYER_RATIO):
+        raise UsageError("--allocation and --max-layer-ratio share a target between layers; "
+                         "pass --target-flops F or --target-speedup S with them")
 
 
 def make_scorer(config: PruneConfig) -> scoring.Scorer:
@@ -395,8 +421,13 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
     main = ctx.world.is_main
     with _timed(timings, "evaluate_before"):
         before = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet) if main else None
+    plan, store = None, RememberingStore(FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world))
+    if config.has_target:
+        with _timed(timings, "plan"):
+            plan = _plan(config, loaded, ctx, store)
+    unpruned = copy.deepcopy(loaded.model) if main and config.target_speedup is not None else None
     with _timed(timings, "select_and_prune"):
-        decisions = _select_and_prune(config, loaded, ctx)
+        decisions = _select_and_prune(config, loaded, ctx, store, plan)
     with _timed(timings, "evaluate_pruned"):
         pruned_eval, pruned_bn_eval = _evaluate_pruned(config, loaded, ctx) if main else (None, None)
     if config.bn_recalibration > 0:
@@ -411,6 +442,8 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
         return None
     with _timed(timings, "evaluate_after"):
         after = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet)
+    final_speedup = None if unpruned is None else measure_speedup(
+        loaded.model, unpruned, input_size=loaded.data.input_size, device=ctx.device)
     report = PruneReport(
         settings=config,
         processes=ctx.world.size,
@@ -426,28 +459,63 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
         timings=dict(timings),
         versions=versions(),
         device=device_name(ctx.device),
+        budget=None if plan is None else _budget_result(config, plan, before, after, final_speedup),
     )
     _write_outputs(config, loaded, ctx, decisions, report, export)
     return report
 
 
-def _refit_batchnorm(config: PruneConfig, loaded: Loaded, ctx: RunContext, batches: int) -> int:
-    """Re-estimate the model's BatchNorm statistics on `batches` training batches; images used."""
+def _refit_batchnorm(config: PruneConfig, loaded: Loaded, ctx: RunContext, batches: int,
+                     model: nn.Module | None = None) -> int:
+    """Re-estimate the BatchNorm statistics of `model` (default: the run's) on `batches` training batches; images used."""
     loader = make_loader(loaded.data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
-    return recalibrate_batchnorm(loaded.model, loader, batches=batches, device=ctx.device)
+    return recalibrate_batchnorm(loaded.model if model is None else model, loader, batches=batches, device=ctx.device)
 
 
-def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> list:
-    """Score and prune every layer, shallow → deep, with the per-layer scores kept in --out/cache."""
-    source = ScoringData(data=loaded.data, classes=loaded.classes, per_class=config.samples_per_class,
-                         seed=config.seed)
+def _scoring_data(config: PruneConfig, loaded: Loaded) -> ScoringData:
+    return ScoringData(data=loaded.data, classes=loaded.classes, per_class=config.samples_per_class, seed=config.seed)
+
+
+def _plan(config: PruneConfig, loaded: Loaded, ctx: RunContext, store: ScoreStore) -> Plan:
+    """The per-layer ratios of the run's target (kept in --out/cache; the speed search's note is warned once)."""
+    planning = Planning(config=config, surgeon=loaded.surgeon, scorer=loaded.scorer,
+                        source=_scoring_data(config, loaded), data=loaded.data, store=store, quiet=ctx.quiet,
+                        refit=_copy_refit(config, loaded, ctx))
+    plan = planned(planning, ctx.out, resume=ctx.resume, world=ctx.world)
+    if plan.note and ctx.world.is_main:
+        warnings.warn(plan.note, TargetNotMet, stacklevel=2)
+    return plan
+
+
+def _copy_refit(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> Callable[[nn.Module], int] | None:
+    """What the progressive schedule does after a layer's surgery (`--layer-bn-batches`), for any model."""
+    return partial(_refit_batchnorm, config, loaded, ctx, config.layer_bn_batches) if config.layer_bn_batches else None
+
+
+def _budget_result(config: PruneConfig, plan: Plan, before: Measurement, after: Measurement,
+                   final_speedup: float | None) -> BudgetResult:
+    """The report's budget (`final_speedup`: the final network against an unpruned copy, speed target only)."""
+    return BudgetResult(
+        allocation=config.allocation, target_flops=config.target_flops, target_speedup=config.target_speedup,
+        max_layer_ratio=config.max_layer_ratio, ratios=plan.ratios, flops_target=plan.flops_target,
+        achieved_flops=after.flops / before.flops, speedup=plan.speedup, note=plan.note,
+        final_speedup=final_speedup,
+    )
+
+
+def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, store: ScoreStore,
+                      plan: Plan | None = None) -> list:
+    """Score and prune every layer, shallow → deep, with the per-layer scores kept in --out/cache:
+    at `config.ratio`, or at the `plan`'s ratios and schedule."""
+    source = _scoring_data(config, loaded)
     refit = None
     if config.layer_bn_batches > 0:
         def refit() -> int:
             return _refit_batchnorm(config, loaded, ctx, config.layer_bn_batches)
+    ratio, schedule = (config.ratio, config.schedule) if plan is None else (plan.ratios, plan.schedule)
     return select_and_prune(
-        loaded.surgeon, loaded.scorer, source, ratio=config.ratio, schedule=config.schedule,
-        rounding=config.rounding, store=FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world),
+        loaded.surgeon, loaded.scorer, source, ratio=ratio, schedule=schedule,
+        rounding=config.rounding, store=store,
         quiet=ctx.quiet, world=ctx.world, refit=refit,
     )
 

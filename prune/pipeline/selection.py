@@ -13,6 +13,7 @@ weight scorers are cheap).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -168,12 +169,35 @@ def lowest(scores: torch.Tensor, n: int) -> tuple[int, ...]:
     return tuple(sorted(int(i) for i in order[:n]))
 
 
+def layer_ratios(ratio: float | Sequence[float], groups: int) -> tuple[float, ...]:
+    """`ratio` as one ratio per group: a float for every group, or a sequence of `groups` ratios in [0, 1)."""
+    ratios = (float(ratio),) * groups if isinstance(ratio, numbers.Real) else tuple(float(r) for r in ratio)
+    if len(ratios) != groups:
+        raise ValueError(f"{len(ratios)} ratios for {groups} prunable groups; pass one ratio or one per group")
+    if not all(0.0 <= r < 1.0 for r in ratios):
+        raise ValueError(f"every ratio must be in [0, 1), got {ratios}")
+    return ratios
+
+
+def stored_or_scored(
+    surgeon: Surgeon, i: int, group: PrunableGroup, scorer: scoring.Scorer, source: ScoringData | None,
+    store: ScoreStore = NO_STORE, world: distributed.World = distributed.SINGLE,
+) -> torch.Tensor:
+    """Scores [C] of group `i` (higher = keep): from `store` if it holds them, else scored now and stored."""
+    stored = store.get(i, group)
+    if stored is not None:
+        return stored
+    scores = score_group(surgeon.model, group, scorer, source, world, surgeon.example)
+    store.put(i, group, scores)
+    return scores
+
+
 def select_and_prune(
     surgeon: Surgeon,
     scorer: scoring.Scorer,
     source: ScoringData | None,
     *,
-    ratio: float,
+    ratio: float | Sequence[float],
     schedule: str = "progressive",
     rounding: str = "round",
     store: ScoreStore = NO_STORE,
@@ -181,7 +205,8 @@ def select_and_prune(
     quiet: bool = False,
     world: distributed.World = distributed.SINGLE,
 ) -> list[LayerDecision]:
-    """Prune every group of `surgeon`'s model, shallow → deep.
+    """Prune every group of `surgeon`'s model, shallow → deep: `ratio` of its channels, or
+    ratio[l] at group l (one ratio per group, e.g. a budget's allocation).
 
     progressive: group l is scored on the network already pruned at groups < l (paper A.7.2).
     oneshot: every group is scored on the original network first, then all are pruned.
@@ -200,15 +225,11 @@ def select_and_prune(
     model = surgeon.model
     model.eval()
     groups = list(surgeon.groups)
+    ratios = layer_ratios(ratio, len(groups))
     decisions: list[LayerDecision] = []
 
     def scores_of(i: int, g: PrunableGroup) -> torch.Tensor:
-        stored = store.get(i, g)
-        if stored is not None:
-            return stored
-        scores = score_group(model, g, scorer, source, world, surgeon.example)
-        store.put(i, g, scores)
-        return scores
+        return stored_or_scored(surgeon, i, g, scorer, source, store, world)
 
     def observed(g: PrunableGroup) -> tuple[int, float | None]:
         top1 = None if source is None else scoring_top1(model, source)
@@ -223,7 +244,7 @@ def select_and_prune(
             scores, (m, top1) = all_scores[i], state[i]
         else:
             (m, top1), scores = observed(group), scores_of(i, group)
-        removed = lowest(scores, channels_to_remove(before, ratio, rule=rounding))
+        removed = lowest(scores, channels_to_remove(before, ratios[i], rule=rounding))
         surgeon.prune(group, removed)
         if refit is not None and schedule == "progressive" and i + 1 < len(groups):
             refit()

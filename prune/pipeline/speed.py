@@ -99,3 +99,15 @@ def measure_throughput(
         iters=iters,
         channels_last=channels_last,
     )
+
+
+def measure_speedup(model: nn.Module, baseline: nn.Module, *, input_size: int, device: str | torch.device = "cpu",
+                    batch_size: int = 32, repeats: int = 5) -> float:
+    """img/s of `model` over img/s of `baseline` (`measure_throughput`, batch `batch_size`),
+    measured alternately `repeats` times in this process; the median ratio."""
+    ratios = []
+    for _ in range(repeats):
+        base = measure_throughput(baseline, input_size=input_size, batch_size=batch_size, device=device).img_per_s
+        mine = measure_throughput(model, input_size=input_size, batch_size=batch_size, device=device).img_per_s
+        ratios.append(mine / base)
+    return sorted(ratios)[len(ratios) // 2]

@@ -8,6 +8,7 @@ does not guarantee.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -146,6 +147,22 @@ class Surgeon:
         if not self.graph.check_pruning_group(tp_group):
             raise RuntimeError(f"torch-pruning refused to prune group {group.name}")
         tp_group.prune()
+
+    def clone(self) -> Surgeon:
+        """A Surgeon of a deep copy of the model (same groups in the same order; this one is untouched)."""
+        memo: dict = {}
+        model = copy.deepcopy(self.model, memo)
+        return Surgeon(model, self.example, ignored_layers=[memo[id(m)] for m in self._ignored])
+
+    def pruned_copy(self, counts: Sequence[int]) -> nn.Module:
+        """A copy of the model with `counts[l]` output channels of group l removed (the first ones:
+        only the structure, e.g. its cost or speed, is meant to be read from it)."""
+        if len(counts) != len(self.groups):
+            raise ValueError(f"{len(counts)} channel counts for {len(self.groups)} groups")
+        twin = self.clone()
+        for group, n in zip(twin.groups, counts):
+            twin.prune(group, range(int(n)))
+        return twin.model
 
     def history(self) -> list:
         """torch-pruning's pruning history (plain lists: safe for weights_only loading)."""

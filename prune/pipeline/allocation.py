@@ -1,0 +1,144 @@
+"""Per-layer pruning ratios that meet a FLOPs target: `uniform`, `global` or `sensitivity`.
+
+Every allocation returns one ratio per prunable group of a `Surgeon`, shallow → deep, each at
+most `cap` (`--max-layer-ratio`; at least one channel is always kept). The FLOPs of a candidate
+allocation are counted by `count_cost` on a pruned copy of the model (`StructureCost`): which
+channels go does not change the cost, only how many. Where channel rounding makes the target
+unreachable exactly, the allocation whose FLOPs fraction is closest to it is chosen.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from prune.pipeline.counting import count_cost
+from prune.pipeline.importance import DEFAULT_NORMALIZE, normalize_scores
+from prune.pipeline.surgery import Surgeon, channels_to_remove
+
+RATIO_GRID = tuple(k / 10 for k in range(1, 10))
+"""The ratios at which the sensitivity curves are measured (0.1 … 0.9)."""
+BISECTION_STEPS = 40
+
+
+class StructureCost:
+    """FLOPs fraction (pruned / unpruned, by `count_cost`) of `surgeon.model` with n_l output
+    channels removed at group l; counted on pruned copies, cached by the counts."""
+
+    def __init__(self, surgeon: Surgeon, input_size: int, rounding: str = "round") -> None:
+        self.surgeon = surgeon
+        self.input_size = input_size
+        self.rounding = rounding
+        self.channels = tuple(g.num_channels for g in surgeon.groups)
+        self.unpruned = count_cost(surgeon.model, input_size=input_size).flops
+        self._cache: dict[tuple[int, ...], float] = {}
+
+    def counts(self, ratios: Sequence[float]) -> tuple[int, ...]:
+        """Channels removed per group at `ratios` (the rounding `select_and_prune` applies)."""
+        return tuple(channels_to_remove(c, r, rule=self.rounding) for c, r in zip(self.channels, ratios))
+
+    def fraction(self, counts: Sequence[int]) -> float:
+        """FLOPs of the structure with `counts` removed, as a fraction of the unpruned FLOPs."""
+        key = tuple(int(n) for n in counts)
+        if key not in self._cache:
+            pruned = self.surgeon.pruned_copy(key)
+            self._cache[key] = count_cost(pruned, input_size=self.input_size).flops / self.unpruned
+        return self._cache[key]
+
+    def fraction_at(self, ratios: Sequence[float]) -> float:
+        """`fraction` of the structure that `ratios` give."""
+        return self.fraction(self.counts(ratios))
+
+
+def closest(fraction_of: Callable[[float], float], lo: float, hi: float, target: float) -> float:
+    """The x in [lo, hi] whose `fraction_of(x)` (non-increasing in x) is closest to `target`,
+    by bisection; ties go to the smaller x (less pruning)."""
+    best = min((abs(fraction_of(x) - target), x) for x in (lo, hi))
+    for _ in range(BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        f = fraction_of(mid)
+        best = min(best, (abs(f - target), mid))
+        if f > target:
+            lo = mid
+        else:
+            hi = mid
+    return best[1]
+
+
+def uniform(cost: StructureCost, target: float, cap: float) -> tuple[float, ...]:
+    """One ratio r in [0, cap] for every group: the one whose FLOPs fraction is closest to `target`."""
+    r = closest(lambda x: cost.fraction_at([x] * len(cost.channels)), 0.0, cap, target)
+    return (r,) * len(cost.channels)
+
+
+def most_removable(channels: int, cap: float) -> int:
+    """The most channels a group of `channels` may lose at `cap` (at least one is kept)."""
+    return max(0, min(math.floor(cap * channels + 1e-9), channels - 1))
+
+
+def removal_order(scores: Sequence[torch.Tensor], cap: float) -> list[int]:
+    """Group index of each removable channel, lowest normalised score first across groups.
+
+    scores[l]: [C_l], higher = keep; each group's scores are normalised as `as_tp_importance`
+    normalises them (`normalize_scores`, DEFAULT_NORMALIZE) so that groups compare; a group
+    offers only its `most_removable` lowest channels. Ties: shallower group, then lower rank.
+    """
+    entries = []
+    for group, s in enumerate(scores):
+        z = normalize_scores(s, DEFAULT_NORMALIZE)
+        ranked = torch.sort(z, stable=True).values[: most_removable(len(s), cap)]
+        entries.append([(float(v), group, rank) for rank, v in enumerate(ranked)])
+    return [group for _, group, _ in heapq.merge(*entries)]
+
+
+def global_ranking(cost: StructureCost, scores: Sequence[torch.Tensor], target: float, cap: float) -> tuple[float, ...]:
+    """Ratios n_l / C_l where the k globally lowest channels (`removal_order`) are removed, k
+    chosen by bisection so that the FLOPs fraction is closest to `target`."""
+    order = removal_order(scores, cap)
+
+    def counts(k: float) -> list[int]:
+        n = [0] * len(cost.channels)
+        for group in order[: round(k)]:
+            n[group] += 1
+        return n
+
+    k = round(closest(lambda x: cost.fraction(counts(x)), 0.0, float(len(order)), target))
+    return tuple(n / c for n, c in zip(counts(k), cost.channels))
+
+
+def least_loss(cost: StructureCost, increase: Sequence[Sequence[float]], target: float, cap: float,
+               grid: Sequence[float] = RATIO_GRID) -> tuple[float, ...]:
+    """Per-group ratios that meet `target` with the least summed loss increase, greedily.
+
+    increase[l][j]: loss increase when only group l is pruned at grid[j]. From no pruning, the
+    step (one group to its next grid ratio, up to `cap`) with the least loss increase per FLOPs
+    fraction saved is taken until the target is met; the last step is then shortened (by
+    bisection on that group's ratio) to the ratio whose FLOPs fraction is closest to `target`.
+    """
+    ratios = [0.0, *(r for r in grid if r <= cap + 1e-9)]
+    curves = [[0.0, *row[: len(ratios) - 1]] for row in increase]
+    step = [0] * len(cost.channels)
+
+    def at(steps: Sequence[int]) -> list[float]:
+        return [ratios[j] for j in steps]
+
+    last = None
+    while cost.fraction_at(at(step)) > target:
+        now, options = cost.fraction_at(at(step)), []
+        for g, j in enumerate(step):
+            if j + 1 < len(ratios):
+                saved = now - cost.fraction_at(at([*step[:g], j + 1, *step[g + 1:]]))
+                if saved > 0:
+                    options.append(((curves[g][j + 1] - curves[g][j]) / saved, g))
+        if not options:
+            break  # every group is at the cap: the closest reachable
+        last = min(options)[1]
+        step[last] += 1
+    chosen = at(step)
+    if last is not None:
+        lo, hi = ratios[step[last] - 1], ratios[step[last]]
+        chosen[last] = closest(lambda x: cost.fraction_at([*chosen[:last], x, *chosen[last + 1:]]), lo, hi, target)
+    return tuple(chosen)

@@ -1,0 +1,177 @@
+"""A budget turned into the per-layer ratios a run prunes with (its `Plan`).
+
+`--target-flops F`: the allocation (prune/pipeline/allocation.py) for F. `--target-speedup S`:
+a bisection over the FLOPs target, each candidate allocation measured as a structurally pruned
+copy against the unpruned model in this process (`measure_speedup`, the report's img/s
+protocol), until the speed-up is within SPEEDUP_TOLERANCE of S; where it cannot be, the plan
+says what was reached and why (`Plan.note`). The plan is kept in --out/cache/plan.json, so a
+resumed run prunes with the same ratios (a speed search is not measured twice).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import scoring
+from prune.config import PruneConfig
+from prune.outputs.files import write_json
+from prune.outputs.score_store import ScoreStore
+from prune.pipeline import distributed
+from prune.pipeline.allocation import StructureCost, global_ranking, least_loss, uniform
+from prune.pipeline.selection import ScoringData, stored_or_scored
+from prune.pipeline.sensitivity import SensitivityCurves, heldout, measure_curves, write_curves
+from prune.pipeline.speed import measure_speedup
+from prune.pipeline.surgery import Surgeon
+from prune.zoo.data import DataBundle
+
+SPEEDUP_TOLERANCE = 0.05
+SPEED_STEPS = 8
+"""At most this many candidate FLOPs targets are measured by a speed search."""
+PLAN_FORMAT = "topoprune/plan/v1"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """ratios: one per prunable group, shallow → deep. flops_target: the FLOPs fraction they
+    were allocated for; planned_flops: the fraction their structure has (counted). speedup:
+    measured while planning (speed target only). note: why a speed target is not met ("" if
+    it is). schedule: the selection's (`global` ranks channels scored once: oneshot)."""
+
+    ratios: tuple[float, ...]
+    flops_target: float
+    planned_flops: float
+    schedule: str
+    speedup: float | None = None
+    note: str = ""
+    curves: SensitivityCurves | None = None
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "curves": None if self.curves is None else self.curves.as_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        curves = None if d["curves"] is None else SensitivityCurves.from_dict(d["curves"])
+        return cls(**{**d, "ratios": tuple(d["ratios"]), "curves": curves})
+
+
+@dataclass(frozen=True)
+class Planning:
+    """What a plan is made from: the unpruned network (`surgeon`), its scorer and scoring
+    images, the data (val split for the sensitivity curves), and the run's settings."""
+
+    config: PruneConfig
+    surgeon: Surgeon
+    scorer: scoring.Scorer
+    source: ScoringData | None
+    data: DataBundle
+    store: ScoreStore
+    quiet: bool = True
+    refit: Callable[[nn.Module], object] | None = None
+    """Re-estimates a pruned copy's BatchNorm statistics before its sensitivity is measured (None: not)."""
+
+
+def allocator(p: Planning, cost: StructureCost) -> tuple[Callable[[float], tuple[float, ...]], SensitivityCurves | None]:
+    """A function FLOPs target → ratios for `p.config.allocation` (scores or curves computed once), and the curves."""
+    cap, name = p.config.max_layer_ratio, p.config.allocation
+    if name == "uniform":
+        return (lambda f: uniform(cost, f, cap)), None
+    if name == "global":
+        scores = [stored_or_scored(p.surgeon, i, g, p.scorer, p.source, p.store) for i, g in enumerate(p.surgeon.groups)]
+        return (lambda f: global_ranking(cost, scores, f, cap)), None
+    curves = measure_curves(p.surgeon, p.scorer, p.source, heldout(p.data.val), rounding=p.config.rounding,
+                            batch_size=p.config.batch_size, quiet=p.quiet, refit=p.refit)
+    increase = curves.increase()
+    return (lambda f: least_loss(cost, increase, f, cap)), curves
+
+
+def make_plan(p: Planning) -> Plan:
+    """The plan for `p.config`'s target (the surgeon's model is left unpruned)."""
+    cost = StructureCost(p.surgeon, int(p.surgeon.example.shape[-1]), p.config.rounding)
+    allocate, curves = allocator(p, cost)
+    schedule = "oneshot" if p.config.allocation == "global" else p.config.schedule
+    if p.config.target_speedup is None:
+        ratios = allocate(p.config.target_flops)
+        return Plan(ratios, p.config.target_flops, cost.fraction_at(ratios), schedule, curves=curves)
+    return replace(speed_search(p.surgeon, cost, allocate, p.config), schedule=schedule, curves=curves)
+
+
+def speed_search(surgeon: Surgeon, cost: StructureCost, allocate: Callable[[float], tuple[float, ...]],
+                 config: PruneConfig) -> Plan:
+    """Bisection over the FLOPs target f until the measured speed-up is within tolerance of the target."""
+    goal, cap = config.target_speedup, config.max_layer_ratio
+    measured: list[tuple[float, float, tuple[float, ...]]] = []  # (speed-up, f, ratios)
+
+    def speedup(f: float) -> float:
+        ratios = allocate(f)
+        pruned = surgeon.pruned_copy(cost.counts(ratios))
+        s = measure_speedup(pruned, surgeon.model, input_size=cost.input_size, device=surgeon.example.device)
+        measured.append((s, f, ratios))
+        return s
+
+    def met(s: float) -> bool:
+        return abs(s / goal - 1) <= SPEEDUP_TOLERANCE
+
+    def plan(s: float, f: float, ratios: tuple[float, ...], note: str = "") -> Plan:
+        return Plan(ratios, f, cost.fraction_at(ratios), config.schedule, speedup=s, note=note)
+
+    floor = cost.fraction_at(allocate(0.0))  # every layer at the cap
+    fastest = speedup(floor)
+    if fastest < goal * (1 - SPEEDUP_TOLERANCE):
+        return plan(*measured[-1], note=(
+            f"speed-up {fastest:.2f} reached, not {goal:g}: at --max-layer-ratio {cap:g} the pruned network keeps "
+            f"{floor:.3f} of the FLOPs and is no faster on {surgeon.example.device.type}; pass a higher "
+            "--max-layer-ratio or a smaller --target-speedup"))
+    lo, hi = floor, 1.0
+    if not met(fastest):
+        for _ in range(SPEED_STEPS):
+            mid = (lo + hi) / 2
+            s = speedup(mid)
+            if met(s):
+                break
+            lo, hi = (mid, hi) if s > goal else (lo, mid)
+    best = min(measured, key=lambda m: abs(m[0] / goal - 1))
+    note = "" if met(best[0]) else (
+        f"speed-up {best[0]:.2f} reached, not {goal:g} within {SPEEDUP_TOLERANCE:.0%}: {len(measured)} measured "
+        f"FLOPs targets between {floor:.3f} and 1 do not land closer (timing noise or channel rounding on "
+        f"{surgeon.example.device.type})")
+    return plan(*best, note=note)
+
+
+def plan_path(out: Path) -> Path:
+    return Path(out) / "cache" / "plan.json"
+
+
+def _cached(out: Path, resume: bool, groups: int) -> Plan | None:
+    """The plan an earlier attempt of this run kept in `out`, or None."""
+    path = plan_path(out)
+    if not (resume and path.exists()):
+        return None
+    try:
+        d = json.loads(path.read_text())
+        plan = Plan.from_dict(d["plan"]) if d.get("format") == PLAN_FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return plan if plan is not None and len(plan.ratios) == groups else None
+
+
+def planned(p: Planning, out: Path, *, resume: bool, world: distributed.World = distributed.SINGLE) -> Plan:
+    """The run's plan: rank 0's cached one on resume, else made here (rank 0's is used by every
+    rank) and kept in `out` with the sensitivity curves (sensitivity.json, sensitivity.png)."""
+    groups = len(p.surgeon.groups)
+    plan = world.broadcast(_cached(out, resume, groups) if world.is_main else None)
+    if plan is not None:
+        return plan
+    with torch.no_grad():
+        plan = make_plan(p)
+    plan = world.broadcast(plan)
+    if world.is_main:  # plan.json last: an attempt killed before it made no plan
+        if plan.curves is not None:
+            write_curves(out, plan.curves)
+        write_json(plan_path(out), {"format": PLAN_FORMAT, "plan": plan.as_dict()})
+    return plan

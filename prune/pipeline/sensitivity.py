@@ -1,0 +1,128 @@
+"""Sensitivity curves: what the held-out loss and top-1 become when only one layer is pruned.
+
+For each prunable group l, scored by the run's scorer on the unpruned network, and each ratio r
+of RATIO_GRID, a copy of the model loses the lowest-scoring round(r·C_l) channels of group l
+only (no fine-tuning; BatchNorm statistics re-estimated by `refit` when given, as the progressive
+schedule does after each layer) and is evaluated on a fixed, class-balanced subset of the val
+split (at most HELDOUT_PER_CLASS images per class, the same for every seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset
+from tqdm.auto import tqdm
+
+import scoring
+from finetune.metrics import Evaluation, evaluate
+from prune.outputs.files import write_bytes, write_json
+from prune.pipeline.allocation import RATIO_GRID
+from prune.pipeline.selection import ScoringData, lowest, score_group
+from prune.pipeline.surgery import Surgeon, channels_to_remove
+from prune.zoo.data import make_loader
+
+HELDOUT_PER_CLASS = 50
+"""At most this many val images per class evaluate each pruned copy."""
+
+
+@dataclass(frozen=True)
+class SensitivityCurves:
+    """loss[l][j] and top1[l][j]: the network with only group `layers[l]` pruned at `ratios[j]`,
+    on `images` held-out images; `base_loss` / `base_top1`: the unpruned network on them."""
+
+    layers: tuple[str, ...]
+    ratios: tuple[float, ...]
+    base_loss: float
+    base_top1: float
+    loss: tuple[tuple[float, ...], ...]
+    top1: tuple[tuple[float, ...], ...]
+    images: int
+
+    def increase(self) -> list[list[float]]:
+        """Loss increase over the unpruned network, [layer][ratio]."""
+        return [[v - self.base_loss for v in row] for row in self.loss]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SensitivityCurves:
+        return cls(**{**d, "layers": tuple(d["layers"]), "ratios": tuple(d["ratios"]),
+                      "loss": tuple(map(tuple, d["loss"])), "top1": tuple(map(tuple, d["top1"]))})
+
+
+def targets_of(dataset: Dataset) -> list[int]:
+    """The label of every item of `dataset` (from its `targets` or tensors when it has them)."""
+    if isinstance(dataset, TensorDataset):
+        return [int(t) for t in dataset.tensors[1]]
+    if isinstance(dataset, Subset):
+        inner = targets_of(dataset.dataset)
+        return [inner[i] for i in dataset.indices]
+    if hasattr(dataset, "targets"):
+        return [int(t) for t in dataset.targets]
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
+def heldout(val: Dataset, per_class: int = HELDOUT_PER_CLASS) -> Subset:
+    """The first `per_class` items of each class of `val` in a permutation seeded with 0."""
+    targets = targets_of(val)
+    taken: dict[int, int] = {}
+    chosen = []
+    for i in torch.randperm(len(targets), generator=torch.Generator().manual_seed(0)).tolist():
+        if taken.get(targets[i], 0) < per_class:
+            taken[targets[i]] = taken.get(targets[i], 0) + 1
+            chosen.append(i)
+    return Subset(val, sorted(chosen))
+
+
+def measure_curves(surgeon: Surgeon, scorer: scoring.Scorer, source: ScoringData | None, images: Dataset, *,
+                   rounding: str = "round", batch_size: int = 64, quiet: bool = True,
+                   refit: Callable[[nn.Module], object] | None = None) -> SensitivityCurves:
+    """The curves of every group of `surgeon` (its model is left unpruned); `images`: held-out (image,
+    label); `refit(model)`, if given, runs on each pruned copy before it is evaluated."""
+    loader = make_loader(images, batch_size=batch_size, shuffle=False, seed=0)
+    device = surgeon.example.device
+    surgeon.model.eval()
+    base = evaluate(surgeon.model, loader, device=device)
+    loss, top1 = [], []
+    for i, group in enumerate(tqdm(surgeon.groups, desc="sensitivity", disable=quiet)):
+        scores = score_group(surgeon.model, group, scorer, source, example=surgeon.example)
+        row: list[Evaluation] = []
+        for r in RATIO_GRID:
+            twin = surgeon.clone()
+            twin.prune(twin.groups[i], lowest(scores, channels_to_remove(group.num_channels, r, rule=rounding)))
+            if refit is not None:
+                refit(twin.model)
+            row.append(evaluate(twin.model.eval(), loader, device=device))
+        loss.append(tuple(e.loss for e in row))
+        top1.append(tuple(e.top1 for e in row))
+    return SensitivityCurves(layers=tuple(g.name for g in surgeon.groups), ratios=RATIO_GRID, base_loss=base.loss,
+                             base_top1=base.top1, loss=tuple(loss), top1=tuple(top1), images=base.n)
+
+
+def write_curves(out: Path, curves: SensitivityCurves) -> None:
+    """`out`/sensitivity.json and `out`/sensitivity.png (loss increase and top-1 per layer against the ratio)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    write_json(out / "sensitivity.json", curves.as_dict())
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_top1 = fig.subplots(1, 2)
+    for name, inc, acc in zip(curves.layers, curves.increase(), curves.top1):
+        ax_loss.plot(curves.ratios, inc, marker="o", label=name)
+        ax_top1.plot(curves.ratios, acc, marker="o", label=name)
+    ax_loss.set(xlabel="ratio (only this layer pruned)", ylabel="held-out loss increase")
+    ax_top1.set(xlabel="ratio (only this layer pruned)", ylabel="held-out top-1")
+    ax_top1.axhline(curves.base_top1, color="grey", linestyle=":", label="unpruned")
+    ax_top1.legend(fontsize=7)
+    fig.suptitle(f"Sensitivity on {curves.images} held-out images (no fine-tuning)")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_bytes(out / "sensitivity.png", buf.getvalue())
