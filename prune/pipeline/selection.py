@@ -76,6 +76,7 @@ def class_chunks(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringDa
     chunks = iter_units(model, conv, images, name=name, batch_size=source.batch_size, chunk_bytes=source.chunk_bytes)
     for where, units in chunks:
         yield scoring.ClassBatch(class_index=cls, images=images[where], activations=units)
+        del units  # before the next forward: one chunk's units alive at a time
 
 
 def update_with_class(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, cls: int) -> None:
@@ -85,6 +86,7 @@ def update_with_class(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: 
         return
     for chunk in class_chunks(layer.model, layer.conv, layer.name, source, cls):
         scorer.update(chunk)
+        del chunk  # before the next forward
 
 
 def class_batches(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringData) -> Iterator[scoring.ClassBatch]:
