@@ -51,8 +51,9 @@ __all__ = [
     "unit_site",
 ]
 
-CHUNK_BYTES = 1 << 27
-"""Default bound on the units of one forward chunk (128 MiB): what scoring holds at once."""
+CHUNK_BYTES = 1 << 26
+"""Default bound on the largest tensor of one forward chunk (64 MiB): its units, or a larger
+map the forward makes on the way; what scoring holds at once is a small multiple of it."""
 
 
 def conv_name(model: nn.Module, conv: nn.Conv2d) -> str:
@@ -166,18 +167,42 @@ def iter_units(
     (which images, their units [n, C, m, m] float32 CPU).
 
     C is `conv.out_channels`. The first chunk is one image; later chunks hold at most
-    `batch_size` images and at most `chunk_bytes` of units (at least one image). The chunks
-    depend only on N, `batch_size`, `chunk_bytes` and the unit size, so the units are the same
-    whether they are kept or scored chunk by chunk, and between chunks no hook is left on
-    `model`. NaN/Inf activations raise UsageError.
+    `batch_size` images, and at most `chunk_bytes` in the largest tensor of their forward pass
+    (the units or a larger map before them, as measured on the first image; at least one
+    image). The chunks depend only on N, `batch_size`, `chunk_bytes` and the model, so the
+    units are the same whether they are kept or scored chunk by chunk, and between chunks no
+    hook is left on `model`. NaN/Inf activations raise UsageError.
     """
-    start, step = 0, 1
+    with largest_output(model) as largest:
+        first = _units_of(model, conv, images[:1], name)
+    per_image = max(largest[0], first[0].numel() * 4, 1)
+    step = max(1, min(batch_size, chunk_bytes // per_image))
+    yield slice(0, 1), first
+    del first
+    start = 1
     while start < len(images):
         chunk = _units_of(model, conv, images[start : start + step], name)
-        step = max(1, min(batch_size, chunk_bytes // max(chunk[0].numel() * 4, 1)))
         yield slice(start, start + len(chunk)), chunk
         start += len(chunk)
         del chunk
+
+
+@contextmanager
+def largest_output(model: nn.Module) -> Iterator[list[int]]:
+    """Inside, `box[0]` is the size in bytes of the largest tensor any module of `model` output."""
+    box = [0]
+
+    def record(_m: nn.Module, _i: tuple, out: object) -> None:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                box[0] = max(box[0], t.numel() * t.element_size())
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        yield box
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()

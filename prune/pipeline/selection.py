@@ -1,7 +1,7 @@
 """Layer-by-layer channel selection: score each group, remove its lowest-scoring channels.
 
 Scoring streams: one layer at a time, one class at a time, and a class's units go to the
-scorer in chunks of images (each chunk's units at most `ScoringData.chunk_bytes`), with the
+scorer in chunks of images (each forward's largest tensor ≤ `ScoringData.chunk_bytes`), with the
 scores of whole classes (`scoring.base`); a scorer with `whole_class` gets each class's units
 filled chunk by chunk into one preallocated tensor [N, C, m, m] (no concatenation copy).
 
@@ -51,8 +51,9 @@ class LayerDecision(LayerResult):
 class ScoringData:
     """Where scoring images come from: K `classes`, `per_class` images each.
 
-    batch_size: most images in one forward pass; chunk_bytes: most bytes of units in one
-    forward pass, which is also one chunk given to the scorer (at least one image)."""
+    batch_size: most images in one forward pass; chunk_bytes: most bytes in the largest tensor
+    of one forward pass (the units, or a larger map before them; at least one image). One
+    forward pass is one chunk given to the scorer."""
 
     data: DataBundle
     classes: Sequence[int]
