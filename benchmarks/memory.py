@@ -6,8 +6,8 @@
     python -m benchmarks.memory --json PATH     # default benchmarks/results/memory.json
 
 Scoring streams one layer, one class and one chunk of images at a time (prune.pipeline.selection:
-the largest tensor of a chunk's forward pass stays under `--chunk-mib`), progressively pruned at `--ratio` as the main job does.
-Images are seeded noise made on demand (no download, no data set held in memory). Memory is the
+the largest tensor of a chunk's forward pass stays under `--chunk-mib`), progressively pruned at
+`--ratio` as the main job does. Images are seeded noise made on demand (no download, no data set held in memory). Memory is the
 process's resident-set high-water mark (getrusage ru_maxrss), so it counts torch, numpy and
 numba allocations alike; the JSON is rewritten after every layer, so an interrupted full run
 still leaves its peak so far. After the measurement, `chunking_exact` records that the first
@@ -50,7 +50,7 @@ class Settings:
     ratio: float = 0.5
     layers: int | None = None
     seed: int = 0
-    chunk_mib: int = 64
+    chunk_mib: int = 32
     batch_size: int = 32
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-class", dest="per_class", type=positive_int, help="N (default 100; 10 with --quick)")
     p.add_argument("--layers", type=positive_int, help="score only the first L layers (default all; 4 with --quick)")
     p.add_argument("--scorer", help="scorer (default entropy)")
-    p.add_argument("--chunk-mib", type=positive_int, help="most MiB in the largest tensor of a forward chunk (default 64)")
+    p.add_argument("--chunk-mib", type=positive_int, help="most MiB in the largest tensor of a forward chunk (default 32)")
     p.add_argument("--json", type=Path, default=None,
                    help="where the result goes (default benchmarks/results/memory.json, memory-quick.json with --quick)")
     a = p.parse_args(argv)

@@ -51,8 +51,8 @@ __all__ = [
     "unit_site",
 ]
 
-CHUNK_BYTES = 1 << 26
-"""Default bound on the largest tensor of one forward chunk (64 MiB): its units, or a larger
+CHUNK_BYTES = 1 << 25
+"""Default bound on the largest tensor of one forward chunk (32 MiB): its units, or a larger
 map the forward makes on the way; what scoring holds at once is a small multiple of it."""
 
 
