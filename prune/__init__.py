@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "model_entry": "prune.zoo.registry",
     "ScoringData": "prune.pipeline.selection",
     "score_group": "prune.pipeline.selection",
+    "class_batches": "prune.pipeline.selection",
     "lowest": "prune.pipeline.selection",
     "channels_to_remove": "prune.pipeline.surgery",
     "collect_units": "prune.pipeline.observe",
@@ -74,7 +75,7 @@ __all__ = [  # the names of _EXPORTS, in its order
     "__version__", "PruneConfig", "run", "PruneReport", "Measurement", "LayerResult", "list_models", "load_pruned",
     "as_tp_importance", "UsageError", "create_model", "load_data", "Surgeon", "select_and_prune", "count_cost",
     "measure_throughput", "Throughput", "DataBundle", "embedded_data", "class_images", "make_loader", "model_entry",
-    "ScoringData", "score_group", "lowest", "channels_to_remove", "collect_units", "following_norm", "onnx_bytes",
+    "ScoringData", "score_group", "class_batches", "lowest", "channels_to_remove", "collect_units", "following_norm", "onnx_bytes",
     "fit_embedded", "TrainConfig", "train_variant", "RECIPES", "exit_code", "write_json", "write_text", "write_bytes",
     "torch_save",
 ]
@@ -98,6 +99,7 @@ if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ import
     from prune.pipeline.observe import following_norm as following_norm
     from prune.pipeline.run import run as run
     from prune.pipeline.selection import ScoringData as ScoringData
+    from prune.pipeline.selection import class_batches as class_batches
     from prune.pipeline.selection import lowest as lowest
     from prune.pipeline.selection import score_group as score_group
     from prune.pipeline.selection import select_and_prune as select_and_prune

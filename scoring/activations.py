@@ -1,7 +1,8 @@
 """Activation-statistics scorers: `apoz` (Hu et al. 2016) and `selectivity` (Morcos et al. 2018).
 
-Both stream: each class batch is reduced to a few per-channel sums, so only one class's
-activations [N, C, m, m] are ever held.
+Both stream: a class may come in chunks of images. apoz adds exact integer zero counts per
+chunk; selectivity keeps each image's spatial means [n, C] and sums them when the class ends,
+so the scores do not depend on the chunking.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
+from scoring.chunked import ChunkedScorer
 from scoring.registry import register
 
 
@@ -40,7 +42,8 @@ class APoZScorer(Scorer):
     """score[c] = 1 − APoZ[c]; [C], higher = keep (fewer zeros = more important).
 
     APoZ[c] = #{(image, position) : activation ≤ 0} / #(images × positions), counted over
-    every class batch given (all classes pooled, as Hu et al. 2016).
+    every class batch given (all classes pooled, as Hu et al. 2016). The counts are exact
+    integers, so adding them chunk by chunk gives the same scores as whole classes.
     """
 
     def reset(self, layer: LayerSpec) -> None:
@@ -73,7 +76,7 @@ class APoZScorer(Scorer):
     needs_data=True,
     description="class selectivity index of the mean unit response (Morcos et al. 2018)",
 )
-class SelectivityScorer(Scorer):
+class SelectivityScorer(ChunkedScorer):
     """score[c] = (μ_max − μ_rest) / (μ_max + μ_rest); [C], higher = keep.
 
     μ_k[c] = mean over class k's images of the mean over positions of unit c; μ_max is the
@@ -92,15 +95,18 @@ class SelectivityScorer(Scorer):
         self._sums: dict[int, torch.Tensor] = {}
         self._counts: dict[int, int] = {}
 
-    def update(self, batch: ClassBatch) -> None:
-        acts = checked_activations(self, batch)
-        k = int(batch.class_index)
-        per_image = acts.mean(dim=(2, 3)).sum(dim=0)  # [C]
-        self._sums[k] = self._sums.get(k, 0) + per_image
-        self._counts[k] = self._counts.get(k, 0) + acts.shape[0]
+    def per_image(self, batch: ClassBatch) -> torch.Tensor:
+        """Activations [n, C, m, m] → each image's spatial mean per unit [n, C] float64."""
+        return checked_activations(self, batch).mean(dim=(2, 3))
+
+    def reduce_class(self, class_index: int, stats: torch.Tensor) -> None:
+        """Means [N, C] of one class → their sum [C] and N into class `class_index`'s totals."""
+        self._sums[class_index] = self._sums.get(class_index, 0) + stats.sum(dim=0)
+        self._counts[class_index] = self._counts.get(class_index, 0) + stats.shape[0]
 
     def state(self) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
         """Per-class sums of spatial means [C] and image counts seen so far."""
+        self.end_class()
         return dict(self._sums), dict(self._counts)
 
     def merge(self, states: Sequence[tuple[dict[int, torch.Tensor], dict[int, int]]]) -> None:
@@ -110,6 +116,7 @@ class SelectivityScorer(Scorer):
                 self._counts[k] = self._counts.get(k, 0) + counts[k]
 
     def compute(self) -> torch.Tensor:
+        self.end_class()
         sums = getattr(self, "_sums", {})
         if len(sums) < 2:
             raise ValueError(

@@ -8,8 +8,16 @@ A scorer turns one prunable layer into a 1-D float tensor over the layer's outpu
         scorer.update(batch)
     scores = scorer.compute()          # [C], float32, higher = keep
 
-or in one call: ``scores = scorer(layer, class_batches)``. Data-driven scorers never need
-more than one class's activations of one layer at once, so the caller can stream them.
+or in one call: ``scores = scorer(layer, class_batches)``.
+
+Chunks: a class may also arrive as several consecutive `update` calls with the same
+`class_index` (chunks of its images, in order); the class ends at the next class index,
+`compute()` or `state()`. Scores are bit-identical however a class is chunked: data scorers
+reduce each chunk to per-image statistics and do their class-level reduction once the class
+ends (`scoring.chunked.ChunkedScorer`). So the caller holds one chunk's units, not one
+class's. A scorer that needs a whole class in one call sets `whole_class = True` and is
+given one batch per class. (Two classes in a row with the same index are therefore one
+class: give consecutive classes different indices.)
 """
 
 from __future__ import annotations
@@ -55,7 +63,7 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class ClassBatch:
-    """Activations of one class at one layer.
+    """Activations of one class at one layer, or of a chunk of its images (see the module doc).
 
     class_index: the class these images belong to.
     images: [N, 3, H, W] network inputs (what produced the activations).
@@ -71,6 +79,8 @@ class Scorer(ABC):
     """Base class: subclasses set `info` and implement `reset`/`update`/`compute`."""
 
     info: ClassVar[ScorerInfo]
+    whole_class: ClassVar[bool] = False
+    """True: `update` must get each class in one batch; False: chunks of a class are fine."""
 
     def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
         """Raise ValueError (one line naming the fix) if this scorer cannot score `model` from
@@ -82,7 +92,8 @@ class Scorer(ABC):
         self.layer = layer
 
     def update(self, batch: ClassBatch) -> None:
-        """Take one class's activations. Weight-only scorers ignore them."""
+        """Take one class's activations, or the next chunk of them (same `class_index` as the
+        previous call; unless `whole_class`). Weight-only scorers ignore them."""
 
     @abstractmethod
     def compute(self) -> torch.Tensor:
@@ -93,7 +104,7 @@ class Scorer(ABC):
     # a scorer just reset, must equal updating with every class in that order.
 
     def state(self) -> Any:
-        """The state the updates so far left (only for class-shardable scorers)."""
+        """The state the updates so far left, the last class ended (only for class-shardable scorers)."""
         raise NotImplementedError(f"scorer {self.info.name!r} cannot be sharded by class")
 
     def merge(self, states: Sequence[Any]) -> None:

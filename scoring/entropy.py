@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from scoring.base import ClassBatch, LayerSpec, Scorer
+from scoring.base import ClassBatch, LayerSpec
+from scoring.chunked import ChunkedScorer
 from scoring.registry import register
 from scoring.topology import birth_times, resolve_convention
 
@@ -133,7 +134,7 @@ def ineffectiveness(births: Any) -> np.ndarray:
     description="feature entropy of topological birth times, −mean over classes "
     "(convention: paper, or authors for the authors' released code)",
 )
-class FeatureEntropyScorer(Scorer):
+class FeatureEntropyScorer(ChunkedScorer):
     """Score = −(mean over classes of a per-class term) per channel; higher = keep.
 
     convention="paper" (default): the term is the feature entropy H_c (Eq. 9–12) of the
@@ -142,7 +143,8 @@ class FeatureEntropyScorer(Scorer):
     (:func:`ineffectiveness`) of the authors' births; p is not used (validated only).
     "reference" is a deprecated alias of "authors" (one FutureWarning). Invalid options
     raise ValueError. Maps must be square (m×m, the paper's setting); rectangular maps
-    raise ValueError rather than being cropped.
+    raise ValueError rather than being cropped. A class may come in chunks: each chunk's
+    births [n, C] are kept and the class term is computed when the class ends.
     """
 
     def __init__(self, p: float = 0.1, convention: str = "paper") -> None:
@@ -155,6 +157,7 @@ class FeatureEntropyScorer(Scorer):
         super().reset(layer)
         self._total = None
         self._classes = 0
+        self._channels: int | None = None
 
     def _class_term(self, births: np.ndarray) -> np.ndarray:
         """births [C, N] → the per-class term [C] (H_c or d_c; lower = better unit)."""
@@ -162,25 +165,31 @@ class FeatureEntropyScorer(Scorer):
             return ineffectiveness(births)
         return feature_entropy(births, p=self.p, convention="paper")
 
-    def update(self, batch: ClassBatch) -> None:
-        """Add one class: activations [N, C, m, m] → H_c or d_c [C] into the running sum."""
+    def per_image(self, batch: ClassBatch) -> np.ndarray:
+        """Activations [n, C, m, m] → births [n, C] (int64, 0 = no birth)."""
         acts = batch.activations
         if acts.ndim != 4:
             raise ValueError(
                 f"activations must be [N, C, m, m]; got shape {tuple(acts.shape)}"
             )
-        births = birth_times(acts, convention=self.convention)  # [N, C]
-        h = self._class_term(births.T)  # [C]
-        if self._total is not None and self._total.shape != h.shape:
+        births = birth_times(acts, convention=self.convention)  # [n, C]
+        if self._channels is not None and births.shape[1] != self._channels:
             raise ValueError(
-                f"class {batch.class_index} has {h.shape[0]} channels, earlier classes "
-                f"{self._total.shape[0]}; pass activations of one layer"
+                f"class {batch.class_index} has {births.shape[1]} channels, earlier images "
+                f"{self._channels}; pass activations of one layer"
             )
+        self._channels = births.shape[1]
+        return births
+
+    def reduce_class(self, class_index: int, stats: np.ndarray) -> None:
+        """Births [N, C] of one class → H_c or d_c [C] into the running sum."""
+        h = self._class_term(stats.T)  # [C]
         self._total = h if self._total is None else self._total + h
         self._classes += 1
 
     def state(self) -> np.ndarray:
         """Sum of the per-class terms (H_c or d_c) [C] seen so far."""
+        self.end_class()
         return self._total.copy()
 
     def merge(self, states: Sequence[np.ndarray]) -> None:
@@ -190,6 +199,7 @@ class FeatureEntropyScorer(Scorer):
 
     def compute(self) -> torch.Tensor:
         """Scores [C] float32 CPU: −mean_c of H_c or d_c (higher = more stable = keep)."""
+        self.end_class()
         if self._total is None:
             raise ValueError("the entropy scorer needs data: call update() with a class first")
         return torch.from_numpy(-self._total / self._classes).to(torch.float32)

@@ -25,7 +25,8 @@ import copy
 import torch
 from torch import nn
 
-from scoring.base import ClassBatch, LayerSpec, Scorer
+from scoring.base import ClassBatch, LayerSpec
+from scoring.chunked import ChunkedScorer
 from scoring.hooks import capture, run_until_stopped
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
@@ -216,7 +217,7 @@ def propagate_scores(
     needs_data=True,
     description="Inf-FS score of the classifier input propagated back with |W| (Yu et al. 2018)",
 )
-class NISPScorer(Scorer):
+class NISPScorer(ChunkedScorer):
     """NISP importance of each output channel; [C], float32, higher = keep.
 
     Options:
@@ -229,6 +230,7 @@ class NISPScorer(Scorer):
       seed (0): seed of the reservoir sample.
       normalize (True): divide the layer's scores by their maximum. Ranking-neutral; keeps
         deep products of |W| inside float32 and makes layers comparable in a residual group.
+    A class given in chunks is forwarded when it ends, in one pass over its images.
     """
 
     def __init__(
@@ -273,14 +275,18 @@ class NISPScorer(Scorer):
         self._input_shape: torch.Size | None = None
         self._generator = torch.Generator().manual_seed(self.seed)
 
+    def per_image(self, batch: ClassBatch) -> torch.Tensor:
+        """A chunk's images [n, 3, H, W]: the forward to the classifier runs on the whole class
+        (`reduce_class`), so the features are those of one pass over the class's images."""
+        return batch.images
+
     @torch.no_grad()
-    def update(self, batch: ClassBatch) -> None:
-        if getattr(self, "layer", None) is None:
-            raise ValueError("nisp: call reset(layer) before update()")
+    def reduce_class(self, class_index: int, stats: torch.Tensor) -> None:
+        """One class's images [N, 3, H, W] → classifier-input features [N, F] into the sample."""
         model = self.layer.model
         device = model_device(model)
         with eval_mode(model):
-            feats = _run_to_classifier(model, batch.images.to(device)).float().cpu()
+            feats = _run_to_classifier(model, stats.to(device)).float().cpu()
         if feats.shape[1] > self.max_features:
             raise ValueError(
                 f"nisp: the classifier input has {feats.shape[1]} features (> max_features="
@@ -289,7 +295,7 @@ class NISPScorer(Scorer):
             )
         if not torch.isfinite(feats).all():
             raise ValueError("nisp: NaN/Inf classifier features; check the model and inputs")
-        self._input_shape = batch.images.shape
+        self._input_shape = stats.shape
         self._add_to_sample(feats)
 
     def _add_to_sample(self, feats: torch.Tensor) -> None:
@@ -305,6 +311,7 @@ class NISPScorer(Scorer):
             self._seen += 1
 
     def compute(self) -> torch.Tensor:
+        self.end_class()
         if getattr(self, "_sample", None) is None or self._seen < 2:
             raise ValueError("nisp: needs at least 2 images; call update() with class batches")
         scores = inf_fs_scores(self._sample, alpha=self.alpha, correlation=self.correlation)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
+from scoring.chunked import ChunkedScorer
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 
@@ -81,6 +82,10 @@ class TPScorer(Scorer):
         self._example = layer.example
 
     def update(self, batch: ClassBatch) -> None:
+        self.note_example(batch)
+
+    def note_example(self, batch: ClassBatch) -> None:
+        """Keep the first scoring image [1, 3, H, W] to trace on, if the layer gave none."""
         if self._example is None:
             self._example = batch.images[:1]
 
@@ -186,9 +191,10 @@ def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared
     return dict(zip(names, sums))
 
 
-class GradientScorer(TPScorer):
+class GradientScorer(ChunkedScorer, TPScorer):
     """A gradient criterion: sums per-class gradient statistics, then hands their mean over
-    images to torch-pruning as `param.grad`."""
+    images to torch-pruning as `param.grad`. A class given in chunks has its gradient passes
+    run when it ends, on all its images (the same passes as one whole-class update)."""
 
     squared: ClassVar[bool]
 
@@ -197,11 +203,16 @@ class GradientScorer(TPScorer):
         self._sums: Sums = {n: torch.zeros_like(p) for n, p in layer.model.named_parameters()}
         self._count = 0
 
-    def update(self, batch: ClassBatch) -> None:
-        super().update(batch)
+    def per_image(self, batch: ClassBatch) -> torch.Tensor:
+        """A chunk's images [n, 3, H, W], kept until the class ends."""
+        self.note_example(batch)
+        return batch.images
+
+    def reduce_class(self, class_index: int, stats: torch.Tensor) -> None:
+        """One class's images [N, 3, H, W] → their gradient sums into the running sums."""
         with _held(self.layer.model):
-            sums = gradient_sums(self.layer.model, batch.images, batch.class_index, squared=self.squared)
-        self._add(sums, len(batch.images))
+            sums = gradient_sums(self.layer.model, stats, class_index, squared=self.squared)
+        self._add(sums, len(stats))
 
     def _add(self, sums: Sums, count: int) -> None:
         for name, total in self._sums.items():
@@ -210,6 +221,7 @@ class GradientScorer(TPScorer):
 
     def state(self) -> tuple[Sums, int, torch.Tensor | None]:
         """(gradient sums by parameter name on CPU, number of images, an image to trace on) so far."""
+        self.end_class()
         return {n: s.cpu() for n, s in self._sums.items()}, self._count, self._example
 
     def merge(self, states: Sequence[tuple[Sums, int, torch.Tensor | None]]) -> None:
@@ -219,6 +231,7 @@ class GradientScorer(TPScorer):
                 self._example = example
 
     def prepare(self) -> dict[str, torch.Tensor]:
+        self.end_class()
         if getattr(self, "_count", 0) == 0:
             raise ValueError(f"{self.info.name}: no images seen; call update() with class batches")
         return {n: s / self._count for n, s in self._sums.items()}

@@ -417,6 +417,43 @@ def test_contract_shape_dtype_finite_deterministic(name: str) -> None:
     assert torch.equal(first, second)
 
 
+def chunked(batches: list[ClassBatch], size: int) -> list[ClassBatch]:
+    """Each class batch cut into consecutive chunks of `size` images (the last one shorter)."""
+    return [
+        ClassBatch(b.class_index, b.images[i : i + size], b.activations[i : i + size])
+        for b in batches
+        for i in range(0, len(b.images), size)
+    ]
+
+
+@pytest.mark.parametrize("size", [1, 4, 5])  # 4 and 5 do not divide N = 6
+@pytest.mark.parametrize("name", ALL)
+def test_contract_chunks_of_a_class_give_bit_identical_scores(name: str, size: int) -> None:
+    """A class given as consecutive chunks scores exactly as the class given whole."""
+    net = contract_net(name)
+    batches = class_batches(net)
+    whole = create(name)(layer_of(net), batches)
+    assert torch.equal(create(name)(layer_of(net), chunked(batches, size)), whole)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if create(n).shardable()])
+def test_contract_chunked_class_states_merge_to_the_whole_scores(name: str) -> None:
+    """Exact class sharding holds when each class's state comes from chunks."""
+    net = contract_net(name)
+    batches = class_batches(net)
+    whole = create(name)(layer_of(net), batches)
+    scorer = create(name)
+    states = []
+    for batch in batches:
+        scorer.reset(layer_of(net))
+        for chunk in chunked([batch], 4):
+            scorer.update(chunk)
+        states.append(scorer.state())
+    scorer.reset(layer_of(net))
+    scorer.merge(states)
+    assert torch.equal(scorer.compute(), whole)
+
+
 @pytest.mark.parametrize("name", [n for n in ALL if n not in DEAD_UNIT_NOT_LOWEST])
 def test_contract_a_dead_unit_never_scores_above_a_live_one(name: str) -> None:
     """Direction (higher = keep): a unit whose filter and bias are 0 (its output is 0 on every

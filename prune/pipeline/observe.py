@@ -46,10 +46,14 @@ from prune.pipeline.sites import UnitSite, prefix_module, unit_site
 from scoring.hooks import StopForward, run_until_stopped
 from scoring.model_state import model_device
 
-__all__ = ["CHUNK_BYTES", "UnitSite", "collect_units", "following_norm", "observe", "run_until_captured", "unit_site"]
+__all__ = [
+    "CHUNK_BYTES", "UnitSite", "collect_units", "following_norm", "iter_units", "observe", "run_until_captured",
+    "unit_site",
+]
 
-CHUNK_BYTES = 1 << 27
-"""Units of one forward chunk are kept under this size (128 MiB) when scoring."""
+CHUNK_BYTES = 1 << 25
+"""Default bound on the largest tensor of one forward chunk (32 MiB): its units, or a larger
+map the forward makes on the way; what scoring holds at once is a small multiple of it."""
 
 
 def conv_name(model: nn.Module, conv: nn.Conv2d) -> str:
@@ -155,28 +159,73 @@ def run_until_captured(model: nn.Module, images: torch.Tensor) -> None:
     run_until_stopped(model, images)
 
 
-@torch.no_grad()
-def collect_units(
-    model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, *, name: str, batch_size: int = 128
-) -> torch.Tensor:
-    """Units of `conv` for `images` [N, 3, H, W] → [N, C, m, m] float32 CPU, filled chunk by chunk.
+def iter_units(
+    model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, *, name: str, batch_size: int = 128,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Units of `conv` for `images` [N, 3, H, W], one forward chunk at a time:
+    (which images, their units [n, C, m, m] float32 CPU).
 
     C is `conv.out_channels`. The first chunk is one image; later chunks hold at most
-    `batch_size` images and about CHUNK_BYTES of units. NaN/Inf activations raise UsageError.
+    `batch_size` images, and at most `chunk_bytes` in the largest tensor of their forward pass
+    (the units or a larger map before them, as measured on the first image; at least one
+    image). The chunks depend only on N, `batch_size`, `chunk_bytes` and the model, so the
+    units are the same whether they are kept or scored chunk by chunk, and between chunks no
+    hook is left on `model`. NaN/Inf activations raise UsageError.
     """
-    device = model_device(model)
-    units: torch.Tensor | None = None
-    start, step = 0, 1
+    with largest_output(model) as largest:
+        first = _units_of(model, conv, images[:1], name)
+    per_image = max(largest[0], first[0].numel() * 4, 1)
+    step = max(1, min(batch_size, chunk_bytes // per_image))
+    yield slice(0, 1), first
+    del first
+    start = 1
+    while start < len(images):
+        chunk = _units_of(model, conv, images[start : start + step], name)
+        yield slice(start, start + len(chunk)), chunk
+        start += len(chunk)
+        del chunk
+
+
+@contextmanager
+def largest_output(model: nn.Module) -> Iterator[list[int]]:
+    """Inside, `box[0]` is the size in bytes of the largest tensor any module of `model` output."""
+    box = [0]
+
+    def record(_m: nn.Module, _i: tuple, out: object) -> None:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                box[0] = max(box[0], t.numel() * t.element_size())
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        yield box
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _units_of(model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, name: str) -> torch.Tensor:
+    """Units [n, C, m, m] float32 CPU of `conv` for one forward chunk `images` [n, 3, H, W].
+
+    The hooks live for this forward only, so whoever consumes the chunk may run the model."""
     with observe(model, conv) as captured:
-        while start < len(images):
-            run_until_captured(model, images[start : start + step].to(device))
-            chunk = _checked(captured, conv, name)
-            if units is None:
-                units = torch.empty((len(images), *chunk.shape[1:]), dtype=torch.float32)
-                step = max(1, min(batch_size, CHUNK_BYTES // max(chunk[0].numel() * 4, 1)))
-            units[start : start + len(chunk)] = chunk
-            start += len(chunk)
-            del chunk
+        run_until_captured(model, images.to(model_device(model)))
+        return _checked(captured, conv, name)
+
+
+def collect_units(
+    model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, *, name: str, batch_size: int = 128,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> torch.Tensor:
+    """Units of `conv` for `images` [N, 3, H, W] → [N, C, m, m] float32 CPU, filled chunk by
+    chunk (the chunks of `iter_units`) into one preallocated tensor."""
+    units: torch.Tensor | None = None
+    for where, chunk in iter_units(model, conv, images, name=name, batch_size=batch_size, chunk_bytes=chunk_bytes):
+        if units is None:
+            units = torch.empty((len(images), *chunk.shape[1:]), dtype=torch.float32)
+        units[where] = chunk
     assert units is not None
     return units
 

@@ -1,7 +1,9 @@
 """Layer-by-layer channel selection: score each group, remove its lowest-scoring channels.
 
-Scoring streams: one layer at a time, one class at a time, and a class's units are filled
-chunk by chunk into one preallocated tensor [N, C, m, m] (no concatenation copy).
+Scoring streams: one layer at a time, one class at a time, and a class's units go to the
+scorer in chunks of images (each forward's largest tensor ≤ `ScoringData.chunk_bytes`), with the
+scores of whole classes (`scoring.base`); a scorer with `whole_class` gets each class's units
+filled chunk by chunk into one preallocated tensor [N, C, m, m] (no concatenation copy).
 
 Several processes (torchrun) split the *classes* of a layer between them. That is exact
 only where a scorer's state is a per-class sum: such scorers implement `state()` (what one
@@ -27,7 +29,7 @@ from finetune.metrics import predict
 from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
 from prune.pipeline import distributed
-from prune.pipeline.observe import collect_units
+from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units
 from prune.pipeline.surgery import PrunableGroup, Surgeon, channels_to_remove
 from prune.zoo.data import DataBundle, class_images
 from scoring.model_state import model_device
@@ -47,20 +49,45 @@ class LayerDecision(LayerResult):
 
 @dataclass(frozen=True)
 class ScoringData:
-    """Where scoring images come from: K `classes`, `per_class` images each."""
+    """Where scoring images come from: K `classes`, `per_class` images each.
+
+    batch_size: most images in one forward pass; chunk_bytes: most bytes in the largest tensor
+    of one forward pass (the units, or a larger map before them; at least one image). One
+    forward pass is one chunk given to the scorer."""
 
     data: DataBundle
     classes: Sequence[int]
     per_class: int
     seed: int
     batch_size: int = 128
+    chunk_bytes: int = CHUNK_BYTES
 
 
 def class_batch(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringData, cls: int) -> scoring.ClassBatch:
-    """The ClassBatch of class `cls` at `conv`: its scoring images and their units."""
+    """The ClassBatch of class `cls` at `conv`: its scoring images and all their units."""
     images = class_images(source.data, cls, source.per_class, seed=source.seed)
-    units = collect_units(model, conv, images, name=name, batch_size=source.batch_size)
+    units = collect_units(model, conv, images, name=name, batch_size=source.batch_size, chunk_bytes=source.chunk_bytes)
     return scoring.ClassBatch(class_index=cls, images=images, activations=units)
+
+
+def class_chunks(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringData, cls: int
+                 ) -> Iterator[scoring.ClassBatch]:
+    """Class `cls` at `conv` as consecutive ClassBatch chunks (images in order), made lazily."""
+    images = class_images(source.data, cls, source.per_class, seed=source.seed)
+    chunks = iter_units(model, conv, images, name=name, batch_size=source.batch_size, chunk_bytes=source.chunk_bytes)
+    for where, units in chunks:
+        yield scoring.ClassBatch(class_index=cls, images=images[where], activations=units)
+        del units  # before the next forward: one chunk's units alive at a time
+
+
+def update_with_class(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, cls: int) -> None:
+    """Give `scorer` class `cls` at `layer`: chunk by chunk, or whole if it is `whole_class`."""
+    if scorer.whole_class:
+        scorer.update(class_batch(layer.model, layer.conv, layer.name, source, cls))
+        return
+    for chunk in class_chunks(layer.model, layer.conv, layer.name, source, cls):
+        scorer.update(chunk)
+        del chunk  # before the next forward
 
 
 def class_batches(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringData) -> Iterator[scoring.ClassBatch]:
@@ -79,7 +106,7 @@ def class_states(
     states = []
     for cls in classes:
         scorer.reset(layer)
-        scorer.update(class_batch(layer.model, layer.conv, layer.name, source, cls))
+        update_with_class(scorer, layer, source, cls)
         states.append((cls, scorer.state()))
     return states
 
@@ -131,14 +158,12 @@ def score_group(
 
 @torch.no_grad()
 def _streamed_scores(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData | None) -> torch.Tensor:
-    """Scores [C]: reset, update class by class (each class's units freed before the next is
-    collected, so one class's units are held at a time), compute."""
+    """Scores [C]: reset, update class by class in chunks (one chunk's units held at a time;
+    one class's for a `whole_class` scorer), compute."""
     scorer.reset(layer)
     if scorer.info.needs_data:
         for cls in source.classes:
-            batch = class_batch(layer.model, layer.conv, layer.name, source, cls)
-            scorer.update(batch)
-            del batch
+            update_with_class(scorer, layer, source, cls)
     return scorer.compute()
 
 

@@ -378,19 +378,24 @@ def class_images(data: DataBundle, cls: int, n: int, *, seed: int) -> torch.Tens
     Unreadable files are skipped (`check_scoring_images` counts them up front); too few
     readable images raise UsageError.
     """
-    images: list[torch.Tensor] = []
-    skipped = 0
+    images: torch.Tensor | None = None  # filled in place: no list of N images beside it
+    found = skipped = 0
     for i in _class_order(data, cls, n, seed=seed):
         item = data.train[i]
         if item is None:
             skipped += 1
             continue
-        images.append(item[0])
-        if len(images) == n:
+        if images is None:
+            images = torch.empty((n, *item[0].shape), dtype=item[0].dtype)
+        if item[0].shape != images.shape[1:]:
+            raise RuntimeError(f"scoring images differ in shape: {tuple(item[0].shape)} and {tuple(images.shape[1:])}")
+        images[found] = item[0]
+        found += 1
+        if found == n:
             break
-    if len(images) < n:
-        raise _too_few(data, cls, len(images), n, skipped)
-    return torch.stack(images)
+    if found < n:
+        raise _too_few(data, cls, found, n, skipped)
+    return images
 
 
 def _image_shape(dataset: Dataset) -> tuple[int, ...]:

@@ -1,0 +1,65 @@
+"""`ChunkedScorer`: a data scorer fed a class in chunks, with the scores of the whole class.
+
+    update(chunk of class k)   → per_image(chunk): statistics [n, ...] kept in order
+    ...                           (the same class_index: the next chunk of class k)
+    update(class j ≠ k), compute() or state()
+                               → end_class(): reduce_class(k, statistics of all N images [N, ...])
+
+Per-image statistics do not depend on which other images share a chunk, and the class-level
+reduction runs once on their concatenation, so the floating-point operations, and the
+scores, are those of one update with the whole class.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import numpy as np
+import torch
+
+from scoring.base import ClassBatch, LayerSpec, Scorer
+
+
+def concat(parts: list[Any]) -> Any:
+    """Per-image statistics of consecutive chunks joined along dim 0 (torch or numpy)."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    return torch.cat(parts)
+
+
+class ChunkedScorer(Scorer):
+    """Subclasses implement `per_image` and `reduce_class`, and call `end_class()` at the start
+    of `compute()` and `state()`."""
+
+    def reset(self, layer: LayerSpec) -> None:
+        super().reset(layer)
+        self._open: int | None = None  # the class whose chunks are in self._parts
+        self._parts: list[Any] = []
+
+    def update(self, batch: ClassBatch) -> None:
+        """Add a chunk of class `batch.class_index`; a new class index ends the previous class."""
+        if getattr(self, "layer", None) is None:
+            raise ValueError(f"{self.info.name}: call reset(layer) before update()")
+        if self._open is not None and int(batch.class_index) != self._open:
+            self.end_class()
+        self._parts.append(self.per_image(batch))
+        self._open = int(batch.class_index)
+
+    def end_class(self) -> None:
+        """Reduce the open class (if any) from its images' statistics, in image order."""
+        if getattr(self, "_open", None) is None:
+            return
+        k, stats = self._open, concat(self._parts)
+        self._open, self._parts = None, []
+        self.reduce_class(k, stats)
+
+    @abstractmethod
+    def per_image(self, batch: ClassBatch) -> Any:
+        """A chunk of n images → statistics with n rows (tensor or array), checked."""
+
+    @abstractmethod
+    def reduce_class(self, class_index: int, stats: Any) -> None:
+        """Fold one whole class's statistics (N rows, image order) into the scorer's state."""
