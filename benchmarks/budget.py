@@ -37,9 +37,7 @@ from benchmarks.compare import (
     summarise,
     write_summary,
 )
-from prune.config import ALLOCATIONS
-from prune.errors import exit_code
-from prune.outputs.files import write_json
+from prune import ALLOCATIONS, exit_code, write_json
 
 BASELINE = "uniform"
 

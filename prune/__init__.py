@@ -31,6 +31,7 @@ from prune.version import __version__
 
 _EXPORTS: dict[str, str] = {
     "PruneConfig": "prune.config",
+    "ALLOCATIONS": "prune.config",
     "run": "prune.pipeline.run",
     "PruneReport": "prune.outputs.report",
     "Measurement": "prune.outputs.report",
@@ -72,7 +73,7 @@ _EXPORTS: dict[str, str] = {
 """Public name → the module that defines it."""
 
 __all__ = [  # the names of _EXPORTS, in its order
-    "__version__", "PruneConfig", "run", "PruneReport", "Measurement", "LayerResult", "list_models", "load_pruned",
+    "__version__", "PruneConfig", "ALLOCATIONS", "run", "PruneReport", "Measurement", "LayerResult", "list_models", "load_pruned",
     "as_tp_importance", "UsageError", "create_model", "load_data", "Surgeon", "select_and_prune", "count_cost",
     "measure_throughput", "Throughput", "DataBundle", "embedded_data", "class_images", "make_loader", "model_entry",
     "ScoringData", "score_group", "class_batches", "lowest", "channels_to_remove", "collect_units", "following_norm", "onnx_bytes",
@@ -81,6 +82,7 @@ __all__ = [  # the names of _EXPORTS, in its order
 ]
 
 if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ imports them on first use
+    from prune.config import ALLOCATIONS as ALLOCATIONS
     from prune.config import PruneConfig as PruneConfig
     from prune.errors import UsageError as UsageError
     from prune.errors import exit_code as exit_code

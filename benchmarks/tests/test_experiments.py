@@ -14,16 +14,16 @@ import pytest
 import torch
 from torch import nn
 
+import prune
 import scoring
 from benchmarks.ablation import ablation_masks
 from benchmarks.common import Setup, load_setup, torch_threads
 from benchmarks.layers import conv_layers, find_conv
 from benchmarks.tail import LayerTail, channel_mask, unit_module
 from benchmarks.units import fold_bn
-from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG
 from scoring.hooks import forward_hooks
 
-needs_weights = pytest.mark.skipif(not EMBEDDED_WEIGHTS.is_file(), reason="embedded weights not built yet")
+needs_weights = pytest.mark.skipif(not prune.model_entry("embedded").weights.is_file(), reason="embedded weights not built yet")
 
 
 def _run(module, tmp: Path, *extra: str) -> dict:
@@ -61,9 +61,9 @@ def test_flags_override_the_preset_and_none_keeps_it():
         units.parse_args(["--random-inits", "0"])
 
 
-def _random_vgg() -> EmbeddedVGG:
+def _random_vgg() -> torch.nn.Module:
     torch.manual_seed(0)
-    model = EmbeddedVGG().eval()
+    model = prune.create_model("embedded", pretrained=False).eval()
     for m in model.modules():  # non-trivial BN statistics
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -93,20 +93,19 @@ def test_layer_tail_matches_a_full_forward_with_a_mask_hook():
 
 
 def test_fold_bn_keeps_the_units_and_makes_filter_rescaling_exact():
-    from prune.pipeline.observe import collect_units
 
     model = _random_vgg()
     name, conv = find_conv(model, "features.14")
     images = torch.randn(6, 3, 32, 32)
-    before = collect_units(model, conv, images, name=name)
+    before = prune.collect_units(model, conv, images, name=name)
     fold_bn(model, conv)
     assert isinstance(model.features[15], nn.Identity)
-    after = collect_units(model, conv, images, name=name)
+    after = prune.collect_units(model, conv, images, name=name)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         conv.weight.mul_(0.5)
         conv.bias.mul_(0.5)
-    assert torch.equal(collect_units(model, conv, images, name=name), after * 0.5)
+    assert torch.equal(prune.collect_units(model, conv, images, name=name), after * 0.5)
 
 
 # ---------------------------------------------------------------- the four commands (quick)
@@ -216,7 +215,7 @@ def test_units_table2_and_layers(units):
         assert len(t2["random_values"][k]) == 3
         assert t2["random"][k]["std"] >= 0.0
         assert t2["trained"][k] == pytest.approx(units["table1"][0][k])
-    convs = [n for n, _ in conv_layers(EmbeddedVGG())]
+    convs = [n for n, _ in conv_layers(prune.create_model("embedded", pretrained=False))]
     for which in ("trained", "random"):
         assert [row["layer"] for row in units["layers"][which]] == convs
         assert all(0.0 <= row["selective_rate_mean"] <= 1.0 for row in units["layers"][which])
