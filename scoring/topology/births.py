@@ -57,7 +57,7 @@ def authors_step_limit(m: int) -> int:
 
 
 def _run_engine(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    from scoring.topology import _engine  # numba import/compile only when needed
+    import scoring.topology._engine as _engine  # numba import/compile only when needed
 
     return _engine.births_batch(arr, _engine.num_threads())
 
