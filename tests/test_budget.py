@@ -234,10 +234,10 @@ def test_rerunning_the_same_command_resumes_with_the_kept_plan(tmp_path, capsys)
     for layer, r in zip(report["layers"], budget["ratios"]):  # the chosen ratio is what was removed
         assert len(layer["removed"]) == round(r * layer["channels_before"])
     # the plan kept in --out/cache is what a rerun prunes with: change it and see the rerun follow it
-    path = tmp_path / "out" / "cache" / "plan.json"
-    kept = json.loads(path.read_text())
+    path = tmp_path / "out" / "cache" / "plan.pt"
+    kept = torch.load(path, weights_only=True)
     kept["plan"]["ratios"] = [0.25] * len(kept["plan"]["ratios"])
-    path.write_text(json.dumps(kept))
+    torch.save(kept, path)
     again = run()
     assert again.returncode == 0, again.stderr
     rerun = json.loads((tmp_path / "out" / "report.json").read_text())

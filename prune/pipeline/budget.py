@@ -4,13 +4,12 @@
 a bisection over the FLOPs target, each candidate allocation measured as a structurally pruned
 copy against the unpruned model in this process (`measure_speedup`, the report's img/s
 protocol), until the speed-up is within SPEEDUP_TOLERANCE of S; where it cannot be, the plan
-says what was reached and why (`Plan.note`). The plan is kept in --out/cache/plan.json, so a
+says what was reached and why (`Plan.note`). The plan is kept in --out/cache/plan.pt, so a
 resumed run prunes with the same ratios (a speed search is not measured twice).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch import nn
 
 import scoring
 from prune.config import PruneConfig
-from prune.outputs.files import write_json
+from prune.outputs.cache_file import CacheFile
 from prune.outputs.score_store import ScoreStore
 from prune.pipeline import distributed
 from prune.pipeline.allocation import StructureCost, global_ranking, least_loss, uniform
@@ -143,19 +142,16 @@ def speed_search(surgeon: Surgeon, cost: StructureCost, allocate: Callable[[floa
     return plan(*best, note=note)
 
 
-def plan_path(out: Path) -> Path:
-    return Path(out) / "cache" / "plan.json"
+def plan_file(out: Path, *, resume: bool, world: distributed.World) -> CacheFile:
+    """`<out>/cache/plan.pt`: the plan of this run, kept for a rerun to resume with."""
+    return CacheFile(Path(out) / "cache" / "plan.pt", PLAN_FORMAT, resume=resume, world=world)
 
 
-def _cached(out: Path, resume: bool, groups: int) -> Plan | None:
-    """The plan an earlier attempt of this run kept in `out`, or None."""
-    path = plan_path(out)
-    if not (resume and path.exists()):
-        return None
+def _usable(kept: dict | None, groups: int) -> Plan | None:
+    """The plan an earlier attempt kept (`CacheFile.read`), or None if there is none that fits."""
     try:
-        d = json.loads(path.read_text())
-        plan = Plan.from_dict(d["plan"]) if d.get("format") == PLAN_FORMAT else None
-    except (OSError, ValueError, KeyError, TypeError):
+        plan = None if kept is None else Plan.from_dict(kept["plan"])
+    except (KeyError, TypeError, ValueError):
         return None
     return plan if plan is not None and len(plan.ratios) == groups else None
 
@@ -163,15 +159,14 @@ def _cached(out: Path, resume: bool, groups: int) -> Plan | None:
 def planned(p: Planning, out: Path, *, resume: bool, world: distributed.World = distributed.SINGLE) -> Plan:
     """The run's plan: rank 0's cached one on resume, else made here (rank 0's is used by every
     rank) and kept in `out` with the sensitivity curves (sensitivity.json, sensitivity.png)."""
-    groups = len(p.surgeon.groups)
-    plan = world.broadcast(_cached(out, resume, groups) if world.is_main else None)
+    kept = plan_file(out, resume=resume, world=world)
+    plan = _usable(kept.read(), len(p.surgeon.groups))
     if plan is not None:
         return plan
     with torch.no_grad():
         plan = make_plan(p)
     plan = world.broadcast(plan)
-    if world.is_main:  # plan.json last: an attempt killed before it made no plan
-        if plan.curves is not None:
-            write_curves(out, plan.curves)
-        write_json(plan_path(out), {"format": PLAN_FORMAT, "plan": plan.as_dict()})
+    if world.is_main and plan.curves is not None:
+        write_curves(out, plan.curves)
+    kept.write({"plan": plan.as_dict()})  # last: an attempt killed before it made no plan
     return plan
