@@ -265,16 +265,37 @@ def testbed_setup(s: Settings, testbed: Testbed) -> Setup:
                                          seed=s.seed, quick=s.quick, quiet=s.quiet))
 
 
+RESULT_FIELDS = ("arms", "samples_per_class", "oracle_per_class", "ratio", "bootstrap", "random_draws", "n_study",
+                 "n_study_arms", "seed", "quick")
+"""The settings that decide a layer's result (threads, paths, the list of testbeds or sides do not)."""
+
+
+def result_key(s: Settings, testbed: Testbed, **extra: object) -> dict:
+    """What a finished run or layer must match to be reused: the result-deciding settings and the network."""
+    settings = settings_json(s)
+    return {"settings": {f: settings[f] for f in RESULT_FIELDS}, "model": settings_json(testbed), **extra}
+
+
+def _same(saved: dict, key: dict) -> bool:
+    """True if a saved key (which may hold more settings) agrees with `key` on every field `key` has."""
+    def agree(a: object, b: object) -> bool:
+        if isinstance(b, dict):
+            return isinstance(a, dict) and all(agree(a.get(k), v) for k, v in b.items())
+        return a == b
+    return agree(saved, json.loads(json.dumps(key)))
+
+
 class LayerProgress:
     """The finished layers of a run in progress, kept in `<path>.partial.json` after each layer, so
-    a restart with the same settings continues with the next layer (each layer's result depends
-    only on the settings: its draws are seeded per layer). Removed when the run is written."""
+    a restart with the same result-deciding settings (`result_key`) continues with the next layer
+    (each layer's result depends only on them: its draws are seeded per layer). Removed when the
+    run is written."""
 
     def __init__(self, path: Path, key: dict) -> None:
         self.path = path.with_name(path.stem + ".partial.json")
         self.key = key
         saved = json.loads(self.path.read_text()) if self.path.exists() else {}
-        same = saved.get("key") == json.loads(json.dumps(key))
+        same = _same(saved.get("key", {}), key)
         self.layers: dict[str, object] = saved.get("layers", {}) if same else {}
         self.earlier_seconds: float = saved.get("seconds", 0.0) if same else 0.0
         self.started = time.perf_counter()
@@ -298,7 +319,7 @@ def run_testbed(s: Settings, testbed: Testbed, path: Path | None = None) -> dict
     setup = testbed_setup(s, testbed)
     model = setup.model.eval()
     arms = [arm_of(a) for a in s.arms if applies(a, testbed.model)]
-    progress = LayerProgress(path, {"settings": settings_json(s), "model": settings_json(testbed)})
+    progress = LayerProgress(path, result_key(s, testbed))
     for name, conv in tqdm(conv_layers(model), desc=testbed.name, disable=s.quiet):
         if name not in progress.layers:
             progress.put(name, layer_rows(s, testbed.name, model, setup.data, setup.test, name, conv, arms))
@@ -319,7 +340,7 @@ def run_n_study(s: Settings, testbed: Testbed) -> dict:
     model, (images, labels) = setup.model.eval(), setup.test
     arms = [arm_of(a) for a in s.n_study_arms if applies(a, testbed.model)]
     path = s.runs_dir / f"n-study-{testbed.name}.json"
-    progress = LayerProgress(path, {"settings": settings_json(s), "model": settings_json(testbed), "n_study": True})
+    progress = LayerProgress(path, result_key(s, testbed, n_study=True))
     for name, conv in tqdm(conv_layers(model), desc=f"N study {testbed.name}", disable=s.quiet):
         if name in progress.layers:
             continue
@@ -453,6 +474,12 @@ def report(s: Settings) -> dict:
     return summary
 
 
+def finished(path: Path, testbed: Testbed) -> bool:
+    """True if `path` holds a finished run of this very network (same model, weights, data and
+    input size; runs written before the network was recorded count as its own)."""
+    return path.exists() and json.loads(path.read_text()).get("model", settings_json(testbed)) == settings_json(testbed)
+
+
 def resolve(s: Settings, name: str) -> Testbed:
     """The testbed called `name`: `--model`'s, a side of the map-size study (embedded-plain-<side>)
     or a shipped one."""
@@ -471,12 +498,12 @@ def criteria(s: Settings, n_study_testbeds: Sequence[str] = (), map_size_study: 
     if s.threads:
         torch.set_num_threads(s.threads)
     for name in s.testbeds:
-        if not (s.runs_dir / f"{name}.json").exists():
+        if not finished(s.runs_dir / f"{name}.json", resolve(s, name)):
             run_testbed(s, resolve(s, name))
     if map_size_study:
         map_size.run_study(s, run_testbed)
     for name in n_study_testbeds:
-        if not (s.runs_dir / f"n-study-{name}.json").exists():
+        if not finished(s.runs_dir / f"n-study-{name}.json", resolve(s, name)):
             run_n_study(s, resolve(s, name))
     return report(s)
 

@@ -104,7 +104,7 @@ def study_settings(s: Settings, size: int) -> Settings:
 def run_side(s: Settings, size: int, measure: Measure) -> dict:
     """The criteria rows of the network at side `size` (map-size/embedded-plain-<size>.json)."""
     path = folder(s) / f"{testbed_name(size)}.json"
-    if path.exists():
+    if path.exists():  # the side's network is fixed by its name: the study's model trained at `size`
         return json.loads(path.read_text())
     shipped = s.runs_dir / f"{MODEL}.json"
     if size == native_size() and shipped.exists():  # the testbed run already measured the shipped network

@@ -15,9 +15,10 @@ The mid-level pieces the main job is made of are public too: `prune.load_data`,
 `prune.Surgeon` (torch-pruning surgery by channel group), `prune.select_and_prune` (layer-by-layer
 selection), `prune.count_cost` (params, MACs, FLOPs) and `prune.measure_throughput` (img/s), with
 the pieces they take and give (`DataBundle`, `embedded_data`, `class_images`, `make_loader`,
-`model_entry`, `ScoringData`, `score_group`, `lowest`, `channels_to_remove`, `collect_units`,
-`following_norm`, `Throughput`, `onnx_bytes`, `fit_embedded`/`TrainConfig`), and the command
-helpers the benchmarks use (`exit_code`; atomic `write_json`/`write_text`/`write_bytes`).
+`model_entry`, `ScoringData`, `score_group`, `class_batches`, `lowest`, `channels_to_remove`,
+`collect_units`, `following_norm`, `Throughput`, `onnx_bytes`, `fit_embedded`/`TrainConfig`,
+`train_variant`/`RECIPES`, `ALLOCATIONS`), and the command helpers the benchmarks use
+(`exit_code`; atomic `write_json`/`write_text`/`write_bytes`/`torch_save`).
 
 Names are imported on first use, so `import prune` stays light.
 """

@@ -34,6 +34,6 @@ class CacheFile:
         return self.world.broadcast(self._read_here())
 
     def write(self, state: dict) -> None:
-        """Write {"format": kind, **state} atomically (rank 0 only)."""
-        if self.world.is_main:
-            torch_save(self.path, {"format": self.kind, **state})
+        """Write {"format": kind, **state} atomically (rank 0; all processes call this together, and
+        a failure there is raised on every process)."""
+        distributed.main_only(lambda: torch_save(self.path, {"format": self.kind, **state}), self.world)

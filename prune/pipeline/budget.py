@@ -71,6 +71,8 @@ class Planning:
     data: DataBundle
     store: ScoreStore
     quiet: bool = True
+    world: distributed.World = distributed.SINGLE
+    """The run's processes: data scorers shard classes over them, so every rank gets the same scores."""
     refit: Callable[[nn.Module], object] | None = None
     """Re-estimates a pruned copy's BatchNorm statistics before its sensitivity is measured (None: not)."""
 
@@ -81,12 +83,12 @@ def allocator(p: Planning, cost: StructureCost) -> tuple[Callable[[float], tuple
     if name == "uniform":
         return (lambda f: uniform(cost, f, cap)), None
     if name == "global":
-        scores = [stored_or_scored(p.surgeon, i, g, p.scorer, p.source, p.store) for i, g in enumerate(p.surgeon.groups)]
+        scores = [stored_or_scored(p.surgeon, i, g, p.scorer, p.source, p.store, p.world) for i, g in enumerate(p.surgeon.groups)]
         return (lambda f: global_ranking(cost, scores, f, cap)), None
     curves = measure_curves(p.surgeon, p.scorer, p.source, heldout(p.data.val), rounding=p.config.rounding,
-                            batch_size=p.config.batch_size, quiet=p.quiet, refit=p.refit)
+                            batch_size=p.config.batch_size, quiet=p.quiet, refit=p.refit, world=p.world)
     increase = curves.increase()
-    return (lambda f: least_loss(cost, increase, f, cap)), curves
+    return (lambda f: least_loss(cost, increase, f, cap, grid=curves.ratios)), curves
 
 
 def make_plan(p: Planning) -> Plan:
@@ -166,7 +168,7 @@ def planned(p: Planning, out: Path, *, resume: bool, world: distributed.World = 
     with torch.no_grad():
         plan = make_plan(p)
     plan = world.broadcast(plan)
-    if world.is_main and plan.curves is not None:
-        write_curves(out, plan.curves)
+    if plan.curves is not None:
+        distributed.main_only(lambda: write_curves(out, plan.curves), world)
     kept.write({"plan": plan.as_dict()})  # last: an attempt killed before it made no plan
     return plan

@@ -48,16 +48,17 @@ class World:
         return self.size > 1
 
     def gather(self, obj: T) -> list[T]:
-        """Every process's `obj`, in rank order, on every process (picklable objects)."""
-        if not is_distributed():
+        """Every process's `obj`, in rank order, on every process (picklable objects); a
+        one-process World (`SINGLE`) never joins a collective, even inside a torchrun job."""
+        if not (self.active and is_distributed()):
             return [obj]
         out: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj)
         return out
 
     def broadcast(self, obj: T, src: int = 0) -> T:
-        """Process `src`'s `obj` on every process."""
-        if not is_distributed():
+        """Process `src`'s `obj` on every process (`obj` itself in a one-process World)."""
+        if not (self.active and is_distributed()):
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=src)
@@ -118,12 +119,6 @@ def shutdown() -> None:
     """Leave the process group, if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier() -> None:
-    """Wait for every process (no-op for one)."""
-    if is_distributed():
-        dist.barrier()
 
 
 def shard(items: Sequence[T], world: World) -> list[T]:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 import scoring
 from finetune.metrics import Evaluation, evaluate
 from prune.outputs.files import write_bytes, write_json
+from prune.pipeline import distributed
 from prune.pipeline.allocation import RATIO_GRID
 from prune.pipeline.selection import ScoringData, lowest, score_group
 from prune.pipeline.surgery import Surgeon, channels_to_remove
@@ -82,7 +83,8 @@ def heldout(val: Dataset, per_class: int = HELDOUT_PER_CLASS) -> Subset:
 
 def measure_curves(surgeon: Surgeon, scorer: scoring.Scorer, source: ScoringData | None, images: Dataset, *,
                    rounding: str = "round", batch_size: int = 64, quiet: bool = True,
-                   refit: Callable[[nn.Module], object] | None = None) -> SensitivityCurves:
+                   refit: Callable[[nn.Module], object] | None = None,
+                   world: distributed.World = distributed.SINGLE) -> SensitivityCurves:
     """The curves of every group of `surgeon` (its model is left unpruned); `images`: held-out (image,
     label); `refit(model)`, if given, runs on each pruned copy before it is evaluated."""
     loader = make_loader(images, batch_size=batch_size, shuffle=False, seed=0)
@@ -91,7 +93,7 @@ def measure_curves(surgeon: Surgeon, scorer: scoring.Scorer, source: ScoringData
     base = evaluate(surgeon.model, loader, device=device)
     loss, top1 = [], []
     for i, group in enumerate(tqdm(surgeon.groups, desc="sensitivity", disable=quiet)):
-        scores = score_group(surgeon.model, group, scorer, source, example=surgeon.example)
+        scores = score_group(surgeon.model, group, scorer, source, world, example=surgeon.example)
         row: list[Evaluation] = []
         for r in RATIO_GRID:
             twin = surgeon.clone()
