@@ -223,7 +223,11 @@ def plot(study: list[dict], path: Path) -> None:
 def plot_n_study(entries_: list[dict], path: Path) -> None:
     """ρ with the oracle and split-half ρ (means over layers) against N, one line per scorer,
     one row of panels per testbed."""
+    from matplotlib import colormaps
+
     testbeds = list(dict.fromkeys(e["testbed"] for e in entries_))
+    scorers = list(dict.fromkeys(e["scorer"] for e in entries_))
+    colour = {sc: colormaps["tab10"](i % 10) for i, sc in enumerate(scorers)}  # one colour per scorer, all panels
     fig, axes = new_figure(len(testbeds), 2, size=(4.5, 3.2))
     for row, tb in enumerate(testbeds):
         mine = [e for e in entries_ if e["testbed"] == tb]
@@ -233,7 +237,8 @@ def plot_n_study(entries_: list[dict], path: Path) -> None:
                 means = [np.mean(v) if (v := [e[key] for e in mine if e["scorer"] == scorer and e["n"] == n
                                               and e[key] is not None]) else np.nan for n in ns]
                 if not np.isnan(means).all():
-                    axes[row][col].plot(ns, means, marker="o", label=scorer, lw=2.5 if "entropy" in scorer else 1)
+                    axes[row][col].plot(ns, means, marker="o", label=scorer, color=colour[scorer],
+                                        lw=2.5 if "entropy" in scorer else 1)
         for col, label in enumerate(("Spearman ρ with the oracle", "split-half ρ")):
             ax = axes[row][col]
             ax.set_xscale("log", base=2)
