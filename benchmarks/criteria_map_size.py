@@ -67,7 +67,7 @@ def trained_weights(s: Settings, size: int) -> Path:
         return path
     if path.exists():  # trained by the command above: record its recipe and test top-1 (no timing)
         entry = dict(config=asdict(replace(prune.RECIPES[MODEL], epochs=1) if s.quick else prune.RECIPES[MODEL]),
-                     input_size=size, seconds=None, **test_top1(s, path, size))
+                     input_size=size, seconds=None, **heldout_top1(s, path, size))
     else:
         quick = dict(per_class=QUICK_PER_CLASS["train"], epochs=1) if s.quick else {}
         trained = prune.train_variant(MODEL, input_size=size, quiet=s.quiet, **quick)
@@ -78,7 +78,7 @@ def trained_weights(s: Settings, size: int) -> Path:
     return path
 
 
-def test_top1(s: Settings, path: Path, size: int) -> dict:
+def heldout_top1(s: Settings, path: Path, size: int) -> dict:
     """Top-1 of the weights at `path` on the shapes10 test split at side `size`, with the image counts."""
     per_class = QUICK_PER_CLASS["train"] if s.quick else None
     data = prune.embedded_data(input_size=size, train_per_class=per_class, val_per_class=per_class)
