@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,10 @@ import scoring
 from prune import PruneConfig, Surgeon, UsageError
 from prune.outputs.score_store import NO_STORE
 from prune.pipeline.budget import Planning, make_plan
-from prune.pipeline.selection import select_and_prune
-from prune.zoo.data import DataBundle
+from prune.pipeline.distributed import SINGLE, World
+from prune.pipeline.selection import ScoringData, select_and_prune
+from prune.pipeline.sensitivity import heldout
+from prune.zoo.data import DataBundle, class_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE, CLASSES = 8, 4
@@ -89,10 +93,10 @@ def masked_loss(model: Tiny, data: DataBundle, layer: str, n: int) -> float:
         return float(F.cross_entropy(model.head(h.mean((2, 3))), y))
 
 
-def plan_for(allocation: str, target: float, model: nn.Module | None = None):
+def plan_for(allocation: str, target: float, model: nn.Module | None = None, cap: float = 0.9):
     model = tiny() if model is None else model
     surgeon = Surgeon(model, torch.zeros(1, 3, SIZE, SIZE))
-    config = PruneConfig(target_flops=target, allocation=allocation, scorer="l1", batch_size=64)
+    config = PruneConfig(target_flops=target, allocation=allocation, scorer="l1", batch_size=64, max_layer_ratio=cap)
     planning = Planning(config=config, surgeon=surgeon, scorer=scoring.create("l1"), source=None,
                         data=bundle(model), store=NO_STORE)
     return make_plan(planning), surgeon
@@ -167,11 +171,11 @@ def speed_as_inverse_flops(monkeypatch) -> None:
     monkeypatch.setattr(budget, "measure_speedup", lambda model, baseline, **_: flops(baseline) / flops(model))
 
 
-def plan_for_speed(target: float, cap: float = 0.9):
+def plan_for_speed(target: float, cap: float = 0.9, world: World = SINGLE):
     model = tiny()
     config = PruneConfig(target_speedup=target, max_layer_ratio=cap, scorer="l1")
     planning = Planning(config=config, surgeon=Surgeon(model, torch.zeros(1, 3, SIZE, SIZE)),
-                        scorer=scoring.create("l1"), source=None, data=bundle(model), store=NO_STORE)
+                        scorer=scoring.create("l1"), source=None, data=bundle(model), store=NO_STORE, world=world)
     return make_plan(planning)
 
 
@@ -187,6 +191,57 @@ def test_unreachable_speed_target_says_what_was_reached(monkeypatch, one_thread)
     plan = plan_for_speed(50.0, cap=0.5)
     assert plan.note.startswith(f"speed-up {plan.speedup:.2f} reached, not 50") and "--max-layer-ratio 0.5" in plan.note
     assert [round(r * 16) for r in plan.ratios] == [8, 8]  # the most the cap allows: half of each layer
+
+
+@dataclass(frozen=True)
+class SecondRank(World):
+    """Rank 1 of 2: each broadcast returns rank 0's next object from `from_rank_0`."""
+
+    from_rank_0: list = field(default_factory=list)
+
+    def broadcast(self, obj, src: int = 0):
+        return self.from_rank_0.pop(0)
+
+
+def test_speed_search_is_timed_on_rank_zero_alone(monkeypatch, one_thread):
+    from prune.pipeline import budget
+
+    speed_as_inverse_flops(monkeypatch)
+    on_rank_0 = plan_for_speed(2.0)
+    monkeypatch.setattr(budget, "measure_speedup", lambda *_, **__: pytest.fail("rank 1 timed a candidate"))
+    # what rank 0 broadcasts: main_only's "no error", then its plan
+    assert plan_for_speed(2.0, world=SecondRank(rank=1, size=2, from_rank_0=[None, on_rank_0])) == on_rank_0
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global", "sensitivity"])
+def test_unreachable_flops_target_says_what_was_reached(allocation, one_thread):
+    plan, _ = plan_for(allocation, 0.05, cap=0.5)  # half of each layer at most: far above 0.05 of the FLOPs
+    assert plan.note.startswith(f"FLOPs fraction {plan.planned_flops:.4f} reached, not 0.05"), plan.note
+    assert "--max-layer-ratio 0.5" in plan.note and plan.planned_flops > 0.2
+    assert [round(r * 16) for r in plan.ratios] == [8, 8]
+    assert plan_for(allocation, 0.5)[0].note == ""
+
+
+def test_sensitivity_images_are_training_images_apart_from_the_scoring_images():
+    """Each training image holds its own index in its pixels; the val images hold -1."""
+    n = 120  # 30 per class
+    x = torch.arange(n, dtype=torch.float32).view(-1, 1, 1, 1).expand(n, 3, SIZE, SIZE).contiguous()
+    y = torch.arange(n) % CLASSES
+    val = TensorDataset(torch.full((8, 3, SIZE, SIZE), -1.0), torch.zeros(8, dtype=torch.long))
+    data = DataBundle(TensorDataset(x, y), val, tuple(f"c{i}" for i in range(CLASSES)), tuple(y.tolist()), SIZE)
+
+    def held_ids(per_class_scored: int) -> list[int]:
+        source = ScoringData(data=data, classes=[0, 2], per_class=per_class_scored, seed=3)
+        held = heldout(data, source, seed=3, per_class=15)
+        return [int(held[i][0][0, 0, 0]) for i in range(len(held))]
+
+    scoring_ids = {int(img[0, 0, 0]) for c in (0, 2) for img in class_images(data, c, 20, seed=3)}
+    ids = held_ids(20)
+    assert len(ids) == len(set(ids)) and min(ids) >= 0  # distinct training images, none from val
+    assert not set(ids) & scoring_ids
+    per_class = Counter(int(y[i]) for i in ids)
+    assert per_class == {0: 10, 1: 15, 2: 10, 3: 15}  # a scored class gives what its 30 − 20 leave
+    assert set(ids) <= set(held_ids(5))  # the tail of each class's order: fewer scoring images keep them
 
 
 # ---------------------------------------------------------------- the CLI
@@ -229,6 +284,8 @@ def test_rerunning_the_same_command_resumes_with_the_kept_plan(tmp_path, capsys)
     assert first.returncode == 0, first.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     budget = report["budget"]
+    assert budget["schedule"] == "oneshot" and report["settings"]["schedule"] == "progressive"  # global is one-shot
+    assert "oneshot selection" in (tmp_path / "out" / "report.md").read_text()
     assert abs(report["after"]["flops"] / report["before"]["flops"] - budget["achieved_flops"]) < 1e-12
     assert len(budget["ratios"]) == len(report["layers"])
     for layer, r in zip(report["layers"], budget["ratios"]):  # the chosen ratio is what was removed

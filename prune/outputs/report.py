@@ -89,7 +89,9 @@ class BudgetResult:
     ratios: the chosen ratio of each prunable group, shallow → deep (named as `PruneReport.layers`).
     flops_target: the FLOPs fraction allocated for (`target_flops`, or where a speed search
     settled); achieved_flops: the pruned network's FLOPs over the unpruned one's. speedup: the
-    speed-up measured while planning (speed target only); note: why a speed target is not met.
+    speed-up measured while planning (speed target only); note: why a target is not met ("" if it
+    is). schedule: the selection the ratios were pruned with (`global` is always `oneshot`, whatever
+    `settings.schedule` says).
     """
 
     allocation: str
@@ -99,6 +101,8 @@ class BudgetResult:
     ratios: tuple[float, ...]
     flops_target: float
     achieved_flops: float
+    schedule: str = ""
+    """"" only in a report written before the field existed."""
     speedup: float | None = None
     note: str = ""
     final_speedup: float | None = None
@@ -255,10 +259,10 @@ def _budget_lines(budget: dict | None) -> list[str]:
         f" Speed-up measured while planning: {budget['speedup']:.2f} (target {budget['target_speedup']:g}); "
         f"final network against an unpruned copy: {budget['final_speedup']:.2f}.")
     note = f" {budget['note']}." if budget["note"] else ""
+    schedule = f"; {budget['schedule']} selection" if budget.get("schedule") else ""
     return [f"Budget: `{budget['allocation']}` allocation for {budget['flops_target']:.4f} of the unpruned FLOPs "
-            f"({_target(budget)}, at most "
-            f"{budget['max_layer_ratio']:g} of a layer's channels); achieved FLOPs fraction "
-            f"{budget['achieved_flops']:.4f}.{speed}{note}", ""]
+            f"({_target(budget)}, at most {budget['max_layer_ratio']:g} of a layer's channels{schedule}); "
+            f"achieved FLOPs fraction {budget['achieved_flops']:.4f}.{speed}{note}", ""]
 
 
 def write_report(out: Path, report: PruneReport) -> None:

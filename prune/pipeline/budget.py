@@ -3,8 +3,9 @@
 `--target-flops F`: the allocation (prune/pipeline/allocation.py) for F. `--target-speedup S`:
 a bisection over the FLOPs target, each candidate allocation measured as a structurally pruned
 copy against the unpruned model in this process (`measure_speedup`, the report's img/s
-protocol), until the speed-up is within SPEEDUP_TOLERANCE of S; where it cannot be, the plan
-says what was reached and why (`Plan.note`). The plan is kept in --out/cache/plan.pt, so a
+protocol; rank 0 alone under torchrun), until the speed-up is within SPEEDUP_TOLERANCE of S.
+Where a target cannot be met (the --max-layer-ratio cap, timing noise), the plan says what was
+reached and why (`Plan.note`, warned as TargetNotMet and kept in the report). The plan is kept in --out/cache/plan.pt, so a
 resumed run prunes with the same ratios (a speed search is not measured twice).
 """
 
@@ -39,8 +40,8 @@ PLAN_FORMAT = "topoprune/plan/v1"
 class Plan:
     """ratios: one per prunable group, shallow → deep. flops_target: the FLOPs fraction they
     were allocated for; planned_flops: the fraction their structure has (counted). speedup:
-    measured while planning (speed target only). note: why a speed target is not met ("" if
-    it is). schedule: the selection's (`global` ranks channels scored once: oneshot)."""
+    measured while planning (speed target only). note: why the target is not met ("" if it is).
+    schedule: the selection's (`global` ranks channels scored once: oneshot)."""
 
     ratios: tuple[float, ...]
     flops_target: float
@@ -62,7 +63,7 @@ class Plan:
 @dataclass(frozen=True)
 class Planning:
     """What a plan is made from: the unpruned network (`surgeon`), its scorer and scoring
-    images, the data (val split for the sensitivity curves), and the run's settings."""
+    images, the data (held-out training images for the sensitivity curves), and the run's settings."""
 
     config: PruneConfig
     surgeon: Surgeon
@@ -85,21 +86,36 @@ def allocator(p: Planning, cost: StructureCost) -> tuple[Callable[[float], tuple
     if name == "global":
         scores = [stored_or_scored(p.surgeon, i, g, p.scorer, p.source, p.store, p.world) for i, g in enumerate(p.surgeon.groups)]
         return (lambda f: global_ranking(cost, scores, f, cap)), None
-    curves = measure_curves(p.surgeon, p.scorer, p.source, heldout(p.data.val), rounding=p.config.rounding,
+    curves = measure_curves(p.surgeon, p.scorer, p.source, heldout(p.data, p.source, seed=p.config.seed), rounding=p.config.rounding,
                             batch_size=p.config.batch_size, quiet=p.quiet, refit=p.refit, world=p.world)
     increase = curves.increase()
     return (lambda f: least_loss(cost, increase, f, cap, grid=curves.ratios)), curves
 
 
 def make_plan(p: Planning) -> Plan:
-    """The plan for `p.config`'s target (the surgeon's model is left unpruned)."""
+    """The plan for `p.config`'s target (the surgeon's model is left unpruned). Every rank calls it;
+    a speed search is timed on rank 0 alone (the other ranks idle meanwhile) and its plan broadcast."""
     cost = StructureCost(p.surgeon, int(p.surgeon.example.shape[-1]), p.config.rounding)
     allocate, curves = allocator(p, cost)
     schedule = "oneshot" if p.config.allocation == "global" else p.config.schedule
     if p.config.target_speedup is None:
-        ratios = allocate(p.config.target_flops)
-        return Plan(ratios, p.config.target_flops, cost.fraction_at(ratios), schedule, curves=curves)
-    return replace(speed_search(p.surgeon, cost, allocate, p.config), schedule=schedule, curves=curves)
+        return flops_plan(cost, allocate, p.config, schedule=schedule, curves=curves)
+    searched = distributed.main_only(lambda: speed_search(p.surgeon, cost, allocate, p.config), p.world)
+    return replace(p.world.broadcast(searched), schedule=schedule, curves=curves)
+
+
+def flops_plan(cost: StructureCost, allocate: Callable[[float], tuple[float, ...]], config: PruneConfig, *,
+               schedule: str, curves: SensitivityCurves | None) -> Plan:
+    """The allocation for `config.target_flops`; its note says so when the cap keeps the FLOPs above the target."""
+    target, cap = config.target_flops, config.max_layer_ratio
+    ratios = allocate(target)
+    planned_flops, note = cost.fraction_at(ratios), ""
+    floor = cost.fraction_at(allocate(0.0)) if planned_flops > target else planned_flops  # every layer at the cap
+    if floor > target:
+        note = (f"FLOPs fraction {planned_flops:.4f} reached, not {target:g}: at --max-layer-ratio {cap:g} the "
+                f"{config.allocation} allocation keeps at least {floor:.4f} of the FLOPs; pass a higher "
+                "--max-layer-ratio or a larger --target-flops")
+    return Plan(ratios, target, planned_flops, schedule, note=note, curves=curves)
 
 
 def speed_search(surgeon: Surgeon, cost: StructureCost, allocate: Callable[[float], tuple[float, ...]],

@@ -498,7 +498,7 @@ def _budget_result(config: PruneConfig, plan: Plan, before: Measurement, after: 
     return BudgetResult(
         allocation=config.allocation, target_flops=config.target_flops, target_speedup=config.target_speedup,
         max_layer_ratio=config.max_layer_ratio, ratios=plan.ratios, flops_target=plan.flops_target,
-        achieved_flops=after.flops / before.flops, speedup=plan.speedup, note=plan.note,
+        achieved_flops=after.flops / before.flops, schedule=plan.schedule, speedup=plan.speedup, note=plan.note,
         final_speedup=final_speedup,
     )
 

@@ -3,8 +3,11 @@
 For each prunable group l, scored by the run's scorer on the unpruned network, and each ratio r
 of RATIO_GRID, a copy of the model loses the lowest-scoring round(r·C_l) channels of group l
 only (no fine-tuning; BatchNorm statistics re-estimated by `refit` when given, as the progressive
-schedule does after each layer) and is evaluated on a fixed, class-balanced subset of the val
-split (at most HELDOUT_PER_CLASS images per class, the same for every seed).
+schedule does after each layer) and is evaluated on held-out images: at most HELDOUT_PER_CLASS
+training images per class, disjoint from the run's scoring images and never from the val split the
+report's accuracies come from (as NetAdapt holds out part of the training set). The network may
+have been trained on them: the curves rank layers by how much pruning them costs, they do not
+estimate test accuracy.
 """
 
 from __future__ import annotations
@@ -13,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset, Subset
 from tqdm.auto import tqdm
 
 import scoring
@@ -25,10 +27,10 @@ from prune.pipeline import distributed
 from prune.pipeline.allocation import RATIO_GRID
 from prune.pipeline.selection import ScoringData, lowest, score_group
 from prune.pipeline.surgery import Surgeon, channels_to_remove
-from prune.zoo.data import make_loader
+from prune.zoo.data import DataBundle, heldout_indices, make_loader
 
 HELDOUT_PER_CLASS = 50
-"""At most this many val images per class evaluate each pruned copy."""
+"""At most this many held-out training images per class evaluate each pruned copy."""
 
 
 @dataclass(frozen=True)
@@ -57,28 +59,11 @@ class SensitivityCurves:
                       "loss": tuple(map(tuple, d["loss"])), "top1": tuple(map(tuple, d["top1"]))})
 
 
-def targets_of(dataset: Dataset) -> list[int]:
-    """The label of every item of `dataset` (from its `targets` or tensors when it has them)."""
-    if isinstance(dataset, TensorDataset):
-        return [int(t) for t in dataset.tensors[1]]
-    if isinstance(dataset, Subset):
-        inner = targets_of(dataset.dataset)
-        return [inner[i] for i in dataset.indices]
-    if hasattr(dataset, "targets"):
-        return [int(t) for t in dataset.targets]
-    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
-
-
-def heldout(val: Dataset, per_class: int = HELDOUT_PER_CLASS) -> Subset:
-    """The first `per_class` items of each class of `val` in a permutation seeded with 0."""
-    targets = targets_of(val)
-    taken: dict[int, int] = {}
-    chosen = []
-    for i in torch.randperm(len(targets), generator=torch.Generator().manual_seed(0)).tolist():
-        if taken.get(targets[i], 0) < per_class:
-            taken[targets[i]] = taken.get(targets[i], 0) + 1
-            chosen.append(i)
-    return Subset(val, sorted(chosen))
+def heldout(data: DataBundle, source: ScoringData | None, *, seed: int, per_class: int = HELDOUT_PER_CLASS) -> Subset:
+    """At most `per_class` training images of each class, none of them one of `source`'s scoring
+    images (`heldout_indices`; seed `seed`, the run's); never the val split the report evaluates on."""
+    scored, n = ((), 0) if source is None else (tuple(source.classes), source.per_class)
+    return Subset(data.train, heldout_indices(data, per_class, scored=scored, scored_per_class=n, seed=seed))
 
 
 def measure_curves(surgeon: Surgeon, scorer: scoring.Scorer, source: ScoringData | None, images: Dataset, *,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -346,30 +346,45 @@ def _too_few(data: DataBundle, cls: int, found: int, n: int, skipped: int) -> Us
     )
 
 
+def _scoring_span(data: DataBundle, cls: int, n: int, *, seed: int) -> tuple[list[int], int, int]:
+    """(order, span, skipped): class `cls`'s seeded order; scoring reads order[:span] to find `n`
+    readable images, `skipped` of them unreadable by their header (folders only; else span = n)."""
+    order = _class_order(data, cls, n, seed=seed)
+    folder = data.train if isinstance(data.train, TolerantImageFolder) else None
+    if folder is None:
+        return order, n, 0
+    found = skipped = 0
+    for i in order:
+        if found == n:
+            break
+        if folder.readable(i):
+            found += 1
+        else:
+            skipped += 1
+    if found < n:
+        raise _too_few(data, cls, found, n, skipped)
+    return order, found + skipped, skipped
+
+
 def check_scoring_images(data: DataBundle, classes: list[int], n: int, *, seed: int) -> int:
     """Check, before any output, that each class has `n` readable scoring images.
 
     Returns how many unreadable files scoring will skip; raises UsageError if a class has
     too few images (counts only for in-memory data; folders are decoded file by file).
     """
-    skipped_total = 0
-    folder = data.train if isinstance(data.train, TolerantImageFolder) else None
-    for cls in classes:
-        order = _class_order(data, cls, n, seed=seed)
-        if folder is None:
-            continue
-        found = skipped = 0
-        for i in order:
-            if found == n:
-                break
-            if folder.readable(i):
-                found += 1
-            else:
-                skipped += 1
-        if found < n:
-            raise _too_few(data, cls, found, n, skipped)
-        skipped_total += skipped
-    return skipped_total
+    return sum(_scoring_span(data, cls, n, seed=seed)[2] for cls in classes)
+
+
+def heldout_indices(data: DataBundle, per_class: int, *, scored: Sequence[int], scored_per_class: int,
+                    seed: int) -> list[int]:
+    """Train indices, sorted: at most `per_class` of each class, none of them a scoring image of the
+    classes `scored` (`scored_per_class` each, seed `seed`). They are the tail of each class's seeded
+    scoring order, so they do not change with `scored_per_class` as long as the class has room."""
+    chosen: list[int] = []
+    for cls in range(len(data.classes)):
+        order, span, _ = _scoring_span(data, cls, scored_per_class if cls in scored else 0, seed=seed)
+        chosen += order[max(span, len(order) - per_class):]
+    return sorted(chosen)
 
 
 def class_images(data: DataBundle, cls: int, n: int, *, seed: int) -> torch.Tensor:
