@@ -78,6 +78,14 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def fmt_rho(row: dict) -> str:
+    """A correlation `row["rho"]` with its interval [`rho_low`, `rho_high`] when it has one ("—" for none)."""
+    if row["rho"] is None:
+        return "—"
+    band = "" if row.get("rho_low") is None else f" [{row['rho_low']:+.2f}, {row['rho_high']:+.2f}]"
+    return f"{row['rho']:+.2f}{band}"
+
+
 def settings_json(settings: Any) -> dict:
     """A settings dataclass as JSON-ready values (paths as text)."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}

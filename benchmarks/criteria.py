@@ -56,6 +56,7 @@ from benchmarks.common import (
     ExperimentSettings,
     Setup,
     Testbed,
+    fmt_rho,
     load_setup,
     machine,
     markdown_table,
@@ -370,13 +371,6 @@ def run_n_study(s: Settings, testbed: Testbed) -> dict:
 # ---------------------------------------------------------------- summary
 
 
-def fmt_rho(row: dict) -> str:
-    if row["rho"] is None:
-        return "—"
-    band = "" if row["rho_low"] is None else f" [{row['rho_low']:+.2f}, {row['rho_high']:+.2f}]"
-    return f"{row['rho']:+.2f}{band}"
-
-
 def markdown(results: list[dict]) -> str:
     """One table per testbed: ρ [95% interval] per layer (columns) and arm (rows), then the
     mean over layers of top-20 recall, split-half reliability and layer top-1."""
@@ -451,9 +445,16 @@ def plot(results: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def finished_testbeds(s: Settings) -> list[Path]:
+    """Every finished testbed run in `s.runs_dir`, whichever --testbeds asked for (shipped order, then by name)."""
+    order = {name: i for i, name in enumerate(SHIPPED)}
+    paths = [p for p in s.runs_dir.glob("*.json") if not p.name.startswith("n-study-") and ".partial." not in p.name]
+    return sorted(paths, key=lambda p: (order.get(p.stem, len(order)), p.stem))
+
+
 def report(s: Settings) -> dict:
-    """criteria.json / .md / -rho.png (and the studies' plots) from the finished runs."""
-    results = [json.loads(p.read_text()) for tb in s.testbeds if (p := s.runs_dir / f"{tb}.json").exists()]
+    """criteria.json / .md / -rho.png (and the studies' plots) from every finished run."""
+    results = [json.loads(p.read_text()) for p in finished_testbeds(s)]
     n_study = [e for p in sorted(s.runs_dir.glob("n-study-*.json")) if not p.name.endswith(".partial.json")
                for e in json.loads(p.read_text())["entries"]]
     map_study = map_size.finished(s)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import prune
-from benchmarks.common import QUICK_PER_CLASS, Testbed, machine, markdown_table, new_figure, save_figure
+from benchmarks.common import QUICK_PER_CLASS, Testbed, fmt_rho, machine, markdown_table, new_figure, save_figure
 from finetune.metrics import evaluate
 
 if TYPE_CHECKING:
@@ -153,12 +153,6 @@ def finished(s: Settings) -> list[dict]:
 # ---------------------------------------------------------------- tables and plots
 
 
-def _rho_cell(e: dict) -> str:
-    if e["rho"] is None:
-        return "—"
-    return f"{e['rho']:+.2f} [{e['rho_low']:+.2f}, {e['rho_high']:+.2f}]"
-
-
 def markdown(study: list[dict]) -> str:
     """ρ [95% interval] per layer for each scorer and input side, with split-half ρ (mean over layers)."""
     if not study:
@@ -173,7 +167,7 @@ def markdown(study: list[dict]) -> str:
         for scorer in dict.fromkeys(e["scorer"] for e in mine):
             row = {e["layer"]: e for e in mine if e["scorer"] == scorer}
             halves = [row[n]["split_half"] for n in layers if row[n]["split_half"] is not None]
-            body.append([scorer, *(_rho_cell(row[n]) for n in layers), f"{np.mean(halves):.2f}" if halves else "—"])
+            body.append([scorer, *(fmt_rho(row[n]) for n in layers), f"{np.mean(halves):.2f}" if halves else "—"])
         sides = {e["layer"]: e["map_size"] for e in mine}
         shown = "shipped weights" if top1 is None else f"test top-1 {top1:.3f}"
         text += [f"### input {size}² ({shown}, {mine[0]['oracle_images']} oracle images)", "",

@@ -115,6 +115,9 @@ def test_quick_run_writes_a_row_per_layer_and_arm(tmp_path, one_thread):
     n_study = summary["n_study"]
     assert {(e["n"], e["scorer"]) for e in n_study} == {(n, a) for n in (2, 4) for a in ("entropy", "l1")}
     assert all(e["layer"] in layers for e in n_study) and len(n_study) == 2 * 2 * 6
+    # a later report asked for another testbed still summarises every finished one
+    assert criteria.main(["--quick", "--results", str(tmp_path), "--testbeds", "embedded-plain", "--report-only"]) == 0
+    assert json.loads((tmp_path / "criteria-quick.json").read_text())["testbeds"] == ["embedded"]
 
 
 def test_quick_map_size_study_trains_a_network_per_side_and_keeps_what_it_finished(tmp_path, one_thread):
