@@ -242,6 +242,9 @@ def test_sensitivity_images_are_training_images_apart_from_the_scoring_images():
     per_class = Counter(int(y[i]) for i in ids)
     assert per_class == {0: 10, 1: 15, 2: 10, 3: 15}  # a scored class gives what its 30 − 20 leave
     assert set(ids) <= set(held_ids(5))  # the tail of each class's order: fewer scoring images keep them
+    every = ScoringData(data=data, classes=range(CLASSES), per_class=30, seed=3)
+    with pytest.raises(UsageError, match="lower --samples-per-class"):
+        heldout(data, every, seed=3)  # every training image is a scoring image
 
 
 # ---------------------------------------------------------------- the CLI
@@ -269,6 +272,14 @@ def one_line_exit_2(capsys, *args: str) -> str:
 ])
 def test_bad_budget_flags_are_one_line_exit_2(capsys, tmp_path, args, words):
     assert words in one_line_exit_2(capsys, *args, "--out", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_sensitivity_without_held_out_images_is_one_line_exit_2(tmp_path, capsys):
+    # quick_run's classes have 2 training images each: scoring takes both
+    args = [*quick_run(tmp_path), "--samples-per-class", "2", "--target-flops", "0.5", "--allocation", "sensitivity"]
+    line = one_line_exit_2(capsys, *args, "--quiet", "--out", str(tmp_path / "out"))
+    assert "sensitivity needs training images apart from the scoring images" in line and "--samples-per-class 2" in line
     assert not (tmp_path / "out").exists()
 
 

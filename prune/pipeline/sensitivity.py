@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import scoring
 from finetune.metrics import Evaluation, evaluate
+from prune.errors import UsageError
 from prune.outputs.files import write_bytes, write_json
 from prune.pipeline import distributed
 from prune.pipeline.allocation import RATIO_GRID
@@ -61,9 +62,14 @@ class SensitivityCurves:
 
 def heldout(data: DataBundle, source: ScoringData | None, *, seed: int, per_class: int = HELDOUT_PER_CLASS) -> Subset:
     """At most `per_class` training images of each class, none of them one of `source`'s scoring
-    images (`heldout_indices`; seed `seed`, the run's); never the val split the report evaluates on."""
+    images (`heldout_indices`; seed `seed`, the run's); never the val split the report evaluates on.
+    UsageError if the scoring images leave none."""
     scored, n = ((), 0) if source is None else (tuple(source.classes), source.per_class)
-    return Subset(data.train, heldout_indices(data, per_class, scored=scored, scored_per_class=n, seed=seed))
+    indices = heldout_indices(data, per_class, scored=scored, scored_per_class=n, seed=seed)
+    if not indices:
+        raise UsageError(f"--allocation sensitivity needs training images apart from the scoring images, but "
+                         f"--samples-per-class {n} takes every training image; lower --samples-per-class")
+    return Subset(data.train, indices)
 
 
 def measure_curves(surgeon: Surgeon, scorer: scoring.Scorer, source: ScoringData | None, images: Dataset, *,
