@@ -117,14 +117,21 @@ def table(rows: list[dict], diffs: list[dict]) -> str:
                            "fine-tuned", f"fine-tuned − {BASELINE} (paired)"], body)
 
 
+MARKERS = {"uniform": "o", "global": "s", "sensitivity": "^"}
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """Fine-tuned top-1 against the achieved FLOPs fraction (mean ± 95% half-width), a panel per testbed."""
+    """Fine-tuned top-1 against the achieved FLOPs fraction (mean ± 95% half-width), a panel per
+    testbed; a colour per scorer, a marker per allocation."""
     testbeds = list(dict.fromkeys(r["testbed"] for r in rows))
+    scorers = list(dict.fromkeys(split_arm(r["scorer"])[1] for r in rows))
     fig, axes = new_figure(1, len(testbeds), size=(6.0, 4.5))
     for ax, tb in zip(axes[0], testbeds):
         for r in (r for r in rows if r["testbed"] == tb):
+            allocation, scorer = split_arm(r["scorer"])
             ax.errorbar(r["flops_fraction"], r["top1"], xerr=r["flops_fraction_hw95"], yerr=r["top1_hw95"],
-                        fmt="o", capsize=2, label=r["scorer"])
+                        fmt=MARKERS.get(allocation, "o"), color=f"C{scorers.index(scorer)}", capsize=2,
+                        label=r["scorer"])
         ax.set(title=tb, xlabel="achieved FLOPs fraction", ylabel="fine-tuned top-1 (mean ± 95% CI over seeds)")
         ax.legend(fontsize=7)
     save_figure(fig, path)
