@@ -32,6 +32,7 @@ from prune import (
     create_model,
     embedded_data,
     exit_code,
+    file_digest,
     load_data,
     make_loader,
     write_bytes,
@@ -131,6 +132,15 @@ class Testbed:
     def shipped(cls, name: str) -> Testbed:
         """A testbed the project ships (`embedded`, `embedded-plain`, `fashion`, `fashion-plain`)."""
         return cls(name=name, model=name)
+
+    def key(self) -> dict:
+        """This network as results record it and are reused by: its fields, with a weights *file*
+        named by its content (`sha256:<hex>`), not its path, so a checkout moved or cloned
+        elsewhere keeps its finished runs."""
+        key = asdict(self)
+        if self.weights is not None and Path(self.weights).is_file():
+            key["weights"] = f"sha256:{file_digest(self.weights)}"
+        return key
 
 
 S = TypeVar("S")

@@ -274,7 +274,7 @@ RESULT_FIELDS = ("arms", "samples_per_class", "oracle_per_class", "ratio", "boot
 def result_key(s: Settings, testbed: Testbed, **extra: object) -> dict:
     """What a finished run or layer must match to be reused: the result-deciding settings and the network."""
     settings = settings_json(s)
-    return {"settings": {f: settings[f] for f in RESULT_FIELDS}, "model": settings_json(testbed), **extra}
+    return {"settings": {f: settings[f] for f in RESULT_FIELDS}, "model": testbed.key(), **extra}
 
 
 def _same(saved: dict, key: dict) -> bool:
@@ -325,7 +325,7 @@ def run_testbed(s: Settings, testbed: Testbed, path: Path | None = None) -> dict
         if name not in progress.layers:
             progress.put(name, layer_rows(s, testbed.name, model, setup.data, setup.test, name, conv, arms))
     done = [progress.layers[name] for name, _ in conv_layers(model)]
-    result = {"testbed": testbed.name, "model": settings_json(testbed), "settings": settings_json(s),
+    result = {"testbed": testbed.name, "model": testbed.key(), "settings": settings_json(s),
               "machine": machine(), "oracle_images": len(setup.test[1]), "input_size": setup.data.input_size,
               "seconds": progress.seconds(), "rows": [r for rows, _ in done for r in rows],
               "layers": [layer for _, layer in done]}
@@ -360,7 +360,7 @@ def run_n_study(s: Settings, testbed: Testbed) -> dict:
                     "split_half": split_half(arm, model, conv, name, pool, n, s.seed) if data_driven else None,
                 })
         progress.put(name, entries)
-    result = {"testbed": testbed.name, "model": settings_json(testbed), "settings": settings_json(s),
+    result = {"testbed": testbed.name, "model": testbed.key(), "settings": settings_json(s),
               "machine": machine(), "oracle_images": len(labels), "seconds": progress.seconds(),
               "entries": [e for name, _ in conv_layers(model) for e in progress.layers[name]]}
     write_json(path, result)
@@ -478,7 +478,7 @@ def report(s: Settings) -> dict:
 def finished(path: Path, testbed: Testbed) -> bool:
     """True if `path` holds a finished run of this very network (same model, weights, data and
     input size; runs written before the network was recorded count as its own)."""
-    return path.exists() and json.loads(path.read_text()).get("model", settings_json(testbed)) == settings_json(testbed)
+    return path.exists() and json.loads(path.read_text()).get("model", testbed.key()) == testbed.key()
 
 
 def resolve(s: Settings, name: str) -> Testbed:

@@ -18,7 +18,7 @@ the pieces they take and give (`DataBundle`, `embedded_data`, `class_images`, `m
 `model_entry`, `ScoringData`, `score_group`, `class_batches`, `lowest`, `channels_to_remove`,
 `collect_units`, `following_norm`, `Throughput`, `onnx_bytes`, `fit_embedded`/`TrainConfig`,
 `train_variant`/`RECIPES`, `ALLOCATIONS`), and the command helpers the benchmarks use
-(`exit_code`; atomic `write_json`/`write_text`/`write_bytes`/`torch_save`).
+(`exit_code`; atomic `write_json`/`write_text`/`write_bytes`/`torch_save`; `file_digest`).
 
 Names are imported on first use, so `import prune` stays light.
 """
@@ -70,6 +70,7 @@ _EXPORTS: dict[str, str] = {
     "write_text": "prune.outputs.files",
     "write_bytes": "prune.outputs.files",
     "torch_save": "prune.outputs.files",
+    "file_digest": "prune.pipeline.provenance",
 }
 """Public name → the module that defines it."""
 
@@ -79,7 +80,7 @@ __all__ = [  # the names of _EXPORTS, in its order
     "measure_throughput", "Throughput", "DataBundle", "embedded_data", "class_images", "make_loader", "model_entry",
     "ScoringData", "score_group", "class_batches", "lowest", "channels_to_remove", "collect_units", "following_norm", "onnx_bytes",
     "fit_embedded", "TrainConfig", "train_variant", "RECIPES", "exit_code", "write_json", "write_text", "write_bytes",
-    "torch_save",
+    "torch_save", "file_digest",
 ]
 
 if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ imports them on first use
@@ -93,6 +94,7 @@ if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ import
     from prune.outputs.files import write_bytes as write_bytes
     from prune.outputs.files import write_json as write_json
     from prune.outputs.files import write_text as write_text
+    from prune.pipeline.provenance import file_digest as file_digest
     from prune.outputs.report import LayerResult as LayerResult
     from prune.outputs.report import Measurement as Measurement
     from prune.outputs.report import PruneReport as PruneReport

@@ -4,6 +4,8 @@ reliability is 1 for a weight scorer and near 0 for a data scorer on pure noise.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from torch import nn
 
 import scoring
 from benchmarks import criteria
+from benchmarks.common import Testbed
 from benchmarks.tail import LayerTail
 from prune import DataBundle
 
@@ -147,6 +150,23 @@ def test_quick_map_size_study_trains_a_network_per_side_and_keeps_what_it_finish
     stamp = weights.stat().st_mtime_ns
     assert criteria.main(args) == 0
     assert weights.stat().st_mtime_ns == stamp
+
+
+def test_a_finished_run_is_known_by_its_weights_content_not_their_path(tmp_path):
+    """A checkout cloned or moved elsewhere keeps its finished runs; other weights do not reuse them."""
+    here, moved, other = tmp_path / "a.pt", tmp_path / "clone" / "a.pt", tmp_path / "b.pt"
+    torch.save({"w": torch.ones(3)}, here)
+    moved.parent.mkdir()
+    shutil.copy(here, moved)
+    torch.save({"w": torch.zeros(3)}, other)
+
+    def testbed(weights: Path) -> Testbed:
+        return Testbed(name="embedded-plain-64", model="embedded-plain", weights=str(weights), input_size=64)
+
+    assert testbed(here).key() == testbed(moved).key() != testbed(other).key()
+    result = tmp_path / "run.json"
+    result.write_text(json.dumps({"model": testbed(here).key()}))
+    assert criteria.finished(result, testbed(moved)) and not criteria.finished(result, testbed(other))
 
 
 def test_layer_progress_keeps_finished_layers_for_the_same_settings_only(tmp_path):
