@@ -94,7 +94,6 @@ if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ import
     from prune.outputs.files import write_bytes as write_bytes
     from prune.outputs.files import write_json as write_json
     from prune.outputs.files import write_text as write_text
-    from prune.pipeline.provenance import file_digest as file_digest
     from prune.outputs.report import LayerResult as LayerResult
     from prune.outputs.report import Measurement as Measurement
     from prune.outputs.report import PruneReport as PruneReport
@@ -102,6 +101,7 @@ if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ import
     from prune.pipeline.importance import as_tp_importance as as_tp_importance
     from prune.pipeline.observe import collect_units as collect_units
     from prune.pipeline.observe import following_norm as following_norm
+    from prune.pipeline.provenance import file_digest as file_digest
     from prune.pipeline.run import run as run
     from prune.pipeline.selection import ScoringData as ScoringData
     from prune.pipeline.selection import class_batches as class_batches

@@ -327,9 +327,10 @@ def choose_classes(data: DataBundle, k: int, *, seed: int) -> list[int]:
     return sorted(torch.randperm(n, generator=g)[:k].tolist())
 
 
-def _class_order(data: DataBundle, cls: int, n: int, *, seed: int) -> list[int]:
-    """Train indices of class `cls` in the seeded order scoring reads them; UsageError if < n."""
-    indices = [i for i, t in enumerate(data.train_targets) if t == cls]
+def _class_order(data: DataBundle, cls: int, n: int, *, seed: int, indices: list[int] | None = None) -> list[int]:
+    """Train indices of class `cls` (`indices` if the caller has them) in the seeded order scoring
+    reads them; UsageError if < n."""
+    indices = [i for i, t in enumerate(data.train_targets) if t == cls] if indices is None else indices
     if len(indices) < n:
         raise UsageError(
             f"class {data.classes[cls]!r} has {len(indices)} training images but "
@@ -346,10 +347,11 @@ def _too_few(data: DataBundle, cls: int, found: int, n: int, skipped: int) -> Us
     )
 
 
-def _scoring_span(data: DataBundle, cls: int, n: int, *, seed: int) -> tuple[list[int], int, int]:
+def _scoring_span(data: DataBundle, cls: int, n: int, *, seed: int, indices: list[int] | None = None
+                  ) -> tuple[list[int], int, int]:
     """(order, span, skipped): class `cls`'s seeded order; scoring reads order[:span] to find `n`
     readable images, `skipped` of them unreadable by their header (folders only; else span = n)."""
-    order = _class_order(data, cls, n, seed=seed)
+    order = _class_order(data, cls, n, seed=seed, indices=indices)
     folder = data.train if isinstance(data.train, TolerantImageFolder) else None
     if folder is None:
         return order, n, 0
@@ -380,9 +382,13 @@ def heldout_indices(data: DataBundle, per_class: int, *, scored: Sequence[int], 
     """Train indices, sorted: at most `per_class` of each class, none of them a scoring image of the
     classes `scored` (`scored_per_class` each, seed `seed`). They are the tail of each class's seeded
     scoring order, so they do not change with `scored_per_class` as long as the class has room."""
+    by_class: dict[int, list[int]] = {cls: [] for cls in range(len(data.classes))}
+    for i, t in enumerate(data.train_targets):  # one pass, not one per class
+        by_class[t].append(i)
     chosen: list[int] = []
-    for cls in range(len(data.classes)):
-        order, span, _ = _scoring_span(data, cls, scored_per_class if cls in scored else 0, seed=seed)
+    for cls, indices in by_class.items():
+        n = scored_per_class if cls in scored else 0
+        order, span, _ = _scoring_span(data, cls, n, seed=seed, indices=indices)
         chosen += order[max(span, len(order) - per_class):]
     return sorted(chosen)
 
