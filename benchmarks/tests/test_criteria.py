@@ -13,7 +13,6 @@ from torch import nn
 
 import scoring
 from benchmarks import criteria
-from benchmarks.common import Testbed
 from benchmarks.tail import LayerTail
 from prune import DataBundle
 
@@ -160,8 +159,8 @@ def test_a_finished_run_is_known_by_its_weights_content_not_their_path(tmp_path)
     shutil.copy(here, moved)
     torch.save({"w": torch.zeros(3)}, other)
 
-    def testbed(weights: Path) -> Testbed:
-        return Testbed(name="embedded-plain-64", model="embedded-plain", weights=str(weights), input_size=64)
+    def testbed(weights: Path) -> criteria.Testbed:
+        return criteria.Testbed(name="embedded-plain-64", model="embedded-plain", weights=str(weights), input_size=64)
 
     assert testbed(here).key() == testbed(moved).key() != testbed(other).key()
     result = tmp_path / "run.json"
