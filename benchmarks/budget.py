@@ -37,7 +37,7 @@ from benchmarks.compare import (
     summarise,
     write_summary,
 )
-from prune import ALLOCATIONS, exit_code, write_json
+from prune import ALLOCATIONS, PruneConfig, exit_code, write_json
 
 BASELINE = "uniform"
 
@@ -56,6 +56,11 @@ class Settings(Study):
     def arms_of(self, testbed: str) -> tuple[str, ...]:
         """Every `<allocation>-<scorer>` arm (the same on every testbed)."""
         return tuple(arm_name(a, s) for s in self.scorers for a in self.allocations)
+
+    def config(self, testbed: str, arm: str, seed: int) -> PruneConfig:
+        """The main job at `target_flops` with the arm's allocation and scorer."""
+        allocation, scorer = split_arm(arm)
+        return study_config(self, testbed, seed, target_flops=self.target_flops, allocation=allocation, scorer=scorer)
 
 
 PRESETS = {
@@ -79,9 +84,7 @@ def run_one(settings: Settings, testbed: str, arm: str, seed: int) -> dict:
     """One main job on one thread; writes and returns its result entry ("scorer" holds the arm's name,
     as benchmarks.compare's statistics read it)."""
     allocation, scorer = split_arm(arm)
-    config = study_config(settings, testbed, seed, target_flops=settings.target_flops, allocation=allocation,
-                          scorer=scorer)
-    report, entry = run_main_job(config, arm)
+    report, entry = run_main_job(settings.config(testbed, arm, seed), arm)
     entry.update(allocation=allocation, criterion=scorer, flops_fraction=report.budget.achieved_flops,
                  ratios=list(report.budget.ratios))
     write_json(run_path(settings, testbed, arm, seed), entry)

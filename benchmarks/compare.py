@@ -94,6 +94,10 @@ class Study:
         """One JSON per run; a preset of its own keeps its runs apart from the full ones."""
         return self.results / self.name
 
+    def config(self, testbed: str, arm: str, seed: int) -> PruneConfig:
+        """The main job's settings of one run (each study says what its arms are)."""
+        raise NotImplementedError
+
 
 @dataclass(frozen=True)
 class Settings(Study):
@@ -106,6 +110,11 @@ class Settings(Study):
     ratio: float = 0.5
     max_seeds: int = 80
     target_halfwidth: float = 0.03
+
+    def config(self, testbed: str, arm: str, seed: int) -> PruneConfig:
+        """The main job at `ratio` with the arm's scorer and options."""
+        a = arm_of(arm)
+        return study_config(self, testbed, seed, ratio=self.ratio, scorer=a.scorer, scorer_options=a.options)
 
     def arms_of(self, testbed: str) -> tuple[str, ...]:
         """The arms run on `testbed`: `arms`, plus the peers that apply to its model on a peer testbed."""
@@ -198,22 +207,39 @@ def run_main_job(config: PruneConfig, arm: str) -> tuple[PruneReport, dict]:
 def run_one(settings: Settings, testbed: str, arm_name: str, seed: int) -> dict:
     """One main job on one thread; writes and returns its result entry."""
     arm = arm_of(arm_name)
-    config = study_config(settings, testbed, seed, ratio=settings.ratio, scorer=arm.scorer,
-                          scorer_options=arm.options)
-    report, entry = run_main_job(config, arm.name)
+    report, entry = run_main_job(settings.config(testbed, arm.name, seed), arm.name)
     entry.update(scorer_options=dict(arm.options), scoring_top1=[layer.scoring_top1 for layer in report.layers],
                  map_size=[layer.map_size for layer in report.layers])
     write_json(run_path(settings, testbed, arm.name, seed), entry)
     return entry
 
 
-def load_runs(settings: Settings) -> list[dict]:
-    """Every finished run of the settings' testbeds and arms."""
+def is_current(settings: Study, entry: dict) -> bool:
+    """True if a run file's `entry` was run with the settings `settings` gives that run now (same
+    `PruneConfig.fingerprint`; a field added since counts at its default). A run made under other
+    settings is neither reused nor summarised."""
+    try:
+        saved = PruneConfig.from_dict(entry["settings"])
+    except (KeyError, TypeError, AttributeError, prune.UsageError):
+        return False
+    return saved.fingerprint() == settings.config(entry["testbed"], entry["scorer"], entry["seed"]).fingerprint()
+
+
+def finished_run(settings: Study, testbed: str, arm: str, seed: int) -> bool:
+    """True if the run has a file made under the current settings (`is_current`)."""
+    path = run_path(settings, testbed, arm, seed)
+    return path.exists() and is_current(settings, json.loads(path.read_text()))
+
+
+def load_runs(settings: Study) -> list[dict]:
+    """Every finished run of the settings' testbeds and arms made under the current settings."""
     runs = []
     for testbed in settings.testbeds:
         for arm in settings.arms_of(testbed):
             for path in sorted((settings.runs_dir / testbed).glob(f"{arm}-s*.json")):
-                runs.append(json.loads(path.read_text()))
+                entry = json.loads(path.read_text())
+                if is_current(settings, entry):
+                    runs.append(entry)
     return runs
 
 
@@ -223,7 +249,7 @@ def run_seeds(settings: Study, seeds: dict[tuple[str, str], int], job: Callable[
     and returns its entry, with the keys printed below."""
     todo = sorted(
         ((testbed, arm, seed) for (testbed, arm), n in seeds.items() for seed in range(n)
-         if not run_path(settings, testbed, arm, seed).exists()),
+         if not finished_run(settings, testbed, arm, seed)),
         key=lambda job: job[2],  # seed by seed, so a partial run covers every testbed and arm
     )
     if not todo:

@@ -77,6 +77,12 @@ class PruneConfig:
         """The settings as JSON-ready values (`scorer_options` as a dict)."""
         return {**asdict(self), "scorer_options": dict(self.scorer_options)}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> PruneConfig:
+        """The settings of an `as_dict()` dict (report.json's "settings"); a field it lacks, written
+        before the field existed, takes its default."""
+        return cls(**{**d, "scorer_options": tuple(d.get("scorer_options", {}).items())})
+
     @property
     def has_target(self) -> bool:
         """True when a FLOPs or speed target replaces `ratio`."""

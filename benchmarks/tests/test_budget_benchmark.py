@@ -19,7 +19,8 @@ def fake_runs(settings: budget.Settings) -> list[dict]:
             runs.append({"testbed": "t", "scorer": budget.arm_name(allocation, "l1"), "allocation": allocation,
                          "criterion": "l1", "seed": seed, "top1": level + shift, "top1_pruned": level / 2,
                          "top1_pruned_bn": level / 2, "top1_unpruned": 0.9, "flops_fraction": 0.25 + seed / 100,
-                         "ratios": [0.5, 0.25 * seed], "removed_sha256": f"{allocation}{seed}"})
+                         "ratios": [0.5, 0.25 * seed], "removed_sha256": f"{allocation}{seed}",
+                         "settings": settings.config("t", budget.arm_name(allocation, "l1"), seed).as_dict()})
     return runs
 
 

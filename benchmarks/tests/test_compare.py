@@ -1,22 +1,25 @@
 """benchmarks.compare: paired statistics and the per-run files it resumes from."""
 
+import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from benchmarks import compare
+from benchmarks import budget, compare
 from prune import LayerResult
 
 
-def fake_runs() -> list[dict]:
-    # arm a beats random by exactly 0.1 on every seed while both vary a lot between seeds
+def fake_runs(settings: compare.Settings | None = None) -> list[dict]:
+    # arm l1 beats random by exactly 0.1 on every seed while both vary a lot between seeds
     runs = []
     for seed, base in enumerate([0.5, 0.7, 0.6, 0.9]):
-        for arm, shift in (("random", 0.0), ("a", 0.1)):
+        for arm, shift in (("random", 0.0), ("l1", 0.1)):
             runs.append({"testbed": "t", "scorer": arm, "seed": seed, "top1": base + shift,
                          "top1_pruned": base / 2, "top1_pruned_bn": base / 2 + shift, "removed_sha256": f"{arm}{seed}",
-                         "top1_unpruned": 0.94})
+                         "top1_unpruned": 0.94,
+                         "settings": None if settings is None else settings.config("t", arm, seed).as_dict()})
     return runs
 
 
@@ -33,11 +36,11 @@ def test_interval_by_hand() -> None:
 
 def test_paired_difference_removes_the_seed_to_seed_spread() -> None:
     runs = fake_runs()
-    rows = {r["scorer"]: r for r in compare.summarise(runs, "t", ("a", "random"))}
-    assert rows["a"]["top1_hw95"] > 0.2  # unpaired: the seeds' spread
-    (diff,) = compare.paired(runs, "t", ("a", "random"), "random")
+    rows = {r["scorer"]: r for r in compare.summarise(runs, "t", ("l1", "random"))}
+    assert rows["l1"]["top1_hw95"] > 0.2  # unpaired: the seeds' spread
+    (diff,) = compare.paired(runs, "t", ("l1", "random"), "random")
     assert diff["mean"] == pytest.approx(0.1) and diff["hw95"] == pytest.approx(0.0, abs=1e-12)
-    assert diff["seeds"] == 4 and rows["a"]["distinct_selections"] == 4
+    assert diff["seeds"] == 4 and rows["l1"]["distinct_selections"] == 4
     assert compare.needs_more(list(rows.values()), 0.03)
 
 
@@ -51,11 +54,28 @@ def test_removed_digest_depends_on_every_layer() -> None:
 
 
 def test_finished_runs_are_found_and_skipped(tmp_path: Path) -> None:
-    settings = compare.Settings(testbeds=("t",), arms=("a", "random"), results=tmp_path)
-    for run in fake_runs():
+    settings = compare.Settings(testbeds=("t",), arms=("l1", "random"), results=tmp_path)
+    for run in fake_runs(settings):
         compare.write_json(compare.run_path(settings, "t", run["scorer"], run["seed"]), run)
     assert len(compare.load_runs(settings)) == 8
-    compare.run_seeds(settings, {("t", "a"): 4, ("t", "random"): 4})  # every run exists: nothing is started
+    compare.run_seeds(settings, {("t", "l1"): 4, ("t", "random"): 4})  # every run exists: nothing is started
     summary = compare.report(settings)
-    assert [r["scorer"] for r in summary["rows"]] == ["a", "random"]
+    assert [r["scorer"] for r in summary["rows"]] == ["l1", "random"]
     assert (tmp_path / "compare.md").exists() and (tmp_path / "compare.png").exists()
+
+
+def test_a_run_made_under_other_settings_is_neither_reused_nor_summarised(tmp_path: Path) -> None:
+    settings = compare.Settings(testbeds=("t",), arms=("l1", "random"), results=tmp_path)
+    for run in fake_runs(replace(settings, epochs=settings.epochs + 1)):  # the same files, another budget
+        compare.write_json(compare.run_path(settings, "t", run["scorer"], run["seed"]), run)
+    assert compare.load_runs(settings) == [] and not compare.finished_run(settings, "t", "l1", 0)
+    assert len(compare.load_runs(replace(settings, epochs=settings.epochs + 1))) == 8
+
+
+@pytest.mark.parametrize("module", [compare, budget])
+def test_every_committed_run_is_current_under_the_full_preset(module) -> None:
+    """A change to the study settings or PruneConfig that would silently rerun (or drop) the
+    committed runs fails here first."""
+    settings = module.PRESETS["full"]
+    files = sorted(settings.runs_dir.rglob("*.json"))
+    assert files and all(compare.is_current(settings, json.loads(f.read_text())) for f in files)

@@ -170,9 +170,8 @@ class PruneReport:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PruneReport:
         """The typed report of a report.json dict (`as_dict()` gives it back)."""
-        settings = {**d["settings"], "scorer_options": tuple(d["settings"].get("scorer_options", {}).items())}
         return cls(
-            settings=PruneConfig(**settings),
+            settings=PruneConfig.from_dict(d["settings"]),
             processes=d["processes"],
             classes_used=tuple(d["classes_used"]),
             unreadable_scoring_images=d["unreadable_scoring_images"],
