@@ -135,8 +135,9 @@ class Testbed:
 
     def key(self) -> dict:
         """This network as results record it and are reused by: its fields, with a weights *file*
-        named by its content (`sha256:<hex>`), not its path, so a checkout moved or cloned
-        elsewhere keeps its finished runs."""
+        named by its content (`sha256:<hex>`), not its path, so the study networks trained into
+        the checkout keep their finished runs when it is moved or cloned. A `--data` folder stays
+        keyed by its path; shipped weights (None) by the model's name."""
         key = asdict(self)
         if self.weights is not None and Path(self.weights).is_file():
             key["weights"] = f"sha256:{file_digest(self.weights)}"

@@ -25,6 +25,7 @@ from torch.utils.data import TensorDataset
 import scoring
 from prune import PruneConfig, Surgeon, UsageError
 from prune.outputs.score_store import NO_STORE
+from prune.pipeline.allocation import StructureCost, least_loss, uniform
 from prune.pipeline.budget import Planning, make_plan
 from prune.pipeline.distributed import SINGLE, World
 from prune.pipeline.selection import ScoringData, select_and_prune
@@ -191,6 +192,16 @@ def test_unreachable_speed_target_says_what_was_reached(monkeypatch, one_thread)
     plan = plan_for_speed(50.0, cap=0.5)
     assert plan.note.startswith(f"speed-up {plan.speedup:.2f} reached, not 50") and "--max-layer-ratio 0.5" in plan.note
     assert [round(r * 16) for r in plan.ratios] == [8, 8]  # the most the cap allows: half of each layer
+
+
+def test_sensitivity_steps_past_grid_ratios_that_remove_no_more_channels(one_thread):
+    """On 8-channel layers 0.2 and 0.3 both remove 2 channels: the allocation must still reach
+    what the cap allows (7 of 8, as uniform does), not stop at the first repeated count."""
+    narrow = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES))
+    cost = StructureCost(Surgeon(narrow, torch.zeros(1, 3, SIZE, SIZE)), SIZE)
+    flat = [[0.1 * j for j in range(1, 10)]] * 2  # same loss curve for both layers
+    assert cost.counts(least_loss(cost, flat, 0.01, 0.9)) == cost.counts(uniform(cost, 0.01, 0.9)) == (7, 7)
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,8 @@ def least_loss(cost: StructureCost, increase: Sequence[Sequence[float]], target:
     """Per-group ratios that meet `target` with the least summed loss increase, greedily.
 
     increase[l][j]: loss increase when only group l is pruned at grid[j]. From no pruning, the
-    step (one group to its next grid ratio, up to `cap`) with the least loss increase per FLOPs
+    step (one group to its next grid ratio up to `cap` that removes more channels: on a narrow
+    group neighbouring ratios can round to the same count) with the least loss increase per FLOPs
     fraction saved is taken until the target is met; the last step is then shortened (by
     bisection on that group's ratio) to the ratio whose FLOPs fraction is closest to `target`.
     """
@@ -125,20 +126,28 @@ def least_loss(cost: StructureCost, increase: Sequence[Sequence[float]], target:
     def at(steps: Sequence[int]) -> list[float]:
         return [ratios[j] for j in steps]
 
-    last = None
+    def next_step(g: int, j: int) -> int | None:
+        """The first grid index after j at which group g loses more channels (None: none up to the cap)."""
+        removed = channels_to_remove(cost.channels[g], ratios[j], rule=cost.rounding)
+        return next((k for k in range(j + 1, len(ratios))
+                     if channels_to_remove(cost.channels[g], ratios[k], rule=cost.rounding) > removed), None)
+
+    last = None  # (group, grid index before its last step)
     while cost.fraction_at(at(step)) > target:
         now, options = cost.fraction_at(at(step)), []
         for g, j in enumerate(step):
-            if j + 1 < len(ratios):
-                saved = now - cost.fraction_at(at([*step[:g], j + 1, *step[g + 1:]]))
+            k = next_step(g, j)
+            if k is not None:
+                saved = now - cost.fraction_at(at([*step[:g], k, *step[g + 1:]]))
                 if saved > 0:
-                    options.append(((curves[g][j + 1] - curves[g][j]) / saved, g))
+                    options.append(((curves[g][k] - curves[g][j]) / saved, g, k))
         if not options:
-            break  # every group is at the cap: the closest reachable
-        last = min(options)[1]
-        step[last] += 1
+            break  # no group can lose another channel: the closest reachable
+        _, g, k = min(options)
+        last, step[g] = (g, step[g]), k
     chosen = at(step)
     if last is not None:
-        lo, hi = ratios[step[last] - 1], ratios[step[last]]
-        chosen[last] = closest(lambda x: cost.fraction_at([*chosen[:last], x, *chosen[last + 1:]]), lo, hi, target)
+        g, before = last
+        lo, hi = ratios[before], ratios[step[g]]
+        chosen[g] = closest(lambda x: cost.fraction_at([*chosen[:g], x, *chosen[g + 1:]]), lo, hi, target)
     return tuple(chosen)

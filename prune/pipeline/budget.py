@@ -33,7 +33,8 @@ from prune.zoo.data import DataBundle
 SPEEDUP_TOLERANCE = 0.05
 SPEED_STEPS = 8
 """At most this many candidate FLOPs targets are measured by a speed search."""
-PLAN_FORMAT = "topoprune/plan/v1"
+PLAN_FORMAT = "topoprune/plan/v2"
+"""v2: sensitivity curves on held-out training images (v1 plans, measured on val, are not resumed)."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,8 @@ def allocator(p: Planning, cost: StructureCost) -> tuple[Callable[[float], tuple
     if name == "global":
         scores = [stored_or_scored(p.surgeon, i, g, p.scorer, p.source, p.store, p.world) for i, g in enumerate(p.surgeon.groups)]
         return (lambda f: global_ranking(cost, scores, f, cap)), None
-    curves = measure_curves(p.surgeon, p.scorer, p.source, heldout(p.data, p.source, seed=p.config.seed), rounding=p.config.rounding,
+    images = heldout(p.data, p.source, seed=p.config.seed)  # apart from the run's scoring images, whatever the scorer
+    curves = measure_curves(p.surgeon, p.scorer, p.source, images, rounding=p.config.rounding,
                             batch_size=p.config.batch_size, quiet=p.quiet, refit=p.refit, world=p.world)
     increase = curves.increase()
     return (lambda f: least_loss(cost, increase, f, cap, grid=curves.ratios)), curves
@@ -110,11 +112,11 @@ def flops_plan(cost: StructureCost, allocate: Callable[[float], tuple[float, ...
     target, cap = config.target_flops, config.max_layer_ratio
     ratios = allocate(target)
     planned_flops, note = cost.fraction_at(ratios), ""
-    floor = cost.fraction_at(allocate(0.0)) if planned_flops > target else planned_flops  # every layer at the cap
+    floor = cost.fraction_at(allocate(0.0)) if planned_flops > target else planned_flops  # the most it removes
     if floor > target:
-        note = (f"FLOPs fraction {planned_flops:.4f} reached, not {target:g}: at --max-layer-ratio {cap:g} the "
-                f"{config.allocation} allocation keeps at least {floor:.4f} of the FLOPs; pass a higher "
-                "--max-layer-ratio or a larger --target-flops")
+        note = (f"FLOPs fraction {planned_flops:.4f} reached, not {target:g}: the most the {config.allocation} "
+                f"allocation removes under --max-layer-ratio {cap:g} keeps {floor:.4f} of the FLOPs; pass a higher "
+                "--max-layer-ratio, a larger --target-flops or another --allocation")
     return Plan(ratios, target, planned_flops, schedule, note=note, curves=curves)
 
 

@@ -477,7 +477,7 @@ def _scoring_data(config: PruneConfig, loaded: Loaded) -> ScoringData:
 
 
 def _plan(config: PruneConfig, loaded: Loaded, ctx: RunContext, store: ScoreStore) -> Plan:
-    """The per-layer ratios of the run's target (kept in --out/cache; the speed search's note is warned once)."""
+    """The per-layer ratios of the run's target (kept in --out/cache; a target not met is warned once)."""
     planning = Planning(config=config, surgeon=loaded.surgeon, scorer=loaded.scorer,
                         source=_scoring_data(config, loaded), data=loaded.data, store=store, quiet=ctx.quiet, world=ctx.world,
                         refit=_copy_refit(config, loaded, ctx))
