@@ -446,9 +446,12 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def finished_testbeds(s: Settings) -> list[Path]:
-    """Every finished testbed run in `s.runs_dir`, whichever --testbeds asked for (shipped order, then by name)."""
+    """Every testbed run in `s.runs_dir` finished under the result-deciding settings of `s`,
+    whichever --testbeds asked for (shipped order, then by name)."""
     order = {name: i for i, name in enumerate(SHIPPED)}
-    paths = [p for p in s.runs_dir.glob("*.json") if not p.name.startswith("n-study-") and ".partial." not in p.name]
+    wanted = {"settings": result_key(s, Testbed.shipped(""))["settings"]}
+    paths = [p for p in s.runs_dir.glob("*.json") if not p.name.startswith("n-study-") and ".partial." not in p.name
+             and _same({"settings": json.loads(p.read_text()).get("settings", {})}, wanted)]
     return sorted(paths, key=lambda p: (order.get(p.stem, len(order)), p.stem))
 
 
@@ -475,10 +478,14 @@ def report(s: Settings) -> dict:
     return summary
 
 
-def finished(path: Path, testbed: Testbed) -> bool:
-    """True if `path` holds a finished run of this very network (same model, weights, data and
-    input size; runs written before the network was recorded count as its own)."""
-    return path.exists() and json.loads(path.read_text()).get("model", testbed.key()) == testbed.key()
+def finished(s: Settings, path: Path, testbed: Testbed) -> bool:
+    """True if `path` holds a finished run of this very network (`Testbed.key`; runs written
+    before the network was recorded count as its own) under the result-deciding settings of `s`."""
+    if not path.exists():
+        return False
+    saved = json.loads(path.read_text())
+    return _same({"settings": saved.get("settings", {}), "model": saved.get("model", testbed.key())},
+                 result_key(s, testbed))
 
 
 def resolve(s: Settings, name: str) -> Testbed:
@@ -499,12 +506,12 @@ def criteria(s: Settings, n_study_testbeds: Sequence[str] = (), map_size_study: 
     if s.threads:
         torch.set_num_threads(s.threads)
     for name in s.testbeds:
-        if not finished(s.runs_dir / f"{name}.json", resolve(s, name)):
+        if not finished(s, s.runs_dir / f"{name}.json", resolve(s, name)):
             run_testbed(s, resolve(s, name))
     if map_size_study:
         map_size.run_study(s, run_testbed)
     for name in n_study_testbeds:
-        if not finished(s.runs_dir / f"n-study-{name}.json", resolve(s, name)):
+        if not finished(s, s.runs_dir / f"n-study-{name}.json", resolve(s, name)):
             run_n_study(s, resolve(s, name))
     return report(s)
 

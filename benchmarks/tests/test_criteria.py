@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -163,9 +164,13 @@ def test_a_finished_run_is_known_by_its_weights_content_not_their_path(tmp_path)
         return criteria.Testbed(name="embedded-plain-64", model="embedded-plain", weights=str(weights), input_size=64)
 
     assert testbed(here).key() == testbed(moved).key() != testbed(other).key()
+    s = criteria.Settings()
     result = tmp_path / "run.json"
-    result.write_text(json.dumps({"model": testbed(here).key()}))
-    assert criteria.finished(result, testbed(moved)) and not criteria.finished(result, testbed(other))
+    result.write_text(json.dumps({"model": testbed(here).key(), "settings": criteria.settings_json(s)}))
+    assert criteria.finished(s, result, testbed(moved)) and not criteria.finished(s, result, testbed(other))
+    # the same network under other result-deciding settings is not finished
+    assert not criteria.finished(replace(s, samples_per_class=s.samples_per_class + 1), result, testbed(here))
+    assert criteria.finished(replace(s, threads=1), result, testbed(here))  # threads do not decide results
 
 
 def test_layer_progress_keeps_finished_layers_for_the_same_settings_only(tmp_path):
@@ -196,3 +201,14 @@ def test_the_random_controls_interval_includes_its_own_draws():
     rows, _ = criteria.layer_rows(settings, "t", net, data, (images, torch.zeros(6, dtype=torch.long)), "0", net[0],
                                   [criteria.arm_of("random")])
     assert rows[0]["rho_low"] < 0 < rows[0]["rho_high"]
+
+
+def test_every_committed_run_is_finished_under_the_default_settings():
+    """A change to the settings or the network key that would silently rerun the committed
+    testbed runs and N studies (hours) fails here first."""
+    s = criteria.parse([])[0]
+    names = ["embedded", "embedded-plain", "fashion", "fashion-plain"]
+    studies = sorted(p.stem.removeprefix("n-study-") for p in s.runs_dir.glob("n-study-*.json") if ".partial." not in p.name)
+    assert studies and all(criteria.finished(s, s.runs_dir / f"{n}.json", criteria.resolve(s, n)) for n in names)
+    assert all(criteria.finished(s, s.runs_dir / f"n-study-{n}.json", criteria.resolve(s, n)) for n in studies)
+    assert [p.stem for p in criteria.finished_testbeds(s)] == names
