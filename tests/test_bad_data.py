@@ -144,3 +144,17 @@ def test_complex_weights_are_refused(tmp_path, capsys, quick, dtype):
     line = main_error(capsys, *quick, "--weights", str(tmp_path / "complex.pt"), "--out", str(tmp_path / "out"))
     assert repr(key) in line and str(dtype) in line
     assert not (tmp_path / "out").exists()
+
+
+def test_readable_decodes_each_image_once(tmp_path, monkeypatch):
+    """The scoring check and the held-out images both ask whether an image decodes: it is decoded once."""
+    from prune.zoo import data
+
+    root = image_folder(tmp_path / "data", classes=2, train=3, val=1, size=8, corrupt=1)
+    folder = TolerantImageFolder(str(root / "train"), folder_transform(8), input_size=8)
+    calls: list[str] = []
+    monkeypatch.setattr(data, "decode_rgb", lambda path: calls.append(path) or decode_rgb(path))
+    first = [folder.readable(i) for i in range(len(folder))]
+    assert [folder.readable(i) for i in range(len(folder))] == first and not all(first)
+    assert len(calls) == len(set(calls)) <= len(folder)  # none twice; header-checked corrupt files not at all
+    assert all(folder[i] is None for i, ok in enumerate(first) if not ok)

@@ -69,6 +69,8 @@ class TolerantImageFolder(datasets.ImageFolder):
             warnings.warn(f"not following {len(self.loops)} symlinked folder(s) under {root} that loop or repeat a "
                           f"folder ({shown}); remove them", SymlinkLoops)
         self.skipped: set[str] = {path for path, _ in self.samples if not header_ok(path)}
+        self.decoded: set[int] = set()
+        """Indices `readable` has already decoded successfully (not decoded again there)."""
         self.image_shape = (3, input_size, input_size)
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
@@ -112,8 +114,11 @@ class TolerantImageFolder(datasets.ImageFolder):
         return image
 
     def readable(self, index: int) -> bool:
-        """True if image `index` decodes (an unreadable one is added to `skipped`)."""
-        return self._decode(index) is not None
+        """True if image `index` decodes (an unreadable one is added to `skipped`); each image is
+        decoded here once (the scoring check and the held-out images both ask)."""
+        if index not in self.decoded and self._decode(index) is not None:
+            self.decoded.add(index)
+        return index in self.decoded
 
     def __getitem__(self, index: int):  # type: ignore[override]
         image = self._decode(index)
