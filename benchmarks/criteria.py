@@ -271,10 +271,15 @@ RESULT_FIELDS = ("arms", "samples_per_class", "oracle_per_class", "ratio", "boot
 """The settings that decide a layer's result (threads, paths, the list of testbeds or sides do not)."""
 
 
+def result_settings(s: Settings) -> dict:
+    """The settings of `s` that decide a result (`RESULT_FIELDS`), as JSON-ready values."""
+    settings = settings_json(s)
+    return {f: settings[f] for f in RESULT_FIELDS}
+
+
 def result_key(s: Settings, testbed: Testbed, **extra: object) -> dict:
     """What a finished run or layer must match to be reused: the result-deciding settings and the network."""
-    settings = settings_json(s)
-    return {"settings": {f: settings[f] for f in RESULT_FIELDS}, "model": testbed.key(), **extra}
+    return {"settings": result_settings(s), "model": testbed.key(), **extra}
 
 
 def _same(saved: dict, key: dict) -> bool:
@@ -445,19 +450,19 @@ def plot(results: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def finished_testbeds(s: Settings) -> list[Path]:
+def finished_testbeds(s: Settings) -> list[dict]:
     """Every testbed run in `s.runs_dir` finished under the result-deciding settings of `s`,
     whichever --testbeds asked for (shipped order, then by name)."""
     order = {name: i for i, name in enumerate(SHIPPED)}
-    wanted = {"settings": result_key(s, Testbed.shipped(""))["settings"]}
-    paths = [p for p in s.runs_dir.glob("*.json") if not p.name.startswith("n-study-") and ".partial." not in p.name
-             and _same({"settings": json.loads(p.read_text()).get("settings", {})}, wanted)]
-    return sorted(paths, key=lambda p: (order.get(p.stem, len(order)), p.stem))
+    paths = sorted((p for p in s.runs_dir.glob("*.json") if not p.name.startswith("n-study-")
+                    and ".partial." not in p.name), key=lambda p: (order.get(p.stem, len(order)), p.stem))
+    results = [json.loads(p.read_text()) for p in paths]
+    return [r for r in results if _same({"settings": r.get("settings", {})}, {"settings": result_settings(s)})]
 
 
 def report(s: Settings) -> dict:
     """criteria.json / .md / -rho.png (and the studies' plots) from every finished run."""
-    results = [json.loads(p.read_text()) for p in finished_testbeds(s)]
+    results = finished_testbeds(s)
     n_study = [e for p in sorted(s.runs_dir.glob("n-study-*.json")) if not p.name.endswith(".partial.json")
                for e in json.loads(p.read_text())["entries"]]
     map_study = map_size.finished(s)

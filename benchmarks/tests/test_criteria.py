@@ -211,4 +211,4 @@ def test_every_committed_run_is_finished_under_the_default_settings():
     studies = sorted(p.stem.removeprefix("n-study-") for p in s.runs_dir.glob("n-study-*.json") if ".partial." not in p.name)
     assert studies and all(criteria.finished(s, s.runs_dir / f"{n}.json", criteria.resolve(s, n)) for n in names)
     assert all(criteria.finished(s, s.runs_dir / f"n-study-{n}.json", criteria.resolve(s, n)) for n in studies)
-    assert [p.stem for p in criteria.finished_testbeds(s)] == names
+    assert [r["testbed"] for r in criteria.finished_testbeds(s)] == names

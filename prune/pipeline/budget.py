@@ -5,8 +5,9 @@ a bisection over the FLOPs target, each candidate allocation measured as a struc
 copy against the unpruned model in this process (`measure_speedup`, the report's img/s
 protocol; rank 0 alone under torchrun), until the speed-up is within SPEEDUP_TOLERANCE of S.
 Where a target cannot be met (the --max-layer-ratio cap, timing noise), the plan says what was
-reached and why (`Plan.note`, warned as TargetNotMet and kept in the report). The plan is kept in --out/cache/plan.pt, so a
-resumed run prunes with the same ratios (a speed search is not measured twice).
+reached and why (`Plan.note`, warned as TargetNotMet and kept in the report). The plan is kept
+in --out/cache/plan.pt, so a resumed run prunes with the same ratios (a speed search is not
+measured twice).
 """
 
 from __future__ import annotations

@@ -355,7 +355,7 @@ def _too_few(data: DataBundle, cls: int, found: int, n: int, skipped: int) -> Us
 def _scoring_span(data: DataBundle, cls: int, n: int, *, seed: int, indices: list[int] | None = None
                   ) -> tuple[list[int], int, int]:
     """(order, span, skipped): class `cls`'s seeded order; scoring reads order[:span] to find `n`
-    readable images, `skipped` of them unreadable by their header (folders only; else span = n)."""
+    readable images, `skipped` of them unreadable (folders only; else span = n)."""
     order = _class_order(data, cls, n, seed=seed, indices=indices)
     folder = data.train if isinstance(data.train, TolerantImageFolder) else None
     if folder is None:
