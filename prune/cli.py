@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--export", choices=("onnx",), default=None,
       help="also write the pruned model as <out>/model.onnx (opset 17, dynamic batch; needs pip install \"topoprune[export]\")")
     a("--overwrite", action="store_true", help="replace an --out folder that holds a different run")
+    a("--no-speed", action="store_true",
+      help="skip the img/s measurement before and after (report.json's img_per_s is null); not with --target-speedup")
     a("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or default_out(config)
             import prune
 
-            report = prune.run(config, out=out, overwrite=args.overwrite, quiet=args.quiet, export=args.export)
+            report = prune.run(config, out=out, overwrite=args.overwrite, quiet=args.quiet, export=args.export,
+                               speed=not args.no_speed)
         if report is not None:
             print(summary_line(report, out))
         return 0

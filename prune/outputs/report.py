@@ -18,7 +18,8 @@ class Measurement:
 
     params: all parameters. macs / flops (= 2 × MACs): conv + linear layers for one image.
     top1, top5, balanced_accuracy in [0, 1]; loss: mean cross-entropy. `throughput`: img/s and
-    how it was measured (its `img_per_s` and `device` are also read here as properties).
+    how it was measured (its `img_per_s` and `device` are also read here as properties), None
+    when the run skipped it (`--no-speed`).
     """
 
     params: int
@@ -28,28 +29,29 @@ class Measurement:
     top5: float
     balanced_accuracy: float
     loss: float
-    throughput: Throughput
+    throughput: Throughput | None
 
     @property
-    def img_per_s(self) -> float:
-        return self.throughput.img_per_s
+    def img_per_s(self) -> float | None:
+        return None if self.throughput is None else self.throughput.img_per_s
 
     @property
-    def device(self) -> str:
-        return self.throughput.device
+    def device(self) -> str | None:
+        return None if self.throughput is None else self.throughput.device
 
     def as_dict(self) -> dict[str, Any]:
         """report.json's "before" / "after" (same keys, same order)."""
         return {
             "params": self.params, "macs": self.macs, "flops": self.flops, "top1": self.top1, "top5": self.top5,
             "balanced_accuracy": self.balanced_accuracy, "loss": self.loss, "img_per_s": self.img_per_s,
-            "device": self.device, "throughput": self.throughput.as_dict(),
+            "device": self.device, "throughput": None if self.throughput is None else self.throughput.as_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Measurement:
         own = {k: v for k, v in d.items() if k not in ("img_per_s", "device")}  # stored in report.json for readers
-        return cls(**{**own, "throughput": Throughput(**d["throughput"])})
+        throughput = None if d["throughput"] is None else Throughput(**d["throughput"])
+        return cls(**{**own, "throughput": throughput})
 
 
 @dataclass(frozen=True)
@@ -206,8 +208,9 @@ def markdown(report: dict) -> str:
         ("top-1", f"{b['top1']:.4f}", f"{a['top1']:.4f}", None),
         ("top-5", f"{b['top5']:.4f}", f"{a['top5']:.4f}", None),
         ("balanced accuracy", f"{b['balanced_accuracy']:.4f}", f"{a['balanced_accuracy']:.4f}", None),
-        ("img/s", f"{b['img_per_s']:.1f}", f"{a['img_per_s']:.1f}", a["img_per_s"] / b["img_per_s"]),
     ]
+    if a["throughput"] is not None:
+        rows.append(("img/s", f"{b['img_per_s']:.1f}", f"{a['img_per_s']:.1f}", a["img_per_s"] / b["img_per_s"]))
     s, budget = report["settings"], report.get("budget")
     ratios = [s["ratio"]] * len(report["layers"]) if budget is None else budget["ratios"]
     lines = [
@@ -218,8 +221,7 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|",
         *[f"| {n} | {x} | {y} | {'' if r is None else f'{r:.3f}'} |" for n, x, y, r in rows],
         "",
-        f"Throughput on {a['device']}, batch {a['throughput']['batch_size']}, {a['throughput']['dtype']}, "
-        f"{a['throughput']['threads']} threads, {a['throughput']['warmup']} warm-up batches.",
+        _throughput_line(a),
         "",
         "| layer | ratio | channels before | channels after | removed |",
         "|---|---|---|---|---|",
@@ -233,6 +235,15 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _throughput_line(after: dict) -> str:
+    """How img/s was measured, or that it was not."""
+    t = after["throughput"]
+    if t is None:
+        return "Throughput not measured (--no-speed)."
+    return (f"Throughput on {after['device']}, batch {t['batch_size']}, {t['dtype']}, {t['threads']} threads, "
+            f"{t['warmup']} warm-up batches.")
 
 
 def _what(settings: dict) -> str:

@@ -33,12 +33,17 @@ class StructureCost:
         self.input_size = input_size
         self.rounding = rounding
         self.channels = tuple(g.num_channels for g in surgeon.groups)
+        self.blocks = tuple(g.blocks for g in surgeon.groups)
         self.unpruned = count_cost(surgeon.model, input_size=input_size).flops
         self._cache: dict[tuple[int, ...], float] = {}
 
     def counts(self, ratios: Sequence[float]) -> tuple[int, ...]:
         """Channels removed per group at `ratios` (the rounding `select_and_prune` applies)."""
-        return tuple(channels_to_remove(c, r, rule=self.rounding) for c, r in zip(self.channels, ratios))
+        return tuple(self.counts_of(g, r) for g, r in enumerate(ratios))
+
+    def counts_of(self, group: int, ratio: float) -> int:
+        """Channels removed from group `group` at `ratio`."""
+        return channels_to_remove(self.channels[group], ratio, rule=self.rounding, blocks=self.blocks[group])
 
     def fraction(self, counts: Sequence[int]) -> float:
         """FLOPs of the structure with `counts` removed, as a fraction of the unpruned FLOPs."""
@@ -128,9 +133,8 @@ def least_loss(cost: StructureCost, increase: Sequence[Sequence[float]], target:
 
     def next_step(g: int, j: int) -> int | None:
         """The first grid index after j at which group g loses more channels (None: none up to the cap)."""
-        removed = channels_to_remove(cost.channels[g], ratios[j], rule=cost.rounding)
-        return next((k for k in range(j + 1, len(ratios))
-                     if channels_to_remove(cost.channels[g], ratios[k], rule=cost.rounding) > removed), None)
+        removed = cost.counts_of(g, ratios[j])
+        return next((k for k in range(j + 1, len(ratios)) if cost.counts_of(g, ratios[k]) > removed), None)
 
     last = None  # (group, grid index before its last step)
     while cost.fraction_at(at(step)) > target:

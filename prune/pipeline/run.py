@@ -189,17 +189,19 @@ def _timed(timings: dict[str, float], stage: str):
     timings[stage] = round(time.perf_counter() - start, 3)
 
 
-def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: torch.device, quiet: bool) -> Measurement:
-    """Params, MACs, FLOPs, accuracies and img/s of `model` (the report's before/after)."""
+def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: torch.device, quiet: bool,
+            speed: bool = True) -> Measurement:
+    """Params, MACs, FLOPs, accuracies and img/s of `model` (the report's before/after; img/s
+    only with `speed`, else its throughput is None)."""
     loader = make_loader(data.val, batch_size=config.batch_size, shuffle=False, seed=config.seed)
     ev = evaluate(model, loader, device=device, quiet=quiet)
     if ev.n == 0:
         raise UsageError(f"no val image could be decoded ({unreadable_counts(data)['val']} unreadable); replace them")
-    speed = measure_throughput(model, input_size=data.input_size, batch_size=32, device=device)
+    throughput = measure_throughput(model, input_size=data.input_size, batch_size=32, device=device) if speed else None
     cost = count_cost(model, input_size=data.input_size)
     return Measurement(
         params=cost.params, macs=cost.macs, flops=cost.flops, top1=ev.top1, top5=ev.top5,
-        balanced_accuracy=ev.balanced_accuracy, loss=ev.loss, throughput=speed,
+        balanced_accuracy=ev.balanced_accuracy, loss=ev.loss, throughput=throughput,
     )
 
 
@@ -280,6 +282,8 @@ class RunContext:
     out: Path
     resume: bool = False
     quiet: bool = False
+    speed: bool = True
+    """Measure img/s before and after (`prune.run(speed=False)`, `--no-speed`: skipped)."""
 
 
 @dataclass(frozen=True)
@@ -351,7 +355,7 @@ def _claim(out: Path, config: PruneConfig, data: DataBundle, overwrite: bool, wo
 
 
 def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet: bool = False,
-        export: str | None = None) -> PruneReport | None:
+        export: str | None = None, speed: bool = True) -> PruneReport | None:
     """Run the main job and write its outputs into `out`; returns the report (report.json is its `as_dict()`).
 
     Bad input raises UsageError before `out` is touched. Any failure found later (NaN units in
@@ -360,9 +364,12 @@ def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet:
     interruption (KeyboardInterrupt) keeps what resume needs. Started by torchrun, every
     process runs this: scoring is split by class, fine-tuning uses DDP, rank 0 writes every
     file and returns the report (other ranks return None). `export="onnx"` also
-    writes `out/model.onnx` (an output option: not part of the settings that decide the result).
+    writes `out/model.onnx`; `speed=False` skips the img/s measurement (report's throughput None;
+    not with a speed target). Both are output options, not settings that decide the result.
     """
-    _check_arguments(config, out, overwrite=overwrite, quiet=quiet, export=export)
+    _check_arguments(config, out, overwrite=overwrite, quiet=quiet, export=export, speed=speed)
+    if not speed and config.target_speedup is not None:
+        raise UsageError("--target-speedup measures img/s; leave out --no-speed")
     validate(config, out)
     check_export(export)
     device = resolve_device(config.device)
@@ -373,7 +380,7 @@ def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet:
     world = distributed.init(device)
     try:
         return _run(config, Path(out), overwrite, quiet or not world.is_main, world,
-                    distributed.local_device(device, world), export)
+                    distributed.local_device(device, world), export, speed)
     finally:
         if joined:
             distributed.shutdown()
@@ -389,10 +396,11 @@ def _check_arguments(config: object, out: object, **flags: object) -> None:
     check_type("overwrite", flags["overwrite"], ("bool",), "prune.run")
     check_type("quiet", flags["quiet"], ("bool",), "prune.run")
     check_type("export", flags["export"], ("str", "None"), "prune.run")
+    check_type("speed", flags["speed"], ("bool",), "prune.run")
 
 
 def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: distributed.World,
-         device: torch.device, export: str | None = None) -> PruneReport | None:
+         device: torch.device, export: str | None = None, speed: bool = True) -> PruneReport | None:
     timings: dict[str, float] = {}
     torch.manual_seed(config.seed)
     with _timed(timings, "load"):
@@ -403,7 +411,7 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
                       f"scoring images), {counts['val']} in val/; remove or replace them", UnreadableImages, stacklevel=2)
     with ExitStack() as stack:
         claimed, resume = _claim(out, config, loaded.data, overwrite, world, stack)
-        ctx = RunContext(world=world, device=device, out=out, resume=resume, quiet=quiet)
+        ctx = RunContext(world=world, device=device, out=out, resume=resume, quiet=quiet, speed=speed)
         try:
             report = _job(config, loaded, ctx, timings, export)
         except Exception:  # any failure puts `out` back as it was; an interruption keeps it for resume
@@ -420,7 +428,7 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
     """measure → select and prune → fine-tune → measure → write (files by rank 0 only)."""
     main = ctx.world.is_main
     with _timed(timings, "evaluate_before"):
-        before = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet) if main else None
+        before = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet, ctx.speed) if main else None
     plan, store = None, RememberingStore(FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world))
     if config.has_target:
         with _timed(timings, "plan"):
@@ -441,7 +449,7 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
     if not main:
         return None
     with _timed(timings, "evaluate_after"):
-        after = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet)
+        after = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet, ctx.speed)
     final_speedup = None if unpruned is None else measure_speedup(
         loaded.model, unpruned, input_size=loaded.data.input_size, device=ctx.device)
     report = PruneReport(

@@ -30,7 +30,7 @@ from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
 from prune.pipeline import distributed
 from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units
-from prune.pipeline.surgery import PrunableGroup, Surgeon, channels_to_remove
+from prune.pipeline.surgery import PrunableGroup, Surgeon, block_positions, channels_to_remove
 from prune.zoo.data import DataBundle, class_images
 from scoring.model_state import model_device
 
@@ -153,7 +153,22 @@ def score_group(
         else:
             scores = _streamed_scores(scorer, layer, source)
         member_scores.append(scores.float().cpu())
-    return torch.stack(member_scores).mean(dim=0)
+    if not any(group.index_maps):
+        return torch.stack(member_scores).mean(dim=0)
+    return _mean_on_root(member_scores, group)
+
+
+def _mean_on_root(member_scores: list[torch.Tensor], group: PrunableGroup) -> torch.Tensor:
+    """Scores [C] of the root's channels: each the mean of the member channels that are it
+    (`group.index_maps`; a member of other width covers only the root channels it is tied to)."""
+    total = torch.zeros(group.num_channels, dtype=torch.float64)
+    count = torch.zeros(group.num_channels, dtype=torch.float64)
+    for scores, index_map in zip(member_scores, group.index_maps):
+        idxs, roots = index_map or (range(len(scores)), range(len(scores)))
+        index = torch.as_tensor(list(roots), dtype=torch.long)
+        total.index_add_(0, index, scores.double()[list(idxs)])
+        count.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
+    return (total / count.clamp_min(1)).float()
 
 
 @torch.no_grad()
@@ -188,8 +203,15 @@ def map_size(model: nn.Module, conv: nn.Conv2d, example: torch.Tensor) -> int:
     return int(collect_units(model, conv, example, name="map size").shape[-1])
 
 
-def lowest(scores: torch.Tensor, n: int) -> tuple[int, ...]:
-    """Indices of the `n` lowest scores (ties broken by lower index), sorted ascending."""
+def lowest(scores: torch.Tensor, n: int, *, blocks: int = 1) -> tuple[int, ...]:
+    """Indices of the `n` lowest scores (ties broken by lower index), sorted ascending.
+
+    blocks > 1: scores [C] form `blocks` equal blocks that must lose the same offsets (a
+    PrunableGroup's grouped conv); the n / blocks offsets with the lowest score averaged over
+    the blocks are removed from every block (torch-pruning's rule for channel groups)."""
+    if blocks > 1:
+        per_offset = scores.reshape(blocks, -1).mean(dim=0)
+        return block_positions(len(scores), blocks, lowest(per_offset, n // blocks))
     order = torch.argsort(scores, stable=True)
     return tuple(sorted(int(i) for i in order[:n]))
 
@@ -269,7 +291,8 @@ def select_and_prune(
             scores, (m, top1) = all_scores[i], state[i]
         else:
             (m, top1), scores = observed(group), scores_of(i, group)
-        removed = lowest(scores, channels_to_remove(before, ratios[i], rule=rounding))
+        n = channels_to_remove(before, ratios[i], rule=rounding, blocks=group.blocks)
+        removed = surgeon.feasible(group, lowest(scores, n, blocks=group.blocks), scores)
         surgeon.prune(group, removed)
         if refit is not None and schedule == "progressive" and i + 1 < len(groups):
             refit()

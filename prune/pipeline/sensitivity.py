@@ -88,7 +88,8 @@ def measure_curves(surgeon: Surgeon, scorer: scoring.Scorer, source: ScoringData
         row: list[Evaluation] = []
         for r in RATIO_GRID:
             twin = surgeon.clone()
-            twin.prune(twin.groups[i], lowest(scores, channels_to_remove(group.num_channels, r, rule=rounding)))
+            n = channels_to_remove(group.num_channels, r, rule=rounding, blocks=group.blocks)
+            twin.prune(twin.groups[i], twin.feasible(twin.groups[i], lowest(scores, n, blocks=group.blocks), scores))
             if refit is not None:
                 refit(twin.model)
             row.append(evaluate(twin.model.eval(), loader, device=device))

@@ -22,7 +22,9 @@ no-trace modules and functions and timm's activation modules as leaves.
 
 A site names modules and fx nodes, never module objects, so it stays valid after
 torch-pruning surgery (which changes widths, not names or topology). Resolutions are cached
-per model and recomputed only when the model's module structure (names and types) changes.
+per model and recomputed when the model's modules (names, types, parameter shapes) change: a
+trace bakes attributes such as a LayerNorm's `normalized_shape` into the graph, so a model
+traced before surgery is traced again after it.
 Where fx cannot trace a model the fallback is the registration-order rule (the norm and the
 activation module registered right after the conv), announced by one warning per model class.
 """
@@ -98,7 +100,7 @@ class UnitSite:
 
 @dataclass
 class _Resolution:
-    fingerprint: tuple[tuple[str, type], ...]
+    fingerprint: tuple[tuple[str, type, tuple[torch.Size, ...]], ...]
     graph: fx.Graph | None
     sites: dict[str, UnitSite]
 
@@ -144,8 +146,11 @@ def prefix_module(model: nn.Module, node_name: str) -> fx.GraphModule:
 # ---------------------------------------------------------------- tracing
 
 
-def _fingerprint(model: nn.Module) -> tuple[tuple[str, type], ...]:
-    return tuple((name, type(m)) for name, m in model.named_modules())
+def _fingerprint(model: nn.Module) -> tuple[tuple[str, type, tuple[torch.Size, ...]], ...]:
+    """Names, types and parameter shapes of the modules: tracing bakes module attributes such as
+    a LayerNorm's `normalized_shape` into the graph, so surgery (new widths) needs a new trace."""
+    return tuple((name, type(m), tuple(p.shape for p in m.parameters(recurse=False)))
+                 for name, m in model.named_modules())
 
 
 def _resolution(model: nn.Module) -> _Resolution:

@@ -4,14 +4,26 @@ A `PrunableGroup` is a set of conv layers whose output channels must be removed 
 (one conv in a plain net; every conv feeding one residual addition in a ResNet). Groups come
 in depth order (forward-execution order of their first conv), which torch-pruning itself
 does not guarantee.
+
+Grouped convolutions and GroupNorm split a group's channels into `blocks` equal consecutive
+blocks that must stay equal (torch-pruning's channel groups): the same positions are removed
+from every block (`block_positions`), as torch-pruning's own pruners do, so every grouped
+conv keeps whole groups. A group whose blocks have one channel each (a conv feeding a grouped
+conv with one input channel per group), whose blocks a concatenation misaligns, or where
+torch-pruning ties two channels of one member to one root channel (a partial residual such as
+`x[:, :c] += shortcut`, which it cannot prune consistently), is not prunable and is left out. A member conv may have fewer or more channels than the root
+(concatenations, slices): `PrunableGroup.index_maps` says which root channel each of its
+channels is. Depthwise convs are never roots: their channels follow the conv that feeds them.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch_pruning as tp
@@ -20,13 +32,22 @@ from torch import nn
 from prune.errors import UsageError
 from scoring.hooks import forward_hooks
 
+IndexMap = tuple[tuple[int, ...], tuple[int, ...]]
+"""(member channels, the root channel of each): how a member conv's channels match the root's."""
+
 
 @dataclass(frozen=True)
 class PrunableGroup:
-    """Convs tied by a dependency; `names[0]`/`convs[0]` is the shallowest (the root)."""
+    """Convs tied by a dependency; `names[0]`/`convs[0]` is the shallowest (the root).
+
+    blocks: the root's C channels form this many equal consecutive blocks that must keep equal
+    sizes (a grouped conv's or a GroupNorm's groups; 1: none). index_maps: per member, None when
+    its channel i is the root's channel i for every i (same width), else its `IndexMap`."""
 
     names: tuple[str, ...]
     convs: tuple[nn.Conv2d, ...]
+    blocks: int = 1
+    index_maps: tuple[IndexMap | None, ...] = ()
 
     @property
     def name(self) -> str:
@@ -37,11 +58,12 @@ class PrunableGroup:
         return int(self.convs[0].out_channels)
 
 
-def channels_to_remove(num_channels: int, ratio: float, *, rule: str = "round") -> int:
+def channels_to_remove(num_channels: int, ratio: float, *, rule: str = "round", blocks: int = 1) -> int:
     """How many of `num_channels` to remove at `ratio` (at least one channel is kept).
 
     rule "round": round(ratio·C) (the default). rule "floor-keep": keep ⌊(1−ratio)·C⌋, the
-    rounding that reproduces the paper's Table 12 counts.
+    rounding that reproduces the paper's Table 12 counts. With `blocks` > 1 (see PrunableGroup)
+    the count is a multiple of `blocks` (`legal_count`): the same number leaves every block.
     """
     if rule == "round":
         n = round(ratio * num_channels)
@@ -49,7 +71,45 @@ def channels_to_remove(num_channels: int, ratio: float, *, rule: str = "round") 
         n = num_channels - math.floor((1.0 - ratio) * num_channels + 1e-9)
     else:
         raise UsageError(f"unknown rounding rule {rule!r}; use 'round' or 'floor-keep'")
-    return max(0, min(n, num_channels - 1))
+    return legal_count(max(0, min(n, num_channels - 1)), num_channels, blocks)
+
+
+def legal_count(n: int, num_channels: int, blocks: int) -> int:
+    """`n` channels to remove rounded to the nearest multiple of `blocks` that keeps at least
+    one channel per block (n itself when blocks is 1)."""
+    if blocks == 1:
+        return n
+    size = num_channels // blocks
+    return max(0, min(round(n / blocks), size - 1)) * blocks
+
+
+def block_positions(num_channels: int, blocks: int, offsets: Sequence[int]) -> tuple[int, ...]:
+    """Channel indices at `offsets` within each of the `blocks` equal blocks of `num_channels`, sorted."""
+    size = num_channels // blocks
+    return tuple(sorted(b * size + int(i) for b in range(blocks) for i in offsets))
+
+
+def _same_in_every_block(idxs: Sequence[int], num_channels: int, blocks: int) -> bool:
+    """Whether `idxs` remove the same offsets from each of the `blocks` equal blocks of `num_channels`."""
+    if num_channels % blocks:
+        return False
+    size = num_channels // blocks
+    per_block = [sorted(i % size for i in idxs if i // size == b) for b in range(blocks)]
+    return all(p == per_block[0] for p in per_block)
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    """torch-pruning's depthwise conv: one output channel per group (its in and out channels are tied)."""
+    return isinstance(m, nn.Conv2d) and m.groups == m.out_channels and m.out_channels > 1
+
+
+def _channel_groups(m: nn.Module) -> int:
+    """The equal channel blocks `m` needs kept equal: a grouped (not depthwise) conv's groups, a GroupNorm's groups."""
+    if isinstance(m, nn.Conv2d) and not _is_depthwise(m):
+        return int(m.groups)
+    if isinstance(m, nn.GroupNorm):
+        return int(m.num_groups)
+    return 1
 
 
 def _execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
@@ -87,25 +147,25 @@ class Surgeon:
         example_inputs: torch.Tensor,
         *,
         ignored_layers: Sequence[nn.Module] = (),
+        verify: bool = True,
     ) -> None:
         self.model = model
         self.example = example_inputs
         self._names = {m: n for n, m in model.named_modules()}
         self._ignored = list(ignored_layers)
         self._classifiers = classifier_convs(model, example_inputs)  # its input channels still follow pruning
-        with torch.enable_grad():
-            self.graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, ignored_layers=self._ignored, verbose=False
-            )
+        self.graph = _dependency_graph(model, example_inputs, self._ignored)
         self.groups = self._find_groups(_execution_order(model, example_inputs))
+        if verify:
+            self.groups = self._working(self.groups)
         if not self.groups:
             raise UsageError(
-                "the model has no prunable conv layer (needs nn.Conv2d with groups=1); "
-                "choose a CNN such as vgg16 or resnet34"
+                "the model has no prunable conv layer (needs an nn.Conv2d that is not depthwise, with at least "
+                "two channels per group); choose a CNN such as vgg16 or resnet34"
             )
 
     def _is_root_candidate(self, m: nn.Module) -> bool:
-        return (isinstance(m, nn.Conv2d) and m.groups == 1 and m.out_channels > 1
+        return (isinstance(m, nn.Conv2d) and not _is_depthwise(m) and m.out_channels > 1
                 and m not in self._ignored and m not in self._classifiers)
 
     def _find_groups(self, order: list[nn.Module]) -> list[PrunableGroup]:
@@ -115,34 +175,91 @@ class Surgeon:
         for conv in order:
             if conv in seen or not self._is_root_candidate(conv):
                 continue
-            members = self._out_channel_convs(conv)
-            seen.update(members)
-            members = sorted(members, key=lambda m: depth.get(m, len(depth)))
-            groups.append(
-                PrunableGroup(
-                    names=tuple(self._names[m] for m in members),
-                    convs=tuple(members),
-                )
-            )
+            full = self._group(conv, range(conv.out_channels))
+            maps = self._member_maps(full, conv.out_channels)
+            seen.update(maps)
+            blocks = max(_channel_groups(item.dep.target.module) for item in full)
+            if not self._blocks_prunable(conv, blocks) or not all(_one_to_one(m) for m in maps.values()):
+                continue
+            members = sorted(maps, key=lambda m: depth.get(m, len(depth)))
+            groups.append(PrunableGroup(
+                names=tuple(self._names[m] for m in members), convs=tuple(members), blocks=blocks,
+                index_maps=tuple(_index_map(m, maps[m], conv.out_channels) for m in members)))
         return groups
+
+    def _member_maps(self, group: tp.dependency.Group, root_channels: int) -> dict[nn.Conv2d, IndexMap]:
+        """The convs (not depthwise) whose output channels `group` removes, each with its IndexMap
+        (only pairs of a channel the member has and a root channel: torch-pruning's maps through
+        slices can hold others)."""
+        maps: dict[nn.Conv2d, IndexMap] = {}
+        for item in group:
+            m = item.dep.target.module
+            if isinstance(m, nn.Conv2d) and not _is_depthwise(m) and self.graph.is_out_channel_pruning_fn(item.dep.handler):
+                pairs = sorted({(int(i), int(r)) for i, r in zip(item.idxs, item.root_idxs)
+                                if r is not None and 0 <= int(r) < root_channels and 0 <= int(i) < m.out_channels})
+                maps[m] = (tuple(i for i, _ in pairs), tuple(r for _, r in pairs))
+        return maps
+
+    def _blocks_prunable(self, root: nn.Conv2d, blocks: int) -> bool:
+        """Whether removing the same offsets from every one of `blocks` blocks of `root`'s channels
+        keeps every grouped member of its group valid (each block keeps a channel; no concatenation
+        shifts the blocks out of line)."""
+        if blocks == 1:
+            return True
+        channels = root.out_channels
+        if channels % blocks or channels // blocks < 2:
+            return False
+        for item in self._group(root, block_positions(channels, blocks, [0])):
+            m, groups = item.dep.target.module, _channel_groups(item.dep.target.module)
+            if groups > 1:
+                pruner = self.graph.get_pruner_of_module(m)
+                out = self.graph.is_out_channel_pruning_fn(item.dep.handler)
+                width = pruner.get_out_channels(m) if out else pruner.get_in_channels(m)
+                if not _same_in_every_block(item.idxs, width, groups):
+                    return False
+        return True
 
     def _group(self, conv: nn.Conv2d, idxs: Sequence[int]) -> tp.dependency.Group:
         return self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(idxs))
 
-    def _out_channel_convs(self, conv: nn.Conv2d) -> list[nn.Conv2d]:
-        group = self._group(conv, [0])
-        return [
-            item.dep.target.module
-            for item in group
-            if isinstance(item.dep.target.module, nn.Conv2d)
-            and item.dep.target.module.groups == 1
-            and self.graph.is_out_channel_pruning_fn(item.dep.handler)
-        ]
+    def feasible(self, group: PrunableGroup, removed: Sequence[int], scores: torch.Tensor) -> tuple[int, ...]:
+        """`removed` (root channel indices, sorted) less what would empty a layer of the group: where
+        a member is narrower than the root (a concatenation, a slice) and would lose every channel,
+        its highest-scoring removed channel (`scores` [C], higher = keep) is kept, until torch-pruning's
+        `check_pruning_group` passes. `removed` itself wherever nothing is emptied."""
+        removed = sorted(int(i) for i in removed)
+        while removed:
+            emptied = self._emptied_item(self._group(group.convs[0], removed))
+            if emptied is None:
+                break
+            kept = max((int(r) for r in emptied.root_idxs if int(r) in removed), key=lambda r: (float(scores[r]), -r))
+            removed.remove(kept)
+        if group.blocks > 1 and not _same_in_every_block(removed, group.num_channels, group.blocks):
+            raise RuntimeError(f"group {group.name}: keeping a channel in every layer breaks its channel blocks")
+        return tuple(removed)
+
+    def _emptied_item(self, group: tp.dependency.Group) -> object | None:
+        """The first item of `group` that would lose all its channels, None if none would."""
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            if self.graph.is_out_channel_pruning_fn(handler):
+                channels = self.graph.get_out_channels(module)
+            elif self.graph.is_in_channel_pruning_fn(handler):
+                channels = self.graph.get_in_channels(module)
+            else:
+                continue
+            if channels is not None and channels <= len(item.idxs):
+                return item
+        return None
 
     def prune(self, group: PrunableGroup, removed: Sequence[int]) -> None:
-        """Remove output channels `removed` of every conv in `group` (and what depends on them)."""
+        """Remove output channels `removed` of every conv in `group` (and what depends on them);
+        with `group.blocks` > 1 the same offsets must go from every block (`block_positions`)."""
         if not removed:
             return
+        if group.blocks > 1 and not _same_in_every_block(removed, group.num_channels, group.blocks):
+            raise ValueError(f"group {group.name} has {group.blocks} channel blocks (grouped conv or GroupNorm) that "
+                             "must keep equal sizes; remove the same offsets from every block (block_positions)")
         tp_group = self._group(group.convs[0], sorted(int(i) for i in removed))
         if not self.graph.check_pruning_group(tp_group):
             raise RuntimeError(f"torch-pruning refused to prune group {group.name}")
@@ -152,21 +269,88 @@ class Surgeon:
         """A Surgeon of a deep copy of the model (same groups in the same order; this one is untouched)."""
         memo: dict = {}
         model = copy.deepcopy(self.model, memo)
-        return Surgeon(model, self.example, ignored_layers=[memo[id(m)] for m in self._ignored])
+        twin = Surgeon(model, self.example, ignored_layers=[memo[id(m)] for m in self._ignored], verify=False)
+        names = {g.name for g in self.groups}
+        twin.groups = [g for g in twin.groups if g.name in names]
+        return twin
+
+    def _working(self, groups: list[PrunableGroup]) -> list[PrunableGroup]:
+        """The groups after whose surgery the model still runs: on a copy, one channel (one per
+        block) of each group in turn is removed and the copy run on the example input. A group
+        whose surgery breaks the forward is left out (torch-pruning cannot rewrite, e.g., a
+        `split` by constant sizes in a model's forward, as CSP networks have)."""
+        working: list[PrunableGroup] = []
+        twin = self._trial_twin(working)
+        for i, group in enumerate(groups):
+            trial = twin.groups[i]
+            try:
+                twin.prune(trial, twin.feasible(trial, block_positions(trial.num_channels, trial.blocks, [0]),
+                                                torch.zeros(trial.num_channels)))
+                with torch.no_grad():
+                    twin.model(twin.example)
+                working.append(group)
+            except Exception:  # a broken copy: whatever the forward or torch-pruning raises
+                twin = self._trial_twin(working)
+        return working
+
+    def _trial_twin(self, pruned: list[PrunableGroup]) -> Surgeon:
+        """A Surgeon of a copy of the model with one channel per block of each of `pruned` removed;
+        its `groups` are every candidate group (in the order `_find_groups` gives)."""
+        memo: dict = {}
+        model = copy.deepcopy(self.model, memo)
+        twin = Surgeon(model, self.example, ignored_layers=[memo[id(m)] for m in self._ignored], verify=False)
+        names = {g.name for g in pruned}
+        for trial in twin.groups:
+            if trial.name in names:
+                twin.prune(trial, twin.feasible(trial, block_positions(trial.num_channels, trial.blocks, [0]),
+                                                torch.zeros(trial.num_channels)))
+        return twin
 
     def pruned_copy(self, counts: Sequence[int]) -> nn.Module:
-        """A copy of the model with `counts[l]` output channels of group l removed (the first ones:
-        only the structure, e.g. its cost or speed, is meant to be read from it)."""
+        """A copy of the model with `counts[l]` output channels of group l removed (the first ones
+        of each block, the count made `legal_count`: only the structure, e.g. its cost or speed,
+        is meant to be read from it)."""
         if len(counts) != len(self.groups):
             raise ValueError(f"{len(counts)} channel counts for {len(self.groups)} groups")
         twin = self.clone()
         for group, n in zip(twin.groups, counts):
-            twin.prune(group, range(int(n)))
+            per_block = legal_count(int(n), group.num_channels, group.blocks) // group.blocks
+            first = block_positions(group.num_channels, group.blocks, range(per_block))
+            twin.prune(group, twin.feasible(group, first, -torch.arange(group.num_channels, dtype=torch.float32)))
         return twin.model
 
     def history(self) -> list:
         """torch-pruning's pruning history (plain lists: safe for weights_only loading)."""
         return [list(h) for h in self.graph.pruning_history()]
+
+
+def _one_to_one(index_map: IndexMap) -> bool:
+    """Whether no root channel stands for two channels of one member (torch-pruning maps a
+    partial residual such as `x[:, :c] += shortcut` that way, and cannot prune it consistently)."""
+    return len(set(index_map[1])) == len(index_map[1])
+
+
+def _index_map(member: nn.Conv2d, index_map: IndexMap, root_channels: int) -> IndexMap | None:
+    """None when `member`'s channel i is the root's channel i for all i, else `index_map`."""
+    identity = tuple(range(root_channels))
+    same = member.out_channels == root_channels and index_map[0] == identity and index_map[1] == identity
+    return None if same else index_map
+
+
+def _dependency_graph(model: nn.Module, example_inputs: torch.Tensor, ignored: list[nn.Module]) -> tp.DependencyGraph:
+    """torch-pruning's DependencyGraph of `model` (built with grad enabled); UsageError in one
+    line where torch-pruning cannot trace the model (e.g. a channel shuffle's reshape)."""
+    try:
+        with torch.enable_grad():
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, ignored_layers=ignored, verbose=False)
+    except Exception as exc:  # torch-pruning's tracing raises many kinds on graphs it cannot map
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__} in {Path(where.filename).name}:"
+            f" {why}), so its channels cannot be removed; torch-pruning does not map channel shuffles or other "
+            "reshapes of the channel dim; choose another model") from None
 
 
 def _history_entry(graph: tp.DependencyGraph, model: nn.Module, entry: object) -> tuple[str, bool, list[int]]:
