@@ -9,9 +9,10 @@ Grouped convolutions and GroupNorm split a group's channels into `blocks` equal 
 blocks that must stay equal (torch-pruning's channel groups): the same positions are removed
 from every block (`block_positions`), as torch-pruning's own pruners do, so every grouped
 conv keeps whole groups. A group whose blocks have one channel each (a conv feeding a grouped
-conv with one input channel per group), whose blocks a concatenation misaligns, or where
-torch-pruning ties two channels of one member to one root channel (a partial residual such as
-`x[:, :c] += shortcut`, which it cannot prune consistently), is not prunable and is left out. A member conv may have fewer or more channels than the root
+conv with one input channel per group) or whose blocks a concatenation misaligns is not
+prunable and is left out, as is a group after whose surgery the model no longer runs (tried
+once on a copy, `Surgeon._working`: torch-pruning cannot rewrite a `split` by constant sizes
+or a partial residual such as `x[:, :c] += shortcut` in a model's forward). A member conv may have fewer or more channels than the root
 (concatenations, slices): `PrunableGroup.index_maps` says which root channel each of its
 channels is. Depthwise convs are never roots: their channels follow the conv that feeds them.
 """
@@ -179,7 +180,7 @@ class Surgeon:
             maps = self._member_maps(full, conv.out_channels)
             seen.update(maps)
             blocks = max(_channel_groups(item.dep.target.module) for item in full)
-            if not self._blocks_prunable(conv, blocks) or not all(_one_to_one(m) for m in maps.values()):
+            if not self._blocks_prunable(conv, blocks):
                 continue
             members = sorted(maps, key=lambda m: depth.get(m, len(depth)))
             groups.append(PrunableGroup(
@@ -322,12 +323,6 @@ class Surgeon:
     def history(self) -> list:
         """torch-pruning's pruning history (plain lists: safe for weights_only loading)."""
         return [list(h) for h in self.graph.pruning_history()]
-
-
-def _one_to_one(index_map: IndexMap) -> bool:
-    """Whether no root channel stands for two channels of one member (torch-pruning maps a
-    partial residual such as `x[:, :c] += shortcut` that way, and cannot prune it consistently)."""
-    return len(set(index_map[1])) == len(index_map[1])
 
 
 def _index_map(member: nn.Conv2d, index_map: IndexMap, root_channels: int) -> IndexMap | None:
