@@ -1,0 +1,154 @@
+"""Structures users' CNNs have that plain chains do not: grouped convolutions, groups whose
+members have other widths (concatenations), channel splits by constant sizes, a LayerNorm
+whose traced shape must follow surgery, and channel shuffles torch-pruning cannot trace."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import scoring
+from prune.errors import UsageError
+from prune.pipeline.selection import ScoringData, lowest, score_group, select_and_prune
+from prune.pipeline.surgery import Surgeon, channels_to_remove
+from tests.helpers import small_data
+
+EXAMPLE = torch.zeros(1, 3, 32, 32)
+
+
+def _head(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 5))
+
+
+class GroupedNet(nn.Module):
+    """conv → grouped conv (4 groups of 2 input channels) → GroupNorm(2 groups) → conv → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=4), nn.GroupNorm(2, 8), nn.ReLU())
+        self.last = nn.Sequential(nn.Conv2d(8, 6, 1), nn.ReLU())
+        self.head = _head(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.last(self.grouped(self.stem(x))))
+
+
+def test_grouped_conv_loses_the_same_offsets_in_every_group_and_still_runs():
+    torch.manual_seed(0)
+    model = GroupedNet().eval()
+    surgeon = Surgeon(model, EXAMPLE)
+    blocks = {g.name: g.blocks for g in surgeon.groups}
+    assert blocks == {"stem.0": 4, "grouped.0": 4, "last.0": 1}  # the grouped conv's 4 groups; GroupNorm's 2 divide them
+    decisions = select_and_prune(surgeon, scoring.create("l1"), source=None, ratio=0.5, quiet=True)
+    for d in decisions[:2]:
+        assert len(d.removed) == 4  # round(0.5 · 8) = 4 = one of the 2 channels of each of the 4 blocks
+        offsets = [[i % 2 for i in d.removed if i // 2 == b] for b in range(4)]
+        assert all(o == offsets[0] and len(o) == 1 for o in offsets), d.removed
+    conv = model.grouped[0]
+    assert (conv.in_channels, conv.out_channels, conv.groups, conv.weight.shape[1]) == (4, 4, 4, 1)
+    assert model.grouped[1].num_channels == 4 and model.grouped[1].num_groups == 2
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_block_selection_averages_each_offset_over_the_blocks():
+    scores = torch.tensor([5.0, 1.0, 0.0, 9.0, 4.0, 2.0])  # 2 blocks of 3: offset means 7.0, 2.5, 1.0
+    assert lowest(scores, 2, blocks=2) == (2, 5)
+    assert lowest(scores, 4, blocks=2) == (1, 2, 4, 5)
+
+
+@pytest.mark.parametrize("n,channels,blocks,expected", [(5, 16, 4, 4), (6, 16, 4, 8), (15, 16, 4, 12), (3, 8, 8, 0)])
+def test_removed_counts_are_whole_blocks_keeping_one_channel_per_block(n, channels, blocks, expected):
+    assert channels_to_remove(channels, n / channels, blocks=blocks) == expected
+
+
+def test_a_conv_feeding_one_input_channel_per_group_is_left_unpruned():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 8, 3, groups=4), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1), nn.ReLU(), _head(8)).eval()
+    surgeon = Surgeon(model, EXAMPLE)
+    names = [g.name for g in surgeon.groups]
+    assert "0" not in names and names == ["2", "4"]  # conv 0's 4 channels are 4 groups of one channel
+    select_and_prune(surgeon, scoring.create("l1"), source=None, ratio=0.5, quiet=True)
+    assert model[2].weight.shape[:2] == (4, 1) and model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+class GhostNet(nn.Module):
+    """A ghost module (primary conv, depthwise 'cheap' conv, concatenated) added to a shortcut conv
+    twice as wide: the shortcut's channels i and i + 4 are both tied to the primary's channel i."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.primary = nn.Conv2d(3, 4, 3, padding=1)
+        self.cheap = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.shortcut = nn.Conv2d(3, 8, 1)
+        self.head = _head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.primary(x))
+        return self.head(F.relu(torch.cat([a, self.cheap(a)], dim=1) + self.shortcut(x)))
+
+
+def test_members_of_other_widths_are_scored_on_the_root_channels_they_are_tied_to():
+    torch.manual_seed(0)
+    model = GhostNet().eval()
+    surgeon = Surgeon(model, EXAMPLE)
+    (group,) = surgeon.groups
+    assert group.names == ("primary", "shortcut") and group.num_channels == 4
+    scores = score_group(model, group, scoring.create("l1"), None)
+    l1_primary = model.primary.weight.abs().sum(dim=(1, 2, 3))
+    l1_shortcut = model.shortcut.weight.abs().sum(dim=(1, 2, 3))
+    expected = (l1_primary + l1_shortcut[:4] + l1_shortcut[4:]) / 3  # hand: the mean of the 3 channels each root channel is
+    torch.testing.assert_close(scores, expected.float())
+    select_and_prune(surgeon, scoring.create("l1"), source=None, ratio=0.5, quiet=True)
+    assert (model.primary.out_channels, model.shortcut.out_channels) == (2, 4)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+class SplitNet(nn.Module):
+    """A CSP-style split of one conv's output by constant sizes, which torch-pruning cannot rewrite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(3, 8, 3, padding=1)
+        self.left, self.right = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = _head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = F.relu(self.expand(x)).split((4, 4), dim=1)
+        return self.head(torch.cat([F.relu(self.left(a)), F.relu(self.right(b))], dim=1))
+
+
+def test_a_group_whose_surgery_breaks_the_forward_is_left_out():
+    model = SplitNet().eval()
+    surgeon = Surgeon(model, EXAMPLE)
+    assert [g.name for g in surgeon.groups] == ["left", "right"]  # 'expand' would leave split((4, 4)) on 6 channels
+    select_and_prune(surgeon, scoring.create("l1"), source=None, ratio=0.5, quiet=True)
+    assert model.expand.out_channels == 8 and model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's channels-first LayerNorm: reads `normalized_shape` in forward (a constant in a traced graph)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).permute(0, 3, 1, 2)
+
+
+def test_units_behind_a_layernorm_are_read_after_an_earlier_layer_is_pruned():
+    torch.manual_seed(0)
+    # no activation after the norms: each unit is the norm's functional output, read by running the traced graph
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), LayerNorm2d(8),
+                          nn.Conv2d(8, 8, 3, padding=1), LayerNorm2d(8), _head(8)).eval()
+    data = small_data(classes=2, per_class=4)
+    source = ScoringData(data=data, classes=[0, 1], per_class=3, seed=0)
+    decisions = select_and_prune(Surgeon(model, EXAMPLE), scoring.create("entropy"), source, ratio=0.5,
+                                 quiet=True)
+    assert [d.channels_after for d in decisions] == [4, 4] and model[3].normalized_shape == (4,)
+
+
+def test_a_model_torch_pruning_cannot_trace_is_refused_in_one_line():
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=5).eval()
+    with pytest.raises(UsageError, match="torch-pruning cannot trace ShuffleNetV2") as err:
+        Surgeon(model, EXAMPLE)
+    assert "\n" not in str(err.value)
