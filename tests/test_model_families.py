@@ -6,13 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from helpers import small_data
 from torch import nn
 
 import scoring
+from benchmarks import coverage
 from prune.errors import UsageError
 from prune.pipeline.selection import ScoringData, lowest, score_group, select_and_prune
 from prune.pipeline.surgery import Surgeon, channels_to_remove
-from tests.helpers import small_data
 
 EXAMPLE = torch.zeros(1, 3, 32, 32)
 
@@ -152,3 +153,40 @@ def test_a_model_torch_pruning_cannot_trace_is_refused_in_one_line():
     with pytest.raises(UsageError, match="torch-pruning cannot trace ShuffleNetV2") as err:
         Surgeon(model, EXAMPLE)
     assert "\n" not in str(err.value)
+
+
+def test_a_pruned_copy_of_a_grouped_network_removes_whole_blocks():
+    surgeon = Surgeon(GroupedNet().eval(), EXAMPLE)
+    twin = surgeon.pruned_copy([5, 6, 3])  # what a FLOPs budget counts: 5 and 6 are not multiples of the 4 blocks
+    assert (twin.stem[0].out_channels, twin.grouped[0].out_channels, twin.last[0].out_channels) == (4, 4, 3)
+    assert twin(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    assert surgeon.model.stem[0].out_channels == 8  # the original is untouched
+
+
+def test_no_speed_skips_the_throughput_and_says_so(tmp_path):
+    import json
+
+    from helpers import quick_run
+
+    from prune.cli import main
+
+    out = tmp_path / "out"
+    flags = [*quick_run(tmp_path), "--classes", "2", "--samples-per-class", "2", "--no-finetune", "--quiet"]
+    assert main([*flags, "--no-speed", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["before"]["img_per_s"] is None and report["after"]["throughput"] is None
+    assert "Throughput not measured" in (out / "report.md").read_text()
+    assert main([*flags, "--no-speed", "--target-speedup", "2", "--out", str(tmp_path / "other")]) == 2
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", coverage.all_models())
+def test_every_zoo_model_prunes_or_is_refused_in_one_line(model, tmp_path):
+    """The coverage benchmark's runs (hours in all): no model ends in a failure with any scorer kind."""
+    data = coverage.make_folder(tmp_path / "data")
+    for scorer in coverage.SCORERS:
+        result = coverage.one(model, scorer, data)
+        assert result["outcome"] in ("pruned", "refused"), result
+        if result["outcome"] == "refused":
+            assert "\n" not in result["why"] and "internal error" not in result["why"]
