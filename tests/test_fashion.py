@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from test_bad_input import assert_usage_error, prune_cli
 from torch import nn
 
@@ -137,6 +138,36 @@ def test_train_embedded_on_an_idx_folder(tmp_path: Path, capsys: pytest.CaptureF
     assert isinstance(create_model("fashion", weights=out), nn.Module)
 
 
+def png_folder(root: Path, written: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list[int]]:
+    """The images of `idx_folder` as an ImageFolder of grey PNGs (class folders '0'..'9') under `root`;
+    returns split → the IDX index of each folder item, in the folder's order."""
+    order = {}
+    for split, (images, labels) in written.items():
+        for i, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.numpy(), "L").save(root / split / str(label) / f"{i:05d}.png")
+        order[split] = sorted(range(len(labels)), key=lambda i: (int(labels[i]), i))
+    return order
+
+
+@pytest.mark.parametrize("variant", ["fashion", "fashion-plain"])
+def test_a_png_folder_gets_the_idx_readers_predictions(tmp_path: Path, variant: str) -> None:
+    """The same images as an ImageFolder of PNGs and as IDX files reach the shipped model as the same
+    inputs (no ImageNet crop: the weights were trained on uncropped 28² images): same logits, same top-1."""
+    written = idx_folder(tmp_path / "idx", gz=False)
+    order = png_folder(tmp_path / "png", written)["val"]
+    idx = load_data(f"fashion-mnist:{tmp_path / 'idx'}", model=variant).val
+    folder = load_data(str(tmp_path / "png"), model=variant).val
+    model = create_model(variant)
+    with torch.no_grad():
+        from_idx = model(torch.stack([idx[i][0] for i in order]))
+        from_folder = model(torch.stack([folder[j][0] for j in range(len(folder))]))
+    labels = torch.tensor([idx[i][1] for i in order])
+    assert [folder[j][1] for j in range(len(folder))] == labels.tolist()
+    assert torch.allclose(from_folder, from_idx, atol=1e-4)
+    assert torch.equal(from_folder.argmax(1), from_idx.argmax(1))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("variant", "floor"), [("fashion", 0.91), ("fashion-plain", 0.89)])
 def test_shipped_fashion_weights_reach_their_floor(variant: str, floor: float) -> None:
@@ -148,3 +179,19 @@ def test_shipped_fashion_weights_reach_their_floor(variant: str, floor: float) -
     assert len(data.val) == 10_000
     top1 = evaluate(create_model(variant), make_loader(data.val, batch_size=500, shuffle=False, seed=0)).top1
     assert top1 >= floor
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fashion", "fashion-plain"])
+def test_shipped_fashion_weights_score_the_same_on_png_folders(tmp_path: Path, variant: str) -> None:
+    """Needs the real data: the 10,000 test images as PNGs score the IDX reader's top-1 (within 0.002)."""
+    from finetune.metrics import evaluate
+    from prune.zoo.data import make_loader
+
+    idx = load_data("fashion-mnist", model=variant).val
+    written = {"val": (idx.images, torch.tensor(idx.targets)), "train": (idx.images[:1000], torch.tensor(idx.targets[:1000]))}
+    png_folder(tmp_path, written)
+    folder = load_data(str(tmp_path), model=variant).val
+    model = create_model(variant)
+    top1 = [evaluate(model, make_loader(split, batch_size=500, shuffle=False, seed=0)).top1 for split in (idx, folder)]
+    assert len(folder) == len(idx) == 10_000 and abs(top1[0] - top1[1]) <= 0.002
