@@ -7,6 +7,7 @@ weights' accuracy on the real 10,000 test images is checked by the slow test at 
 from __future__ import annotations
 
 import gzip
+import struct
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,71 @@ def test_not_fashion_mnist_files_are_refused(tmp_path: Path) -> None:
     fashion.write_idx(tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz", torch.full((20,), 12, dtype=torch.uint8))
     with pytest.raises(UsageError, match="labels 0..9"):
         load_data(f"fashion-mnist:{tmp_path / 'fm'}", model="fashion")
+
+
+def run_on(folder: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """(exit code, stderr) of a quick main job of fashion-plain on the IDX files in `folder`, in process."""
+    from prune.cli import main
+
+    code = main(["--model", "fashion-plain", "--data", f"fashion-mnist:{folder}", "--classes", "2",
+                 "--samples-per-class", "2", "--no-finetune", "--quiet", "--out", str(out)])
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code: int, err: str, *words: str) -> None:
+    """Exit 2 and one line `error: ...` holding every word."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+def float_labels(path: Path, values: list[float]) -> None:
+    """A gzipped IDX file of float32 labels (type code 0x0D, big-endian), written by hand from the format."""
+    header = bytes([0, 0, 0x0D, 1]) + len(values).to_bytes(4, "big")
+    path.write_bytes(gzip.compress(header + struct.pack(f">{len(values)}f", *values)))
+
+
+def test_damaged_deflate_data_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx_folder(tmp_path / "fm")
+    damaged = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
+    # gzip.compress's 10-byte header (no file name), then a deflate block of the reserved type 3: zlib.error
+    header = gzip.compress(gzip.decompress(damaged.read_bytes()), mtime=0)[:10]
+    damaged.write_bytes(header + b"\x07" * 64)
+    code, err = run_on(tmp_path / "fm", tmp_path / "out", capsys)
+    assert_refused(code, err, str(damaged), "does not decompress", "dataset-fashion-mnist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_labels_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx_folder(tmp_path / "fm")
+    labels = tmp_path / "fm" / "train-labels-idx1-ubyte.gz"
+    float_labels(labels, [float("nan")] + [c % 10 for c in range(1, 40)])
+    code, err = run_on(tmp_path / "fm", tmp_path / "out", capsys)
+    assert_refused(code, err, str(labels), "whole numbers")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fractional_labels_are_refused_not_truncated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx_folder(tmp_path / "fm")
+    labels = tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz"
+    float_labels(labels, [c % 10 + 0.7 for c in range(20)])
+    code, err = run_on(tmp_path / "fm", tmp_path / "out", capsys)
+    assert_refused(code, err, str(labels), "whole numbers", "0.7")
+    assert not (tmp_path / "out").exists()
+
+
+def test_whole_valued_float_labels_are_read_as_classes(tmp_path: Path) -> None:
+    written = idx_folder(tmp_path / "fm")
+    float_labels(tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz", [float(c) for c in written["val"][1].tolist()])
+    data = load_data(f"fashion-mnist:{tmp_path / 'fm'}", model="fashion")
+    assert [data.val[i][1] for i in range(len(data.val))] == written["val"][1].tolist()
+
+
+def test_images_other_than_28x28_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx_folder(tmp_path / "fm", side=32)
+    code, err = run_on(tmp_path / "fm", tmp_path / "out", capsys)
+    assert_refused(code, err, "32x32", "28x28", "train-images-idx3-ubyte.gz")
+    assert not (tmp_path / "out").exists()
 
 
 def test_fashion_models_are_registry_entries() -> None:
