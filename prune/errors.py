@@ -59,10 +59,21 @@ def _no_space(exc: BaseException) -> bool:
     )
 
 
-def _out_of_memory(exc: BaseException) -> bool:
+OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory", "MPS backend out of memory")
+"""What torch's allocators say when an allocation fails (a plain RuntimeError on CPU; also in the
+message of the RuntimeError a DataLoader worker's failure is re-raised as)."""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """True if `exc` (or what it was raised from) is an allocation failure: MemoryError, torch's
+    OutOfMemoryError (CUDA) or a RuntimeError of an allocator (`OUT_OF_MEMORY`), on any device."""
     import torch
 
-    return isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError))
+    return any(
+        isinstance(e, (MemoryError, torch.cuda.OutOfMemoryError))
+        or (isinstance(e, RuntimeError) and any(text in str(e) for text in OUT_OF_MEMORY))
+        for e in _causes(exc)
+    )
 
 
 def input_message(exc: BaseException) -> str | None:
@@ -71,8 +82,9 @@ def input_message(exc: BaseException) -> str | None:
         return one_line(exc)
     if _no_space(exc):
         return "no space left on the device; free space (or choose another --out) and rerun the same command"
-    if _out_of_memory(exc):
-        return "out of memory; lower --batch-size or --samples-per-class, or use a machine with more memory"
+    if out_of_memory(exc):
+        return ("out of memory; lower --batch-size, --samples-per-class or --input-size, "
+                "or use a machine (or device) with more memory")
     return None
 
 

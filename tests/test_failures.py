@@ -192,6 +192,50 @@ def test_exit_code_classifies_each_kind_of_failure(capsys):
     assert capsys.readouterr().err == ""
 
 
+OOM_FIXES = ("out of memory", "--batch-size", "--samples-per-class", "--input-size")
+
+
+def test_out_of_memory_on_any_device_is_one_line_exit_2(capsys):
+    """A real failed CPU allocation (torch's allocator raises a plain RuntimeError), one re-raised from a
+    DataLoader worker, CUDA's OutOfMemoryError and MemoryError: exit 2, one line naming what to lower."""
+    import torch
+
+    def allocate():
+        torch.empty(2**60, dtype=torch.uint8)  # more than any address space: fails at once, touches nothing
+
+    def in_a_worker():
+        try:
+            allocate()
+        except RuntimeError as exc:  # as torch's DataLoader re-raises a worker's failure
+            raise RuntimeError(f"Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback:\n{exc}") from None
+
+    def cuda():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    for body in (allocate, in_a_worker, cuda, lambda: [0] * 2**62):
+        assert exit_code(body) == 2
+        line = _one_error_line(capsys.readouterr().err)
+        assert all(word in line for word in OOM_FIXES), line
+
+
+def test_an_input_size_too_large_for_memory_is_one_line_exit_2(tmp_path, capsys, one_thread):
+    """The issue's case: the default job's data at an --input-size no memory holds (real allocations)."""
+    out = tmp_path / "out"
+    assert main(["--input-size", "1000000", "--quiet", "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert all(word in line for word in OOM_FIXES), line
+    assert not out.exists()
+
+
+def test_a_model_input_too_large_for_memory_is_not_blamed_on_the_model(tmp_path, capsys, one_thread):
+    """The check that the model runs on one image of --input-size: out of memory there is memory, not the model."""
+    out = tmp_path / "out"
+    assert main([*quick_run(tmp_path), *QUICK, "--input-size", "4000000", "--quiet", "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert all(word in line for word in OOM_FIXES) and "cannot run" not in line, line
+    assert not out.exists()
+
+
 # --- the Python API's types ------------------------------------------------------------------
 
 def _allowed(annotation: str) -> tuple[type, ...]:

@@ -7,10 +7,12 @@ weights' accuracy on the real 10,000 test images is checked by the slow test at 
 from __future__ import annotations
 
 import gzip
+import struct
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from test_bad_input import assert_usage_error, prune_cli
 from torch import nn
 
@@ -101,6 +103,71 @@ def test_not_fashion_mnist_files_are_refused(tmp_path: Path) -> None:
         load_data(f"fashion-mnist:{tmp_path / 'fm'}", model="fashion")
 
 
+def run_on(folder: Path, out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """(exit code, stderr) of a quick main job of fashion-plain on the IDX files in `folder`, in process."""
+    from prune.cli import main
+
+    code = main(["--model", "fashion-plain", "--data", f"fashion-mnist:{folder}", "--classes", "2",
+                 "--samples-per-class", "2", "--no-finetune", "--quiet", "--out", str(out)])
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code: int, err: str, *words: str) -> None:
+    """Exit 2 and one line `error: ...` holding every word."""
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    assert all(word in lines[0] for word in words), lines[0]
+
+
+def float_labels(path: Path, values: list[float]) -> None:
+    """A gzipped IDX file of float32 labels (type code 0x0D, big-endian), written by hand from the format."""
+    header = bytes([0, 0, 0x0D, 1]) + len(values).to_bytes(4, "big")
+    path.write_bytes(gzip.compress(header + struct.pack(f">{len(values)}f", *values)))
+
+
+def test_damaged_deflate_data_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx_folder(tmp_path / "fm")
+    damaged = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
+    # gzip.compress's 10-byte header (no file name), then a deflate block of the reserved type 3: zlib.error
+    header = gzip.compress(gzip.decompress(damaged.read_bytes()), mtime=0)[:10]
+    damaged.write_bytes(header + b"\x07" * 64)
+    code, err = run_on(tmp_path / "fm", tmp_path / "out", capsys)
+    assert_refused(code, err, str(damaged), "does not decompress", "dataset-fashion-mnist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_labels_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx_folder(tmp_path / "fm")
+    labels = tmp_path / "fm" / "train-labels-idx1-ubyte.gz"
+    float_labels(labels, [float("nan")] + [c % 10 for c in range(1, 40)])
+    code, err = run_on(tmp_path / "fm", tmp_path / "out", capsys)
+    assert_refused(code, err, str(labels), "whole numbers")
+    assert not (tmp_path / "out").exists()
+
+
+def test_fractional_labels_are_refused_not_truncated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx_folder(tmp_path / "fm")
+    labels = tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz"
+    float_labels(labels, [c % 10 + 0.7 for c in range(20)])
+    code, err = run_on(tmp_path / "fm", tmp_path / "out", capsys)
+    assert_refused(code, err, str(labels), "whole numbers", "0.7")
+    assert not (tmp_path / "out").exists()
+
+
+def test_whole_valued_float_labels_are_read_as_classes(tmp_path: Path) -> None:
+    written = idx_folder(tmp_path / "fm")
+    float_labels(tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz", [float(c) for c in written["val"][1].tolist()])
+    data = load_data(f"fashion-mnist:{tmp_path / 'fm'}", model="fashion")
+    assert [data.val[i][1] for i in range(len(data.val))] == written["val"][1].tolist()
+
+
+def test_images_other_than_28x28_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    idx_folder(tmp_path / "fm", side=32)
+    code, err = run_on(tmp_path / "fm", tmp_path / "out", capsys)
+    assert_refused(code, err, "32x32", "28x28", "train-images-idx3-ubyte.gz")
+    assert not (tmp_path / "out").exists()
+
+
 def test_fashion_models_are_registry_entries() -> None:
     for name in ("fashion", "fashion-plain"):
         entry = model_entry(name)
@@ -137,6 +204,36 @@ def test_train_embedded_on_an_idx_folder(tmp_path: Path, capsys: pytest.CaptureF
     assert isinstance(create_model("fashion", weights=out), nn.Module)
 
 
+def png_folder(root: Path, written: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list[int]]:
+    """The images of `idx_folder` as an ImageFolder of grey PNGs (class folders '0'..'9') under `root`;
+    returns split → the IDX index of each folder item, in the folder's order."""
+    order = {}
+    for split, (images, labels) in written.items():
+        for i, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
+            (root / split / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.numpy(), "L").save(root / split / str(label) / f"{i:05d}.png")
+        order[split] = sorted(range(len(labels)), key=lambda i: (int(labels[i]), i))
+    return order
+
+
+@pytest.mark.parametrize("variant", ["fashion", "fashion-plain"])
+def test_a_png_folder_gets_the_idx_readers_predictions(tmp_path: Path, variant: str) -> None:
+    """The same images as an ImageFolder of PNGs and as IDX files reach the shipped model as the same
+    inputs (no ImageNet crop: the weights were trained on uncropped 28² images): same logits, same top-1."""
+    written = idx_folder(tmp_path / "idx", gz=False)
+    order = png_folder(tmp_path / "png", written)["val"]
+    idx = load_data(f"fashion-mnist:{tmp_path / 'idx'}", model=variant).val
+    folder = load_data(str(tmp_path / "png"), model=variant).val
+    model = create_model(variant)
+    with torch.no_grad():
+        from_idx = model(torch.stack([idx[i][0] for i in order]))
+        from_folder = model(torch.stack([folder[j][0] for j in range(len(folder))]))
+    labels = torch.tensor([idx[i][1] for i in order])
+    assert [folder[j][1] for j in range(len(folder))] == labels.tolist()
+    assert torch.allclose(from_folder, from_idx, atol=1e-4)
+    assert torch.equal(from_folder.argmax(1), from_idx.argmax(1))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("variant", "floor"), [("fashion", 0.91), ("fashion-plain", 0.89)])
 def test_shipped_fashion_weights_reach_their_floor(variant: str, floor: float) -> None:
@@ -148,3 +245,19 @@ def test_shipped_fashion_weights_reach_their_floor(variant: str, floor: float) -
     assert len(data.val) == 10_000
     top1 = evaluate(create_model(variant), make_loader(data.val, batch_size=500, shuffle=False, seed=0)).top1
     assert top1 >= floor
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fashion", "fashion-plain"])
+def test_shipped_fashion_weights_score_the_same_on_png_folders(tmp_path: Path, variant: str) -> None:
+    """Needs the real data: the 10,000 test images as PNGs score the IDX reader's top-1 (within 0.002)."""
+    from finetune.metrics import evaluate
+    from prune.zoo.data import make_loader
+
+    idx = load_data("fashion-mnist", model=variant).val
+    written = {"val": (idx.images, torch.tensor(idx.targets)), "train": (idx.images[:1000], torch.tensor(idx.targets[:1000]))}
+    png_folder(tmp_path, written)
+    folder = load_data(str(tmp_path), model=variant).val
+    model = create_model(variant)
+    top1 = [evaluate(model, make_loader(split, batch_size=500, shuffle=False, seed=0)).top1 for split in (idx, folder)]
+    assert len(folder) == len(idx) == 10_000 and abs(top1[0] - top1[1]) <= 0.002

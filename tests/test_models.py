@@ -147,6 +147,43 @@ def test_timm_entry_follows_timm_pretrained_config():
     assert entry.input_size == cfg.input_size[-1] and entry.mean == tuple(cfg.mean) and entry.std == tuple(cfg.std)
 
 
+@pytest.mark.parametrize("name", ["resnet18", "inception_v3", "convnext_atto"])
+def test_timm_entry_preprocesses_folder_images_as_timm(name: str) -> None:
+    """Crop fraction and interpolation come from timm's pretrained config: the folder transform gives
+    what timm's own eval transform gives on the same (non-square) image."""
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    cfg = timm.get_pretrained_cfg(name)
+    entry = model_entry(f"timm:{name}")
+    assert entry.crop_pct == cfg.crop_pct and entry.interpolation == cfg.interpolation
+    pixels = torch.randint(0, 256, (300, 360, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    image = Image.fromarray(pixels.numpy())
+    expected = create_transform(**resolve_data_config({}, pretrained_cfg=cfg.to_dict()))(image)
+    assert torch.allclose(entry.transform()(image), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["vgg16", "resnet50", "vit_b_16"])
+def test_torchvision_entry_preprocesses_as_its_weights(name: str) -> None:
+    """Resize side, crop, interpolation and normalisation are those of the DEFAULT weights' preset."""
+    preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+    resize, crop, _, normalize = model_entry(name).transform().transforms
+    assert [resize.size] == preset.resize_size and list(crop.size) == preset.crop_size * 2
+    assert resize.interpolation == preset.interpolation
+    assert list(normalize.mean) == preset.mean and list(normalize.std) == preset.std
+
+
+def test_embedded_entries_do_not_crop() -> None:
+    """A folder image of the model's side reaches it unchanged (crop_pct 1.0): a pixel grid survives."""
+    for name in ("embedded", "fashion", "fashion-plain"):
+        entry = model_entry(name)
+        size = entry.input_size
+        pixels = torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+        x = entry.transform()(Image.fromarray(pixels.numpy()))
+        mean, std = torch.tensor(entry.mean).view(3, 1, 1), torch.tensor(entry.std).view(3, 1, 1)
+        assert torch.allclose(x, (pixels.permute(2, 0, 1) / 255 - mean) / std, atol=1e-6), name
+
+
 def test_create_model_uses_entry_weights_and_checks_classes():
     model = create_model("embedded", weights=None, num_classes=10)
     entry = model_entry("embedded")

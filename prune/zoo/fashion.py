@@ -10,6 +10,13 @@
 the model's input side when that is not 28 (the images are square, so nothing is cropped)
 and normalised with the model's mean and std.
 
+The files are checked completely before anything is written (each failure a UsageError naming
+the file and the fix): a `.gz` must decompress (a damaged deflate stream, header or CRC is
+refused); images must be uint8 [N, 28, 28] (another side is refused, not resized: the shipped
+models were trained on 28x28, and a wrong side means a wrong file); labels must be an integer
+IDX type, or whole-valued floats (NaN or 0.7 is refused, never truncated), within the classes
+0..9, one per image.
+
 >>> from prune.zoo.fashion import load_fashion_mnist
 >>> train, val = load_fashion_mnist(None, input_size=28, mean=(0.286,) * 3, std=(0.353,) * 3)
 >>> image, label = train[0]                  # [3, 28, 28] float32, int
@@ -20,6 +27,7 @@ from __future__ import annotations
 import gzip
 import os
 import tempfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +37,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import FashionMNIST
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
-from prune.errors import UsageError
+from prune.errors import UsageError, one_line
 
 __all__ = [
     "CLASSES", "DEBIAN_DIR", "MEAN", "NATIVE_SIZE", "PREFIX", "STD", "FashionSplit", "find_idx_files",
@@ -91,33 +99,79 @@ def find_idx_files(data: str) -> dict[str, tuple[Path, Path]]:
     return found
 
 
+def _fix(path: Path) -> str:
+    return f"reinstall `dataset-fashion-mnist` or replace {path.name} with Zalando's file"
+
+
+def _decompressed(path: Path) -> bytes:
+    """The bytes of a gzipped file; UsageError naming it if it does not decompress (a damaged or
+    truncated deflate stream, a bad header or CRC: zlib.error, EOFError, gzip.BadGzipFile, OSError)."""
+    try:
+        with gzip.open(path, "rb") as src:
+            return src.read()
+    except (zlib.error, EOFError, OSError) as exc:
+        raise UsageError(f"{path} does not decompress ({type(exc).__name__}: {one_line(exc)}); {_fix(path)}") from None
+
+
+def _parse_idx(path: Path, file: str) -> torch.Tensor:
+    """The IDX data in `file` (`path` itself or its decompressed copy), parsed by torchvision's MNIST
+    reader; UsageError naming `path` if it is not an IDX file (bad magic, type or size)."""
+    try:
+        return read_sn3_pascalvincent_tensor(file, strict=True)
+    except (AssertionError, RuntimeError, ValueError, KeyError, EOFError, OSError) as exc:
+        raise UsageError(f"{path} is not a readable IDX file ({type(exc).__name__}); {_fix(path)}") from None
+
+
 def _read_idx(path: Path) -> torch.Tensor:
-    """An IDX file (plain or gzipped) as a tensor, parsed by torchvision's MNIST reader."""
+    """An IDX file (plain or gzipped) as a tensor; UsageError naming the file if it does not
+    decompress or is not an IDX file."""
     if path.suffix != ".gz":
-        return read_sn3_pascalvincent_tensor(str(path), strict=True)
-    with gzip.open(path, "rb") as src, tempfile.NamedTemporaryFile(suffix=".idx") as tmp:
-        tmp.write(src.read())
+        return _parse_idx(path, str(path))
+    blob = _decompressed(path)
+    with tempfile.NamedTemporaryFile(suffix=".idx") as tmp:
+        tmp.write(blob)
         tmp.flush()
-        return read_sn3_pascalvincent_tensor(tmp.name, strict=True)
+        return _parse_idx(path, tmp.name)
+
+
+def _check_images(path: Path, images: torch.Tensor) -> torch.Tensor:
+    """`images` if they are Fashion-MNIST's: uint8 [N, 28, 28], N > 0. Other sizes are refused, not
+    resized: the shipped models were trained on 28x28 and a wrong side usually means a wrong file."""
+    if images.dtype != torch.uint8 or images.dim() != 3 or len(images) == 0:
+        raise UsageError(f"{path} holds {images.dtype} {list(images.shape)}, not grey 8-bit images [N, 28, 28]; "
+                         f"{_fix(path)}")
+    if tuple(images.shape[1:]) != (NATIVE_SIZE, NATIVE_SIZE):
+        h, w = images.shape[1:]
+        raise UsageError(f"{path} holds {h}x{w} images but Fashion-MNIST's are {NATIVE_SIZE}x{NATIVE_SIZE}; "
+                         f"{_fix(path)} (other images go in an ImageFolder: --data <dir>)")
+    return images
+
+
+def _check_labels(path: Path, labels: torch.Tensor) -> torch.Tensor:
+    """`labels` [N] as int64 if they are classes 0..9: an integer IDX type, or floats that are all
+    whole numbers (NaN, infinities and fractions are refused, never truncated)."""
+    if labels.dim() != 1:
+        raise UsageError(f"{path} holds an array of shape {list(labels.shape)}, not labels [N]; {_fix(path)}")
+    if labels.is_floating_point():
+        bad = ~torch.isfinite(labels) | (labels != labels.round())
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise UsageError(f"{path} holds labels that are not whole numbers (item {first} is "
+                             f"{float(labels[first]):g}); Fashion-MNIST labels are the classes 0..9: {_fix(path)}")
+    if len(labels) and not (float(labels.min()) >= 0 and float(labels.max()) < len(CLASSES)):
+        raise UsageError(f"{path} holds labels from {float(labels.min()):g} to {float(labels.max()):g}, not labels "
+                         f"0..9 of Fashion-MNIST's classes; {_fix(path)}")
+    return labels.long()
 
 
 def _read_split(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images [N, 28, 28] uint8, labels [N] int64); UsageError if the files are not Fashion-MNIST's."""
-    try:
-        images, labels = _read_idx(images_path), _read_idx(labels_path)
-    except (OSError, EOFError, AssertionError, RuntimeError, ValueError, KeyError) as exc:
-        raise UsageError(
-            f"{images_path} or {labels_path} is not a readable IDX file ({type(exc).__name__}); "
-            "reinstall `dataset-fashion-mnist` or fix the files"
-        ) from None
-    ok = (images.dim() == 3 and images.dtype == torch.uint8 and labels.dim() == 1 and len(images) == len(labels)
-          and len(labels) > 0 and int(labels.min()) >= 0 and int(labels.max()) < len(CLASSES))
-    if not ok:
-        raise UsageError(
-            f"{images_path} and {labels_path} do not hold Fashion-MNIST images [N, 28, 28] with labels 0..9; "
-            "fix the files"
-        )
-    return images, labels.long()
+    """(images [N, 28, 28] uint8, labels [N] int64); UsageError naming the file that is not Fashion-MNIST's."""
+    images = _check_images(images_path, _read_idx(images_path))
+    labels = _check_labels(labels_path, _read_idx(labels_path))
+    if len(images) != len(labels):
+        raise UsageError(f"{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels; "
+                         f"{_fix(labels_path)}")
+    return images, labels
 
 
 class FashionSplit(Dataset):

@@ -23,13 +23,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torchvision
 from torch import nn
 from torchvision import transforms
 
 from prune.errors import UsageError
-from prune.zoo.transforms import IMAGENET_MEAN, IMAGENET_STD, folder_transform
+from prune.zoo.transforms import DEFAULT_INTERPOLATION, IMAGENET_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, folder_transform
+
+if TYPE_CHECKING:
+    from timm.models import PretrainedCfg
 
 Builder = Callable[[int], nn.Module]
 """num_classes → an untrained model (random init, no download)."""
@@ -46,6 +50,8 @@ class ModelEntry:
     random init). named_weights(name): the model with a named weight set such as torchvision's
     'IMAGENET1K_V1' (None: the family has none). data: the `--data` value used when none is
     given (None: the generated shapes10 set), e.g. 'fashion-mnist' for the models trained on it.
+    crop_pct / interpolation: how folder images are resized and center-cropped for it, in timm's
+    vocabulary (prune.zoo.transforms; default ImageNet's 0.875 and 'bilinear', 1.0 = no crop).
     """
 
     name: str
@@ -58,10 +64,14 @@ class ModelEntry:
     named_weights: Callable[[str], nn.Module] | None = None
     description: str = ""
     data: str | None = None
+    crop_pct: float = IMAGENET_CROP_PCT
+    interpolation: str = DEFAULT_INTERPOLATION
 
     def transform(self, input_size: int | None = None) -> transforms.Compose:
-        """Folder images → [3, s, s] normalised for this model (s = `input_size` or the default)."""
-        return folder_transform(input_size or self.input_size, mean=self.mean, std=self.std)
+        """Folder images → [3, s, s] preprocessed as this model's weights expect (s = `input_size` or
+        the default): resized with its interpolation, center-cropped by its crop_pct, normalised."""
+        return folder_transform(input_size or self.input_size, mean=self.mean, std=self.std,
+                                crop_pct=self.crop_pct, interpolation=self.interpolation)
 
 
 Resolver = Callable[[str], ModelEntry]
@@ -107,6 +117,8 @@ def register_model(
     weights: Path | None = None,
     description: str = "",
     data: str | None = None,
+    crop_pct: float = IMAGENET_CROP_PCT,
+    interpolation: str = DEFAULT_INTERPOLATION,
 ) -> Callable[[Builder], Builder]:
     """Decorator adding the builder `fn(num_classes) -> nn.Module` under `name`; a duplicate raises ValueError."""
 
@@ -116,7 +128,8 @@ def register_model(
         prefix = name.split(":", 1)[0] if ":" in name else None
         if prefix is not None and prefix in _FAMILIES:
             raise ValueError(f"model name {name!r} falls in the registered family {prefix!r}: pick another name")
-        _MODELS[name] = ModelEntry(name, build, input_size, num_classes, mean, std, weights, None, description, data)
+        _MODELS[name] = ModelEntry(name, build, input_size, num_classes, mean, std, weights, None, description, data,
+                                   crop_pct, interpolation)
         return build
 
     return wrap
@@ -205,7 +218,7 @@ def _register_embedded() -> None:
         register_model(
             variant.name, input_size=variant.input_size, num_classes=len(source.CLASSES), mean=source.MEAN,
             std=source.STD,
-            weights=variant.weights, data=fashion.PREFIX if on_fashion else None,
+            weights=variant.weights, data=fashion.PREFIX if on_fashion else None, crop_pct=1.0,
             description=f"shipped VGG on {trained_on} ({'with' if variant.batch_norm else 'without'} BatchNorm)",
         )(partial(build_embedded, variant.name))
 
@@ -234,20 +247,31 @@ def _torchvision_weights(name: str, weights: str) -> nn.Module:
         ) from None
 
 
+def _torchvision_preprocessing(weights: torchvision.models.WeightsEnum | None) -> dict:
+    """ModelEntry fields input_size, mean, std, crop_pct, interpolation from the preset transform
+    of `weights` (built without a download); ImageNet's convention for None (no pretrained weights)."""
+    if weights is None:
+        return {}
+    preset = weights.transforms()
+    crop = int(preset.crop_size[0])
+    resize = int(preset.resize_size[0]) if preset.resize_size else crop
+    return {"input_size": crop, "mean": tuple(preset.mean), "std": tuple(preset.std), "crop_pct": crop / resize,
+            "interpolation": preset.interpolation.value}
+
+
 @register_family("", names=_torchvision_names, description="a torchvision classification model")
 def _torchvision(name: str) -> ModelEntry:
-    """Input size and normalisation from the preset transform of the model's DEFAULT weights."""
+    """Input size and preprocessing (crop, interpolation, normalisation) from the preset transform of
+    the model's DEFAULT weights."""
     default = torchvision.models.get_model_weights(name).DEFAULT
-    preset = getattr(default.transforms, "keywords", {})
+    categories = default.meta.get("categories") if default is not None else None
     return ModelEntry(
         name,
         build=partial(_torchvision_build, name),
-        input_size=int(preset.get("crop_size", 224)),
-        num_classes=len(default.meta.get("categories") or ()) or 1000,
-        mean=tuple(preset.get("mean", IMAGENET_MEAN)),
-        std=tuple(preset.get("std", IMAGENET_STD)),
+        num_classes=len(categories or ()) or 1000,
         named_weights=partial(_torchvision_weights, name),
         description=f"torchvision {name}",
+        **_torchvision_preprocessing(default),
     )
 
 
@@ -288,8 +312,9 @@ def _timm_bad_tag(name: str) -> UsageError:
 @register_family("timm", names=_timm_names, contains=_timm_contains,
                  description="any name of timm.list_models()")
 def _timm(name: str) -> ModelEntry:
-    """Input size, normalisation and class count from timm's pretrained config of `name`
-    (UsageError for an `arch.tag` name whose tag timm does not know; nothing is downloaded)."""
+    """Input size, preprocessing (crop_pct, interpolation, mean, std) and class count from timm's
+    pretrained config of `name`, ImageNet's convention for an architecture without one (UsageError
+    for an `arch.tag` name whose tag timm does not know; nothing is downloaded)."""
     import timm
 
     try:
@@ -299,9 +324,17 @@ def _timm(name: str) -> ModelEntry:
     return ModelEntry(
         f"timm:{name}",
         build=partial(_timm_build, name),
-        input_size=int(cfg.input_size[-1]) if cfg is not None else 224,
         num_classes=int(cfg.num_classes or 1000) if cfg is not None else 1000,
-        mean=tuple(cfg.mean) if cfg is not None else IMAGENET_MEAN,
-        std=tuple(cfg.std) if cfg is not None else IMAGENET_STD,
         description=f"timm {name}",
+        **_timm_preprocessing(cfg),
     )
+
+
+def _timm_preprocessing(cfg: PretrainedCfg | None) -> dict:
+    """ModelEntry fields input_size, mean, std, crop_pct, interpolation from a timm pretrained
+    config; ImageNet's convention for None (an architecture without pretrained weights)."""
+    if cfg is None:
+        return {}
+    return {"input_size": int(cfg.input_size[-1]), "mean": tuple(cfg.mean), "std": tuple(cfg.std),
+            "crop_pct": float(cfg.crop_pct or IMAGENET_CROP_PCT),
+            "interpolation": cfg.interpolation or DEFAULT_INTERPOLATION}
