@@ -358,9 +358,8 @@ def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet:
     a deeper layer, a full disk, a bug) is raised after `out` is put back as it was before
     (a run `overwrite` was replacing is restored; a folder that did not exist is removed); an
     interruption (KeyboardInterrupt, or another torchrun process ending: `PeerLost`) keeps what
-    resume needs. Started by torchrun, every
-    process runs this: scoring is split by class, fine-tuning uses DDP, rank 0 writes every
-    file and returns the report (other ranks return None). `export="onnx"` also
+    resume needs. Started by torchrun, every process runs this: scoring is split by class,
+    fine-tuning uses DDP, rank 0 writes every file and returns the report (other ranks return None). `export="onnx"` also
     writes `out/model.onnx` (an output option: not part of the settings that decide the result).
     """
     _check_arguments(config, out, overwrite=overwrite, quiet=quiet, export=export)
