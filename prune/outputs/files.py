@@ -1,4 +1,9 @@
-"""Atomic file writes: write to a temporary file in the same folder, then rename."""
+"""Atomic file writes: write to a temporary file in the same folder, then rename.
+
+The temporary file is `.<name>.<random>.topoprune.tmp` (`is_temp` recognises one a killed run
+left), created by `tempfile.mkstemp` with O_CREAT | O_EXCL | O_NOFOLLOW: never through a
+symbolic link, never over an existing file; the rename replaces a link at the path, not its target.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,15 @@ from typing import Any
 
 import torch
 
+TEMP_SUFFIX = ".topoprune.tmp"
+"""The ending of this module's temporary files (they also start with a dot)."""
+
+
+def is_temp(path: Path) -> bool:
+    """True if `path` is a temporary file of an unfinished atomic write (a regular file, not a link)."""
+    path = Path(path)
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and path.is_file() and not path.is_symlink()
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -19,7 +33,7 @@ def _umask() -> int:
 
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

@@ -1,12 +1,20 @@
 """The output folder: claim it for a run, resume a matching run, refuse a different one.
 
 `--out` is only ever replaced (`overwrite`) when it is empty or holds a topoprune run (its
-marker file run.json); a folder with anything else in it is refused. A claim can be undone:
-a run that fails in any way after claiming its folder calls `Claim.rollback()`, which
-leaves the folder as it found it (absent, empty, or the earlier run that `--overwrite` was
-about to replace). `Claim.commit()` drops that earlier run. One run at a time uses a folder:
-`locked(out)` holds an OS file lock in it, which dies with its process (a killed run leaves
-no stale lock). Every OSError from the file system becomes a one-line UsageError.
+marker file run.json) of other settings or inputs; the same run is resumed, with or without
+`overwrite`. A folder with anything else in it is refused, and so is a symbolic link in a run
+folder (a run writes only files of its own, inside `--out`). A claim can be undone: a run that
+fails after claiming its folder calls `Claim.rollback()`, which leaves the folder as it found
+it (absent, empty, or the earlier run that `--overwrite` was about to replace). `Claim.commit()`
+drops that earlier run. One run at a time uses a folder: `locked(out)` holds an OS file lock in
+it, which dies with its process (a killed run leaves no stale lock).
+
+A kill at any moment leaves a folder the next claim understands. Besides the run a folder may
+hold files of our own (`_is_ours`): the lock, temporary files of atomic writes, and
+`.replaced-*`, the earlier run being replaced. That one is moved aside run.json first and moved
+back run.json last, and the new run.json is written only once it is all aside; so a folder
+without run.json whose `.replaced-*` holds one is a replacement cut short, and the next claim
+puts the earlier run back. Every OSError from the file system becomes a one-line UsageError.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prune.errors import UsageError
-from prune.outputs.files import write_json
+from prune.outputs.files import is_temp, write_json
 
 try:
     import fcntl
@@ -53,9 +61,23 @@ def out_error(out: Path, exc: OSError) -> UsageError:
     return UsageError(f"cannot use --out {out}: {fix}")
 
 
+def _is_ours(path: Path) -> bool:
+    """True for a file of our own beside a run: the lock, a temporary file, a `.replaced-*` folder (never a link)."""
+    if path.is_symlink():
+        return False
+    if path.name.startswith(BACKUP_PREFIX):
+        return path.is_dir()
+    return (path.name == LOCK_FILE and path.is_file()) or is_temp(path)
+
+
 def _entries(out: Path) -> list[Path]:
-    """What `out` holds, without this run's lock file."""
-    return [p for p in out.iterdir() if p.name != LOCK_FILE]
+    """What `out` holds besides files of our own (`_is_ours`)."""
+    return [p for p in out.iterdir() if not _is_ours(p)]
+
+
+def _backups(out: Path) -> list[Path]:
+    """The `.replaced-*` folders of `out`: earlier runs a replacing run moved aside."""
+    return [p for p in out.iterdir() if p.name.startswith(BACKUP_PREFIX) and _is_ours(p)]
 
 
 def _remove(path: Path) -> None:
@@ -63,6 +85,48 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _remove_temps(out: Path) -> None:
+    """Delete the temporary files unfinished atomic writes left anywhere in `out`."""
+    for path in list(out.rglob(".*.tmp")):
+        if is_temp(path):
+            path.unlink(missing_ok=True)
+
+
+def _run_json_last(paths: list[Path]) -> list[Path]:
+    return sorted(paths, key=lambda p: p.name == RUN_FILE)
+
+
+def _cut_short(out: Path) -> Path | None:
+    """The `.replaced-*` folder of a replacement a kill cut short (`out` has no run.json, it has
+    one): the earlier run, partly or wholly moved aside. None if there is none."""
+    if read_marker(out) is not None:
+        return None
+    return next((b for b in _backups(out) if read_marker(b) is not None), None)
+
+
+def _put_back(out: Path, backup: Path) -> None:
+    """Move the earlier run in `backup` back into `out`, run.json last (a kill in between leaves
+    a replacement cut short, finished by the next claim), then drop `backup`."""
+    for path in _run_json_last(list(backup.iterdir())):
+        path.rename(out / path.name)
+    backup.rmdir()
+    _remove_temps(out)
+
+
+def _first_link(out: Path) -> Path | None:
+    """A symbolic link anywhere inside `out` (links are not followed), or None."""
+    for folder, dirs, files in os.walk(out):
+        for name in (*dirs, *files):
+            if os.path.islink(os.path.join(folder, name)):
+                return Path(folder, name)
+    return None
+
+
+def _link_error(out: Path, link: Path) -> UsageError:
+    return UsageError(f"--out {out} holds a symbolic link {link}; a run writes only files of its own there: "
+                      "remove the link or choose another --out")
 
 
 @dataclass(frozen=True)
@@ -79,27 +143,25 @@ class Claim:
     backup: Path | None = None
 
     def commit(self) -> None:
-        """The run succeeded: delete the replaced earlier run, if any."""
-        if self.backup is not None:
-            shutil.rmtree(self.backup, ignore_errors=True)
+        """The run succeeded: delete the earlier run(s) it replaced, if any."""
+        for backup in _backups(self.out):
+            shutil.rmtree(backup, ignore_errors=True)
 
     def rollback(self) -> None:
         """The run failed: put the folder back as it was before the claim.
 
-        A resumed run keeps its folder (its cache lets the next attempt continue).
+        A resumed run keeps its folder (its cache lets the next attempt continue). run.json is
+        removed last, so a kill meanwhile leaves this run or a replacement cut short.
         """
         if self.resume:
             return
+        for path in _run_json_last(_entries(self.out)):
+            _remove(path)
+        _remove_temps(self.out)
+        if self.backup is not None:
+            _put_back(self.out, self.backup)
         if not self.existed:
             shutil.rmtree(self.out, ignore_errors=True)
-            return
-        for path in _entries(self.out):
-            if path != self.backup:
-                _remove(path)
-        if self.backup is not None:
-            for path in self.backup.iterdir():
-                path.rename(self.out / path.name)
-            self.backup.rmdir()
 
 
 def read_marker(out: Path) -> dict | None:
@@ -137,17 +199,23 @@ def _check_writable(out: Path, folder: Path) -> None:
         raise out_error(out, OSError(errno.EACCES, os.strerror(errno.EACCES)))
 
 
+def _open_lock(path: Path, *, create: bool):
+    """The lock file at `path` opened for reading and writing, never through a symbolic link
+    (OSError ELOOP for one; FileNotFoundError if it is absent and not `create`)."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    return os.fdopen(os.open(path, flags, 0o666), "r+")
+
+
 def holder(out: Path) -> str | None:
     """Who holds the lock of `out` ('process PID on HOST'), or None if no live run does."""
     path = Path(out) / LOCK_FILE
-    if fcntl is None or not path.is_file():
+    if fcntl is None or not _is_ours(path):
         return None
     try:
-        with open(path, "a+") as f:
+        with _open_lock(path, create=False) as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                f.seek(0)
                 return f.read().strip() or "another process"
             fcntl.flock(f, fcntl.LOCK_UN)
     except OSError:
@@ -165,9 +233,11 @@ def _in_use(out: Path, who: str) -> UsageError:
 def check(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1, inputs: dict | None = None) -> bool:
     """Decide without changing anything: True to resume, False to start afresh.
 
-    UsageError if `out` cannot be a folder, holds anything but a topoprune run (even with
-    `overwrite`), holds a different run (settings `fingerprint`, or `inputs` when given:
-    version and digests of weights and data) and `overwrite` is False, or is in use.
+    True when `out` holds this run (settings `fingerprint`, `inputs` when given: version and
+    digests of weights and data, and `processes`), with or without `overwrite`. UsageError if
+    `out` cannot be a folder, holds anything but a topoprune run (even with `overwrite`), a
+    symbolic link, a different run and `overwrite` is False, or is in use. A replacement a kill
+    cut short counts as the earlier run it was replacing (the claim puts that back).
     """
     out = Path(out)
     try:
@@ -186,45 +256,44 @@ def _decide(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs
         _check_creatable(out)
         return False
     _check_writable(out, out)
+    if (out / LOCK_FILE).is_symlink():
+        raise _link_error(out, out / LOCK_FILE)
     who = None if locked_here else holder(out)
     if who is not None:
         raise _in_use(out, who)
-    if not _entries(out):
+    cut_short = _cut_short(out)
+    earlier = read_marker(out if cut_short is None else cut_short)
+    if earlier is None and not _entries(out):
         return False
-    earlier = read_marker(out)
     if earlier is None:
         raise UsageError(
             f"--out {out} holds files that are not a topoprune run (no {RUN_FILE}); --overwrite replaces only "
             "topoprune runs and empty folders: choose another --out"
         )
+    if (link := _first_link(out)) is not None:
+        raise _link_error(out, link)
+    problem = _difference(out, earlier, fingerprint, processes, inputs)
+    if problem is None:
+        return True
     if overwrite:
         return False
+    raise UsageError(problem)
+
+
+def _difference(out: Path, earlier: dict, fingerprint: str, processes: int, inputs: dict | None) -> str | None:
+    """Why the run in `out` (its marker `earlier`) is not this one, naming the fix; None if it is."""
     if earlier.get("settings") != fingerprint:
-        raise UsageError(f"--out {out} holds a different run; pass --overwrite to replace it or choose another --out")
+        return f"--out {out} holds a different run; pass --overwrite to replace it or choose another --out"
     if inputs is not None and earlier.get("inputs") != inputs:
         before = earlier.get("inputs")
         changed = ([INPUT_NAMES.get(k, k) for k in inputs if before.get(k) != inputs[k]]
                    if isinstance(before, dict) else []) or [INPUT_NAMES["version"]]  # e.g. an older marker
-        raise UsageError(
-            f"--out {out} holds this command's run made with another {' and '.join(changed)}; "
-            "pass --overwrite to start again or choose another --out"
-        )
+        return (f"--out {out} holds this command's run made with another {' and '.join(changed)}; "
+                "pass --overwrite to start again or choose another --out")
     if earlier.get("processes", 1) != processes:
-        raise UsageError(
-            f"--out {out} holds this run started with {earlier.get('processes', 1)} process(es), not {processes}; "
-            "rerun with the same number of processes, or pass --overwrite"
-        )
-    return True
-
-
-def clean_debris(out: Path) -> None:
-    """Delete what a killed run left in its folder: temporary files of unfinished atomic
-    writes (`.<name>.<random>.tmp`) and earlier runs it was replacing (`.replaced-*`)."""
-    for path in list(Path(out).rglob(".*.tmp")):
-        if path.is_file() or path.is_symlink():
-            path.unlink(missing_ok=True)
-    for path in Path(out).glob(f"{BACKUP_PREFIX}*"):
-        _remove(path)
+        return (f"--out {out} holds this run started with {earlier.get('processes', 1)} process(es), not {processes}; "
+                "rerun with the same number of processes, or pass --overwrite")
+    return None
 
 
 def claim(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1, inputs: dict | None = None) -> Claim:
@@ -240,15 +309,21 @@ def claim(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1, i
 
 
 def _claim(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs: dict | None) -> Claim:
-    if _decide(out, fingerprint, overwrite, processes, inputs, locked_here=True):
-        clean_debris(out)
+    resume = _decide(out, fingerprint, overwrite, processes, inputs, locked_here=True)
+    if out.is_dir():  # finish what a killed run left: a replacement cut short, temporary files
+        if (cut_short := _cut_short(out)) is not None:
+            _put_back(out, cut_short)
+        _remove_temps(out)
+    if resume:
         return Claim(out, resume=True, existed=True)
     existed, backup = out.is_dir(), None
-    if existed and _entries(out):
+    if existed:
+        for earlier in _backups(out):  # the run this one replaces had replaced it
+            shutil.rmtree(earlier)
+    if existed and (entries := _entries(out)):
         backup = Path(tempfile.mkdtemp(prefix=BACKUP_PREFIX, dir=out))
-        for path in _entries(out):
-            if path != backup:
-                path.rename(backup / path.name)
+        for path in reversed(_run_json_last(entries)):  # run.json first: from then on no run is here
+            path.rename(backup / path.name)
     claimed = Claim(out, resume=False, existed=existed, backup=backup)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -262,14 +337,15 @@ def _claim(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs:
 
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """Hold `out`'s lock inside (UsageError if a live run holds it); creates `out` if needed
-    and removes it again on exit if it is then empty and was not there before."""
+    """Hold `out`'s lock inside (UsageError if a live run holds it, or the lock's name is a
+    symbolic link); creates `out` if needed and removes it again on exit if it is then empty
+    and was not there before."""
     out = Path(out)
     if fcntl is None:
         yield
         return
     created = [out, *(p for p in out.parents if not p.exists())] if not out.exists() else []
-    had_lock = (out / LOCK_FILE).exists()
+    had_lock = os.path.lexists(out / LOCK_FILE)
     try:
         out.mkdir(parents=True, exist_ok=True)
         f = _take_lock(out)
@@ -296,19 +372,23 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def _take_lock(out: Path):
-    """The open, flock-ed lock file of `out` (its text says who holds it)."""
+    """The open, flock-ed lock file of `out` (its text says who holds it); UsageError if its name is a link."""
     path = out / LOCK_FILE
     while True:
-        f = open(path, "a+")
+        try:
+            f = _open_lock(path, create=True)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _link_error(out, path) from None
+            raise
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
             who = f.read().strip() or "another process"
             f.close()
             raise _in_use(out, who) from None
         try:
-            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(f.fileno()).st_ino
         except FileNotFoundError:
             same = False
         if same:  # not a file its last holder unlinked while we waited for it

@@ -6,12 +6,15 @@ environment) the job joins a process group (nccl on CUDA, gloo on CPU); otherwis
 helper is a no-op for a single process, so the single-process path pays nothing.
 `env_world()` is the one reader of torchrun's environment; whether a process group of several
 processes is running is `finetune.ddp.is_distributed()` (finetune may not import prune).
+A process of the job that ends (killed, crashed) makes the others' collectives fail: `peer_lost`
+turns that failure into `PeerLost`, a one-line fault that keeps `--out` for the rerun.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from finetune.ddp import is_distributed
-from prune.errors import UsageError
+from prune.errors import UsageError, one_line
 
 T = TypeVar("T")
 
@@ -66,6 +69,33 @@ class World:
 
 
 SINGLE = World()
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited")
+"""What gloo's and NCCL's errors say when another process of the job has ended."""
+
+
+class PeerLost(UsageError):
+    """Another process of the torchrun job ended (killed, crashed, its machine lost) while this one
+    waited for it: a fault of the machine, not a bug. The run keeps `--out` as an interruption does."""
+
+
+def peer_lost(exc: BaseException, world: World, out: os.PathLike | str) -> PeerLost | None:
+    """A PeerLost naming the rerun if `exc` (or an exception it was raised from or during) is a
+    collective failing because another process of this job is gone (a torch.distributed
+    DistError, or gloo's/NCCL's closed-connection errors); None otherwise or for one process."""
+    if not world.active:
+        return None
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, PeerLost):
+            return exc
+        if isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(s in str(exc) for s in PEER_GONE)):
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", one_line(exc)).split(". ")[0][:200]  # gloo: "[file:line] ..."
+            return PeerLost(f"another process of this torchrun job ended ({cause}); what was done is kept in --out "
+                            f"{out}: rerun the same command to continue")
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _env_int(name: str, default: int) -> int:

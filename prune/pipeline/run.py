@@ -49,6 +49,7 @@ from prune.zoo.data import (
     check_scoring_images,
     choose_classes,
     class_images,
+    data_folders,
     load_data,
     make_loader,
     unreadable_counts,
@@ -80,15 +81,14 @@ def _check_range(flag: str, value: float, ok: bool, wanted: str) -> None:
 
 
 def _check_paths(config: PruneConfig, out: Path) -> None:
-    """UsageError if `out` is, contains or lies inside --data, or contains the --weights file
-    (replacing or writing `out` would destroy or change them)."""
+    """UsageError if `out` is, contains or lies inside a folder --data reads (in any of its forms,
+    see `data_folders`), or contains the --weights file (replacing or writing `out` would destroy
+    or change them)."""
     target = Path(os.path.realpath(out))
-    if config.data:
-        data = Path(os.path.realpath(config.data))
+    for data in data_folders(config.data, model=config.model):
         if target == data or data in target.parents or target in data.parents:
-            raise UsageError(
-                f"--out {out} is, contains or lies inside --data {config.data}; choose an --out outside the data folder"
-            )
+            raise UsageError(f"--out {out} is, contains or lies inside the data folder {data} (--data "
+                             f"{config.data or 'default of --model ' + config.model}); choose an --out outside it")
     if config.weights and Path(config.weights).exists():
         weights = Path(os.path.realpath(config.weights))
         if target == weights or target in weights.parents:
@@ -361,11 +361,12 @@ def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet:
     Bad input raises UsageError before `out` is touched. Any failure found later (NaN units in
     a deeper layer, a full disk, a bug) is raised after `out` is put back as it was before
     (a run `overwrite` was replacing is restored; a folder that did not exist is removed); an
-    interruption (KeyboardInterrupt) keeps what resume needs. Started by torchrun, every
-    process runs this: scoring is split by class, fine-tuning uses DDP, rank 0 writes every
-    file and returns the report (other ranks return None). `export="onnx"` also
-    writes `out/model.onnx`; `speed=False` skips the img/s measurement (report's throughput None;
-    not with a speed target). Both are output options, not settings that decide the result.
+    interruption (KeyboardInterrupt, or another torchrun process ending: `PeerLost`) keeps what
+    resume needs. Started by torchrun, every process runs this: scoring is split by class,
+    fine-tuning uses DDP, rank 0 writes every file and returns the report (other ranks return
+    None). `export="onnx"` also writes `out/model.onnx`; `speed=False` skips the img/s
+    measurement (report's throughput None; not with a speed target). Both are output options,
+    not settings that decide the result.
     """
     _check_arguments(config, out, overwrite=overwrite, quiet=quiet, export=export, speed=speed)
     if not speed and config.target_speedup is not None:
@@ -410,11 +411,14 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
         warnings.warn(f"skipping unreadable image files: {counts['train']} in train/ ({loaded.unreadable} among the "
                       f"scoring images), {counts['val']} in val/; remove or replace them", UnreadableImages, stacklevel=2)
     with ExitStack() as stack:
-        claimed, resume = _claim(out, config, loaded.data, overwrite, world, stack)
-        ctx = RunContext(world=world, device=device, out=out, resume=resume, quiet=quiet, speed=speed)
+        claimed = None
         try:
+            claimed, resume = _claim(out, config, loaded.data, overwrite, world, stack)
+            ctx = RunContext(world=world, device=device, out=out, resume=resume, quiet=quiet, speed=speed)
             report = _job(config, loaded, ctx, timings, export)
-        except Exception:  # any failure puts `out` back as it was; an interruption keeps it for resume
+        except Exception as exc:  # any failure puts `out` back as it was; an interruption keeps it for resume
+            if (lost := distributed.peer_lost(exc, world, out)) is not None:
+                raise lost from None  # a process of the job ended: an interruption, not a bug
             if claimed is not None:
                 claimed.rollback()
             raise

@@ -252,6 +252,21 @@ def embedded_data(*, input_size: int | None = None, train_per_class: int | None 
     )
 
 
+def data_folders(data: str | None, *, model: str = "embedded") -> list[Path]:
+    """The real folders (symlinks resolved) that `--data` reads, in every form `load_data` takes:
+    an ImageFolder root, `fashion-mnist:<dir>` or `fashion-mnist` (its folder and those its IDX
+    files lie in), or the model's default data when None; none for the generated embedded set."""
+    from prune.zoo import fashion
+    from prune.zoo.registry import model_entry
+
+    data = data if data is not None else model_entry(model).data
+    if data is None:
+        return []
+    if fashion.is_fashion_mnist(data):
+        return fashion.read_folders(data)
+    return [Path(os.path.realpath(data))]
+
+
 def load_data(root: str | None, *, input_size: int | None = None, model: str = "embedded") -> DataBundle:
     """The data `--data` names, for `model`: the embedded set (None, unless the model's entry
     names its own default data), Fashion-MNIST (`fashion-mnist[:<dir>]`, prune.zoo.fashion) or

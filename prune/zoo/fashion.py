@@ -41,7 +41,7 @@ from prune.errors import UsageError, one_line
 
 __all__ = [
     "CLASSES", "DEBIAN_DIR", "MEAN", "NATIVE_SIZE", "PREFIX", "STD", "FashionSplit", "find_idx_files",
-    "is_fashion_mnist", "load_fashion_mnist", "write_idx",
+    "is_fashion_mnist", "load_fashion_mnist", "read_folders", "write_idx",
 ]
 
 PREFIX = "fashion-mnist"
@@ -71,6 +71,17 @@ def _folder(data: str) -> Path:
     """The folder a `--data` value names: the Debian one for the bare name."""
     rest = data[len(PREFIX) + 1 :] if data.startswith(PREFIX + ":") else ""
     return Path(rest) if rest else DEBIAN_DIR
+
+
+def read_folders(data: str) -> list[Path]:
+    """The real folders (symlinks resolved) a Fashion-MNIST `--data` value reads: its folder and
+    those its IDX files really lie in (when they are there)."""
+    try:
+        files = [path for pair in find_idx_files(data).values() for path in pair]
+    except UsageError:
+        files = []
+    found = [Path(os.path.realpath(_folder(data)))] + [Path(os.path.realpath(f)).parent for f in files]
+    return list(dict.fromkeys(found))
 
 
 def _not_found(folder: Path, missing: str) -> UsageError:
