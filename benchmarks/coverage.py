@@ -11,7 +11,8 @@ at 64² (at 224² for a model that refuses 64², e.g. a ViT with a fixed patch g
 - `pruned`: exit 0, report.json written, `prune.load_pruned` rebuilds model.pt, and the rebuilt
   network's val loss and top-1 equal what the run measured on its pruned network (the same
   images: a rebuild with other channels or weights gives other logits);
-- `refused`: exit 2, one line saying why (e.g. torch-pruning cannot trace a channel shuffle);
+- `refused`: exit 2, one line saying why (e.g. torch-pruning cannot trace a channel shuffle;
+  `lines` counts what the run printed);
 - `failed`: anything else (an internal error, a rebuild that differs, a timeout): a bug.
 One result file per run under benchmarks/results/coverage/ (a finished run is not redone);
 the summary is benchmarks/results/coverage.json and .md.
@@ -138,7 +139,7 @@ def one(model: str, scorer: str, data: Path) -> dict:
                        "seconds": round(time.perf_counter() - start, 1)}
             if code == 0:
                 return {**outcome, **_pruned(out, data, model, size)}
-            outcome.update(outcome="refused" if code == 2 else "failed", why=last[-400:])
+            outcome.update(outcome="refused" if code == 2 else "failed", why=last[-400:], lines=len(lines))
             if not (code == 2 and "cannot run on" in last):
                 return outcome
     return outcome

@@ -64,6 +64,12 @@ OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memo
 message of the RuntimeError a DataLoader worker's failure is re-raised as)."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of `exc`'s message (its type's name if it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def out_of_memory(exc: BaseException) -> bool:
     """True if `exc` (or what it was raised from) is an allocation failure: MemoryError, torch's
     OutOfMemoryError (CUDA) or a RuntimeError of an allocator (`OUT_OF_MEMORY`), on any device."""

@@ -106,6 +106,36 @@ def test_members_of_other_widths_are_scored_on_the_root_channels_they_are_tied_t
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
+class ConcatIntoGroupedNet(nn.Module):
+    """A root added to a concatenation of narrower convs (2 + 2 + 4 channels), feeding a grouped conv:
+    the group has 2 blocks and members narrower than a block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b, self.c = nn.Conv2d(3, 2, 1), nn.Conv2d(3, 2, 1), nn.Conv2d(3, 4, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = _head(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.root(x) + torch.cat([self.a(x), self.b(x), self.c(x)], dim=1))
+        return self.head(F.relu(self.grouped(y)))
+
+
+def test_a_narrow_member_keeps_a_channel_at_the_same_offset_in_every_block():
+    torch.manual_seed(0)
+    model = ConcatIntoGroupedNet().eval()
+    surgeon = Surgeon(model, EXAMPLE)
+    assert [(g.name, g.blocks) for g in surgeon.groups] == [("root", 2), ("grouped", 2)]
+    with torch.no_grad():  # the lowest l1: root channels 0, 1 (a's two) and 4, 5 (c's first two)
+        model.root.weight[[0, 1, 4, 5]] *= 1e-3
+        model.a.weight.mul_(1e-3)
+    decisions = select_and_prune(surgeon, scoring.create("l1"), source=None, ratio=0.5, quiet=True)
+    # removing offsets 0 and 1 of both blocks would empty conv a: offset 0 (its best channel) stays in both blocks
+    assert decisions[0].removed == (1, 5) and model.a.out_channels == 1
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
 class SplitNet(nn.Module):
     """A CSP-style split of one conv's output by constant sizes, which torch-pruning cannot rewrite."""
 
@@ -122,7 +152,8 @@ class SplitNet(nn.Module):
 
 def test_a_group_whose_surgery_breaks_the_forward_is_left_out():
     model = SplitNet().eval()
-    surgeon = Surgeon(model, EXAMPLE)
+    with pytest.warns(UserWarning, match="left unpruned: 1 conv group.*expand"):
+        surgeon = Surgeon(model, EXAMPLE)
     assert [g.name for g in surgeon.groups] == ["left", "right"]  # 'expand' would leave split((4, 4)) on 6 channels
     select_and_prune(surgeon, scoring.create("l1"), source=None, ratio=0.5, quiet=True)
     assert model.expand.out_channels == 8 and model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
@@ -163,7 +194,7 @@ def test_a_pruned_copy_of_a_grouped_network_removes_whole_blocks():
     assert surgeon.model.stem[0].out_channels == 8  # the original is untouched
 
 
-def test_no_speed_skips_the_throughput_and_says_so(tmp_path):
+def test_no_speed_skips_the_throughput_and_says_so(tmp_path, capsys):
     import json
 
     from helpers import quick_run
@@ -176,8 +207,9 @@ def test_no_speed_skips_the_throughput_and_says_so(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["before"]["img_per_s"] is None and report["after"]["throughput"] is None
     assert "Throughput not measured" in (out / "report.md").read_text()
+    capsys.readouterr()
     assert main([*flags, "--no-speed", "--target-speedup", "2", "--out", str(tmp_path / "other")]) == 2
-    assert not (tmp_path / "other").exists()
+    assert "leave out --no-speed" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
 @pytest.mark.slow
@@ -189,4 +221,4 @@ def test_every_zoo_model_prunes_or_is_refused_in_one_line(model, tmp_path):
         result = coverage.one(model, scorer, data)
         assert result["outcome"] in ("pruned", "refused"), result
         if result["outcome"] == "refused":
-            assert "\n" not in result["why"] and "internal error" not in result["why"]
+            assert result["lines"] == 1 and "internal error" not in result["why"]

@@ -26,7 +26,7 @@ from finetune.batchnorm import recalibrate_batchnorm
 from finetune.metrics import Evaluation, evaluate
 from finetune.train import FinetuneConfig, finetune
 from prune.config import ALLOCATIONS, MAX_LAYER_RATIO, PruneConfig, check_type
-from prune.errors import UsageError, out_of_memory, usage_errors
+from prune.errors import UsageError, first_line, out_of_memory, usage_errors
 from prune.outputs.cache_file import CacheFile
 from prune.outputs.checkpoint import save_pruned
 from prune.outputs.export import check_export, export_onnx
@@ -309,7 +309,7 @@ def _example_input(model: nn.Module, size: int, name: str, device: torch.device)
     except RuntimeError as exc:
         if out_of_memory(exc):  # the machine's limit, not the model's: exit_code names what to lower
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise UsageError(f"model {name} cannot run on {size}x{size} images ({first}); pass a larger --input-size, "
                          "e.g. 224") from None
     return example

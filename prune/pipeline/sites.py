@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from prune.errors import UsageError
+from prune.errors import UsageError, first_line
 from scoring.model_state import eval_mode
 
 ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
@@ -189,7 +189,7 @@ def _trace(model: nn.Module) -> fx.Graph | None:
         with eval_mode(model):
             return _Tracer().trace(model)
     except Exception as exc:  # fx raises many kinds (TraceError, TypeError, …) on untraceable code
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         _warn_once(type(model).__qualname__, f"torch.fx cannot trace {type(model).__qualname__} ({reason})")
         return None
 

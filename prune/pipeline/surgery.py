@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import traceback
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,15 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from prune.errors import UsageError
+from prune.errors import UsageError, first_line, out_of_memory
 from scoring.hooks import forward_hooks
 
 IndexMap = tuple[tuple[int, ...], tuple[int, ...]]
 """(member channels, the root channel of each): how a member conv's channels match the root's."""
+
+
+class GroupsLeftOut(UserWarning):
+    """Conv groups whose surgery would stop the model running are left unpruned."""
 
 
 @dataclass(frozen=True)
@@ -64,15 +69,17 @@ def channels_to_remove(num_channels: int, ratio: float, *, rule: str = "round", 
 
     rule "round": round(ratio·C) (the default). rule "floor-keep": keep ⌊(1−ratio)·C⌋, the
     rounding that reproduces the paper's Table 12 counts. With `blocks` > 1 (see PrunableGroup)
-    the count is a multiple of `blocks` (`legal_count`): the same number leaves every block.
+    the count is `blocks` times the count of one block: the same number leaves every block.
     """
+    if blocks > 1:
+        return blocks * channels_to_remove(num_channels // blocks, ratio, rule=rule)
     if rule == "round":
         n = round(ratio * num_channels)
     elif rule == "floor-keep":
         n = num_channels - math.floor((1.0 - ratio) * num_channels + 1e-9)
     else:
         raise UsageError(f"unknown rounding rule {rule!r}; use 'round' or 'floor-keep'")
-    return legal_count(max(0, min(n, num_channels - 1)), num_channels, blocks)
+    return max(0, min(n, num_channels - 1))
 
 
 def legal_count(n: int, num_channels: int, blocks: int) -> int:
@@ -179,7 +186,7 @@ class Surgeon:
             full = self._group(conv, range(conv.out_channels))
             maps = self._member_maps(full, conv.out_channels)
             seen.update(maps)
-            blocks = max(_channel_groups(item.dep.target.module) for item in full)
+            blocks = math.lcm(*(_channel_groups(item.dep.target.module) for item in full))
             if not self._blocks_prunable(conv, blocks):
                 continue
             members = sorted(maps, key=lambda m: depth.get(m, len(depth)))
@@ -226,17 +233,18 @@ class Surgeon:
     def feasible(self, group: PrunableGroup, removed: Sequence[int], scores: torch.Tensor) -> tuple[int, ...]:
         """`removed` (root channel indices, sorted) less what would empty a layer of the group: where
         a member is narrower than the root (a concatenation, a slice) and would lose every channel,
-        its highest-scoring removed channel (`scores` [C], higher = keep) is kept, until torch-pruning's
-        `check_pruning_group` passes. `removed` itself wherever nothing is emptied."""
+        its highest-scoring removed channel (`scores` [C], higher = keep) is kept, at the same offset
+        in every block when `group.blocks` > 1, until torch-pruning's `check_pruning_group` passes.
+        `removed` itself wherever nothing is emptied."""
         removed = sorted(int(i) for i in removed)
+        size = group.num_channels // group.blocks
         while removed:
             emptied = self._emptied_item(self._group(group.convs[0], removed))
             if emptied is None:
                 break
             kept = max((int(r) for r in emptied.root_idxs if int(r) in removed), key=lambda r: (float(scores[r]), -r))
-            removed.remove(kept)
-        if group.blocks > 1 and not _same_in_every_block(removed, group.num_channels, group.blocks):
-            raise RuntimeError(f"group {group.name}: keeping a channel in every layer breaks its channel blocks")
+            same_offset = {b * size + kept % size for b in range(group.blocks)}  # blocks stay equal
+            removed = [r for r in removed if r not in same_offset]
         return tuple(removed)
 
     def _emptied_item(self, group: tp.dependency.Group) -> object | None:
@@ -271,8 +279,8 @@ class Surgeon:
         memo: dict = {}
         model = copy.deepcopy(self.model, memo)
         twin = Surgeon(model, self.example, ignored_layers=[memo[id(m)] for m in self._ignored], verify=False)
-        names = {g.name for g in self.groups}
-        twin.groups = [g for g in twin.groups if g.name in names]
+        by_name = {g.name: g for g in twin.groups}
+        twin.groups = [by_name[g.name] for g in self.groups]
         return twin
 
     def _working(self, groups: list[PrunableGroup]) -> list[PrunableGroup]:
@@ -281,17 +289,26 @@ class Surgeon:
         whose surgery breaks the forward is left out (torch-pruning cannot rewrite, e.g., a
         `split` by constant sizes in a model's forward, as CSP networks have)."""
         working: list[PrunableGroup] = []
+        broken: list[str] = []
         twin = self._trial_twin(working)
         for i, group in enumerate(groups):
             trial = twin.groups[i]
+            assert trial.name == group.name, "a fresh copy finds the same groups in the same order"
             try:
                 twin.prune(trial, twin.feasible(trial, block_positions(trial.num_channels, trial.blocks, [0]),
                                                 torch.zeros(trial.num_channels)))
                 with torch.no_grad():
                     twin.model(twin.example)
                 working.append(group)
-            except Exception:  # a broken copy: whatever the forward or torch-pruning raises
+            except Exception as exc:  # a broken copy: whatever the forward or torch-pruning raises
+                if out_of_memory(exc):
+                    raise
+                broken.append(f"{group.name} ({type(exc).__name__}: {first_line(exc)})")
                 twin = self._trial_twin(working)
+        if broken:
+            warnings.warn(f"left unpruned: {len(broken)} conv group(s) after whose surgery the model no longer runs "
+                          f"(torch-pruning cannot rewrite the forward): {'; '.join(broken[:3])}"
+                          f"{'; …' if len(broken) > 3 else ''}", GroupsLeftOut, stacklevel=3)
         return working
 
     def _trial_twin(self, pruned: list[PrunableGroup]) -> Surgeon:
@@ -340,8 +357,10 @@ def _dependency_graph(model: nn.Module, example_inputs: torch.Tensor, ignored: l
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, ignored_layers=ignored, verbose=False)
     except Exception as exc:  # torch-pruning's tracing raises many kinds on graphs it cannot map
+        if out_of_memory(exc):
+            raise
         where = traceback.extract_tb(exc.__traceback__)[-1]
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        why = first_line(exc)
         raise UsageError(
             f"torch-pruning cannot trace {type(model).__name__} ({type(exc).__name__} in {Path(where.filename).name}:"
             f" {why}), so its channels cannot be removed; torch-pruning does not map channel shuffles or other "
@@ -389,5 +408,5 @@ def replay_history(model: nn.Module, example_inputs: torch.Tensor, history: list
         try:
             graph.load_pruning_history([step])
         except (ValueError, IndexError, KeyError, RuntimeError, AttributeError, TypeError) as exc:
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            why = first_line(exc)
             raise ValueError(f"entry {i} cannot be replayed ({type(exc).__name__}: {why})") from None
