@@ -160,8 +160,9 @@ def worker(model: str, scorers: tuple[str, ...], data: Path, results: Path) -> N
     import torch
 
     torch.set_num_threads(1)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for scorer in scorers:
-        result = one(model, scorer, data)
+        result = {**one(model, scorer, data), "commit": commit or None}
         write_json(run_file(results, model, scorer), result)
         print(f"{model:28s} {scorer:10s} {result['outcome']:8s} {result['seconds']:7.1f}s "
               f"{result.get('why', '')[:150]}", flush=True)
