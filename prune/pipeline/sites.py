@@ -22,9 +22,9 @@ no-trace modules and functions and timm's activation modules as leaves.
 
 A site names modules and fx nodes, never module objects, so it stays valid after
 torch-pruning surgery (which changes widths, not names or topology). Resolutions are cached
-per model and recomputed when the model's modules (names, types, parameter shapes) change: a
-trace bakes attributes such as a LayerNorm's `normalized_shape` into the graph, so a model
-traced before surgery is traced again after it.
+per model and recomputed only when the model's module structure (names and types) changes; the
+graph that runs a prefix (`prefix_module`) is traced again when the widths changed (surgery), as
+a trace bakes attributes such as a LayerNorm's `normalized_shape` into it.
 Where fx cannot trace a model the fallback is the registration-order rule (the norm and the
 activation module registered right after the conv), announced by one warning per model class.
 """
@@ -100,9 +100,11 @@ class UnitSite:
 
 @dataclass
 class _Resolution:
-    fingerprint: tuple[tuple[str, type, tuple[torch.Size, ...]], ...]
+    fingerprint: tuple[tuple[str, type], ...]
     graph: fx.Graph | None
     sites: dict[str, UnitSite]
+    widths: tuple[torch.Size, ...]
+    """Parameter shapes when `graph` was traced (a trace bakes e.g. a LayerNorm's `normalized_shape`)."""
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Resolution] = weakref.WeakKeyDictionary()
@@ -124,8 +126,14 @@ def unit_site(model: nn.Module, conv_name: str) -> UnitSite:
 
 
 def traced_graph(model: nn.Module) -> fx.Graph | None:
-    """The cached fx graph of `model` (traced in eval mode), None where fx cannot trace it."""
-    return _resolution(model).graph
+    """The cached fx graph of `model` (traced in eval mode), None where fx cannot trace it;
+    traced again when the model's widths changed since (surgery), as the graph holds constants
+    taken from its modules."""
+    resolution = _resolution(model)
+    widths = _widths(model)
+    if resolution.graph is not None and resolution.widths != widths:
+        resolution.graph, resolution.widths = _trace(model), widths
+    return resolution.graph
 
 
 def prefix_module(model: nn.Module, node_name: str) -> fx.GraphModule:
@@ -146,18 +154,19 @@ def prefix_module(model: nn.Module, node_name: str) -> fx.GraphModule:
 # ---------------------------------------------------------------- tracing
 
 
-def _fingerprint(model: nn.Module) -> tuple[tuple[str, type, tuple[torch.Size, ...]], ...]:
-    """Names, types and parameter shapes of the modules: tracing bakes module attributes such as
-    a LayerNorm's `normalized_shape` into the graph, so surgery (new widths) needs a new trace."""
-    return tuple((name, type(m), tuple(p.shape for p in m.parameters(recurse=False)))
-                 for name, m in model.named_modules())
+def _fingerprint(model: nn.Module) -> tuple[tuple[str, type], ...]:
+    return tuple((name, type(m)) for name, m in model.named_modules())
+
+
+def _widths(model: nn.Module) -> tuple[torch.Size, ...]:
+    return tuple(p.shape for p in model.parameters())
 
 
 def _resolution(model: nn.Module) -> _Resolution:
     fingerprint = _fingerprint(model)
     cached = _CACHE.get(model)
     if cached is None or cached.fingerprint != fingerprint:
-        cached = _Resolution(fingerprint, _trace(model), {})
+        cached = _Resolution(fingerprint, _trace(model), {}, _widths(model))
         _CACHE[model] = cached
     return cached
 
