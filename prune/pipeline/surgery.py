@@ -24,7 +24,7 @@ import math
 import traceback
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -156,14 +156,17 @@ class Surgeon:
         *,
         ignored_layers: Sequence[nn.Module] = (),
         verify: bool = True,
+        groups: Sequence[PrunableGroup] | None = None,
     ) -> None:
+        """`verify`: leave out the groups whose surgery stops the model running (`_working`).
+        `groups`: this model's groups as already found (a copy's), instead of finding them."""
         self.model = model
         self.example = example_inputs
         self._names = {m: n for n, m in model.named_modules()}
         self._ignored = list(ignored_layers)
         self._classifiers = classifier_convs(model, example_inputs)  # its input channels still follow pruning
         self.graph = _dependency_graph(model, example_inputs, self._ignored)
-        self.groups = self._find_groups(_execution_order(model, example_inputs))
+        self.groups = list(groups) if groups is not None else self._find_groups(_execution_order(model, example_inputs))
         if verify:
             self.groups = self._working(self.groups)
         if not self.groups:
@@ -237,6 +240,8 @@ class Surgeon:
         in every block when `group.blocks` > 1, until torch-pruning's `check_pruning_group` passes.
         `removed` itself wherever nothing is emptied."""
         removed = sorted(int(i) for i in removed)
+        if not any(group.index_maps):  # every member as wide as the root: nothing narrower to empty
+            return tuple(removed)
         size = group.num_channels // group.blocks
         while removed:
             emptied = self._emptied_item(self._group(group.convs[0], removed))
@@ -276,12 +281,15 @@ class Surgeon:
 
     def clone(self) -> Surgeon:
         """A Surgeon of a deep copy of the model (same groups in the same order; this one is untouched)."""
+        return self._copy(self.groups)
+
+    def _copy(self, groups: Sequence[PrunableGroup]) -> Surgeon:
+        """A Surgeon of a deep copy of the model whose groups are `groups` on the copy's convs."""
         memo: dict = {}
         model = copy.deepcopy(self.model, memo)
-        twin = Surgeon(model, self.example, ignored_layers=[memo[id(m)] for m in self._ignored], verify=False)
-        by_name = {g.name: g for g in twin.groups}
-        twin.groups = [by_name[g.name] for g in self.groups]
-        return twin
+        mine = [replace(g, convs=tuple(memo[id(c)] for c in g.convs)) for g in groups]
+        return Surgeon(model, self.example, ignored_layers=[memo[id(m)] for m in self._ignored], verify=False,
+                       groups=mine)
 
     def _working(self, groups: list[PrunableGroup]) -> list[PrunableGroup]:
         """The groups after whose surgery the model still runs: on a copy, one channel (one per
@@ -290,10 +298,9 @@ class Surgeon:
         `split` by constant sizes in a model's forward, as CSP networks have)."""
         working: list[PrunableGroup] = []
         broken: list[str] = []
-        twin = self._trial_twin(working)
+        twin = self._trial_twin(groups, working)
         for i, group in enumerate(groups):
             trial = twin.groups[i]
-            assert trial.name == group.name, "a fresh copy finds the same groups in the same order"
             try:
                 twin.prune(trial, twin.feasible(trial, block_positions(trial.num_channels, trial.blocks, [0]),
                                                 torch.zeros(trial.num_channels)))
@@ -304,19 +311,17 @@ class Surgeon:
                 if out_of_memory(exc):
                     raise
                 broken.append(f"{group.name} ({type(exc).__name__}: {first_line(exc)})")
-                twin = self._trial_twin(working)
+                twin = self._trial_twin(groups, working)
         if broken:
             warnings.warn(f"left unpruned: {len(broken)} conv group(s) after whose surgery the model no longer runs "
                           f"(torch-pruning cannot rewrite the forward): {'; '.join(broken[:3])}"
                           f"{'; …' if len(broken) > 3 else ''}", GroupsLeftOut, stacklevel=3)
         return working
 
-    def _trial_twin(self, pruned: list[PrunableGroup]) -> Surgeon:
-        """A Surgeon of a copy of the model with one channel per block of each of `pruned` removed;
-        its `groups` are every candidate group (in the order `_find_groups` gives)."""
-        memo: dict = {}
-        model = copy.deepcopy(self.model, memo)
-        twin = Surgeon(model, self.example, ignored_layers=[memo[id(m)] for m in self._ignored], verify=False)
+    def _trial_twin(self, groups: list[PrunableGroup], pruned: list[PrunableGroup]) -> Surgeon:
+        """A Surgeon of a copy of the model with `groups` (on the copy), one channel per block of
+        each of `pruned` removed."""
+        twin = self._copy(groups)
         names = {g.name for g in pruned}
         for trial in twin.groups:
             if trial.name in names:
