@@ -292,8 +292,8 @@ class Surgeon:
                        groups=mine)
 
     def _working(self, groups: list[PrunableGroup]) -> list[PrunableGroup]:
-        """The groups after whose surgery the model still runs: on a copy, one channel (one per
-        block) of each group in turn is removed and the copy run on the example input. A group
+        """The groups after whose surgery the model still runs: on a copy, every other channel of
+        each group in turn (`_trial_channels`) is removed and the copy run on the example input. A group
         whose surgery breaks the forward is left out (torch-pruning cannot rewrite, e.g., a
         `split` by constant sizes in a model's forward, as CSP networks have)."""
         working: list[PrunableGroup] = []
@@ -302,8 +302,7 @@ class Surgeon:
         for i, group in enumerate(groups):
             trial = twin.groups[i]
             try:
-                twin.prune(trial, twin.feasible(trial, block_positions(trial.num_channels, trial.blocks, [0]),
-                                                torch.zeros(trial.num_channels)))
+                twin.prune(trial, twin.feasible(trial, _trial_channels(trial), torch.zeros(trial.num_channels)))
                 with torch.no_grad():
                     twin.model(twin.example)
                 working.append(group)
@@ -319,14 +318,13 @@ class Surgeon:
         return working
 
     def _trial_twin(self, groups: list[PrunableGroup], pruned: list[PrunableGroup]) -> Surgeon:
-        """A Surgeon of a copy of the model with `groups` (on the copy), one channel per block of
+        """A Surgeon of a copy of the model with `groups` (on the copy), the `_trial_channels` of
         each of `pruned` removed."""
         twin = self._copy(groups)
         names = {g.name for g in pruned}
         for trial in twin.groups:
             if trial.name in names:
-                twin.prune(trial, twin.feasible(trial, block_positions(trial.num_channels, trial.blocks, [0]),
-                                                torch.zeros(trial.num_channels)))
+                twin.prune(trial, twin.feasible(trial, _trial_channels(trial), torch.zeros(trial.num_channels)))
         return twin
 
     def pruned_copy(self, counts: Sequence[int]) -> nn.Module:
@@ -345,6 +343,13 @@ class Surgeon:
     def history(self) -> list:
         """torch-pruning's pruning history (plain lists: safe for weights_only loading)."""
         return [list(h) for h in self.graph.pruning_history()]
+
+
+def _trial_channels(group: PrunableGroup) -> tuple[int, ...]:
+    """What `Surgeon._working` removes to try a group: every other offset of each block (one
+    channel kept per block at least), so that every part of a split or concatenation loses some."""
+    size = group.num_channels // group.blocks
+    return block_positions(group.num_channels, group.blocks, range(0, size - 1, 2) if size > 2 else [0])
 
 
 def _index_map(member: nn.Conv2d, index_map: IndexMap, root_channels: int) -> IndexMap | None:
