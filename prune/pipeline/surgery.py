@@ -167,8 +167,14 @@ class Surgeon:
         self._classifiers = classifier_convs(model, example_inputs)  # its input channels still follow pruning
         self.graph = _dependency_graph(model, example_inputs, self._ignored)
         self.groups = list(groups) if groups is not None else self._find_groups(_execution_order(model, example_inputs))
+        candidates = len(self.groups)
         if verify:
             self.groups = self._working(self.groups)
+        if not self.groups and candidates:
+            raise UsageError(
+                f"none of the model's {candidates} conv group(s) can be pruned: removing their channels stops the "
+                "model running (torch-pruning cannot rewrite its forward, e.g. a transformer's patch embedding "
+                "feeding attention); choose a CNN such as resnet50 or convnext_tiny")
         if not self.groups:
             raise UsageError(
                 "the model has no prunable conv layer (needs an nn.Conv2d that is not depthwise, with at least "
@@ -311,7 +317,7 @@ class Surgeon:
                     raise
                 broken.append(f"{group.name} ({type(exc).__name__}: {first_line(exc)})")
                 twin = self._trial_twin(groups, working)
-        if broken:
+        if broken and working:  # with none left the caller refuses the model, saying why
             warnings.warn(f"left unpruned: {len(broken)} conv group(s) after whose surgery the model no longer runs "
                           f"(torch-pruning cannot rewrite the forward): {'; '.join(broken[:3])}"
                           f"{'; …' if len(broken) > 3 else ''}", GroupsLeftOut, stacklevel=3)
