@@ -222,3 +222,11 @@ def test_every_zoo_model_prunes_or_is_refused_in_one_line(model, tmp_path):
         assert result["outcome"] in ("pruned", "refused"), result
         if result["outcome"] == "refused":
             assert result["lines"] == 1 and "internal error" not in result["why"]
+
+
+def test_a_vision_transformer_is_refused_saying_its_patch_embedding_cannot_be_pruned():
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8,
+                                               mlp_dim=16, num_classes=5).eval()
+    with pytest.raises(UsageError, match="none of the model's 1 conv group.*patch embedding") as err:
+        Surgeon(vit, EXAMPLE)
+    assert "\n" not in str(err.value)
