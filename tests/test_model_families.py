@@ -230,3 +230,16 @@ def test_a_vision_transformer_is_refused_saying_its_patch_embedding_cannot_be_pr
     with pytest.raises(UsageError, match="none of the model's 1 conv group.*patch embedding") as err:
         Surgeon(vit, EXAMPLE)
     assert "\n" not in str(err.value)
+
+
+def test_a_model_that_asserts_its_input_size_is_refused_naming_the_size(tmp_path, capsys):
+    from helpers import image_folder
+
+    from prune.cli import main
+
+    data = image_folder(tmp_path / "data", classes=2, train=3, val=1, size=8)
+    argv = ["--model", "timm:vit_tiny_patch16_224", "--data", str(data), "--input-size", "32", "--classes", "2",
+            "--samples-per-class", "2", "--no-finetune", "--quiet", "--out", str(tmp_path / "out")]
+    assert main(argv) == 2  # timm's patch embedding asserts the input side (an AssertionError, not a RuntimeError)
+    err = capsys.readouterr().err.strip()
+    assert "cannot run on 32x32 images" in err and "\n" not in err and not (tmp_path / "out").exists()

@@ -306,7 +306,7 @@ def _example_input(model: nn.Module, size: int, name: str, device: torch.device)
     try:
         example = torch.zeros(1, 3, size, size, device=device)
         model(example)
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError) as exc:  # models check their input size many ways
         if out_of_memory(exc):  # the machine's limit, not the model's: exit_code names what to lower
             raise
         first = first_line(exc)

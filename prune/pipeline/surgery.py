@@ -167,14 +167,15 @@ class Surgeon:
         self._classifiers = classifier_convs(model, example_inputs)  # its input channels still follow pruning
         self.graph = _dependency_graph(model, example_inputs, self._ignored)
         self.groups = list(groups) if groups is not None else self._find_groups(_execution_order(model, example_inputs))
-        candidates = len(self.groups)
+        broken: list[str] = []
         if verify:
-            self.groups = self._working(self.groups)
-        if not self.groups and candidates:
+            self.groups, broken = self._working(self.groups)
+        if not self.groups and broken:
             raise UsageError(
-                f"none of the model's {candidates} conv group(s) can be pruned: removing their channels stops the "
-                "model running (torch-pruning cannot rewrite its forward, e.g. a transformer's patch embedding "
-                "feeding attention); choose a CNN such as resnet50 or convnext_tiny")
+                f"none of the model's {len(broken)} conv group(s) can be pruned: removing their channels stops the "
+                f"model running (first: {broken[0]}); torch-pruning cannot rewrite such a forward (e.g. a "
+                "transformer's patch embedding feeding attention, a conv with parameters of its own, a split by "
+                "constant sizes); choose a CNN such as resnet50 or convnext_tiny")
         if not self.groups:
             raise UsageError(
                 "the model has no prunable conv layer (needs an nn.Conv2d that is not depthwise, with at least "
@@ -297,11 +298,12 @@ class Surgeon:
         return Surgeon(model, self.example, ignored_layers=[memo[id(m)] for m in self._ignored], verify=False,
                        groups=mine)
 
-    def _working(self, groups: list[PrunableGroup]) -> list[PrunableGroup]:
+    def _working(self, groups: list[PrunableGroup]) -> tuple[list[PrunableGroup], list[str]]:
         """The groups after whose surgery the model still runs: on a copy, every other channel of
         each group in turn (`_trial_channels`) is removed and the copy run on the example input. A group
         whose surgery breaks the forward is left out (torch-pruning cannot rewrite, e.g., a
-        `split` by constant sizes in a model's forward, as CSP networks have)."""
+        `split` by constant sizes in a model's forward, as CSP networks have). Also what each left-out
+        group broke ("name (error)")."""
         working: list[PrunableGroup] = []
         broken: list[str] = []
         twin = self._trial_twin(groups, working)
@@ -321,7 +323,7 @@ class Surgeon:
             warnings.warn(f"left unpruned: {len(broken)} conv group(s) after whose surgery the model no longer runs "
                           f"(torch-pruning cannot rewrite the forward): {'; '.join(broken[:3])}"
                           f"{'; …' if len(broken) > 3 else ''}", GroupsLeftOut, stacklevel=3)
-        return working
+        return working, broken
 
     def _trial_twin(self, groups: list[PrunableGroup], pruned: list[PrunableGroup]) -> Surgeon:
         """A Surgeon of a copy of the model with `groups` (on the copy), the `_trial_channels` of
