@@ -12,9 +12,9 @@ conv keeps whole groups. A group whose blocks have one channel each (a conv feed
 conv with one input channel per group) or whose blocks a concatenation misaligns is not
 prunable and is left out, as is a group after whose surgery the model no longer runs (tried
 once on a copy, `Surgeon._working`: torch-pruning cannot rewrite a `split` by constant sizes
-or a partial residual such as `x[:, :c] += shortcut` in a model's forward). A member conv may have fewer or more channels than the root
-(concatenations, slices): `PrunableGroup.index_maps` says which root channel each of its
-channels is. Depthwise convs are never roots: their channels follow the conv that feeds them.
+or a partial residual such as `x[:, :c] += shortcut` in a model's forward). A member conv may
+have fewer or more channels than the root (concatenations, slices): `PrunableGroup.index_maps`
+says which root channel each of its channels is. Depthwise convs are never roots: their channels follow the conv that feeds them.
 """
 
 from __future__ import annotations
