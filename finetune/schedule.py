@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 
+SCHEDULES = ("step", "cosine")
+"""The fine-tuning schedules (`finetune.train.FinetuneConfig.schedule`, `--lr-schedule`)."""
+
 
 def step_lr(base_lr: float, epoch: int, *, decay: float = 0.1) -> float:
     """Learning rate of `epoch` (0-based): base_lr · decay^epoch.

@@ -15,10 +15,12 @@ from finetune import ddp
 from finetune.batches import Batches
 from finetune.batchnorm import has_batchnorm, lone_remainder
 from finetune.checkpoint import CheckpointFile, restore, save
-from finetune.schedule import step_lr
+from finetune.schedule import SCHEDULES, step_lr, warmup_cosine_lr
 
 LrSchedule = Callable[[int, int], float]
 """lr(epoch, batch): learning rate of an epoch's batch-th optimisation step (both 0-based)."""
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""loss(logits [B, K], images [B, ...], labels [B]) → scalar: the training loss (e.g. `Distillation`)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,19 @@ class FinetuneConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     lr_decay: float = 0.1
+    schedule: str = "step"
+    """"step": lr · lr_decay^epoch; "cosine": linear warm-up over `warmup` of the steps, then cosine to 0."""
+    warmup: float = 0.05
+    """Fraction of the optimisation steps the cosine schedule warms up over (at least one step)."""
+
+    def lr_at(self, steps_per_epoch: int) -> LrSchedule:
+        """The schedule lr(epoch, batch) of these settings for `steps_per_epoch` batches per epoch."""
+        if self.schedule == "step":
+            return lambda epoch, _batch: step_lr(self.lr, epoch, decay=self.lr_decay)
+        total = self.epochs * steps_per_epoch
+        warmup = max(1, round(self.warmup * total))
+        return lambda epoch, batch: warmup_cosine_lr(epoch * steps_per_epoch + batch, total=total, warmup=warmup,
+                                                     base=self.lr)
 
 
 def _one_epoch(
@@ -44,6 +59,7 @@ def _one_epoch(
     device: torch.device | str,
     desc: str,
     quiet: bool,
+    loss_fn: Loss | None = None,
 ) -> float:
     """One pass over `batches`; the mean training loss (over all ranks under DDP). Empty
     batches and, on a BatchNorm model, a one-image batch after larger ones are skipped."""
@@ -61,7 +77,8 @@ def _one_epoch(
             if augment is not None:
                 x = augment(x)
             x, y = x.to(device), y.to(device)
-            loss = nn.functional.cross_entropy(model(x), y)
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y) if loss_fn is None else loss_fn(logits, x, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -84,8 +101,9 @@ def fit(
     on_epoch_end: Callable[[int, float], None] | None = None,
     desc: str = "train",
     quiet: bool = False,
+    loss_fn: Loss | None = None,
 ) -> list[float]:
-    """Train `model` in place with cross-entropy for epochs `start_epoch`..`epochs`−1 (0-based);
+    """Train `model` in place with cross-entropy (or `loss_fn`) for epochs `start_epoch`..`epochs`−1 (0-based);
     returns the mean loss of each epoch run. `batches` is iterated once per epoch (a
     DataLoader, or `finetune.batches.Shuffled` for tensors in memory).
 
@@ -102,7 +120,7 @@ def fit(
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         loss = _one_epoch(model, batches, optimizer, epoch=epoch, lr=lr, augment=augment, device=device,
-                          desc=f"{desc} {epoch + 1}/{epochs}", quiet=quiet)
+                          desc=f"{desc} {epoch + 1}/{epochs}", quiet=quiet, loss_fn=loss_fn)
         model.eval()
         losses.append(loss)
         if on_epoch_end is not None:
@@ -119,9 +137,10 @@ def finetune(
     quiet: bool = False,
     seed: int = 0,
     checkpoint: CheckpointFile | None = None,
+    loss_fn: Loss | None = None,
 ) -> list[float]:
-    """Fine-tune `model` (or its DDP wrapper) in place with SGD and the step schedule; returns
-    each epoch's mean loss.
+    """Fine-tune `model` (or its DDP wrapper) in place with SGD and `config.schedule`; returns
+    each epoch's mean loss. `loss_fn` replaces cross-entropy (e.g. `finetune.distillation.Distillation`).
 
     With a `checkpoint` file, the state after each epoch is written to it, and a run finding a
     checkpoint there that fits `model` continues after its epoch (`finetune.checkpoint`; the
@@ -147,7 +166,7 @@ def finetune(
 
     fit(
         model, loader, optimizer, epochs=config.epochs,
-        lr=lambda epoch, _batch: step_lr(config.lr, epoch, decay=config.lr_decay), device=device,
-        start_epoch=progress.start_epoch, on_epoch_start=reseed, on_epoch_end=epoch_done, desc="fine-tune", quiet=quiet,
+        lr=config.lr_at(len(loader)), device=device, start_epoch=progress.start_epoch, on_epoch_start=reseed,
+        on_epoch_end=epoch_done, desc="fine-tune", quiet=quiet, loss_fn=loss_fn,
     )
     return progress.losses

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import scoring
+from finetune.schedule import SCHEDULES
 from prune.config import ALLOCATIONS, PruneConfig
 from prune.errors import UsageError, exit_code, one_line, usage_errors
 
@@ -75,7 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
       "batches before the next layer is scored (0: off; no effect on models without BatchNorm)")
     a("--bn-recalibration", type=int, default=DEFAULTS.bn_recalibration, metavar="BATCHES",
       help="after pruning, re-estimate BatchNorm statistics on this many training batches (0: off, as the paper)")
-    a("--epochs", type=int, default=DEFAULTS.epochs, help="fine-tuning epochs; lr is divided by 10 after each")
+    a("--epochs", type=int, default=argparse.SUPPRESS,
+      help=f"fine-tuning epochs (default {DEFAULTS.epochs}; with --reinit, a shipped model's own training recipe)")
+    a("--lr-schedule", choices=SCHEDULES, default=DEFAULTS.lr_schedule,
+      help="fine-tuning learning rate: step (lr ÷10 after each epoch, the paper's) or cosine (linear warm-up over "
+      "the first 5%% of the steps, then cosine to 0)")
+    a("--distill", action="store_true",
+      help="fine-tune with the unpruned network as teacher: (1-α)·CE + α·T²·KL(teacher ‖ student) at temperature T")
+    a("--distill-alpha", type=float, default=DEFAULTS.distill_alpha, metavar="α",
+      help="weight of the teacher's soft targets, in [0, 1]")
+    a("--distill-temperature", type=float, default=DEFAULTS.distill_temperature, metavar="T",
+      help="softmax temperature of the distillation, > 0")
+    a("--iterative-steps", type=int, default=DEFAULTS.iterative_steps, metavar="S",
+      help="reach the ratio (or target) in S equal steps, each scoring the network the last one left and "
+      "fine-tuned --step-epochs before the next")
+    a("--step-epochs", type=int, default=DEFAULTS.step_epochs, metavar="E",
+      help="fine-tuning epochs after each iterative step but the last")
+    a("--round-to", type=int, default=DEFAULTS.round_to, metavar="N",
+      help="every pruned layer keeps a multiple of N channels (at least N; the nearest multiple), as "
+      "torch-pruning's round_to; budgets count the rounded network")
+    a("--reinit", action="store_true",
+      help="train the pruned architecture from fresh weights instead of fine-tuning it (Scratch-E): a shipped "
+      "model with its own training recipe, any other with --epochs, --lr and --lr-schedule")
     a("--lr", type=float, default=DEFAULTS.lr, help="initial SGD learning rate for fine-tuning")
     a("--momentum", type=float, default=DEFAULTS.momentum, help="SGD momentum")
     a("--weight-decay", type=float, default=DEFAULTS.weight_decay, help="SGD weight decay")
@@ -122,10 +144,24 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
         scorer_options=scorer_options(args.scorer, args.scorer_opt), classes=args.classes,
         samples_per_class=args.samples_per_class, schedule=args.schedule, rounding=args.rounding,
         layer_bn_batches=args.layer_bn_batches, bn_recalibration=args.bn_recalibration,
-        finetune=not args.no_finetune, epochs=args.epochs, train_images=args.train_images, lr=args.lr,
+        finetune=not args.no_finetune, epochs=_epochs(args), train_images=args.train_images, lr=args.lr,
+        lr_schedule=args.lr_schedule, distill=args.distill, distill_alpha=args.distill_alpha,
+        distill_temperature=args.distill_temperature, iterative_steps=args.iterative_steps,
+        step_epochs=args.step_epochs, round_to=args.round_to, reinit=args.reinit,
         momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size,
         input_size=args.input_size, device=args.device, seed=args.seed,
     )
+
+
+def _epochs(args: argparse.Namespace) -> int:
+    """--epochs, or its default; UsageError for --reinit on a model without a training recipe and no --epochs."""
+    from prune.zoo.train_embedded import training_recipe
+
+    epochs = getattr(args, "epochs", None)  # absent unless given
+    if args.reinit and epochs is None and training_recipe(args.model) is None:
+        raise UsageError(f"--reinit trains the pruned {args.model} from fresh weights, and it has no shipped training "
+                         "recipe; pass the training's --epochs E (with --lr and --lr-schedule cosine)")
+    return DEFAULTS.epochs if epochs is None else epochs
 
 
 def default_out(config: PruneConfig) -> Path:

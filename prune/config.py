@@ -51,6 +51,19 @@ class PruneConfig:
     bn_recalibration: int = 0
     finetune: bool = True
     epochs: int = 3
+    lr_schedule: str = "step"
+    """"step": lr ÷10 after each epoch (the paper's); "cosine": linear warm-up, then cosine to 0."""
+    distill: bool = False
+    """Fine-tune with the unpruned network as teacher (`finetune.distillation`)."""
+    distill_alpha: float = 0.5
+    distill_temperature: float = 4.0
+    iterative_steps: int = 1
+    """Reach the ratio (or target) in this many equal steps, each fine-tuned `step_epochs` epochs."""
+    step_epochs: int = 1
+    round_to: int = 1
+    """Every pruned layer keeps a multiple of this many channels (torch-pruning's `round_to`)."""
+    reinit: bool = False
+    """Train the pruned architecture from fresh weights instead of fine-tuning (Scratch-E)."""
     train_images: int | None = None
     """Fine-tune on a fixed, class-balanced subset of this many training images (None: all)."""
     lr: float = 1e-3
@@ -90,24 +103,32 @@ class PruneConfig:
 
     def fingerprint(self) -> str:
         """Stable text of the settings that decide the result (device excluded; without a
-        target the budget fields are left out, so a ratio run keeps its earlier fingerprint)."""
+        target the budget fields are left out, and recovery fields at their defaults, so a run
+        keeps the fingerprint it had before those fields existed)."""
         d = self.as_dict()
         d.pop("device")
         if not self.has_target:
             for name in BUDGET_FIELDS:
+                d.pop(name)
+        for name in RECOVERY_FIELDS:
+            if d[name] == getattr(DEFAULTS, name):
                 d.pop(name)
         return json.dumps(d, sort_keys=True)
 
 
 PATH_FIELDS = ("weights", "data")
 BUDGET_FIELDS = ("target_flops", "target_speedup", "allocation", "max_layer_ratio")
+RECOVERY_FIELDS = ("lr_schedule", "distill", "distill_alpha", "distill_temperature", "iterative_steps",
+                   "step_epochs", "round_to", "reinit")
 FIELD_KINDS: dict[str, tuple[str, ...]] = {
     "model": ("str",), "weights": ("str", "None"), "data": ("str", "None"), "ratio": ("float",),
     "target_flops": ("float", "None"), "target_speedup": ("float", "None"), "allocation": ("str",),
     "max_layer_ratio": ("float",),
     "scorer": ("str",), "scorer_options": ("options",), "classes": ("int", "None"), "samples_per_class": ("int",),
     "schedule": ("str",), "rounding": ("str",), "layer_bn_batches": ("int",), "bn_recalibration": ("int",),
-    "finetune": ("bool",), "epochs": ("int",), "train_images": ("int", "None"), "lr": ("float",),
+    "finetune": ("bool",), "epochs": ("int",), "lr_schedule": ("str",), "distill": ("bool",),
+    "distill_alpha": ("float",), "distill_temperature": ("float",), "iterative_steps": ("int",),
+    "step_epochs": ("int",), "round_to": ("int",), "reinit": ("bool",), "train_images": ("int", "None"), "lr": ("float",),
     "momentum": ("float",), "weight_decay": ("float",), "batch_size": ("int",), "input_size": ("int", "None"),
     "device": ("str",), "seed": ("int",),
 }
@@ -138,3 +159,7 @@ def check_type(name: str, value: Any, kinds: tuple[str, ...], owner: str = "Prun
         wanted = " or ".join("a tuple of (name, value) pairs" if k == "options" else k for k in kinds)
         shown = repr(value) if len(repr(value)) <= 60 else f"a {type(value).__name__}"
         raise UsageError(f"{owner} {name}={shown} ({type(value).__name__}) must be {wanted}")
+
+
+DEFAULTS = PruneConfig()
+"""The default settings (what `python -m prune` runs with no flags)."""

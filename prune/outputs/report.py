@@ -120,6 +120,28 @@ class BudgetResult:
 
 
 @dataclass(frozen=True)
+class StepResult:
+    """One step of an iterative run (`--iterative-steps`): the channels of each prunable group
+    after it (shallow → deep), the val top-1 of the network as the step pruned it and after the
+    step's fine-tuning (None for the last step, whose fine-tuning is the run's, or without one),
+    and that fine-tuning's mean loss per epoch."""
+
+    step: int
+    channels: tuple[int, ...]
+    pruned_top1: float
+    finetuned_top1: float | None
+    losses: tuple[float, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """One entry of report.json's "steps"."""
+        return {**asdict(self), "channels": list(self.channels), "losses": list(self.losses)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepResult:
+        return cls(**{**d, "channels": tuple(d["channels"]), "losses": tuple(d.get("losses", ()))})
+
+
+@dataclass(frozen=True)
 class PruneReport:
     """Everything a run reports (`prune.run` returns it; report.json is `as_dict()`).
 
@@ -148,6 +170,8 @@ class PruneReport:
     device: str
     budget: BudgetResult | None = None
     """The target and each layer's chosen ratio when a budget replaced `--ratio`, else None."""
+    steps: tuple[StepResult, ...] = ()
+    """An iterative run's steps (`--iterative-steps` > 1), else empty."""
 
     def as_dict(self) -> dict[str, Any]:
         """The report as report.json holds it (JSON-ready, same keys in the same order)."""
@@ -167,6 +191,7 @@ class PruneReport:
             "versions": dict(self.versions),
             "device": self.device,
             "budget": None if self.budget is None else self.budget.as_dict(),
+            "steps": [step.as_dict() for step in self.steps],
         }
 
     @classmethod
@@ -188,6 +213,7 @@ class PruneReport:
             versions=dict(d["versions"]),
             device=d["device"],
             budget=None if d.get("budget") is None else BudgetResult.from_dict(d["budget"]),
+            steps=tuple(StepResult.from_dict(step) for step in d.get("steps", ())),
         )
 
 
@@ -223,6 +249,9 @@ def markdown(report: dict) -> str:
         "",
         _throughput_line(a),
         "",
+        _recovery_line(s, report["finetune_losses"]),
+        "",
+        *_step_lines(report.get("steps", [])),
         "| layer | ratio | channels before | channels after | removed |",
         "|---|---|---|---|---|",
         *[
@@ -244,6 +273,33 @@ def _throughput_line(after: dict) -> str:
         return "Throughput not measured (--no-speed)."
     return (f"Throughput on {after['device']}, batch {t['batch_size']}, {t['dtype']}, {t['threads']} threads, "
             f"{t['warmup']} warm-up batches.")
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _recovery_line(settings: dict, losses: list) -> str:
+    """How the pruned network was recovered: fine-tuning schedule, distillation, scratch training."""
+    if settings.get("reinit"):
+        return f"Recovery: trained from fresh weights (`--reinit`), {_epochs(len(losses))}."
+    if not settings["finetune"] or settings["epochs"] == 0:
+        return "Recovery: none (no fine-tuning)."
+    line = (f"Recovery: fine-tuned {_epochs(settings['epochs'])}, SGD lr {settings['lr']:g} "
+            f"({settings.get('lr_schedule', 'step')} schedule), batch {settings['batch_size']}")
+    if settings.get("distill"):
+        line += (f", distilled from the unpruned network (α {settings['distill_alpha']:g}, "
+                 f"T {settings['distill_temperature']:g})")
+    return line + "."
+
+
+def _step_lines(steps: list) -> list[str]:
+    """The iterative steps' table of report.md (none for a one-step run)."""
+    if not steps:
+        return []
+    rows = [f"| {st['step']} | {sum(st['channels'])} | {st['pruned_top1']:.4f} | "
+            f"{'' if st['finetuned_top1'] is None else format(st['finetuned_top1'], '.4f')} |" for st in steps]
+    return ["| step | channels | top-1 pruned | top-1 after the step's fine-tuning |", "|---|---|---|---|", *rows, ""]
 
 
 def _what(settings: dict) -> str:

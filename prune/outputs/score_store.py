@@ -50,18 +50,20 @@ def fits_layer(scores: object, channels: int) -> bool:
 
 
 class FileScoreStore:
-    """One file per layer, `<out>/cache/scores-<i>.pt` (a `CacheFile`): read on resume, written after scoring.
+    """One file per layer, `<out>/cache/scores-<prefix><i>.pt` (a `CacheFile`; `prefix` tells an
+    iterative run's steps apart): read on resume, written after scoring.
 
     Rank 0 reads and writes the files; what it finds is broadcast to every rank (all ranks call
     `get` and `put` in the same order). A file that is unreadable or does not fit its layer
     (`fits_layer`) counts as absent, so that layer is scored again.
     """
 
-    def __init__(self, out: Path, *, resume: bool, world: distributed.World) -> None:
-        self.out, self.resume, self.world = Path(out), resume, world
+    def __init__(self, out: Path, *, resume: bool, world: distributed.World, prefix: str = "") -> None:
+        self.out, self.resume, self.world, self.prefix = Path(out), resume, world, prefix
 
     def _file(self, i: int) -> CacheFile:
-        return CacheFile(self.out / "cache" / f"scores-{i:03d}.pt", SCORES_FORMAT, resume=self.resume, world=self.world)
+        return CacheFile(self.out / "cache" / f"scores-{self.prefix}{i:03d}.pt", SCORES_FORMAT, resume=self.resume,
+                         world=self.world)
 
     def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
         blob = self._file(i).read()

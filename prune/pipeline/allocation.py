@@ -17,7 +17,7 @@ import torch
 
 from prune.pipeline.counting import count_cost
 from prune.pipeline.importance import DEFAULT_NORMALIZE, normalize_scores
-from prune.pipeline.surgery import Surgeon, channels_to_remove
+from prune.pipeline.surgery import Surgeon, aligned_removal, channels_to_remove
 
 RATIO_GRID = tuple(k / 10 for k in range(1, 10))
 """The ratios at which the sensitivity curves are measured (0.1 … 0.9)."""
@@ -28,10 +28,11 @@ class StructureCost:
     """FLOPs fraction (pruned / unpruned, by `count_cost`) of `surgeon.model` with n_l output
     channels removed at group l; counted on pruned copies, cached by the counts."""
 
-    def __init__(self, surgeon: Surgeon, input_size: int, rounding: str = "round") -> None:
+    def __init__(self, surgeon: Surgeon, input_size: int, rounding: str = "round", round_to: int = 1) -> None:
         self.surgeon = surgeon
         self.input_size = input_size
         self.rounding = rounding
+        self.round_to = round_to
         self.channels = tuple(g.num_channels for g in surgeon.groups)
         self.blocks = tuple(g.blocks for g in surgeon.groups)
         self.unpruned = count_cost(surgeon.model, input_size=input_size).flops
@@ -43,11 +44,14 @@ class StructureCost:
 
     def counts_of(self, group: int, ratio: float) -> int:
         """Channels removed from group `group` at `ratio`."""
-        return channels_to_remove(self.channels[group], ratio, rule=self.rounding, blocks=self.blocks[group])
+        return channels_to_remove(self.channels[group], ratio, rule=self.rounding, blocks=self.blocks[group],
+                                  round_to=self.round_to)
 
     def fraction(self, counts: Sequence[int]) -> float:
-        """FLOPs of the structure with `counts` removed, as a fraction of the unpruned FLOPs."""
-        key = tuple(int(n) for n in counts)
+        """FLOPs of the structure with `counts` removed (each aligned to `round_to` as
+        `select_and_prune` aligns it), as a fraction of the unpruned FLOPs."""
+        key = tuple(aligned_removal(int(n), c, blocks=b, round_to=self.round_to)
+                    for n, c, b in zip(counts, self.channels, self.blocks))
         if key not in self._cache:
             pruned = self.surgeon.pruned_copy(key)
             self._cache[key] = count_cost(pruned, input_size=self.input_size).flops / self.unpruned

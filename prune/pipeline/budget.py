@@ -89,7 +89,7 @@ def allocator(p: Planning, cost: StructureCost) -> tuple[Callable[[float], tuple
         scores = [stored_or_scored(p.surgeon, i, g, p.scorer, p.source, p.store, p.world) for i, g in enumerate(p.surgeon.groups)]
         return (lambda f: global_ranking(cost, scores, f, cap)), None
     images = heldout(p.data, p.source, seed=p.config.seed)  # apart from the run's scoring images, whatever the scorer
-    curves = measure_curves(p.surgeon, p.scorer, p.source, images, rounding=p.config.rounding,
+    curves = measure_curves(p.surgeon, p.scorer, p.source, images, rounding=p.config.rounding, round_to=p.config.round_to,
                             batch_size=p.config.batch_size, quiet=p.quiet, refit=p.refit, world=p.world)
     increase = curves.increase()
     return (lambda f: least_loss(cost, increase, f, cap, grid=curves.ratios)), curves
@@ -98,7 +98,7 @@ def allocator(p: Planning, cost: StructureCost) -> tuple[Callable[[float], tuple
 def make_plan(p: Planning) -> Plan:
     """The plan for `p.config`'s target (the surgeon's model is left unpruned). Every rank calls it;
     a speed search is timed on rank 0 alone (the other ranks idle meanwhile) and its plan broadcast."""
-    cost = StructureCost(p.surgeon, int(p.surgeon.example.shape[-1]), p.config.rounding)
+    cost = StructureCost(p.surgeon, int(p.surgeon.example.shape[-1]), p.config.rounding, p.config.round_to)
     allocate, curves = allocator(p, cost)
     schedule = "oneshot" if p.config.allocation == "global" else p.config.schedule
     if p.config.target_speedup is None:

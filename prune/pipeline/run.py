@@ -24,6 +24,8 @@ import scoring
 from finetune import checkpoint, ddp
 from finetune.batchnorm import recalibrate_batchnorm
 from finetune.metrics import Evaluation, evaluate
+from finetune.distillation import Distillation
+from finetune.schedule import SCHEDULES
 from finetune.train import FinetuneConfig, finetune
 from prune.config import ALLOCATIONS, MAX_LAYER_RATIO, PruneConfig, check_type
 from prune.errors import UsageError, first_line, out_of_memory, usage_errors
@@ -33,12 +35,14 @@ from prune.outputs.export import check_export, export_onnx
 from prune.outputs.files import write_json
 from prune.outputs.outdir import Claim, claim, locked
 from prune.outputs.outdir import check as check_out
-from prune.outputs.report import BudgetResult, Measurement, PruneReport, write_report
+from prune.outputs.report import BudgetResult, Measurement, PruneReport, StepResult, write_report
 from prune.outputs.score_store import FileScoreStore, RememberingStore, ScoreStore
 from prune.pipeline import distributed
 from prune.pipeline.budget import Plan, Planning, planned
 from prune.pipeline.counting import count_cost
+from prune.pipeline.iterative import merged, step_counts
 from prune.pipeline.provenance import inputs_fingerprint
+from prune.pipeline.scratch import reinitialise, train_recipe
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.speed import device_name, measure_speedup, measure_throughput
 from prune.pipeline.surgery import Surgeon
@@ -55,6 +59,7 @@ from prune.zoo.data import (
     unreadable_counts,
 )
 from prune.zoo.models import ModelSpec, check_model_name, create_model
+from prune.zoo.train_embedded import training_recipe
 from scoring.hooks import forward_hooks
 from scoring.model_state import model_device
 
@@ -116,6 +121,7 @@ def validate(config: PruneConfig, out: Path | None = None) -> None:
     _check_range("--lr", config.lr, config.lr > 0, "a finite number > 0, e.g. --lr 1e-3")
     _check_range("--momentum", config.momentum, 0 <= config.momentum < 1, "in [0, 1), e.g. --momentum 0.9")
     _check_range("--weight-decay", config.weight_decay, config.weight_decay >= 0, "a finite number >= 0, e.g. 5e-4")
+    _validate_recovery(config)
     if config.train_images is not None and config.train_images < 1:
         raise UsageError(f"--train-images must be at least 1, got {config.train_images}; or leave it out for all")
     if config.classes is not None and config.classes < 1:
@@ -134,6 +140,24 @@ def validate(config: PruneConfig, out: Path | None = None) -> None:
         raise UsageError("--data is empty; pass an ImageFolder root or leave --data out for the embedded set")
     if out is not None:
         _check_paths(config, Path(out))
+
+
+def _validate_recovery(config: PruneConfig) -> None:
+    """UsageError for recovery settings that cannot work (distillation, schedules, iterative steps,
+    aligned widths, training from scratch)."""
+    if config.lr_schedule not in SCHEDULES:
+        raise UsageError(f"--lr-schedule {config.lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    tuning = [flag for flag, on in (("--distill", config.distill), ("--lr-schedule", config.lr_schedule != "step"),
+                                    ("--reinit", config.reinit)) if on]
+    if tuning and not config.finetune:
+        raise UsageError(f"{tuning[0]} trains the pruned network, but --no-finetune was given; drop one of them")
+    _check_range("--distill-alpha", config.distill_alpha, 0 <= config.distill_alpha <= 1, "in [0, 1], e.g. 0.5")
+    _check_range("--distill-temperature", config.distill_temperature, config.distill_temperature > 0,
+                 "a finite number > 0, e.g. 4")
+    for flag, value, least in (("--iterative-steps", config.iterative_steps, 1), ("--step-epochs", config.step_epochs, 0),
+                               ("--round-to", config.round_to, 1)):
+        if value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
 
 
 def _validate_budget(config: PruneConfig) -> None:
@@ -205,19 +229,24 @@ def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: tor
     )
 
 
-def _finetune(model: nn.Module, train: Dataset, config: PruneConfig, ctx: RunContext) -> list[float]:
-    """Fine-tune with a checkpoint after each epoch in --out/cache/finetune.pt (rank 0 writes it),
-    resuming from it if present; the mean loss of every epoch.
+def _finetune(model: nn.Module, train: Dataset, config: PruneConfig, ctx: RunContext, *,
+              teacher: nn.Module | None = None, epochs: int | None = None, name: str = "finetune") -> list[float]:
+    """Fine-tune `epochs` (default `config.epochs`) with `config`'s schedule, distilled from
+    `teacher` if given, with a checkpoint after each epoch in --out/cache/<name>.pt (rank 0
+    writes it), resuming from it if present; the mean loss of every epoch.
 
     Under torchrun the model is wrapped in DistributedDataParallel and each rank trains on
     its DistributedSampler share of the training set.
     """
-    ft = FinetuneConfig(epochs=config.epochs, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    file = CacheFile(ctx.out / "cache" / "finetune.pt", checkpoint.FORMAT, resume=ctx.resume, world=ctx.world)
+    ft = FinetuneConfig(epochs=config.epochs if epochs is None else epochs, lr=config.lr, momentum=config.momentum,
+                        weight_decay=config.weight_decay, schedule=config.lr_schedule)
+    file = CacheFile(ctx.out / "cache" / f"{name}.pt", checkpoint.FORMAT, resume=ctx.resume, world=ctx.world)
     sampler = ddp.sampler(train, seed=config.seed)
     loader = make_loader(train, batch_size=config.batch_size, shuffle=True, seed=config.seed, sampler=sampler)
+    loss_fn = None if teacher is None else Distillation(teacher, alpha=config.distill_alpha,
+                                                        temperature=config.distill_temperature)
     return finetune(ddp.wrap(model, ctx.device), loader, config=ft, device=ctx.device, quiet=ctx.quiet,
-                    seed=config.seed, checkpoint=file)
+                    seed=config.seed, checkpoint=file, loss_fn=loss_fn)
 
 
 @torch.no_grad()
@@ -438,17 +467,24 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
         with _timed(timings, "plan"):
             plan = _plan(config, loaded, ctx, store)
     unpruned = copy.deepcopy(loaded.model) if main and config.target_speedup is not None else None
+    teacher = copy.deepcopy(loaded.model) if config.distill else None  # the network as loaded
     with _timed(timings, "select_and_prune"):
-        decisions = _select_and_prune(config, loaded, ctx, store, plan)
+        if config.iterative_steps == 1:
+            decisions, steps = _select_and_prune(config, loaded, ctx, store, plan), []
+        else:
+            decisions, steps = _prune_iteratively(config, loaded, ctx, store, plan, teacher)
     with _timed(timings, "evaluate_pruned"):
         pruned_eval, pruned_bn_eval = _evaluate_pruned(config, loaded, ctx) if main else (None, None)
     if config.bn_recalibration > 0:
         with _timed(timings, "bn_recalibration"):
             _refit_batchnorm(config, loaded, ctx, config.bn_recalibration)
     losses: list[float] = []
-    if config.finetune and config.epochs > 0:
+    if config.reinit:
+        with _timed(timings, "scratch"):
+            losses = _train_from_scratch(config, loaded, ctx)
+    elif config.finetune and config.epochs > 0:
         with _timed(timings, "finetune"):
-            losses = _finetune(loaded.model, loaded.finetune_set, config, ctx)
+            losses = _finetune(loaded.model, loaded.finetune_set, config, ctx, teacher=teacher)
     loaded.model.eval()
     if not main:
         return None
@@ -472,6 +508,7 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
         versions=versions(),
         device=device_name(ctx.device),
         budget=None if plan is None else _budget_result(config, plan, before, after, final_speedup),
+        steps=tuple(steps),
     )
     _write_outputs(config, loaded, ctx, decisions, report, export)
     return report
@@ -516,9 +553,9 @@ def _budget_result(config: PruneConfig, plan: Plan, before: Measurement, after: 
 
 
 def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, store: ScoreStore,
-                      plan: Plan | None = None) -> list:
+                      plan: Plan | None = None, counts: list[int] | None = None) -> list:
     """Score and prune every layer, shallow → deep, with the per-layer scores kept in --out/cache:
-    at `config.ratio`, or at the `plan`'s ratios and schedule."""
+    at `config.ratio`, or at the `plan`'s ratios and schedule (or `counts` channels per layer)."""
     source = _scoring_data(config, loaded)
     refit = None
     if config.layer_bn_batches > 0:
@@ -527,9 +564,53 @@ def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, stor
     ratio, schedule = (config.ratio, config.schedule) if plan is None else (plan.ratios, plan.schedule)
     return select_and_prune(
         loaded.surgeon, loaded.scorer, source, ratio=ratio, schedule=schedule,
-        rounding=config.rounding, store=store,
+        rounding=config.rounding, round_to=config.round_to, counts=counts, store=store,
         quiet=ctx.quiet, world=ctx.world, refit=refit,
     )
+
+
+def _prune_iteratively(config: PruneConfig, loaded: Loaded, ctx: RunContext, store: ScoreStore, plan: Plan | None,
+                       teacher: nn.Module | None) -> tuple[list, list[StepResult]]:
+    """Reach the ratio (or the plan's ratios) in `config.iterative_steps` equal steps
+    (`prune.pipeline.iterative`), each scored on the network the previous step left and, but
+    the last, fine-tuned `config.step_epochs` epochs (checkpoint --out/cache/finetune-step<s>.pt);
+    the merged decisions and each step's record (val top-1 on rank 0; 0.0 elsewhere)."""
+    groups = loaded.surgeon.groups
+    original = [g.num_channels for g in groups]
+    ratios = [config.ratio] * len(groups) if plan is None else list(plan.ratios)
+    steps_total, per_step, steps = config.iterative_steps, [], []
+    for s in range(1, steps_total + 1):
+        counts = step_counts(groups, original, ratios, s, steps_total, rounding=config.rounding,
+                             round_to=config.round_to)
+        step_store = store if s == 1 else FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world, prefix=f"step{s}-")
+        per_step.append(_select_and_prune(config, loaded, ctx, step_store, plan, counts))
+        pruned_top1, tuned_top1, losses = _val_top1(config, loaded, ctx), None, []
+        if s < steps_total and config.finetune and config.step_epochs > 0:
+            losses = _finetune(loaded.model, loaded.finetune_set, config, ctx, teacher=teacher,
+                               epochs=config.step_epochs, name=f"finetune-step{s}")
+            loaded.model.eval()
+            tuned_top1 = _val_top1(config, loaded, ctx)
+        steps.append(StepResult(step=s, channels=tuple(g.num_channels for g in groups), pruned_top1=pruned_top1,
+                                finetuned_top1=tuned_top1, losses=tuple(losses)))
+    return merged(per_step), steps
+
+
+def _train_from_scratch(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> list[float]:
+    """`--reinit`: fresh weights for the pruned architecture, trained with the shipped model's
+    recipe, or else with the fine-tuning settings (`prune.pipeline.scratch`); each epoch's loss."""
+    reinitialise(loaded.model, seed=config.seed)
+    if training_recipe(config.model) is None:
+        return _finetune(loaded.model, loaded.finetune_set, config, ctx, name="scratch")
+    return train_recipe(loaded.model, loaded.finetune_set, config.model, seed=config.seed, device=ctx.device,
+                        quiet=ctx.quiet)
+
+
+def _val_top1(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> float:
+    """Top-1 of the run's model on the val split (rank 0; 0.0 on the other ranks)."""
+    if not ctx.world.is_main:
+        return 0.0
+    loader = make_loader(loaded.data.val, batch_size=config.batch_size, shuffle=False, seed=0)
+    return evaluate(loaded.model, loader, device=ctx.device).top1
 
 
 def _evaluate_pruned(config: PruneConfig, loaded: Loaded, ctx: RunContext) -> tuple[Evaluation, Evaluation]:

@@ -247,6 +247,8 @@ def select_and_prune(
     ratio: float | Sequence[float],
     schedule: str = "progressive",
     rounding: str = "round",
+    round_to: int = 1,
+    counts: Sequence[int] | None = None,
     store: ScoreStore = NO_STORE,
     refit: Callable[[], None] | None = None,
     quiet: bool = False,
@@ -263,6 +265,9 @@ def select_and_prune(
     schedule (e.g. re-estimating BatchNorm statistics), so the next group is scored on a
     network that fits. (After the last group nothing is scored; in a plain chain its own
     BatchNorm keeps exact statistics for the channels it keeps.)
+    `round_to` N keeps a multiple of N channels in every pruned group (`channels_to_remove`).
+    `counts[l]`, if given, is the number of channels removed at group l instead (a multiple of
+    its blocks; an iterative step's share).
     `source` may be None for weight-only scorers. With several processes (`world`), every
     process must call this with the same arguments; each scores its share of the classes
     and all end with the same decisions.
@@ -291,7 +296,8 @@ def select_and_prune(
             scores, (m, top1) = all_scores[i], state[i]
         else:
             (m, top1), scores = observed(group), scores_of(i, group)
-        n = channels_to_remove(before, ratios[i], rule=rounding, blocks=group.blocks)
+        n = counts[i] if counts is not None else channels_to_remove(before, ratios[i], rule=rounding,
+                                                                    blocks=group.blocks, round_to=round_to)
         removed = surgeon.feasible(group, lowest(scores, n, blocks=group.blocks), scores)
         surgeon.prune(group, removed)
         if refit is not None and schedule == "progressive" and i + 1 < len(groups):

@@ -73,7 +73,7 @@ def heldout(data: DataBundle, source: ScoringData | None, *, seed: int, per_clas
 
 
 def measure_curves(surgeon: Surgeon, scorer: scoring.Scorer, source: ScoringData | None, images: Dataset, *,
-                   rounding: str = "round", batch_size: int = 64, quiet: bool = True,
+                   rounding: str = "round", round_to: int = 1, batch_size: int = 64, quiet: bool = True,
                    refit: Callable[[nn.Module], object] | None = None,
                    world: distributed.World = distributed.SINGLE) -> SensitivityCurves:
     """The curves of every group of `surgeon` (its model is left unpruned); `images`: held-out (image,
@@ -88,7 +88,7 @@ def measure_curves(surgeon: Surgeon, scorer: scoring.Scorer, source: ScoringData
         row: list[Evaluation] = []
         for r in RATIO_GRID:
             twin = surgeon.clone()
-            n = channels_to_remove(group.num_channels, r, rule=rounding, blocks=group.blocks)
+            n = channels_to_remove(group.num_channels, r, rule=rounding, blocks=group.blocks, round_to=round_to)
             twin.prune(twin.groups[i], twin.feasible(twin.groups[i], lowest(scores, n, blocks=group.blocks), scores))
             if refit is not None:
                 refit(twin.model)

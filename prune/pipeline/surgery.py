@@ -64,22 +64,38 @@ class PrunableGroup:
         return int(self.convs[0].out_channels)
 
 
-def channels_to_remove(num_channels: int, ratio: float, *, rule: str = "round", blocks: int = 1) -> int:
+def channels_to_remove(num_channels: int, ratio: float, *, rule: str = "round", blocks: int = 1,
+                       round_to: int = 1) -> int:
     """How many of `num_channels` to remove at `ratio` (at least one channel is kept).
 
     rule "round": round(ratio·C) (the default). rule "floor-keep": keep ⌊(1−ratio)·C⌋, the
     rounding that reproduces the paper's Table 12 counts. With `blocks` > 1 (see PrunableGroup)
     the count is `blocks` times the count of one block: the same number leaves every block.
+    With `round_to` N > 1 (torch-pruning's `round_to`) the channels kept are then moved to the
+    nearest multiple of lcm(N, blocks) (torch-pruning rounds up; the nearest stays closer to
+    `ratio`), at least one such multiple and never more than C; a layer the ratio leaves
+    whole, or narrower than that multiple, keeps all its channels.
     """
     if blocks > 1:
-        return blocks * channels_to_remove(num_channels // blocks, ratio, rule=rule)
-    if rule == "round":
+        n = blocks * channels_to_remove(num_channels // blocks, ratio, rule=rule)
+    elif rule == "round":
         n = round(ratio * num_channels)
     elif rule == "floor-keep":
         n = num_channels - math.floor((1.0 - ratio) * num_channels + 1e-9)
     else:
         raise UsageError(f"unknown rounding rule {rule!r}; use 'round' or 'floor-keep'")
-    return max(0, min(n, num_channels - 1))
+    return aligned_removal(max(0, min(n, num_channels - 1)), num_channels, blocks=blocks, round_to=round_to)
+
+
+def aligned_removal(n: int, num_channels: int, *, blocks: int = 1, round_to: int = 1) -> int:
+    """`n` channels to remove changed so that the channels kept are a multiple of
+    unit = lcm(round_to, blocks): the nearest (halves up), at least one unit, at most C; `n`
+    itself when round_to is 1, 0 when n is 0 or the layer is narrower than one unit."""
+    unit = math.lcm(round_to, blocks)
+    if round_to == 1 or n == 0 or num_channels < unit:
+        return n if round_to == 1 else 0
+    nearest = math.floor((num_channels - n) / unit + 0.5) * unit
+    return num_channels - min(max(unit, nearest), num_channels // unit * unit)
 
 
 def legal_count(n: int, num_channels: int, blocks: int) -> int:

@@ -219,7 +219,8 @@ def _register_embedded() -> None:
             variant.name, input_size=variant.input_size, num_classes=len(source.CLASSES), mean=source.MEAN,
             std=source.STD,
             weights=variant.weights, data=fashion.PREFIX if on_fashion else None, crop_pct=1.0,
-            description=f"shipped VGG on {trained_on} ({'with' if variant.batch_norm else 'without'} BatchNorm)",
+            description=(f"shipped ResNet-20 on {trained_on}" if variant.arch == "resnet" else
+                         f"shipped VGG on {trained_on} ({'with' if variant.batch_norm else 'without'} BatchNorm)"),
         )(partial(build_embedded, variant.name))
 
 

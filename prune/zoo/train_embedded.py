@@ -32,11 +32,14 @@ from finetune.schedule import warmup_cosine_lr
 from finetune.train import fit
 from prune.errors import UsageError
 from prune.outputs.files import torch_save
-from prune.zoo.embedded_model import VARIANTS, EmbeddedVGG
+from prune.zoo.embedded_model import VARIANTS
 from prune.zoo.models import create_model
 from prune.zoo.shapes import DEFAULT_PER_CLASS, make_shapes
 
-__all__ = ["RECIPES", "TrainConfig", "Trained", "augment_flips", "fit_embedded", "main", "train", "train_variant"]
+__all__ = [
+    "RECIPES", "TrainConfig", "Trained", "augment_flips", "fit_embedded", "main", "train", "train_variant",
+    "training_recipe",
+]
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,14 @@ RECIPES: dict[str, TrainConfig] = {
     "embedded-plain": TrainConfig(epochs=20, batch_size=64, lr=0.015),
     "fashion": TrainConfig(epochs=12, batch_size=128, lr=0.05),
     "fashion-plain": TrainConfig(epochs=12, batch_size=64, lr=0.015),
+    "fashion-resnet": TrainConfig(epochs=15, batch_size=128, lr=0.1),
 }
 """The recipe that reproduces each shipped model (without BatchNorm: smaller batches and rate)."""
+
+
+def training_recipe(model: str) -> TrainConfig | None:
+    """The recipe the shipped `model` was trained with (None for any other model)."""
+    return RECIPES.get(model)
 
 
 def augment_flips(x: torch.Tensor, *, gen: torch.Generator, vertical: bool = True) -> torch.Tensor:
@@ -84,8 +93,9 @@ def fit_embedded(
     on_epoch_end: Callable[[int, float], None] | None = None,
     desc: str = "train",
     quiet: bool = False,
+    device: torch.device | str = "cpu",
 ) -> list[float]:
-    """Train `model` in place on images [N, 3, s, s] / labels [N] with the embedded recipe;
+    """Train `model` (on `device`) in place on images [N, 3, s, s] / labels [N] with the embedded recipe;
     returns each epoch's mean loss (`finetune.train.fit`; `on_epoch_end(epoch, loss)`, 0-based).
 
     SGD with Nesterov momentum; lr warm-up over `warmup_steps` (default `config.warmup_epochs`
@@ -105,13 +115,13 @@ def fit_embedded(
         model, batches, optimizer, epochs=config.epochs,
         lr=lambda epoch, batch: warmup_cosine_lr(epoch * per_epoch + batch, total=total, warmup=warmup, base=config.lr),
         augment=(lambda x: augment_flips(x, gen=gen, vertical=vertical_flips)) if augment else None,
-        on_epoch_end=on_epoch_end, desc=desc, quiet=quiet,
+        on_epoch_end=on_epoch_end, desc=desc, quiet=quiet, device=device,
     )
 
 
 def train(
     *, data: TensorDataset, config: TrainConfig, quiet: bool = False, variant: str = "embedded"
-) -> EmbeddedVGG:
+) -> nn.Module:
     """Train a fresh embedded model `variant` on ``data`` (images [N, 3, s, s], labels [N]) from scratch."""
     torch.manual_seed(config.seed)
     model = create_model(variant, num_classes=10, pretrained=False)
@@ -126,7 +136,7 @@ class Trained:
     """A model trained by `train_variant` (eval mode) and its record: recipe, image counts and
     side, test top-1 in [0, 1], training seconds."""
 
-    model: EmbeddedVGG
+    model: nn.Module
     config: TrainConfig
     input_size: int
     train_images: int
@@ -207,7 +217,7 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m prune.zoo.train_embedded",
-        description="Train an embedded model (EmbeddedVGG variant on shapes10 or Fashion-MNIST) and write its state_dict.",
+        description="Train an embedded model (a shipped VGG or ResNet-20 on shapes10 or Fashion-MNIST) and write its state_dict.",
     )
     defaults = TrainConfig()
     p.add_argument("--model", choices=tuple(VARIANTS), default="embedded", help="which embedded model (default %(default)s)")
