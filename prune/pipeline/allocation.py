@@ -78,9 +78,46 @@ def closest(fraction_of: Callable[[float], float], lo: float, hi: float, target:
 
 
 def uniform(cost: StructureCost, target: float, cap: float) -> tuple[float, ...]:
-    """One ratio r in [0, cap] for every group: the one whose FLOPs fraction is closest to `target`."""
+    """One ratio r in [0, cap] for every group: the one whose FLOPs fraction is closest to `target`.
+
+    With `round_to` > 1 every group's width moves in multiples that jump together as r grows, so
+    the groups are then `nudged` one multiple at a time towards the target."""
     r = closest(lambda x: cost.fraction_at([x] * len(cost.channels)), 0.0, cap, target)
-    return (r,) * len(cost.channels)
+    if cost.round_to == 1:
+        return (r,) * len(cost.channels)
+    return nudged(cost, cost.counts([r] * len(cost.channels)), target, cap)
+
+
+def aligned_widths(channels: int, unit: int, cap: float) -> list[int]:
+    """The widths a group of `channels` may keep when aligned to `unit` (multiples of it, and
+    `channels` itself), losing at most `most_removable(channels, cap)`; ascending."""
+    least = channels - most_removable(channels, cap)
+    return sorted({k for k in range(unit, channels + 1, unit) if k >= least} | {channels})
+
+
+def neighbours(widths: Sequence[int], width: int) -> list[int]:
+    """The widths just below and just above `width` in the ascending `widths` (none if it is not one)."""
+    if width not in widths:
+        return []
+    i = list(widths).index(width)
+    return [*widths[max(0, i - 1):i], *widths[i + 1:i + 2]]
+
+
+def nudged(cost: StructureCost, counts: Sequence[int], target: float, cap: float) -> tuple[float, ...]:
+    """Ratios n_l / C_l after moving single groups to a neighbouring aligned width
+    (`aligned_widths`), each time the move that brings the FLOPs fraction closest to `target`,
+    while one brings it closer."""
+    counts = list(counts)
+    best = abs(cost.fraction(counts) - target)
+    while True:
+        moves = []
+        for g, (n, c) in enumerate(zip(counts, cost.channels)):
+            for width in neighbours(aligned_widths(c, math.lcm(cost.round_to, cost.blocks[g]), cap), c - n):
+                trial = [*counts[:g], c - width, *counts[g + 1:]]
+                moves.append((abs(cost.fraction(trial) - target), g, c - width))
+        if not moves or min(moves)[0] >= best:
+            return tuple(n / c for n, c in zip(counts, cost.channels))
+        best, g, counts[g] = min(moves)
 
 
 def most_removable(channels: int, cap: float) -> int:
