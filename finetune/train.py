@@ -15,7 +15,7 @@ from finetune import ddp
 from finetune.batches import Batches
 from finetune.batchnorm import has_batchnorm, lone_remainder
 from finetune.checkpoint import CheckpointFile, restore, save
-from finetune.schedule import SCHEDULES, step_lr, warmup_cosine_lr
+from finetune.schedule import step_lr, warmup_cosine_lr
 
 LrSchedule = Callable[[int, int], float]
 """lr(epoch, batch): learning rate of an epoch's batch-th optimisation step (both 0-based)."""

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import scoring
 from finetune import checkpoint, ddp
 from finetune.batchnorm import recalibrate_batchnorm
-from finetune.metrics import Evaluation, evaluate
 from finetune.distillation import Distillation
+from finetune.metrics import Evaluation, evaluate
 from finetune.schedule import SCHEDULES
 from finetune.train import FinetuneConfig, finetune
 from prune.config import ALLOCATIONS, MAX_LAYER_RATIO, PruneConfig, check_type
