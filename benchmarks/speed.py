@@ -40,14 +40,15 @@ OPSET = 17
 """The ONNX opset of the graphs timed against ONNX Runtime (recorded in the JSON)."""
 
 
-def pruned_pair(name: str, ratio: float, input_size: int, rounding: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(unpruned, pruned) copies of model `name` with random weights."""
+def pruned_pair(name: str, ratio: float, input_size: int, rounding: str,
+                round_to: int = 1) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(unpruned, pruned) copies of model `name` with random weights (pruned widths aligned to `round_to`)."""
     torch.manual_seed(0)
     unpruned = create_model(name, num_classes=1000, pretrained=False).eval()
     pruned = create_model(name, num_classes=1000, pretrained=False).eval()
     pruned.load_state_dict(unpruned.state_dict())
     surgeon = Surgeon(pruned, torch.zeros(1, 3, input_size, input_size))
-    select_and_prune(surgeon, scoring.create("l1"), None, ratio=ratio, rounding=rounding, quiet=True)
+    select_and_prune(surgeon, scoring.create("l1"), None, ratio=ratio, rounding=rounding, round_to=round_to, quiet=True)
     return unpruned, pruned
 
 
