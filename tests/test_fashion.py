@@ -169,7 +169,7 @@ def test_images_other_than_28x28_are_one_line_exit_2(tmp_path: Path, capsys: pyt
 
 
 def test_fashion_models_are_registry_entries() -> None:
-    for name in ("fashion", "fashion-plain"):
+    for name in ("fashion", "fashion-plain", "fashion-resnet"):
         entry = model_entry(name)
         assert entry.data == "fashion-mnist" and entry.num_classes == 10 and entry.weights == VARIANTS[name].weights
         assert entry.mean == fashion.MEAN and entry.std == fashion.STD
@@ -184,6 +184,41 @@ def test_fashion_models_shapes(variant: str, side: int, batch_norm: bool) -> Non
     with forward_hooks([last_conv], lambda _m, _i, out: seen.append(out.shape)), torch.no_grad():
         logits = model(torch.zeros(1, 3, 28, 28))
     assert logits.shape == (1, 10) and seen[0][-2:] == (side, side)
+
+
+def test_fashion_resnet_is_resnet20() -> None:
+    """He et al.'s CIFAR ResNet-20: 19 convs of 3x3 and 2 projection shortcuts, 16/32/64 channels,
+    stages mapping 28x28, 14x14 and 7x7, and about 0.27M parameters."""
+    model = create_model("fashion-resnet")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(c.kernel_size == (3, 3) for c in convs) == 19 and sum(c.kernel_size == (1, 1) for c in convs) == 2
+    assert sorted({c.out_channels for c in convs}) == [16, 32, 64]
+    sides: list[int] = []
+    with forward_hooks(list(model.stages), lambda _m, _i, out: sides.append(out.shape[-1])), torch.no_grad():
+        assert model(torch.zeros(1, 3, 28, 28)).shape == (1, 10)
+    assert sides == [28, 14, 7]
+    assert 0.26e6 < sum(p.numel() for p in model.parameters()) < 0.28e6
+
+
+def test_fashion_resnet_prunes_its_residual_streams_as_groups(tmp_path: Path) -> None:
+    """Each stage's residual stream (stem or shortcut, every block's second conv) is one group:
+    pruned together, so the additions still match."""
+    import json
+
+    idx_folder(tmp_path / "fm")
+    out = tmp_path / "out"
+    result = prune_cli("--model", "fashion-resnet", "--data", f"fashion-mnist:{tmp_path / 'fm'}", "--classes", "2",
+                       "--samples-per-class", "3", "--no-finetune", "--quiet", "--scorer", "l1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    streams = [layer for layer in layers if len(layer["members"]) > 1]
+    assert len(streams) == 3 and all(len(layer["members"]) == 4 for layer in streams)  # stem/shortcut + 3 blocks
+    assert all(layer["channels_after"] == layer["channels_before"] // 2 for layer in layers)
+    from prune import load_pruned
+
+    pruned = load_pruned(out / "model.pt")
+    assert pruned(torch.zeros(2, 3, 28, 28)).shape == (2, 10)
+    assert sorted({m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)}) == [8, 16, 32]
 
 
 def test_main_job_on_an_idx_folder(tmp_path: Path) -> None:
@@ -235,7 +270,7 @@ def test_a_png_folder_gets_the_idx_readers_predictions(tmp_path: Path, variant: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("variant", "floor"), [("fashion", 0.91), ("fashion-plain", 0.89)])
+@pytest.mark.parametrize(("variant", "floor"), [("fashion", 0.91), ("fashion-plain", 0.89), ("fashion-resnet", 0.93)])
 def test_shipped_fashion_weights_reach_their_floor(variant: str, floor: float) -> None:
     """Needs the real data (`apt-get install dataset-fashion-mnist`)."""
     from finetune.metrics import evaluate
