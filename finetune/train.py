@@ -38,8 +38,9 @@ class FinetuneConfig:
     warmup: float = 0.05
     """Fraction of the optimisation steps the cosine schedule warms up over (at least one step)."""
 
-    def lr_at(self, steps_per_epoch: int) -> LrSchedule:
-        """The schedule lr(epoch, batch) of these settings for `steps_per_epoch` batches per epoch."""
+    def lr_at(self, steps_per_epoch: int | None = None) -> LrSchedule:
+        """The schedule lr(epoch, batch) of these settings for `steps_per_epoch` batches per epoch
+        (needed by the cosine schedule only)."""
         if self.schedule == "step":
             return lambda epoch, _batch: step_lr(self.lr, epoch, decay=self.lr_decay)
         total = self.epochs * steps_per_epoch
@@ -166,7 +167,7 @@ def finetune(
 
     fit(
         model, loader, optimizer, epochs=config.epochs,
-        lr=config.lr_at(len(loader)), device=device, start_epoch=progress.start_epoch, on_epoch_start=reseed,
+        lr=config.lr_at(len(loader) if config.schedule == "cosine" else None), device=device, start_epoch=progress.start_epoch, on_epoch_start=reseed,
         on_epoch_end=epoch_done, desc="fine-tune", quiet=quiet, loss_fn=loss_fn,
     )
     return progress.losses

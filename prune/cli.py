@@ -158,9 +158,12 @@ def _epochs(args: argparse.Namespace) -> int:
     from prune.zoo.train_embedded import training_recipe
 
     epochs = getattr(args, "epochs", None)  # absent unless given
-    if args.reinit and epochs is None and training_recipe(args.model) is None:
+    recipe = training_recipe(args.model) if args.reinit else None
+    if args.reinit and epochs is None and recipe is None:
         raise UsageError(f"--reinit trains the pruned {args.model} from fresh weights, and it has no shipped training "
                          "recipe; pass the training's --epochs E (with --lr and --lr-schedule cosine)")
+    if recipe is not None and epochs is not None:
+        raise UsageError(f"--reinit trains {args.model} with its own recipe ({recipe.epochs} epochs); drop --epochs")
     return DEFAULTS.epochs if epochs is None else epochs
 
 

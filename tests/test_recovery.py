@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 from finetune.distillation import Distillation, distillation_loss
 from finetune.train import FinetuneConfig, finetune
 from prune.cli import main
-from prune.pipeline.iterative import merged
+from prune.pipeline.iterative import merged, step_counts
 from prune.pipeline.scratch import reinitialise
 from prune.pipeline.selection import LayerDecision
 from prune.pipeline.surgery import aligned_removal, channels_to_remove
@@ -152,6 +152,20 @@ def test_merged_steps_name_the_original_channels() -> None:
     assert one.scores.tolist() == [1.0] * 6
 
 
+@pytest.mark.parametrize(("width", "ratio", "steps"), [(50, 0.05, 3), (10, 0.05, 3), (5, 0.1, 3), (64, 0.7, 7)])
+def test_the_last_step_lands_on_the_one_step_count(width: int, ratio: float, steps: int) -> None:
+    """ratio · s / S at s = S is not always ratio in floating point (0.05 · 3 / 3): the last step uses ratio itself."""
+    from types import SimpleNamespace
+
+    group = SimpleNamespace(num_channels=width, blocks=1)
+    removed = 0
+    for s in range(1, steps + 1):
+        n = step_counts([group], [width], [ratio], s, steps)[0]
+        removed += n
+        group.num_channels -= n
+    assert removed == channels_to_remove(width, ratio)
+
+
 @pytest.mark.parametrize("extra", [[], ["--round-to", "4"]])
 def test_iterative_steps_end_with_the_one_step_counts(tmp_path: Path, quick: list[str], extra: list[str]) -> None:
     args = [*quick, "--no-finetune", "--ratio", "0.6", *extra]
@@ -213,7 +227,7 @@ def test_reinitialise_keeps_shapes_and_changes_every_weight() -> None:
 
 
 def test_reinit_trains_the_pruned_architecture_from_fresh_weights(tmp_path: Path, quick: list[str]) -> None:
-    report = report_of([*quick, "--reinit", "--epochs", "2", "--no-speed"], tmp_path / "s")
+    report = report_of([*quick, "--reinit", "--no-speed"], tmp_path / "s")
     pruned = report_of([*quick, "--epochs", "2", "--no-speed"], tmp_path / "p")
     assert report["layers"] == pruned["layers"]  # the same architecture
     assert report["after"]["params"] == pruned["after"]["params"]
@@ -239,6 +253,9 @@ def test_reinit_trains_the_pruned_architecture_from_fresh_weights(tmp_path: Path
     (["--round-to", "8.5"], ["--round-to"]),
     (["--lr-schedule", "linear"], ["--lr-schedule"]),
     (["--model", "resnet18", "--reinit"], ["--reinit", "--epochs"]),
+    (["--reinit", "--epochs", "2"], ["--reinit", "recipe", "drop --epochs"]),
+    (["--reinit", "--distill"], ["--reinit", "--distill"]),
+    (["--reinit", "--iterative-steps", "3"], ["--reinit", "--iterative-steps"]),
 ])
 def test_bad_recovery_input_is_one_line(tmp_path: Path, quick: list[str], capsys: pytest.CaptureFixture[str],
                                         flags: list[str], words: list[str]) -> None:

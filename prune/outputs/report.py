@@ -281,16 +281,21 @@ def _epochs(n: int) -> str:
 
 def _recovery_line(settings: dict, losses: list) -> str:
     """How the pruned network was recovered: fine-tuning schedule, distillation, scratch training."""
+    aligned = f" Widths aligned to multiples of {settings['round_to']}." if settings.get("round_to", 1) > 1 else ""
     if settings.get("reinit"):
-        return f"Recovery: trained from fresh weights (`--reinit`), {_epochs(len(losses))}."
+        return (f"Recovery: the pruned architecture trained from fresh weights (`--reinit`), {_epochs(len(losses))} "
+                "(a shipped model: its own training recipe).") + aligned
+    steps = settings.get("iterative_steps", 1)
+    stepped = (f" Reached in {steps} steps, {_epochs(settings['step_epochs'])} of fine-tuning after each but the last."
+               if steps > 1 else "")
     if not settings["finetune"] or settings["epochs"] == 0:
-        return "Recovery: none (no fine-tuning)."
+        return "Recovery: no final fine-tuning." + stepped + aligned
     line = (f"Recovery: fine-tuned {_epochs(settings['epochs'])}, SGD lr {settings['lr']:g} "
             f"({settings.get('lr_schedule', 'step')} schedule), batch {settings['batch_size']}")
     if settings.get("distill"):
         line += (f", distilled from the unpruned network (α {settings['distill_alpha']:g}, "
                  f"T {settings['distill_temperature']:g})")
-    return line + "."
+    return line + "." + stepped + aligned
 
 
 def _step_lines(steps: list) -> list[str]:

@@ -151,6 +151,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+@torch.no_grad()
+def same_state(model: torch.nn.Module, world: World) -> None:
+    """Every rank's `model` takes rank 0's parameters and buffers (DDP keeps the parameters equal,
+    but each rank's last training forward updates its BatchNorm statistics from its own batch)."""
+    if not world.active:
+        return
+    for tensor in model.state_dict().values():
+        torch.distributed.broadcast(tensor, src=0)
+
+
 def shard(items: Sequence[T], world: World) -> list[T]:
     """This rank's share of `items` (round-robin: items rank, rank + size, ...)."""
     return list(items[world.rank :: world.size])

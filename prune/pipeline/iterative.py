@@ -28,7 +28,8 @@ def step_counts(groups: Sequence[PrunableGroup], original: Sequence[int], ratios
     `original` width (rounded as `channels_to_remove`, aligned to `round_to`)."""
     counts = []
     for group, width, ratio in zip(groups, original, ratios):
-        total = channels_to_remove(width, ratio * step / steps, rule=rounding, blocks=group.blocks, round_to=round_to)
+        share = ratio if step == steps else ratio * step / steps  # the last step exactly at `ratio`
+        total = channels_to_remove(width, share, rule=rounding, blocks=group.blocks, round_to=round_to)
         counts.append(max(0, total - (width - group.num_channels)))
     return counts
 

@@ -151,6 +151,12 @@ def _validate_recovery(config: PruneConfig) -> None:
                                     ("--reinit", config.reinit)) if on]
     if tuning and not config.finetune:
         raise UsageError(f"{tuning[0]} trains the pruned network, but --no-finetune was given; drop one of them")
+    if config.reinit and (config.distill or config.iterative_steps > 1):
+        other = "--distill" if config.distill else "--iterative-steps"
+        raise UsageError(f"--reinit trains the pruned architecture from fresh weights, which {other} would not "
+                         "change; drop one of them")
+    if config.reinit and config.epochs < 1:
+        raise UsageError("--reinit needs at least one training epoch; pass --epochs E (E >= 1)")
     _check_range("--distill-alpha", config.distill_alpha, 0 <= config.distill_alpha <= 1, "in [0, 1], e.g. 0.5")
     _check_range("--distill-temperature", config.distill_temperature, config.distill_temperature > 0,
                  "a finite number > 0, e.g. 4")
@@ -589,6 +595,7 @@ def _prune_iteratively(config: PruneConfig, loaded: Loaded, ctx: RunContext, sto
             losses = _finetune(loaded.model, loaded.finetune_set, config, ctx, teacher=teacher,
                                epochs=config.step_epochs, name=f"finetune-step{s}")
             loaded.model.eval()
+            distributed.same_state(loaded.model, ctx.world)  # the next step scores the same network everywhere
             tuned_top1 = _val_top1(config, loaded, ctx)
         steps.append(StepResult(step=s, channels=tuple(g.num_channels for g in groups), pruned_top1=pruned_top1,
                                 finetuned_top1=tuned_top1, losses=tuple(losses)))
