@@ -19,21 +19,22 @@ against the achieved FLOPs fraction).
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.common import markdown_table, new_figure, save_figure
 from benchmarks.compare import (
     Study,
     fmt,
+    given_settings,
     load_runs,
     mean_ci,
     paired,
+    run_every_arm,
     run_main_job,
     run_path,
-    run_seeds,
     study_config,
+    study_parser,
     summarise,
     write_summary,
 )
@@ -153,29 +154,20 @@ def report(settings: Settings) -> dict:
 
 
 def parse(argv: list[str] | None) -> tuple[Settings, bool]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.budget", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=tuple(PRESETS), default="full")
+    p = study_parser("python -m benchmarks.budget", __doc__, PRESETS)
     p.add_argument("--quick", action="store_true", help="the quick preset (same as --preset quick)")
-    p.add_argument("--testbeds", nargs="+", default=None)
     p.add_argument("--scorers", nargs="+", default=None)
     p.add_argument("--allocations", nargs="+", default=None, choices=ALLOCATIONS)
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1 per arm")
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (one thread each)")
-    p.add_argument("--results", type=Path, default=None, help="results folder (default benchmarks/results)")
-    p.add_argument("--report-only", action="store_true", help="summarise the finished runs, run nothing")
     args = p.parse_args(argv)
-    given = {"testbeds": args.testbeds and tuple(args.testbeds), "scorers": args.scorers and tuple(args.scorers),
-             "allocations": args.allocations and tuple(args.allocations), "seeds": args.seeds, "jobs": args.jobs,
-             "results": args.results}
     preset = PRESETS["quick" if args.quick else args.preset]
-    return replace(preset, **{k: v for k, v in given.items() if v is not None}), args.report_only
+    return given_settings(preset, args, scorers=args.scorers and tuple(args.scorers),
+                          allocations=args.allocations and tuple(args.allocations)), args.report_only
 
 
 def main(argv: list[str] | None = None) -> int:
     settings, report_only = parse(argv)
     if not report_only:
-        run_seeds(settings, {(tb, arm): settings.seeds for tb in settings.testbeds for arm in settings.arms_of(tb)},
-                  job=run_one)
+        run_every_arm(settings, run_one)
     report(settings)
     return 0
 

@@ -264,6 +264,11 @@ def run_seeds(settings: Study, seeds: dict[tuple[str, str], int], job: Callable[
                   f"({r['seconds']:.0f}s)", flush=True)
 
 
+def run_every_arm(settings: Study, job: Callable[..., dict]) -> None:
+    """`run_seeds` with seeds 0..settings.seeds-1 for every arm (`settings.arms_of`) of every testbed."""
+    run_seeds(settings, {(tb, arm): settings.seeds for tb in settings.testbeds for arm in settings.arms_of(tb)}, job=job)
+
+
 def summarise(runs: list[dict], testbed: str, arms: tuple[str, ...]) -> list[dict]:
     """One row per arm of `testbed`: mean and 95% half-width of each accuracy over seeds."""
     rows = []
@@ -386,6 +391,25 @@ def compare(settings: Settings) -> dict:
             seeds[key] = min(settings.max_seeds, seeds[key] + 2)
         print(f"half-width above {settings.target_halfwidth}: seeds now "
               f"{ {f'{tb}/{arm}': seeds[tb, arm] for tb, arm in short} }", flush=True)
+
+
+def study_parser(prog: str, doc: str, presets: dict) -> argparse.ArgumentParser:
+    """The flags every seeded study takes: --preset, --testbeds, --seeds, --jobs, --results, --report-only."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    p.add_argument("--preset", choices=tuple(presets), default="full")
+    p.add_argument("--testbeds", nargs="+", default=None)
+    p.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1 per arm")
+    p.add_argument("--jobs", type=int, default=None, help="parallel runs (one thread each)")
+    p.add_argument("--results", type=Path, default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--report-only", action="store_true", help="summarise the finished runs, run nothing")
+    return p
+
+
+def given_settings(preset: Study, args: argparse.Namespace, **fields: object) -> Study:
+    """`preset` with the study flags of `study_parser` that were given, and `fields` (None: not given)."""
+    given = {"testbeds": args.testbeds and tuple(args.testbeds), "seeds": args.seeds, "jobs": args.jobs,
+             "results": args.results, **fields}
+    return replace(preset, **{k: v for k, v in given.items() if v is not None})
 
 
 def parse(argv: list[str] | None) -> tuple[Settings, bool]:

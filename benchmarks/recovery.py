@@ -37,7 +37,6 @@ each recipe's best against scratch. A run that ends at chance (top-1 ≤ 0.15) i
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -47,11 +46,13 @@ from benchmarks.common import markdown_table, new_figure, save_figure
 from benchmarks.compare import (
     Study,
     fmt,
+    given_settings,
     load_runs,
     paired,
+    run_every_arm,
     run_main_job,
     run_path,
-    run_seeds,
+    study_parser,
     summarise,
     write_summary,
 )
@@ -283,20 +284,12 @@ def report(settings: Settings) -> dict:
 
 
 def parse(argv: list[str] | None) -> tuple[Settings, bool]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.recovery", description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=tuple(PRESETS), default="full")
-    p.add_argument("--testbeds", nargs="+", default=None)
+    p = study_parser("python -m benchmarks.recovery", __doc__, PRESETS)
     p.add_argument("--scorers", nargs="+", default=None)
     p.add_argument("--recipes", nargs="+", default=None, choices=tuple(RECIPES))
-    p.add_argument("--seeds", type=int, default=None, help="seeds 0..n-1 per arm")
-    p.add_argument("--jobs", type=int, default=None, help="parallel runs (one thread each)")
-    p.add_argument("--results", type=Path, default=None, help="results folder (default benchmarks/results)")
-    p.add_argument("--report-only", action="store_true", help="summarise the finished runs, run nothing")
     args = p.parse_args(argv)
-    given = {"testbeds": args.testbeds and tuple(args.testbeds), "scorers": args.scorers and tuple(args.scorers),
-             "recipes": args.recipes and tuple(args.recipes), "seeds": args.seeds, "jobs": args.jobs,
-             "results": args.results}
-    return replace(PRESETS[args.preset], **{k: v for k, v in given.items() if v is not None}), args.report_only
+    return given_settings(PRESETS[args.preset], args, scorers=args.scorers and tuple(args.scorers),
+                          recipes=args.recipes and tuple(args.recipes)), args.report_only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -307,8 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(settings, testbeds=tuple(lrs), lrs=tuple(lrs.items()))  # a testbed without one has no runs
     else:
         settings = with_tuned_lrs(settings)
-        run_seeds(settings, {(tb, arm): settings.seeds for tb in settings.testbeds for arm in settings.arms_of(tb)},
-                  job=run_one)
+        run_every_arm(settings, run_one)
     report(settings)
     return 0
 
