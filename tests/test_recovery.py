@@ -135,6 +135,14 @@ def test_a_flops_target_with_round_to_lands_within_3_percent(tmp_path: Path, qui
     assert all(layer["channels_after"] % 8 == 0 for layer in report["layers"])
 
 
+def test_round_to_respects_the_layer_cap_of_a_target(tmp_path: Path, quick: list[str]) -> None:
+    """A FLOPs target beyond reach with at most half of each layer removed: aligned widths stay within the cap."""
+    report = report_of([*quick, "--no-finetune", "--target-flops", "0.1", "--max-layer-ratio", "0.5", "--round-to", "8",
+                        "--no-speed"], tmp_path / "cap")
+    for layer in report["layers"]:
+        assert layer["channels_after"] * 2 >= layer["channels_before"] and layer["channels_after"] % 8 == 0
+
+
 # --- iterative pruning
 
 

@@ -106,13 +106,15 @@ def neighbours(widths: Sequence[int], width: int) -> list[int]:
 def nudged(cost: StructureCost, counts: Sequence[int], target: float, cap: float) -> tuple[float, ...]:
     """Ratios n_l / C_l after moving single groups to a neighbouring aligned width
     (`aligned_widths`), each time the move that brings the FLOPs fraction closest to `target`,
-    while one brings it closer."""
-    counts = list(counts)
+    while one brings it closer. A group whose aligned count passes `cap` starts at the narrowest
+    aligned width the cap allows."""
+    widths = [aligned_widths(c, math.lcm(cost.round_to, b), cap) for c, b in zip(cost.channels, cost.blocks)]
+    counts = [c - min(w for w in ws if w >= c - n) for n, c, ws in zip(counts, cost.channels, widths)]
     best = abs(cost.fraction(counts) - target)
     while True:
         moves = []
         for g, (n, c) in enumerate(zip(counts, cost.channels)):
-            for width in neighbours(aligned_widths(c, math.lcm(cost.round_to, cost.blocks[g]), cap), c - n):
+            for width in neighbours(widths[g], c - n):
                 trial = [*counts[:g], c - width, *counts[g + 1:]]
                 moves.append((abs(cost.fraction(trial) - target), g, c - width))
         if not moves or min(moves)[0] >= best:
