@@ -276,8 +276,14 @@ def report(settings: Settings) -> dict:
         unpruned = next((r["top1_unpruned"] for r in rows if r["testbed"] == tb), None)
         failed = [f"{r['scorer']} ({r['at_chance']} of {r['seeds']})" for r in rows if r["testbed"] == tb
                   and r["at_chance"]]
-        text += [f"## {tb} (unpruned top-1 {unpruned})", "", table(rows, settings, tb), "",
-                 diff_table(diffs, tb), ""]
+        mine = [r for r in rows if r["testbed"] == tb]
+        text += [f"## {tb}" + ("" if unpruned is None else f" (unpruned top-1 {unpruned:.4f})"), "",
+                 table(rows, settings, tb), ""]
+        if mine:
+            best = max(mine, key=lambda r: r["top1"])
+            text += [f"Best: `{best['scorer']}` {fmt(best['top1'], best['top1_hw95'])} over {best['seeds']} seed(s), "
+                     f"{best['top1'] - unpruned:+.4f} against the unpruned network.", ""]
+        text += [diff_table(diffs, tb), ""]
         if failed:
             text += ["Runs at chance (top-1 ≤ 0.15, kept in the means): " + ", ".join(failed), ""]
     return write_summary(settings, {"rows": rows, "paired": diffs, "lrs": dict(settings.lrs), "runs": runs}, text, plot)
