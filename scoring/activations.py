@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
-from scoring.chunked import ChunkedScorer
+from scoring.chunked import PerClassSums
 from scoring.registry import register
 
 
@@ -76,7 +76,7 @@ class APoZScorer(Scorer):
     needs_data=True,
     description="class selectivity index of the mean unit response (Morcos et al. 2018)",
 )
-class SelectivityScorer(ChunkedScorer):
+class SelectivityScorer(PerClassSums):
     """score[c] = (μ_max − μ_rest) / (μ_max + μ_rest); [C], higher = keep.
 
     μ_k[c] = mean over class k's images of the mean over positions of unit c; μ_max is the
@@ -90,30 +90,9 @@ class SelectivityScorer(ChunkedScorer):
             raise ValueError(f"scorer 'selectivity' compares classes and needs at least 2, got {classes}; "
                              "pass --classes 2 or more, or choose another --scorer")
 
-    def reset(self, layer: LayerSpec) -> None:
-        super().reset(layer)
-        self._sums: dict[int, torch.Tensor] = {}
-        self._counts: dict[int, int] = {}
-
     def per_image(self, batch: ClassBatch) -> torch.Tensor:
         """Activations [n, C, m, m] → each image's spatial mean per unit [n, C] float64."""
         return checked_activations(self, batch).mean(dim=(2, 3))
-
-    def reduce_class(self, class_index: int, stats: torch.Tensor) -> None:
-        """Means [N, C] of one class → their sum [C] and N into class `class_index`'s totals."""
-        self._sums[class_index] = self._sums.get(class_index, 0) + stats.sum(dim=0)
-        self._counts[class_index] = self._counts.get(class_index, 0) + stats.shape[0]
-
-    def state(self) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
-        """Per-class sums of spatial means [C] and image counts seen so far."""
-        self.end_class()
-        return dict(self._sums), dict(self._counts)
-
-    def merge(self, states: Sequence[tuple[dict[int, torch.Tensor], dict[int, int]]]) -> None:
-        for sums, counts in states:
-            for k, v in sums.items():
-                self._sums[k] = self._sums.get(k, 0) + v
-                self._counts[k] = self._counts.get(k, 0) + counts[k]
 
     def compute(self) -> torch.Tensor:
         self.end_class()

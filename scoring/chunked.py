@@ -13,6 +13,7 @@ scores, are those of one update with the whole class.
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -63,3 +64,37 @@ class ChunkedScorer(Scorer):
     @abstractmethod
     def reduce_class(self, class_index: int, stats: Any) -> None:
         """Fold one whole class's statistics (N rows, image order) into the scorer's state."""
+
+
+class PerClassSums(ChunkedScorer):
+    """A chunked scorer whose state is, per class, the sum of its images' statistics [C] and their
+    count; shards merge by adding them, and `pooled_mean` adds the classes in class order, so
+    chunks and shards give bit-identical scores. Subclasses implement `per_image` ([n, C])."""
+
+    def reset(self, layer: LayerSpec) -> None:
+        super().reset(layer)
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
+
+    def reduce_class(self, class_index: int, stats: torch.Tensor) -> None:
+        """Statistics [N, C] of one class → their sum [C] and N into class `class_index`'s totals."""
+        self._sums[class_index] = self._sums.get(class_index, 0) + stats.sum(dim=0)
+        self._counts[class_index] = self._counts.get(class_index, 0) + stats.shape[0]
+
+    def state(self) -> tuple[dict[int, torch.Tensor], dict[int, int]]:
+        """Per-class sums [C] and image counts seen so far."""
+        self.end_class()
+        return dict(self._sums), dict(self._counts)
+
+    def merge(self, states: Sequence[tuple[dict[int, torch.Tensor], dict[int, int]]]) -> None:
+        for sums, counts in states:
+            for k, v in sums.items():
+                self._sums[k] = self._sums.get(k, 0) + v
+                self._counts[k] = self._counts.get(k, 0) + counts[k]
+
+    def pooled_mean(self) -> torch.Tensor:
+        """The mean statistic [C] float64 over every image of every class seen."""
+        self.end_class()
+        if not getattr(self, "_sums", {}):
+            raise ValueError(f"{self.info.name}: no activations seen; call update() with class batches")
+        return sum(self._sums[k] for k in sorted(self._sums)) / sum(self._counts.values())
