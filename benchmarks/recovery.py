@@ -175,13 +175,15 @@ def tuned_lr(settings: Settings, testbed: str) -> float:
     """The testbed's lr from its lr.json, or chosen now (and written there)."""
     path = settings.runs_dir / testbed / "lr.json"
     if path.exists():
-        return float(json.loads(path.read_text())["lr"])
+        saved = json.loads(path.read_text())
+        if saved.get("seed", TUNING_SEED) == TUNING_SEED and saved.get("grid", list(LR_GRID)) == list(LR_GRID):
+            return float(saved["lr"])
     heldout = {}
     for lr in LR_GRID:
         heldout[lr] = tune_one(settings, testbed, lr)
         print(f"{testbed}: lr {lr:g} → held-out top-1 {heldout[lr]:.4f}", flush=True)
     best = max(LR_GRID, key=lambda lr: (heldout[lr], -lr))
-    write_json(path, {"testbed": testbed, "lr": best, "rule": f"long recipe, random scorer, seed {TUNING_SEED}; best held-out "
+    write_json(path, {"testbed": testbed, "lr": best, "seed": TUNING_SEED, "grid": list(LR_GRID), "rule": f"long recipe, random scorer, seed {TUNING_SEED}; best held-out "
                       f"top-1 on {HELDOUT_PER_CLASS} training images per class outside the fine-tuning subset",
                       "heldout_top1": {str(k): v for k, v in heldout.items()}})
     return best

@@ -4,12 +4,12 @@ channels of its layer can express adds little to the layer's nuclear norm; remov
 Per image, the layer's C post-activation maps are the rows of A [C, m·m];
 CI_c = ‖A‖_* − ‖A with row c zeroed‖_* ≥ 0 (zeroing a row never raises the nuclear norm), and
 score[c] is the mean CI_c over every scoring image (classes pooled: CHIP ignores classes, unlike
-feature entropy). Computed exactly from the Gram matrix G = A·Aᵀ [C, C] in float64: ‖A‖_* is the
-sum of the square roots of G's eigenvalues, and A with row c zeroed has the Gram matrix of G
-without row and column c (plus a zero eigenvalue), so each image costs one C×C Gram matrix and C
-symmetric eigenproblems of size C−1 instead of C + 1 SVDs of C × m² matrices. A dead unit (a
-zero row) has CI exactly 0. Per-class sums are kept apart and added in class order, so chunks and
-shards give bit-identical scores.
+feature entropy). Computed in float64 from one thin SVD per image, A = U·Σ·Vᵀ: with B = U·Σ
+[C, k], k = min(C, m²), A and B without row c have the same singular values (Vᵀ has orthonormal
+rows), so CI_c = Σσ(B) − Σσ(B without row c): C small SVDs of (C−1) × k instead of C + 1 of
+C × m² (the reference's), about C²·k² operations per image. Rounding can leave a CI a hair below 0;
+it is clamped to 0, and a dead unit (a zero row) scores exactly 0. Per-class sums are added in
+class order, so chunks and shards give bit-identical scores.
 """
 
 from __future__ import annotations
@@ -21,27 +21,19 @@ from scoring.base import ClassBatch
 from scoring.chunked import PerClassSums
 from scoring.registry import register
 
-EIG_BATCH = 64
-"""Eigenproblems solved at once (memory EIG_BATCH · C² doubles)."""
-
-
-def nuclear_norm_from_gram(gram: torch.Tensor) -> torch.Tensor:
-    """Σ √λ over the eigenvalues of symmetric PSD `gram` [..., k, k] (negative rounding clamped to 0) → [...]."""
-    if gram.shape[-1] == 0:
-        return gram.new_zeros(gram.shape[:-2])
-    return torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum(dim=-1)
+SVD_BATCH = 64
+"""Rows removed at once (memory SVD_BATCH · C · k doubles)."""
 
 
 def channel_independence(maps: torch.Tensor) -> torch.Tensor:
-    """CI [C] of one image's maps [C, m, m] (float64), as in the module doc."""
+    """CI [C] ≥ 0 of one image's maps [C, m, m] (float64), as in the module doc."""
     c = maps.shape[0]
     a = maps.reshape(c, -1)
-    gram = a @ a.T
-    whole = nuclear_norm_from_gram(gram)
-    keep = torch.tensor([[j for j in range(c) if j != i] for i in range(c)], dtype=torch.long).reshape(c, c - 1)
-    without = torch.cat([nuclear_norm_from_gram(gram[rows[:, :, None], rows[:, None, :]])
-                         for rows in keep.split(EIG_BATCH)])
-    ci = whole - without
+    u, sigma, _ = torch.linalg.svd(a, full_matrices=False)
+    b = u * sigma  # [C, k]: A without row c and B without row c share their singular values
+    keep = torch.arange(c).expand(c, c)[~torch.eye(c, dtype=torch.bool)].reshape(c, c - 1)
+    without = torch.cat([torch.linalg.svdvals(b[rows]).sum(dim=-1) for rows in keep.split(SVD_BATCH)])
+    ci = (sigma.sum() - without).clamp(min=0)
     return torch.where(a.abs().sum(dim=1) == 0, torch.zeros_like(ci), ci)
 
 

@@ -3,10 +3,11 @@ more information; keep it.
 
 score[c] = mean over every scoring image (all classes pooled: HRank ignores classes, unlike
 feature entropy, which is per class) of rank(map of channel c) [m, m], the post-activation map.
-Ranks are computed in float64 with `torch.linalg.matrix_rank`'s default tolerance (singular
-values above σ_max · max(m, m) · ε_float64 count), as the reference `torch.matrix_rank` does in
-its dtype: float32 would count fewer (its ε is 2^29 times larger). A dead unit (maps all zero) has
-rank 0, the lowest. Ranks are integers, so their per-class sums are exact whatever the chunking
+Singular values are computed in float64 and counted above `torch.linalg.matrix_rank`'s default
+tolerance for the activations' own dtype, σ_max · m · ε (float32 maps, as the reference
+`torch.matrix_rank` sees them: ε = 2^-23): float64's tolerance would count the float32 rounding of
+a rank-1 map as rank, and float32 arithmetic can misjudge a singular value near the tolerance. A
+dead unit (maps all zero) has rank 0, the lowest. Ranks are integers, so their per-class sums are exact whatever the chunking
 or sharding.
 """
 
@@ -27,7 +28,10 @@ class HRankScorer(PerClassSums):
 
     def per_image(self, batch: ClassBatch) -> torch.Tensor:
         """Activations [n, C, m, m] → each map's rank [n, C] float64."""
-        return torch.linalg.matrix_rank(checked_activations(self, batch)).to(torch.float64)
+        acts = checked_activations(self, batch)
+        dtype = batch.activations.dtype if batch.activations.is_floating_point() else torch.float64
+        tolerance = max(acts.shape[-2:]) * torch.finfo(dtype).eps
+        return torch.linalg.matrix_rank(acts, rtol=tolerance).to(torch.float64)
 
     def compute(self) -> torch.Tensor:
         return self.pooled_mean().float()

@@ -34,12 +34,15 @@ def test_hrank_counts_the_rank_of_each_map() -> None:
     assert scores.tolist() == [2.0, 2.5, 2.0, 0.0]
 
 
-def test_hrank_counts_a_tiny_but_real_singular_value() -> None:
-    """Ranks in float64 with the default tolerance: diag(1, 1e-9) has rank 2; float32's tolerance
-    (σ_max · 2 · 1.2e-7) would drop the small singular value and say 1."""
-    maps = torch.diag(torch.tensor([1.0, 1e-9])).reshape(1, 1, 2, 2)
-    assert create("hrank")(layer(1), batches(maps)).tolist() == [2.0]
-    assert int(torch.linalg.matrix_rank(maps[0, 0].float())) == 1
+def test_hrank_tolerance_follows_the_maps_precision() -> None:
+    """A rank-1 map made in float32 has rank 1 (float64's tolerance would count its rounding);
+    diag(1, 1e-9) is rank 2 given in float64 and rank 1 in float32 (below σ_max · 2 · 2^-23)."""
+    u, v = torch.rand(8, generator=torch.Generator().manual_seed(1)), torch.rand(8) + 0.1
+    outer = torch.outer(u, v).reshape(1, 1, 8, 8)  # float32 products
+    assert create("hrank")(layer(1), batches(outer)).tolist() == [1.0]
+    tiny = torch.diag(torch.tensor([1.0, 1e-9], dtype=torch.float64)).reshape(1, 1, 2, 2)
+    assert create("hrank")(layer(1), batches(tiny)).tolist() == [2.0]
+    assert create("hrank")(layer(1), batches(tiny.float())).tolist() == [1.0]
 
 
 def test_chip_equals_the_nuclear_norms_by_hand() -> None:
@@ -66,6 +69,21 @@ def test_chip_matches_svd_nuclear_norms() -> None:
         zeroed[c] = 0
         expected.append(float(whole - torch.linalg.matrix_norm(zeroed, "nuc")))
     assert channel_independence(maps).tolist() == pytest.approx(expected, abs=1e-9)
+
+
+def test_chip_stays_non_negative_with_more_channels_than_pixels() -> None:
+    """64 channels of 2x2 maps (rank ≤ 4), one row almost a multiple of another: every CI ≥ 0 and
+    equal to the SVD nuclear norms within 1e-9 of the largest singular value."""
+    torch.manual_seed(3)
+    maps = torch.relu(torch.randn(64, 2, 2, dtype=torch.float64))
+    maps[0] = 1e-4 * maps[1]
+    a = maps.reshape(64, -1)
+    whole = torch.linalg.matrix_norm(a, "nuc")
+    expected = torch.stack([whole - torch.linalg.matrix_norm(a * (torch.arange(64) != c)[:, None], "nuc")
+                            for c in range(64)])
+    got = channel_independence(maps)
+    assert (got >= 0).all()
+    assert torch.allclose(got, expected.clamp(min=0), atol=1e-9 * float(torch.linalg.svdvals(a)[0]))
 
 
 def test_chip_scores_are_the_mean_over_images() -> None:

@@ -279,15 +279,29 @@ def _epochs(n: int) -> str:
     return f"{n} epoch" + ("" if n == 1 else "s")
 
 
+def _scratch_recipe(settings: dict) -> str:
+    """What `--reinit` trained with: the shipped model's own recipe, or the fine-tuning settings."""
+    from prune.zoo.train_embedded import training_recipe
+
+    recipe = training_recipe(settings["model"])
+    if recipe is None:
+        return (f"SGD lr {settings['lr']:g} ({settings.get('lr_schedule', 'step')} schedule), "
+                f"batch {settings['batch_size']}")
+    return (f"{settings['model']}'s own training recipe (SGD Nesterov lr {recipe.lr:g}, batch {recipe.batch_size}, "
+            f"{recipe.warmup_epochs} warm-up epoch then cosine, flips)")
+
+
 def _recovery_line(settings: dict, losses: list) -> str:
     """How the pruned network was recovered: fine-tuning schedule, distillation, scratch training."""
     aligned = f" Widths aligned to multiples of {settings['round_to']}." if settings.get("round_to", 1) > 1 else ""
     if settings.get("reinit"):
-        return (f"Recovery: the pruned architecture trained from fresh weights (`--reinit`), {_epochs(len(losses))} "
-                "(a shipped model: its own training recipe).") + aligned
+        return (f"Recovery: the pruned architecture trained from fresh weights (`--reinit`), {_epochs(len(losses))}, "
+                f"with {_scratch_recipe(settings)}.") + aligned
     steps = settings.get("iterative_steps", 1)
-    stepped = (f" Reached in {steps} steps, {_epochs(settings['step_epochs'])} of fine-tuning after each but the last."
-               if steps > 1 else "")
+    tuned = settings["finetune"] and settings.get("step_epochs", 0) > 0
+    stepped = "" if steps == 1 else (f" Reached in {steps} steps, " + (
+        f"{_epochs(settings['step_epochs'])} of fine-tuning after each but the last." if tuned
+        else "without fine-tuning between them."))
     if not settings["finetune"] or settings["epochs"] == 0:
         return "Recovery: no final fine-tuning." + stepped + aligned
     line = (f"Recovery: fine-tuned {_epochs(settings['epochs'])}, SGD lr {settings['lr']:g} "

@@ -95,6 +95,25 @@ def aligned_widths(channels: int, unit: int, cap: float) -> list[int]:
     return sorted({k for k in range(unit, channels + 1, unit) if k >= least} | {channels})
 
 
+def within_cap(cost: StructureCost, counts: Sequence[int], cap: float) -> list[int]:
+    """Aligned `counts` with each group that loses more than `cap` allows moved up to the narrowest
+    aligned width the cap allows (`aligned_widths`); the counts themselves when `round_to` is 1."""
+    if cost.round_to == 1:
+        return list(counts)
+    out = []
+    for n, c, b in zip(counts, cost.channels, cost.blocks):
+        widths = aligned_widths(c, math.lcm(cost.round_to, b), cap)
+        out.append(c - min(w for w in widths if w >= c - n))
+    return out
+
+
+def capped(cost: StructureCost, ratios: Sequence[float], cap: float) -> tuple[float, ...]:
+    """`ratios` as the aligned counts `within_cap` gives them (`ratios` when `round_to` is 1)."""
+    if cost.round_to == 1:
+        return tuple(ratios)
+    return tuple(n / c for n, c in zip(within_cap(cost, cost.counts(ratios), cap), cost.channels))
+
+
 def neighbours(widths: Sequence[int], width: int) -> list[int]:
     """The widths just below and just above `width` in the ascending `widths` (none if it is not one)."""
     if width not in widths:

@@ -24,7 +24,7 @@ from prune.config import PruneConfig
 from prune.outputs.cache_file import CacheFile
 from prune.outputs.score_store import ScoreStore
 from prune.pipeline import distributed
-from prune.pipeline.allocation import StructureCost, global_ranking, least_loss, uniform
+from prune.pipeline.allocation import StructureCost, capped, global_ranking, least_loss, uniform
 from prune.pipeline.selection import ScoringData, stored_or_scored
 from prune.pipeline.sensitivity import SensitivityCurves, heldout, measure_curves, write_curves
 from prune.pipeline.speed import measure_speedup
@@ -99,7 +99,11 @@ def make_plan(p: Planning) -> Plan:
     """The plan for `p.config`'s target (the surgeon's model is left unpruned). Every rank calls it;
     a speed search is timed on rank 0 alone (the other ranks idle meanwhile) and its plan broadcast."""
     cost = StructureCost(p.surgeon, int(p.surgeon.example.shape[-1]), p.config.rounding, p.config.round_to)
-    allocate, curves = allocator(p, cost)
+    uncapped, curves = allocator(p, cost)
+
+    def allocate(target: float) -> tuple[float, ...]:  # aligned widths kept within --max-layer-ratio
+        return capped(cost, uncapped(target), p.config.max_layer_ratio)
+
     schedule = "oneshot" if p.config.allocation == "global" else p.config.schedule
     if p.config.target_speedup is None:
         return flops_plan(cost, allocate, p.config, schedule=schedule, curves=curves)

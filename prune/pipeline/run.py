@@ -155,7 +155,7 @@ def _validate_recovery(config: PruneConfig) -> None:
         other = "--distill" if config.distill else "--iterative-steps"
         raise UsageError(f"--reinit trains the pruned architecture from fresh weights, which {other} would not "
                          "change; drop one of them")
-    if config.reinit and config.epochs < 1:
+    if config.reinit and config.epochs < 1 and training_recipe(config.model) is None:
         raise UsageError("--reinit needs at least one training epoch; pass --epochs E (E >= 1)")
     _check_range("--distill-alpha", config.distill_alpha, 0 <= config.distill_alpha <= 1, "in [0, 1], e.g. 0.5")
     _check_range("--distill-temperature", config.distill_temperature, config.distill_temperature > 0,
