@@ -252,8 +252,9 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.errorbar(x, r["top1"], yerr=r["top1_hw95"], fmt="o", capsize=2,
                         color="black" if r["recipe"] == SCRATCH else f"C{scorers.index(r['criterion'])}",
                         label=r["criterion"] if r["recipe"] == "paper" else None)
-        if "top1_unpruned" in rows[0]:
-            ax.axhline(rows[0]["top1_unpruned"], color="grey", lw=0.8, ls="--")
+        unpruned = next((r["top1_unpruned"] for r in rows if r["testbed"] == tb), None)
+        if unpruned is not None:
+            ax.axhline(unpruned, color="grey", lw=0.8, ls="--", label="unpruned")
         ax.set_xticks(range(len(recipes)), recipes, rotation=30, fontsize=7)
         ax.set(title=tb, ylabel="test top-1 (mean ± 95% CI over seeds)")
         ax.legend(fontsize=7)
