@@ -182,16 +182,24 @@ def _streamed_scores(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: S
     return scorer.compute()
 
 
+SCORING_TOP1_IMAGES = 256
+"""At most this many scoring images (the first ⌊256 / K⌋ of each class, at least one) measure a
+layer's `scoring_top1`: a diagnostic, kept to a bounded cost whatever K·N."""
+
+
 def scoring_top1(model: nn.Module, source: ScoringData) -> float:
-    """Top-1 in [0, 1] of `model` (eval mode) on the scoring images of `source`, labels = their classes."""
+    """Top-1 in [0, 1] of `model` (eval mode) on the first ⌊SCORING_TOP1_IMAGES / K⌋ (at least one,
+    at most N) scoring images of each of the K classes of `source`, labels = their classes."""
     logits, labels = predict(model, _scoring_batches(source), device=model_device(model))
     return int((logits.argmax(1) == labels).sum()) / len(labels)
 
 
 def _scoring_batches(source: ScoringData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches of at most `source.batch_size` images, class by class."""
+    """(images, labels) batches of at most `source.batch_size` images, class by class: the first
+    `SCORING_TOP1_IMAGES` // K scoring images of each class."""
+    per_class = min(source.per_class, max(1, SCORING_TOP1_IMAGES // len(source.classes)))
     for cls in source.classes:
-        images = class_images(source.data, cls, source.per_class, seed=source.seed)
+        images = class_images(source.data, cls, source.per_class, seed=source.seed)[:per_class]
         for start in range(0, len(images), source.batch_size):
             batch = images[start : start + source.batch_size]
             yield batch, torch.full((len(batch),), cls, dtype=torch.long)
