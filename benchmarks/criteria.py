@@ -39,7 +39,7 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ from tqdm.auto import tqdm
 import scoring
 from benchmarks import criteria_map_size as map_size
 from benchmarks.common import (
-    RESULTS,
     ExperimentSettings,
     Setup,
     Testbed,
@@ -65,56 +64,12 @@ from benchmarks.common import (
     settings_json,
 )
 from benchmarks.compare import ARMS, EXTRA_ARMS, Arm, applies, arm_of
+from benchmarks.criteria_settings import PRESETS, SHIPPED, Settings
 from benchmarks.layers import class_batch, conv_layers, score_layer
 from benchmarks.tail import LayerTail
 from prune import UsageError, exit_code, write_json, write_text
 
 TOP_SHARE = 0.2
-SHIPPED: tuple[str, ...] = ("embedded", "embedded-plain", "fashion", "fashion-plain")
-"""The testbeds the project ships (default)."""
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What the criteria benchmark measures (frozen; `full` and `quick` presets below)."""
-
-    testbeds: tuple[str, ...] = SHIPPED
-    arms: tuple[str, ...] = tuple(a.name for a in ARMS + EXTRA_ARMS)
-    samples_per_class: int = 100
-    oracle_per_class: int = 100
-    ratio: float = 0.5
-    bootstrap: int = 20
-    random_draws: int = 200
-    n_study: tuple[int, ...] = (25, 50, 100, 200)
-    """Images per class of the N study (`--n-study TESTBED`); split-half needs 2N per class."""
-    n_study_arms: tuple[str, ...] = ("entropy", "entropy-authors", "l1", "tp-taylor")
-    map_sizes: tuple[int, ...] = (32, 64, 96)
-    """Input sides of the map-size study (`--map-size-study`, benchmarks/criteria_map_size.py)."""
-    map_size_arms: tuple[str, ...] = ("entropy", "entropy-authors", "l1", "tp-taylor")
-    seed: int = 0
-    threads: int | None = None
-    quick: bool = False
-    """Embedded data shrunk as every experiment's --quick does."""
-    quiet: bool = False
-    results: Path = RESULTS
-    name: str = "criteria"
-    custom: Testbed | None = None
-    """The `--model/--weights/--data/--input-size` network, when given (then the only testbed)."""
-
-    @property
-    def runs_dir(self) -> Path:
-        return self.results / self.name
-
-
-PRESETS = {
-    "full": Settings(),
-    "quick": Settings(testbeds=("embedded",), arms=("entropy", "l1", "random"), samples_per_class=4,
-                      oracle_per_class=6, bootstrap=3, random_draws=5, n_study=(2, 4), n_study_arms=("entropy", "l1"),
-                      map_sizes=(32, 40), map_size_arms=("entropy", "l1"), threads=1, quick=True, quiet=True,
-                      name="criteria-quick"),
-}
-
-
 # ---------------------------------------------------------------- statistics
 
 

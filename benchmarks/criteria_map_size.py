@@ -23,16 +23,13 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 import prune
 from benchmarks.common import QUICK_PER_CLASS, Testbed, fmt_rho, machine, markdown_table, new_figure, save_figure
+from benchmarks.criteria_settings import Settings
 from finetune.metrics import evaluate
-
-if TYPE_CHECKING:
-    from benchmarks.criteria import Settings
 
 Measure = Callable[["Settings", Testbed, Path], dict]
 """`benchmarks.criteria.run_testbed`: the criteria rows of a testbed, written to a path."""

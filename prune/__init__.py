@@ -47,7 +47,7 @@ _EXPORTS: dict[str, str] = {
     "select_and_prune": "prune.pipeline.selection",
     "count_cost": "prune.pipeline.counting",
     "measure_throughput": "prune.pipeline.speed",
-    "Throughput": "prune.pipeline.speed",
+    "Throughput": "prune.core.throughput",
     "DataBundle": "prune.zoo.data",
     "embedded_data": "prune.zoo.data",
     "class_images": "prune.zoo.data",
@@ -66,10 +66,10 @@ _EXPORTS: dict[str, str] = {
     "train_variant": "prune.zoo.train_embedded",
     "RECIPES": "prune.zoo.train_embedded",
     "exit_code": "prune.errors",
-    "write_json": "prune.outputs.files",
-    "write_text": "prune.outputs.files",
-    "write_bytes": "prune.outputs.files",
-    "torch_save": "prune.outputs.files",
+    "write_json": "prune.core.files",
+    "write_text": "prune.core.files",
+    "write_bytes": "prune.core.files",
+    "torch_save": "prune.core.files",
     "file_digest": "prune.pipeline.provenance",
 }
 """Public name → the module that defines it."""
@@ -86,14 +86,15 @@ __all__ = [  # the names of _EXPORTS, in its order
 if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ imports them on first use
     from prune.config import ALLOCATIONS as ALLOCATIONS
     from prune.config import PruneConfig as PruneConfig
+    from prune.core.files import torch_save as torch_save
+    from prune.core.files import write_bytes as write_bytes
+    from prune.core.files import write_json as write_json
+    from prune.core.files import write_text as write_text
+    from prune.core.throughput import Throughput as Throughput
     from prune.errors import UsageError as UsageError
     from prune.errors import exit_code as exit_code
     from prune.outputs.checkpoint import load_pruned as load_pruned
     from prune.outputs.export import onnx_bytes as onnx_bytes
-    from prune.outputs.files import torch_save as torch_save
-    from prune.outputs.files import write_bytes as write_bytes
-    from prune.outputs.files import write_json as write_json
-    from prune.outputs.files import write_text as write_text
     from prune.outputs.report import LayerResult as LayerResult
     from prune.outputs.report import Measurement as Measurement
     from prune.outputs.report import PruneReport as PruneReport
@@ -108,7 +109,6 @@ if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ import
     from prune.pipeline.selection import lowest as lowest
     from prune.pipeline.selection import score_group as score_group
     from prune.pipeline.selection import select_and_prune as select_and_prune
-    from prune.pipeline.speed import Throughput as Throughput
     from prune.pipeline.speed import measure_throughput as measure_throughput
     from prune.pipeline.surgery import Surgeon as Surgeon
     from prune.pipeline.surgery import channels_to_remove as channels_to_remove

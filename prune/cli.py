@@ -199,7 +199,7 @@ def quiet_libraries() -> Iterator[None]:
 
 def _is_main_process() -> bool:
     """False only on a non-zero rank of a torchrun launch (a stray RANK does not count)."""
-    from prune.pipeline.distributed import env_world
+    from prune.core.distributed import env_world
 
     try:
         return env_world().is_main

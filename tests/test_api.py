@@ -12,7 +12,7 @@ import pytest
 
 import prune
 from finetune.metrics import Evaluation
-from prune.outputs.files import write_json
+from prune.core.files import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = prune.PruneConfig(ratio=0.3, scorer="l1", finetune=False, classes=3, samples_per_class=5)

@@ -24,10 +24,10 @@ from torch.utils.data import TensorDataset
 
 import scoring
 from prune import PruneConfig, Surgeon, UsageError
+from prune.core.distributed import SINGLE, World
 from prune.outputs.score_store import NO_STORE
 from prune.pipeline.allocation import StructureCost, least_loss, uniform
 from prune.pipeline.budget import Planning, make_plan
-from prune.pipeline.distributed import SINGLE, World
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.sensitivity import heldout
 from prune.zoo.data import DataBundle, class_images

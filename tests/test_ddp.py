@@ -13,7 +13,7 @@ import torch
 from helpers import image_folder, small_data
 
 import scoring
-from prune.pipeline.distributed import World, shard
+from prune.core.distributed import World, shard
 from prune.pipeline.selection import ScoringData, class_batches, class_states, merged_scores
 from prune.zoo.data import choose_classes
 from prune.zoo.embedded_model import EMBEDDED_WEIGHTS, EmbeddedVGG

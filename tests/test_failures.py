@@ -111,7 +111,7 @@ def small_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     disk = tmp_path / "disk"
     mounted = _mount_tmpfs(disk, "96k")
     if not mounted:
-        from prune.outputs import files
+        from prune.core import files
 
         real = files._atomic
         used: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""Atomic writes (prune.outputs.files): content, permissions from the umask, no temp files left."""
+"""Atomic writes (prune.core.files): content, permissions from the umask, no temp files left."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from prune.outputs import files
+from prune.core import files
 
 
 @pytest.fixture

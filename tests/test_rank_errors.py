@@ -1,5 +1,5 @@
 """A failure on one torchrun rank is raised on every rank as the same exception
-(prune.pipeline.distributed.main_only / every_rank), tested with a fake World of 3 ranks."""
+(prune.core.distributed.main_only / every_rank), tested with a fake World of 3 ranks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from prune.core.distributed import SINGLE, World, every_rank, main_only
 from prune.errors import UsageError
-from prune.pipeline.distributed import SINGLE, World, every_rank, main_only
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prune.core import distributed
+from prune.core.files import torch_save
 from prune.errors import UsageError
 from prune.outputs.checkpoint import read_checkpoint
-from prune.outputs.files import torch_save
-from prune.pipeline import distributed
 
 
 class CacheFile:

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from finetune.checkpoint import state_dict_mismatch
+from prune.core.files import torch_save
+from prune.core.history import replay_history
 from prune.errors import UsageError
-from prune.outputs.files import torch_save
-from prune.pipeline.surgery import replay_history
 from prune.version import __version__
 from prune.zoo.models import ModelSpec, classifier, create_model
 from prune.zoo.registry import model_entry

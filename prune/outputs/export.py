@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from prune.core.files import write_bytes
 from prune.errors import UsageError
-from prune.outputs.files import write_bytes
 from scoring.model_state import model_device
 
 OPSET = 17

@@ -29,8 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from prune.core.files import is_temp, write_json
 from prune.errors import UsageError
-from prune.outputs.files import is_temp, write_json
 
 try:
     import fcntl

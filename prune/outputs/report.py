@@ -8,8 +8,8 @@ from typing import Any
 
 from finetune.metrics import Evaluation
 from prune.config import PruneConfig
-from prune.outputs.files import write_json, write_text
-from prune.pipeline.speed import Throughput
+from prune.core.files import write_json, write_text
+from prune.core.throughput import Throughput
 
 
 @dataclass(frozen=True)

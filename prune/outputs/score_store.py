@@ -13,28 +13,34 @@ from typing import Protocol
 
 import torch
 
+from prune.core import distributed
 from prune.outputs.cache_file import CacheFile
-from prune.pipeline import distributed
-from prune.pipeline.surgery import PrunableGroup
 
 SCORES_FORMAT = "topoprune/scores/v1"
+
+
+class ScoredLayer(Protocol):
+    """What a store needs of a layer (a `PrunableGroup`): its name and channel count."""
+
+    name: str
+    num_channels: int
 
 
 class ScoreStore(Protocol):
     """Scores [C] of layer i (higher = keep), kept between runs."""
 
-    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None: ...
+    def get(self, i: int, group: ScoredLayer) -> torch.Tensor | None: ...
 
-    def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None: ...
+    def put(self, i: int, group: ScoredLayer, scores: torch.Tensor) -> None: ...
 
 
 class _NoStore:
     """Keeps nothing: every layer is scored."""
 
-    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
+    def get(self, i: int, group: ScoredLayer) -> torch.Tensor | None:
         return None
 
-    def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None:
+    def put(self, i: int, group: ScoredLayer, scores: torch.Tensor) -> None:
         return None
 
 
@@ -65,14 +71,14 @@ class FileScoreStore:
         return CacheFile(self.out / "cache" / f"scores-{self.prefix}{i:03d}.pt", SCORES_FORMAT, resume=self.resume,
                          world=self.world)
 
-    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
+    def get(self, i: int, group: ScoredLayer) -> torch.Tensor | None:
         blob = self._file(i).read()
         if blob is None:
             return None
         scores = blob.get("scores")
         return scores if blob.get("layer") == group.name and fits_layer(scores, group.num_channels) else None
 
-    def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None:
+    def put(self, i: int, group: ScoredLayer, scores: torch.Tensor) -> None:
         self._file(i).write({"layer": group.name, "scores": scores})
 
 
@@ -83,7 +89,7 @@ class RememberingStore:
         self.inner = inner
         self._kept: dict[tuple[int, str], torch.Tensor] = {}
 
-    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
+    def get(self, i: int, group: ScoredLayer) -> torch.Tensor | None:
         kept = self._kept.get((i, group.name))
         if kept is not None and kept.numel() == group.num_channels:
             return kept
@@ -92,6 +98,6 @@ class RememberingStore:
             self._kept[i, group.name] = found
         return found
 
-    def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None:
+    def put(self, i: int, group: ScoredLayer, scores: torch.Tensor) -> None:
         self._kept[i, group.name] = scores
         self.inner.put(i, group, scores)

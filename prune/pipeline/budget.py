@@ -21,9 +21,9 @@ from torch import nn
 
 import scoring
 from prune.config import PruneConfig
+from prune.core import distributed
 from prune.outputs.cache_file import CacheFile
 from prune.outputs.score_store import ScoreStore
-from prune.pipeline import distributed
 from prune.pipeline.allocation import StructureCost, capped, global_ranking, least_loss, uniform
 from prune.pipeline.selection import ScoringData, stored_or_scored
 from prune.pipeline.sensitivity import SensitivityCurves, heldout, measure_curves, write_curves

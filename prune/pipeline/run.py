@@ -28,16 +28,16 @@ from finetune.metrics import Evaluation, evaluate
 from finetune.schedule import SCHEDULES
 from finetune.train import FinetuneConfig, finetune
 from prune.config import ALLOCATIONS, MAX_LAYER_RATIO, PruneConfig, check_type
+from prune.core import distributed
+from prune.core.files import write_json
 from prune.errors import UsageError, first_line, out_of_memory, usage_errors
 from prune.outputs.cache_file import CacheFile
 from prune.outputs.checkpoint import save_pruned
 from prune.outputs.export import check_export, export_onnx
-from prune.outputs.files import write_json
 from prune.outputs.outdir import Claim, claim, locked
 from prune.outputs.outdir import check as check_out
 from prune.outputs.report import BudgetResult, Measurement, PruneReport, StepResult, write_report
 from prune.outputs.score_store import FileScoreStore, RememberingStore, ScoreStore
-from prune.pipeline import distributed
 from prune.pipeline.budget import Plan, Planning, planned
 from prune.pipeline.counting import count_cost
 from prune.pipeline.iterative import merged, step_counts

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 
 import scoring
 from finetune.metrics import predict
+from prune.core import distributed
 from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
-from prune.pipeline import distributed
 from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units
 from prune.pipeline.surgery import PrunableGroup, Surgeon, block_positions, channels_to_remove
 from prune.zoo.data import DataBundle, class_images

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 import scoring
 from finetune.metrics import Evaluation, evaluate
+from prune.core import distributed
+from prune.core.files import write_bytes, write_json
 from prune.errors import UsageError
-from prune.outputs.files import write_bytes, write_json
-from prune.pipeline import distributed
 from prune.pipeline.allocation import RATIO_GRID
 from prune.pipeline.selection import ScoringData, lowest, score_group
 from prune.pipeline.surgery import Surgeon, channels_to_remove

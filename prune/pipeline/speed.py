@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
+from prune.core.throughput import Throughput
 from scoring.model_state import eval_mode
-
-
-@dataclass(frozen=True)
-class Throughput:
-    """img_per_s measured over `iters` batches after `warmup` batches."""
-
-    img_per_s: float
-    device: str
-    batch_size: int
-    dtype: str
-    threads: int
-    warmup: int
-    iters: int
-    channels_last: bool
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def device_name(device: torch.device) -> str:

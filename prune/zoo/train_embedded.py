@@ -30,8 +30,8 @@ from finetune.batches import Shuffled, in_order
 from finetune.metrics import evaluate
 from finetune.schedule import warmup_cosine_lr
 from finetune.train import fit
+from prune.core.files import torch_save
 from prune.errors import UsageError
-from prune.outputs.files import torch_save
 from prune.zoo.embedded_model import VARIANTS
 from prune.zoo.models import create_model
 from prune.zoo.shapes import DEFAULT_PER_CLASS, make_shapes
