@@ -22,9 +22,13 @@ class CheckpointFile(Protocol):
     """Where the checkpoint is kept. Every process calls `read` and `write` in the same order;
     `read` gives every process the same dict (or None: nothing to resume from)."""
 
-    def read(self) -> dict | None: ...
+    def read(self) -> dict | None:
+        """The saved state, the same on every process; None when there is nothing to resume from."""
+        ...
 
-    def write(self, state: dict) -> None: ...
+    def write(self, state: dict) -> None:
+        """Keep `state` (a dict of tensors and numbers) so that a later `read` returns it."""
+        ...
 
 
 def state_dict_mismatch(model: nn.Module, state: object) -> str | None:

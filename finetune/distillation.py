@@ -19,7 +19,9 @@ from torch import nn
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_TEMPERATURE", "Distillation", "distillation_loss", "frozen_teacher"]
 
 DEFAULT_ALPHA = 0.5
+"""Weight α of the teacher's soft targets in [0, 1] (`--distill-alpha`): an even split of labels and teacher."""
 DEFAULT_TEMPERATURE = 4.0
+"""Softmax temperature T > 0 (`--distill-temperature`): the common CIFAR distillation benchmarks' T."""
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor, *,

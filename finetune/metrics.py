@@ -22,6 +22,7 @@ class Evaluation:
     n: int
 
     def as_dict(self) -> dict[str, float]:
+        """The five fields as a plain dict {field: value}."""
         return asdict(self)
 
 
