@@ -19,4 +19,5 @@ class Throughput:
     channels_last: bool
 
     def as_dict(self) -> dict:
+        """The fields as report.json's "throughput" holds them."""
         return asdict(self)

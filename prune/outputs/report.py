@@ -49,6 +49,7 @@ class Measurement:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Measurement:
+        """The measurement `as_dict` wrote (report.json's "before" / "after")."""
         own = {k: v for k, v in d.items() if k not in ("img_per_s", "device")}  # stored in report.json for readers
         throughput = None if d["throughput"] is None else Throughput(**d["throughput"])
         return cls(**{**own, "throughput": throughput})
@@ -82,6 +83,7 @@ class LayerResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerResult:
+        """The layer result `as_dict` wrote (one entry of report.json's "layers")."""
         return cls(**{**d, "members": tuple(d["members"]), "removed": tuple(d["removed"])})
 
 
