@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.common import RESULTS, machine, markdown_table
 from benchmarks.speed import OPSET, onnxruntime_throughput, pruned_pair
-from prune import count_cost, exit_code, measure_throughput, onnx_bytes, write_json
+from prune import SPEED_SECONDS, count_cost, exit_code, measure_throughput, onnx_bytes, write_json
 
 ROUND_TO = (1, 8, 16, 32)
 RUNTIMES = ("eager", "eager_channels_last", "onnxruntime")
@@ -31,7 +31,7 @@ RUNTIMES = ("eager", "eager_channels_last", "onnxruntime")
 
 def timer(runtime: str, model: torch.nn.Module, graph: bytes, args: argparse.Namespace) -> float:
     """img/s of `model` (or its ONNX `graph`) in `runtime`."""
-    kw = {"input_size": args.input_size, "batch_size": args.batch_size, "warmup": args.warmup, "iters": args.iters}
+    kw = {"input_size": args.input_size, "batch_size": args.batch_size, "seconds": args.seconds}
     if runtime == "onnxruntime":
         return onnxruntime_throughput(graph, **kw).img_per_s
     return measure_throughput(model, channels_last=runtime == "eager_channels_last", **kw).img_per_s
@@ -53,8 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=SPEED_SECONDS, help="time budget of each measurement")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -82,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                                    for rt in RUNTIMES},
             "channels": [m.out_channels for m in models[n].modules() if isinstance(m, torch.nn.Conv2d)],
         } for n in args.round_to},
-        "settings": {"batch_size": args.batch_size, "threads": torch.get_num_threads(), "warmup": args.warmup,
-                     "iters": args.iters, "repeats": args.repeats, "opset": OPSET},
+        "settings": {"batch_size": args.batch_size, "threads": torch.get_num_threads(), "seconds": args.seconds,
+                     "repeats": args.repeats, "opset": OPSET},
         "measured_seconds": round(time.perf_counter() - started, 1),
         "load_average_1_5_15": {"before": [round(v, 2) for v in load_before],
                                 "after": [round(v, 2) for v in os.getloadavg()]},

@@ -4,8 +4,9 @@
 `python -m benchmarks.speed --model vgg16 --ratio 0.5 --runtime onnxruntime [--threads 1]`
 
 Random weights (the speed does not depend on them); channels chosen by the weight-only `l1`
-scorer through the main job's selection and surgery. Timing: `--warmup` batches, then
-`--iters` synchronised batches, alternating unpruned/pruned `--repeats` times, best taken.
+scorer through the main job's selection and surgery. Timing: `prune.pipeline.speed`'s (a warm-up,
+then synchronised windows to a budget of `--seconds`, their median), alternating unpruned/pruned
+`--repeats` times, best taken.
 
 `--runtime onnxruntime` (CPU): in the same process, with the same batch and threads, times
 each model in eager PyTorch (NCHW), eager channels-last, and ONNX Runtime (the graph
@@ -25,6 +26,7 @@ import torch
 import scoring
 from benchmarks.common import RESULTS, machine
 from prune import (
+    SPEED_SECONDS,
     Surgeon,
     Throughput,
     count_cost,
@@ -33,6 +35,7 @@ from prune import (
     measure_throughput,
     onnx_bytes,
     select_and_prune,
+    timed_throughput,
     write_json,
 )
 
@@ -63,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CPU, fp16 on CUDA")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=None, help="default: 3 on CPU, 30 on CUDA")
+    p.add_argument("--seconds", type=float, default=SPEED_SECONDS,
+                   help="time budget of each measurement's timed windows (prune.pipeline.speed)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
                    help="onnxruntime: also time both models in ONNX Runtime beside eager NCHW and channels-last (CPU)")
@@ -76,16 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     batch = args.batch_size or (256 if cuda else 16)
-    iters = args.iters or (30 if cuda else 3)
     unpruned, pruned = pruned_pair(args.model, args.ratio, args.input_size, args.rounding)
     flops = {k: count_cost(m, input_size=args.input_size).flops for k, m in (("unpruned", unpruned), ("pruned", pruned))}
     if args.runtime == "onnxruntime":
-        return compare_runtimes(args, {"unpruned": unpruned, "pruned": pruned}, flops, batch=batch, iters=iters)
+        return compare_runtimes(args, {"unpruned": unpruned, "pruned": pruned}, flops, batch=batch)
     best: dict[str, dict] = {}
     for _ in range(args.repeats):
         for key, model in (("unpruned", unpruned), ("pruned", pruned)):
             t = measure_throughput(model, input_size=args.input_size, batch_size=batch, device=args.device,
-                                   amp=args.amp, channels_last=args.channels_last, warmup=args.warmup, iters=iters)
+                                   amp=args.amp, channels_last=args.channels_last, seconds=args.seconds)
             if key not in best or t.img_per_s > best[key]["img_per_s"]:
                 best[key] = {**t.as_dict(), "flops": flops[key]}
     result = {
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": best["pruned"]["img_per_s"] / best["unpruned"]["img_per_s"],
         "flops_ratio": flops["unpruned"] / flops["pruned"],
         "settings": {"batch_size": batch, "amp": args.amp, "channels_last": args.channels_last,
-                     "threads": torch.get_num_threads(), "warmup": args.warmup, "iters": iters, "repeats": args.repeats},
+                     "threads": torch.get_num_threads(), "seconds": args.seconds, "repeats": args.repeats},
         "machine": machine(),
     }
     result["speedup_over_flops_ratio"] = result["speedup"] / result["flops_ratio"]
@@ -113,8 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def onnxruntime_throughput(graph: bytes, *, input_size: int, batch_size: int, warmup: int, iters: int) -> Throughput:
-    """Images per second of an ONNX `graph` in ONNX Runtime (CPU, torch's thread count) on random inputs."""
+def onnxruntime_throughput(graph: bytes, *, input_size: int, batch_size: int, seconds: float) -> Throughput:
+    """Images per second of an ONNX `graph` in ONNX Runtime (CPU, torch's thread count) on random
+    inputs, timed as `measure_throughput` times eager models."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -123,28 +126,22 @@ def onnxruntime_throughput(graph: bytes, *, input_size: int, batch_size: int, wa
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     x = {"images": torch.randn(batch_size, 3, input_size, input_size).numpy()}
-    for _ in range(warmup):
-        session.run(None, x)
-    start = time.perf_counter()
-    for _ in range(iters):
-        session.run(None, x)
-    elapsed = time.perf_counter() - start
-    return Throughput(img_per_s=batch_size * iters / elapsed, device="cpu (onnxruntime)", batch_size=batch_size,
-                      dtype="float32", threads=torch.get_num_threads(), warmup=warmup, iters=iters, channels_last=False)
+    return timed_throughput(lambda: session.run(None, x), batch_size=batch_size, seconds=seconds,
+                            label="cpu (onnxruntime)")
 
 
-def compare_runtimes(args: argparse.Namespace, models: dict, flops: dict, *, batch: int, iters: int) -> int:
+def compare_runtimes(args: argparse.Namespace, models: dict, flops: dict, *, batch: int) -> int:
     """Unpruned vs pruned in eager NCHW, eager channels-last and ONNX Runtime, one process; JSON + ratios."""
     graphs = {k: onnx_bytes(m, input_size=args.input_size, opset=OPSET) for k, m in models.items()}
     import onnxruntime  # present: onnx_bytes checked it
     load_before = os.getloadavg()
     timers = {
         "eager": lambda k: measure_throughput(models[k], input_size=args.input_size, batch_size=batch,
-                                              warmup=args.warmup, iters=iters),
+                                              seconds=args.seconds),
         "eager_channels_last": lambda k: measure_throughput(models[k], input_size=args.input_size, batch_size=batch,
-                                                            channels_last=True, warmup=args.warmup, iters=iters),
+                                                            channels_last=True, seconds=args.seconds),
         "onnxruntime": lambda k: onnxruntime_throughput(graphs[k], input_size=args.input_size, batch_size=batch,
-                                                        warmup=args.warmup, iters=iters),
+                                                        seconds=args.seconds),
     }
     best: dict[str, dict[str, dict]] = {r: {} for r in timers}
     started = time.perf_counter()
@@ -165,7 +162,7 @@ def compare_runtimes(args: argparse.Namespace, models: dict, flops: dict, *, bat
         "runtimes": best,
         "over_eager_nchw": over_eager,
         "flops_ratio": flops["unpruned"] / flops["pruned"],
-        "settings": {"batch_size": batch, "threads": torch.get_num_threads(), "warmup": args.warmup, "iters": iters,
+        "settings": {"batch_size": batch, "threads": torch.get_num_threads(), "seconds": args.seconds,
                      "repeats": args.repeats, "opset": OPSET, "onnxruntime": onnxruntime.__version__,
                      "providers": ["CPUExecutionProvider"]},
         "measured_seconds": round(time.perf_counter() - started, 1),

@@ -47,6 +47,8 @@ _EXPORTS: dict[str, str] = {
     "select_and_prune": "prune.pipeline.selection",
     "count_cost": "prune.pipeline.counting",
     "measure_throughput": "prune.pipeline.speed",
+    "timed_throughput": "prune.pipeline.speed",
+    "SPEED_SECONDS": "prune.pipeline.speed",
     "Throughput": "prune.core.throughput",
     "DataBundle": "prune.zoo.data",
     "embedded_data": "prune.zoo.data",
@@ -77,7 +79,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [  # the names of _EXPORTS, in its order
     "__version__", "PruneConfig", "ALLOCATIONS", "run", "PruneReport", "Measurement", "LayerResult", "list_models", "load_pruned",
     "as_tp_importance", "UsageError", "create_model", "load_data", "Surgeon", "select_and_prune", "count_cost",
-    "measure_throughput", "Throughput", "DataBundle", "embedded_data", "class_images", "make_loader", "model_entry",
+    "measure_throughput", "timed_throughput", "SPEED_SECONDS", "Throughput", "DataBundle", "embedded_data", "class_images", "make_loader", "model_entry",
     "ScoringData", "score_group", "class_batches", "lowest", "channels_to_remove", "collect_units", "following_norm", "onnx_bytes",
     "fit_embedded", "TrainConfig", "train_variant", "RECIPES", "exit_code", "write_json", "write_text", "write_bytes",
     "torch_save", "file_digest",
@@ -109,7 +111,9 @@ if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ import
     from prune.pipeline.selection import lowest as lowest
     from prune.pipeline.selection import score_group as score_group
     from prune.pipeline.selection import select_and_prune as select_and_prune
+    from prune.pipeline.speed import SPEED_SECONDS as SPEED_SECONDS
     from prune.pipeline.speed import measure_throughput as measure_throughput
+    from prune.pipeline.speed import timed_throughput as timed_throughput
     from prune.pipeline.surgery import Surgeon as Surgeon
     from prune.pipeline.surgery import channels_to_remove as channels_to_remove
     from prune.zoo.data import DataBundle as DataBundle

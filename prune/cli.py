@@ -15,6 +15,7 @@ import scoring
 from finetune.schedule import SCHEDULES
 from prune.config import ALLOCATIONS, PruneConfig
 from prune.errors import UsageError, exit_code, one_line, usage_errors
+from prune.pipeline.speed import SPEED_SECONDS
 
 if TYPE_CHECKING:
     from prune.outputs.report import PruneReport
@@ -117,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="replace an --out folder that holds a different run")
     a("--no-speed", action="store_true",
       help="skip the img/s measurement before and after (report.json's img_per_s is null); not with --target-speedup")
+    a("--speed-seconds", type=float, default=SPEED_SECONDS, metavar="S",
+      help="time budget of each img/s measurement: a warm-up, then timed windows (at least 3, at most 10) "
+      "until S seconds have passed; report.json holds their median and spread")
     a("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -222,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             import prune
 
             report = prune.run(config, out=out, overwrite=args.overwrite, quiet=args.quiet, export=args.export,
-                               speed=not args.no_speed)
+                               speed=not args.no_speed, speed_seconds=args.speed_seconds)
         if report is not None:
             print(summary_line(report, out))
         return 0

@@ -274,8 +274,14 @@ def _throughput_line(after: dict) -> str:
     t = after["throughput"]
     if t is None:
         return "Throughput not measured (--no-speed)."
-    return (f"Throughput on {after['device']}, batch {t['batch_size']}, {t['dtype']}, {t['threads']} threads, "
-            f"{t['warmup']} warm-up batches.")
+    line = (f"Throughput on {after['device']}, batch {t['batch_size']}, {t['dtype']}, {t['threads']} threads, "
+            f"{t['warmup']} warm-up batches")
+    if t.get("spread") is None:
+        return line + "."
+    low, high = t["spread"]
+    per_window = t["iters"] // t["windows"]
+    return line + (f", then the median of {t['windows']} timed windows of {per_window} batch"
+                   f"{'' if per_window == 1 else 'es'} ({low:.1f}–{high:.1f} img/s; budget {t['seconds']:g} s).")
 
 
 def _epochs(n: int) -> str:

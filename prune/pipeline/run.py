@@ -44,7 +44,7 @@ from prune.pipeline.iterative import merged, step_counts
 from prune.pipeline.provenance import inputs_fingerprint
 from prune.pipeline.scratch import reinitialise, train_recipe
 from prune.pipeline.selection import ScoringData, select_and_prune
-from prune.pipeline.speed import device_name, measure_speedup, measure_throughput
+from prune.pipeline.speed import SPEED_SECONDS, device_name, measure_speedup, measure_throughput
 from prune.pipeline.surgery import Surgeon
 from prune.version import __version__
 from prune.zoo.data import (
@@ -220,14 +220,15 @@ def _timed(timings: dict[str, float], stage: str):
 
 
 def measure(model: nn.Module, data: DataBundle, config: PruneConfig, device: torch.device, quiet: bool,
-            speed: bool = True) -> Measurement:
+            speed_seconds: float | None = SPEED_SECONDS) -> Measurement:
     """Params, MACs, FLOPs, accuracies and img/s of `model` (the report's before/after; img/s
-    only with `speed`, else its throughput is None)."""
+    timed to a budget of `speed_seconds`, or not measured (throughput None) where it is None)."""
     loader = make_loader(data.val, batch_size=config.batch_size, shuffle=False, seed=config.seed)
     ev = evaluate(model, loader, device=device, quiet=quiet)
     if ev.n == 0:
         raise UsageError(f"no val image could be decoded ({unreadable_counts(data)['val']} unreadable); replace them")
-    throughput = measure_throughput(model, input_size=data.input_size, batch_size=32, device=device) if speed else None
+    throughput = None if speed_seconds is None else measure_throughput(
+        model, input_size=data.input_size, batch_size=32, device=device, seconds=speed_seconds)
     cost = count_cost(model, input_size=data.input_size)
     return Measurement(
         params=cost.params, macs=cost.macs, flops=cost.flops, top1=ev.top1, top5=ev.top5,
@@ -317,8 +318,9 @@ class RunContext:
     out: Path
     resume: bool = False
     quiet: bool = False
-    speed: bool = True
-    """Measure img/s before and after (`prune.run(speed=False)`, `--no-speed`: skipped)."""
+    speed_seconds: float | None = SPEED_SECONDS
+    """Time budget of the img/s measurements before and after (`--speed-seconds`); None: not
+    measured (`prune.run(speed=False)`, `--no-speed`)."""
 
 
 @dataclass(frozen=True)
@@ -390,7 +392,7 @@ def _claim(out: Path, config: PruneConfig, data: DataBundle, overwrite: bool, wo
 
 
 def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet: bool = False,
-        export: str | None = None, speed: bool = True) -> PruneReport | None:
+        export: str | None = None, speed: bool = True, speed_seconds: float = SPEED_SECONDS) -> PruneReport | None:
     """Run the main job and write its outputs into `out`; returns the report (report.json is its `as_dict()`).
 
     Bad input raises UsageError before `out` is touched. Any failure found later (NaN units in
@@ -400,10 +402,11 @@ def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet:
     resume needs. Started by torchrun, every process runs this: scoring is split by class,
     fine-tuning uses DDP, rank 0 writes every file and returns the report (other ranks return
     None). `export="onnx"` also writes `out/model.onnx`; `speed=False` skips the img/s
-    measurement (report's throughput None; not with a speed target). Both are output options,
-    not settings that decide the result.
+    measurement (report's throughput None; not with a speed target), `speed_seconds` bounds it
+    (`measure_throughput`). These are output options, not settings that decide the result.
     """
-    _check_arguments(config, out, overwrite=overwrite, quiet=quiet, export=export, speed=speed)
+    _check_arguments(config, out, overwrite=overwrite, quiet=quiet, export=export, speed=speed,
+                     speed_seconds=speed_seconds)
     if not speed and config.target_speedup is not None:
         raise UsageError("--target-speedup measures img/s; leave out --no-speed")
     validate(config, out)
@@ -416,7 +419,7 @@ def run(config: PruneConfig, *, out: str | Path, overwrite: bool = False, quiet:
     world = distributed.init(device)
     try:
         return _run(config, Path(out), overwrite, quiet or not world.is_main, world,
-                    distributed.local_device(device, world), export, speed)
+                    distributed.local_device(device, world), export, speed_seconds if speed else None)
     finally:
         if joined:
             distributed.shutdown()
@@ -433,10 +436,15 @@ def _check_arguments(config: object, out: object, **flags: object) -> None:
     check_type("quiet", flags["quiet"], ("bool",), "prune.run")
     check_type("export", flags["export"], ("str", "None"), "prune.run")
     check_type("speed", flags["speed"], ("bool",), "prune.run")
+    seconds = flags["speed_seconds"]
+    check_type("speed_seconds", seconds, ("float",), "prune.run")
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise UsageError(f"--speed-seconds {seconds} must be a finite number of seconds >= 0, e.g. --speed-seconds 3")
 
 
 def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: distributed.World,
-         device: torch.device, export: str | None = None, speed: bool = True) -> PruneReport | None:
+         device: torch.device, export: str | None = None, speed_seconds: float | None = SPEED_SECONDS
+         ) -> PruneReport | None:
     timings: dict[str, float] = {}
     torch.manual_seed(config.seed)
     with _timed(timings, "load"):
@@ -449,7 +457,8 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
         claimed = None
         try:
             claimed, resume = _claim(out, config, loaded.data, overwrite, world, stack)
-            ctx = RunContext(world=world, device=device, out=out, resume=resume, quiet=quiet, speed=speed)
+            ctx = RunContext(world=world, device=device, out=out, resume=resume, quiet=quiet,
+                             speed_seconds=speed_seconds)
             report = _job(config, loaded, ctx, timings, export)
         except Exception as exc:  # any failure puts `out` back as it was; an interruption keeps it for resume
             if (lost := distributed.peer_lost(exc, world, out)) is not None:
@@ -467,7 +476,7 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
     """measure → select and prune → fine-tune → measure → write (files by rank 0 only)."""
     main = ctx.world.is_main
     with _timed(timings, "evaluate_before"):
-        before = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet, ctx.speed) if main else None
+        before = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet, ctx.speed_seconds) if main else None
     plan, store = None, RememberingStore(FileScoreStore(ctx.out, resume=ctx.resume, world=ctx.world))
     if config.has_target:
         with _timed(timings, "plan"):
@@ -495,7 +504,7 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
     if not main:
         return None
     with _timed(timings, "evaluate_after"):
-        after = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet, ctx.speed)
+        after = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet, ctx.speed_seconds)
     final_speedup = None if unpruned is None else measure_speedup(
         loaded.model, unpruned, input_size=loaded.data.input_size, device=ctx.device)
     report = PruneReport(

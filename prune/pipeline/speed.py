@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -41,6 +44,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+SPEED_SECONDS = 3.0
+"""Default time budget of the timed windows of one measurement (`--speed-seconds`)."""
+MIN_WINDOWS, MAX_WINDOWS = 3, 10
+"""A measurement times at least MIN_WINDOWS windows and stops at MAX_WINDOWS or, after MIN_WINDOWS, at the budget."""
+WINDOW_SECONDS = 0.02
+"""A window holds enough batches to last about this long (one batch where a batch is longer)."""
+MAX_WARMUP = 3
+"""Warm-up batches: at most this many, fewer once they have taken a third of the budget (at least one)."""
+
+
 @torch.no_grad()
 def measure_throughput(
     model: nn.Module,
@@ -50,10 +63,11 @@ def measure_throughput(
     device: str | torch.device = "cpu",
     amp: bool = False,
     channels_last: bool = False,
-    warmup: int = 3,
-    iters: int = 10,
+    seconds: float = SPEED_SECONDS,
 ) -> Throughput:
-    """Images per second of `model` in eval mode on random [batch, 3, s, s] inputs.
+    """Images per second of `model` in eval mode on random [batch, 3, s, s] inputs: the median of
+    timed windows after a warm-up, bounded in time (`seconds`, see the constants above), with the
+    slowest and fastest window as its spread.
 
     amp: bf16 autocast on CPU, fp16 on CUDA. channels_last: NHWC memory format. The caller's
     model is never moved or converted (a copy is measured where needed); its modes are restored.
@@ -64,33 +78,66 @@ def measure_throughput(
     x = torch.randn(batch_size, 3, input_size, input_size, device=device).to(memory_format=fmt)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     with eval_mode(model), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-        for _ in range(warmup):
-            model(x)
+        return timed_throughput(lambda: model(x), batch_size=batch_size, seconds=seconds, device=device,
+                                label=device_name(device), dtype=str(amp_dtype).replace("torch.", "") if amp else "float32",
+                                channels_last=channels_last)
+
+
+def timed_throughput(step: Callable[[], object], *, batch_size: int, seconds: float = SPEED_SECONDS,
+                     device: torch.device = torch.device("cpu"), label: str = "cpu", dtype: str = "float32",
+                     channels_last: bool = False) -> Throughput:
+    """The Throughput of `step` (one batch of `batch_size` images through a model, on `device`):
+    a warm-up, then timed windows to the budget `seconds` (the constants above); `label`, `dtype`
+    and `channels_last` are recorded as given."""
+    warmup, last = _warm_up(step, device, seconds)
+    per_window = max(1, math.ceil(WINDOW_SECONDS / max(last, 1e-9)))
+    rates = _timed_windows(step, device, seconds, per_window, batch_size)
+    return Throughput(img_per_s=statistics.median(rates), device=label, batch_size=batch_size, dtype=dtype,
+                      threads=torch.get_num_threads(), warmup=warmup, iters=per_window * len(rates),
+                      channels_last=channels_last, windows=len(rates), spread=(min(rates), max(rates)),
+                      seconds=seconds)
+
+
+def _warm_up(step: Callable[[], object], device: torch.device, seconds: float) -> tuple[int, float]:
+    """Run `step` MAX_WARMUP times, or fewer once a third of `seconds` has passed (at least once):
+    (batches run, seconds of the last one)."""
+    start = time.perf_counter()
+    for done in range(1, MAX_WARMUP + 1):
+        began = time.perf_counter()
+        step()
         _sync(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            model(x)
+        last = time.perf_counter() - began
+        if time.perf_counter() - start >= seconds / 3:
+            break
+    return done, last
+
+
+def _timed_windows(step: Callable[[], object], device: torch.device, seconds: float, per_window: int,
+                   batch_size: int) -> list[float]:
+    """img/s of each timed window of `per_window` calls of `step`: MIN_WINDOWS..MAX_WINDOWS of them,
+    stopping after MIN_WINDOWS once `seconds` have passed."""
+    rates: list[float] = []
+    start = time.perf_counter()
+    while len(rates) < MAX_WINDOWS and (len(rates) < MIN_WINDOWS or time.perf_counter() - start < seconds):
+        began = time.perf_counter()
+        for _ in range(per_window):
+            step()
         _sync(device)
-        elapsed = time.perf_counter() - start
-    return Throughput(
-        img_per_s=batch_size * iters / elapsed,
-        device=device_name(device),
-        batch_size=batch_size,
-        dtype=str(amp_dtype).replace("torch.", "") if amp else "float32",
-        threads=torch.get_num_threads(),
-        warmup=warmup,
-        iters=iters,
-        channels_last=channels_last,
-    )
+        rates.append(batch_size * per_window / (time.perf_counter() - began))
+    return rates
 
 
 def measure_speedup(model: nn.Module, baseline: nn.Module, *, input_size: int, device: str | torch.device = "cpu",
-                    batch_size: int = 32, repeats: int = 5) -> float:
+                    batch_size: int = 32, repeats: int = 5, seconds: float = SPEED_SECONDS) -> float:
     """img/s of `model` over img/s of `baseline` (`measure_throughput`, batch `batch_size`),
-    measured alternately `repeats` times in this process; the median ratio."""
+    measured alternately `repeats` times in this process, each with a budget of `seconds` / `repeats`;
+    the median ratio."""
     ratios = []
+    each = seconds / repeats
     for _ in range(repeats):
-        base = measure_throughput(baseline, input_size=input_size, batch_size=batch_size, device=device).img_per_s
-        mine = measure_throughput(model, input_size=input_size, batch_size=batch_size, device=device).img_per_s
+        base = measure_throughput(baseline, input_size=input_size, batch_size=batch_size, device=device,
+                                  seconds=each).img_per_s
+        mine = measure_throughput(model, input_size=input_size, batch_size=batch_size, device=device,
+                                  seconds=each).img_per_s
         ratios.append(mine / base)
     return sorted(ratios)[len(ratios) // 2]
