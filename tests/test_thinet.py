@@ -217,7 +217,7 @@ def test_bad_options(options: dict) -> None:
         create("thinet", **options)
 
 
-@pytest.mark.slow  # about a minute: each member conv traces the model for its consumers
+@pytest.mark.slow  # about 30 s on 2 cores: each member conv traces the model for its consumers
 def test_thinet_drives_metapruner_on_resnet18() -> None:
     """prune.as_tp_importance("thinet") inside torch-pruning's MetaPruner on ResNet-18 (64², random
     weights): every group gets finite scores of its length, and the pruned model runs."""
