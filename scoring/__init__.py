@@ -9,7 +9,7 @@
 """
 
 # Importing a scorer module registers it.
-from scoring import activations, chip, control, entropy, hrank, nisp, tp_importances, weights  # noqa: E402,F401
+from scoring import activations, chip, control, entropy, hrank, nisp, thinet, tp_importances, weights  # noqa: E402,F401
 from scoring.base import ClassBatch, LayerSpec, Scorer, ScorerInfo
 from scoring.registry import create, list_scorers, parse_options, register, scorer_info, scorer_options
 

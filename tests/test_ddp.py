@@ -39,7 +39,7 @@ SHARDABLE = sorted(n for n in scoring.list_scorers() if scoring.create(n).sharda
 
 
 def test_the_class_sum_scorers_are_shardable():
-    assert SHARDABLE == ["apoz", "chip", "entropy", "hrank", "selectivity", "tp-hessian", "tp-taylor"]
+    assert SHARDABLE == ["apoz", "chip", "entropy", "hrank", "selectivity", "thinet", "tp-hessian", "tp-taylor"]
 
 
 @pytest.mark.parametrize("name", SHARDABLE)
