@@ -369,3 +369,22 @@ def run_experiment(
 
     with torch_threads(settings):
         return exit_code(body)
+
+
+def random_image_folder(root: Path, *, classes: int, train_per_class: int, val_per_class: int, side: int,
+                        seed: int = 0) -> Path:
+    """An ImageFolder (`train/<class>/`, `val/<class>/`) of random `side`² RGB PNGs under `root`,
+    made once (a `root` that has `val/` is taken as made); classes are named c00, c01, …"""
+    import numpy as np
+    from PIL import Image
+
+    if (root / "val").is_dir():
+        return root
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for cls in range(classes):
+            folder = root / split / f"c{cls:02d}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root

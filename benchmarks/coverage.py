@@ -33,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, markdown_table
+from benchmarks.common import RESULTS, machine, markdown_table, random_image_folder
 from prune import exit_code, write_json, write_text
 
 SCORERS = ("l1", "entropy", "tp-taylor")
@@ -77,19 +77,8 @@ def family(model: str) -> str:
 
 def make_folder(root: Path) -> Path:
     """A 2-class ImageFolder of random 64² RGB images (SETTINGS' counts), made once."""
-    import numpy as np
-    from PIL import Image
-
-    if (root / "val").is_dir():
-        return root
-    rng = np.random.default_rng(0)
-    for split, n in (("train", SETTINGS["train_per_class"]), ("val", SETTINGS["val_per_class"])):
-        for cls in ("a", "b"):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    return root
+    return random_image_folder(root, classes=2, train_per_class=SETTINGS["train_per_class"],
+                               val_per_class=SETTINGS["val_per_class"], side=64)
 
 
 def run_file(results: Path, model: str, scorer: str) -> Path:

@@ -1,0 +1,27 @@
+"""benchmarks.scale on a tiny setting: one result file per run, skipped when present, ratios from them."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import scale
+
+ARGS = ["--models", "resnet18", "--scorers", "l1", "--classes", "2", "--samples-per-class", "4", "--input-size", "32",
+        "--threads", "1"]
+
+
+def test_scale_writes_one_file_per_run_and_skips_finished_runs(tmp_path, capsys):
+    assert scale.main([*ARGS, "--results", str(tmp_path)]) == 0
+    run_file = scale.run_file(tmp_path, "resnet18", "l1")
+    run, unit = json.loads(run_file.read_text()), json.loads(scale.forward_file(tmp_path, "resnet18").read_text())
+    assert run["exit"] == 0 and set(run["timings"]) >= {"load", "select_and_prune", "evaluate_before"}
+    assert run["threads"] == 1 and unit["forward_s"] > 0
+    summary = json.loads((tmp_path / "scale.json").read_text())
+    (row,) = summary["runs"]
+    assert row["wall_over_forward"] == run["wall_s"] / unit["forward_s"]
+    assert row["stages_over_forward"]["load"] == run["timings"]["load"] / unit["forward_s"]
+    assert "resnet18" in (tmp_path / "scale.md").read_text()
+
+    before = run_file.stat().st_mtime_ns
+    assert scale.main([*ARGS, "--results", str(tmp_path)]) == 0
+    assert run_file.stat().st_mtime_ns == before
