@@ -57,7 +57,7 @@ def test_typed_fields_match_the_pruned_model(run):
     for layer in report.layers:
         assert model.get_submodule(layer.name).out_channels == layer.channels_after
         assert len(layer.removed) == round(0.3 * layer.channels_before) == layer.channels_before - layer.channels_after
-        assert layer.map_size > 0 and 0.0 <= layer.scoring_top1 <= 1.0
+        assert layer.map_size > 0 and layer.scoring_top1 is None  # l1 reads only weights: no forward for it
     # without fine-tuning nothing changes the network between these two evaluations
     assert report.after.top1 == report.pruned_before_finetune.top1
     assert report.finetune_losses == () and "finetune" not in report.timings

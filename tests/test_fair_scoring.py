@@ -72,7 +72,7 @@ def test_seed_reaches_every_scorer_that_draws() -> None:
     assert selection(1) == selection(1)
     assert selection(1) != selection(2)
     drawing = [n for n in scoring.list_scorers() if "seed" in scoring.scorer_options(n)]
-    assert drawing == ["nisp", "random"]
+    assert drawing == ["nisp", "random", "thinet"]
     assert all(make_scorer(PruneConfig(scorer=n, seed=7)).seed == 7 for n in drawing)
 
 

@@ -29,5 +29,7 @@ class Throughput:
             object.__setattr__(self, "spread", tuple(self.spread))
 
     def as_dict(self) -> dict:
-        """The fields as report.json's "throughput" holds them."""
-        return asdict(self)
+        """The fields as report.json's "throughput" holds them (`spread` as a list)."""
+        d = asdict(self)
+        d["spread"] = None if self.spread is None else list(self.spread)
+        return d

@@ -62,7 +62,7 @@ class LayerResult:
 
     map_size: side m of the [m, m] units that were scored. scoring_top1: top-1 of the whole
     network when the group was scored, on the first ⌊256 / K⌋ scoring images of each class
-    (all N when K·N ≤ 256; None without scoring data).
+    (all N when K·N ≤ 256; None without scoring data, as for a scorer that reads only weights).
     """
 
     name: str

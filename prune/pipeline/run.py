@@ -570,8 +570,10 @@ def _budget_result(config: PruneConfig, plan: Plan, before: Measurement, after: 
 def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, store: ScoreStore,
                       plan: Plan | None = None, counts: list[int] | None = None) -> list:
     """Score and prune every layer, shallow → deep, with the per-layer scores kept in --out/cache:
-    at `config.ratio`, or at the `plan`'s ratios and schedule (or `counts` channels per layer)."""
-    source = _scoring_data(config, loaded)
+    at `config.ratio`, or at the `plan`'s ratios and schedule (or `counts` channels per layer).
+    A scorer that reads only weights gets no scoring images: no forward runs for it (and the
+    layers' `scoring_top1` diagnostic is None)."""
+    source = _scoring_data(config, loaded) if loaded.scorer.info.needs_data else None
     refit = None
     if config.layer_bn_batches > 0:
         def refit() -> int:

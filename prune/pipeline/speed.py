@@ -48,8 +48,8 @@ SPEED_SECONDS = 3.0
 """Default time budget of the timed windows of one measurement (`--speed-seconds`)."""
 MIN_WINDOWS, MAX_WINDOWS = 3, 10
 """A measurement times at least MIN_WINDOWS windows and stops at MAX_WINDOWS or, after MIN_WINDOWS, at the budget."""
-WINDOW_SECONDS = 0.02
-"""A window holds enough batches to last about this long (one batch where a batch is longer)."""
+WINDOW_SECONDS, MAX_PER_WINDOW = 0.02, 1000
+"""A window holds enough batches to last about WINDOW_SECONDS (one where a batch is longer; at most MAX_PER_WINDOW)."""
 MAX_WARMUP = 3
 """Warm-up batches: at most this many, fewer once they have taken a third of the budget (at least one)."""
 
@@ -90,7 +90,7 @@ def timed_throughput(step: Callable[[], object], *, batch_size: int, seconds: fl
     a warm-up, then timed windows to the budget `seconds` (the constants above); `label`, `dtype`
     and `channels_last` are recorded as given."""
     warmup, last = _warm_up(step, device, seconds)
-    per_window = max(1, math.ceil(WINDOW_SECONDS / max(last, 1e-9)))
+    per_window = min(MAX_PER_WINDOW, max(1, math.ceil(WINDOW_SECONDS / max(last, 1e-9))))
     rates = _timed_windows(step, device, seconds, per_window, batch_size)
     return Throughput(img_per_s=statistics.median(rates), device=label, batch_size=batch_size, dtype=dtype,
                       threads=torch.get_num_threads(), warmup=warmup, iters=per_window * len(rates),
