@@ -46,6 +46,8 @@ class APoZScorer(Scorer):
     integers, so adding them chunk by chunk gives the same scores as whole classes.
     """
 
+    reads_only_units = True
+
     def reset(self, layer: LayerSpec) -> None:
         super().reset(layer)
         self._zeros = torch.zeros(layer.num_channels, dtype=torch.float64)
@@ -84,6 +86,8 @@ class SelectivityScorer(PerClassSums):
     every class) gives 0. Needs at least two classes (ValueError otherwise). Batches with the
     same class index are pooled. Selective units (1 = responds to one class only) are kept.
     """
+
+    reads_only_units = True
 
     def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
         if classes < 2:

@@ -81,6 +81,9 @@ class Scorer(ABC):
     info: ClassVar[ScorerInfo]
     whole_class: ClassVar[bool] = False
     """True: `update` must get each class in one batch; False: chunks of a class are fine."""
+    reads_only_units: ClassVar[bool] = False
+    """True: `update` reads only its batch (never the model), so the pipeline may run it on another
+    thread while the next chunk's forward runs (one update at a time, in order: the same scores)."""
 
     def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
         """Raise ValueError (one line naming the fix) if this scorer cannot score `model` from

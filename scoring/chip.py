@@ -43,6 +43,8 @@ def channel_independence(maps: torch.Tensor) -> torch.Tensor:
 class ChipScorer(PerClassSums):
     """score[c] = mean CI_c over the images; [C], higher = keep."""
 
+    reads_only_units = True
+
     def per_image(self, batch: ClassBatch) -> torch.Tensor:
         """Activations [n, C, m, m] → each image's CI [n, C] float64."""
         acts = checked_activations(self, batch)

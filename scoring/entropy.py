@@ -147,6 +147,8 @@ class FeatureEntropyScorer(ChunkedScorer):
     births [n, C] are kept and the class term is computed when the class ends.
     """
 
+    reads_only_units = True
+
     def __init__(self, p: float = 0.1, convention: str = "paper") -> None:
         self.convention = resolve_convention(convention, stacklevel=3)  # via scoring.create
         self.p = _check_p(p)

@@ -26,6 +26,8 @@ from scoring.registry import register
 class HRankScorer(PerClassSums):
     """score[c] = mean rank of unit c's [m, m] maps over the images; [C], higher = keep."""
 
+    reads_only_units = True
+
     def per_image(self, batch: ClassBatch) -> torch.Tensor:
         """Activations [n, C, m, m] → each map's rank [n, C] float64."""
         acts = checked_activations(self, batch)

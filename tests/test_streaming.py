@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -11,7 +13,7 @@ from helpers import small_data
 
 import scoring
 from prune.pipeline.observe import iter_units
-from prune.pipeline.selection import ScoringData, class_batches, score_group
+from prune.pipeline.selection import ScoringData, class_batches, score_group, update_with_class
 from prune.pipeline.surgery import PrunableGroup
 from prune.zoo.embedded_model import EmbeddedVGG
 
@@ -79,3 +81,92 @@ def test_a_whole_class_scorer_gets_one_batch_per_class() -> None:
     spy.whole_class = False
     score_group(model, group, spy, replace(source, chunk_bytes=2 * PER_IMAGE))
     assert spy.sizes == [1, 2, 2, 2] * 3
+
+
+class _SlowSpy(scoring.Scorer):
+    """Records when each update ran and on which thread; each update takes 50 ms."""
+
+    info = scoring.ScorerInfo("slow-spy", needs_data=True, description="test")
+    reads_only_units = True
+
+    def reset(self, layer: scoring.LayerSpec) -> None:
+        super().reset(layer)
+        self.spans: list[tuple[float, float, str, int]] = []
+
+    def update(self, batch: scoring.ClassBatch) -> None:
+        start = time.perf_counter()
+        time.sleep(0.05)
+        if batch.activations.shape[0] == 0:
+            raise ValueError("empty")
+        self.spans.append((start, time.perf_counter(), threading.current_thread().name, batch.images.shape[0]))
+
+    def compute(self) -> torch.Tensor:
+        return torch.zeros(self.layer.num_channels)
+
+
+def test_updates_run_beside_the_next_forward_in_order() -> None:
+    model, source = setup(2)  # chunks of 1 + 2 + 2 + 2 images per class
+    conv = model.features[0]
+    forwards: list[float] = []
+    handle = conv.register_forward_pre_hook(lambda *_: forwards.append(time.perf_counter()))
+    spy = _SlowSpy()
+    spy.reset(scoring.LayerSpec(model=model, conv=conv, name=NAME))
+    try:
+        update_with_class(spy, spy.layer, source, 2)
+    finally:
+        handle.remove()
+    assert [n for *_, n in spy.spans] == [1, 2, 2, 2]
+    assert all(name.startswith("topoprune-score") for _, _, name, _ in spy.spans)
+    assert all(a[1] <= b[0] for a, b in zip(spy.spans, spy.spans[1:]))  # one update at a time, in order
+    # the forward of chunk k+1 began before chunk k's update ended (in turn, it would begin after)
+    assert len(forwards) == 4 and all(f < end for (_, end, *_), f in zip(spy.spans, forwards[1:]))
+    assert not any(t.name.startswith("topoprune-score") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("name", ["entropy", "apoz", "hrank"])
+def test_overlapped_updates_give_the_scores_of_plain_ones(name: str) -> None:
+    model, source = setup(2)
+    layer = scoring.LayerSpec(model=model, conv=model.features[0], name=NAME)
+    scores = []
+    for overlap in (False, True):
+        scorer = scoring.create(name)
+        scorer.reset(layer)
+        for cls in source.classes:
+            update_with_class(scorer, layer, source, cls, overlap=overlap)
+        scores.append(scorer.compute())
+    assert torch.equal(scores[0], scores[1])
+
+
+def test_an_update_that_fails_fails_the_class() -> None:
+    model, source = setup(2)
+    spy = _SlowSpy()
+    spy.reset(scoring.LayerSpec(model=model, conv=model.features[0], name=NAME))
+    spy.update = lambda batch: (_ for _ in ()).throw(ValueError("broken update"))
+    with pytest.raises(ValueError, match="broken update"):
+        update_with_class(spy, spy.layer, source, 0, overlap=True)
+    assert not any(t.name.startswith("topoprune-score") for t in threading.enumerate())
+
+
+def _forward_refused(*_: object) -> None:
+    raise AssertionError("the scorer ran the model")
+
+
+@pytest.mark.parametrize("name", scoring.list_scorers())
+def test_a_scorer_that_reads_only_units_never_runs_the_model(name: str) -> None:
+    model, source = setup(2)
+    conv = model.features[0]
+    batches = list(class_batches(model, conv, NAME, source))
+    handles = [m.register_forward_pre_hook(_forward_refused) for m in model.modules()]
+    scorer = scoring.create(name)
+    try:
+        scorer.reset(scoring.LayerSpec(model=model, conv=conv, name=NAME))
+        for batch in batches:
+            scorer.update(batch)
+        scorer.compute()
+        ran_model = False
+    except AssertionError:
+        ran_model = True
+    finally:
+        for h in handles:
+            h.remove()
+    assert not (ran_model and scorer.reads_only_units)

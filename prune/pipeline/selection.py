@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -80,14 +81,37 @@ def class_chunks(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringDa
         del units  # before the next forward: one chunk's units alive at a time
 
 
-def update_with_class(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, cls: int) -> None:
-    """Give `scorer` class `cls` at `layer`: chunk by chunk, or whole if it is `whole_class`."""
+def update_with_class(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, cls: int, *,
+                      overlap: bool | None = None) -> None:
+    """Give `scorer` class `cls` at `layer`: chunk by chunk, or whole if it is `whole_class`.
+
+    overlap (default: the scorer's `reads_only_units`): each chunk's `update` (e.g. its birth
+    times) runs on a worker thread while the next chunk's forward runs here; updates stay one at
+    a time and in order, so the scores are the same; two chunks' units are alive at once."""
     if scorer.whole_class:
         scorer.update(class_batch(layer.model, layer.conv, layer.name, source, cls))
         return
-    for chunk in class_chunks(layer.model, layer.conv, layer.name, source, cls):
+    chunks = class_chunks(layer.model, layer.conv, layer.name, source, cls)
+    if not (scorer.reads_only_units if overlap is None else overlap):
+        for chunk in chunks:
+            scorer.update(chunk)
+            del chunk  # before the next forward
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="topoprune-score") as worker:
+        pending: Future | None = None
+        for chunk in chunks:
+            if pending is not None:
+                pending.result()  # the previous update, before this one starts
+            pending = worker.submit(_update_without_grad, scorer, chunk)
+            del chunk
+        if pending is not None:
+            pending.result()
+
+
+def _update_without_grad(scorer: scoring.Scorer, chunk: scoring.ClassBatch) -> None:
+    """`scorer.update(chunk)` with autograd off (grad mode is per thread)."""
+    with torch.no_grad():
         scorer.update(chunk)
-        del chunk  # before the next forward
 
 
 def class_batches(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringData) -> Iterator[scoring.ClassBatch]:
