@@ -161,7 +161,7 @@ def run_until_captured(model: nn.Module, images: torch.Tensor) -> None:
 
 def iter_units(
     model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, *, name: str, batch_size: int = 128,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int = CHUNK_BYTES, run: Callable[[slice, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """Units of `conv` for `images` [N, 3, H, W], one forward chunk at a time:
     (which images, their units [n, C, m, m] float32 CPU).
@@ -172,6 +172,8 @@ def iter_units(
     image). The chunks depend only on N, `batch_size`, `chunk_bytes` and the model, so the
     units are the same whether they are kept or scored chunk by chunk, and between chunks no
     hook is left on `model`. NaN/Inf activations raise UsageError.
+    `run(where, images[where])`, if given, makes the units of the chunks after the first (the
+    same values as a forward, e.g. `prune.pipeline.prefix_cache`); the first is a forward.
     """
     with largest_output(model) as largest:
         first = _units_of(model, conv, images[:1], name)
@@ -181,7 +183,9 @@ def iter_units(
     del first
     start = 1
     while start < len(images):
-        chunk = _units_of(model, conv, images[start : start + step], name)
+        where = slice(start, min(start + step, len(images)))
+        batch = images[where]
+        chunk = _units_of(model, conv, batch, name) if run is None else _checked([run(where, batch)], conv, name)
         yield slice(start, start + len(chunk)), chunk
         start += len(chunk)
         del chunk
@@ -217,12 +221,13 @@ def _units_of(model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, name: str
 
 def collect_units(
     model: nn.Module, conv: nn.Conv2d, images: torch.Tensor, *, name: str, batch_size: int = 128,
-    chunk_bytes: int = CHUNK_BYTES,
+    chunk_bytes: int = CHUNK_BYTES, run: Callable[[slice, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Units of `conv` for `images` [N, 3, H, W] → [N, C, m, m] float32 CPU, filled chunk by
-    chunk (the chunks of `iter_units`) into one preallocated tensor."""
+    chunk (the chunks of `iter_units`, `run` as there) into one preallocated tensor."""
     units: torch.Tensor | None = None
-    for where, chunk in iter_units(model, conv, images, name=name, batch_size=batch_size, chunk_bytes=chunk_bytes):
+    chunks = iter_units(model, conv, images, name=name, batch_size=batch_size, chunk_bytes=chunk_bytes, run=run)
+    for where, chunk in chunks:
         if units is None:
             units = torch.empty((len(images), *chunk.shape[1:]), dtype=torch.float32)
         units[where] = chunk

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from prune.core import distributed
 from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
 from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units
+from prune.pipeline.prefix_cache import PREFIX_CACHE_BYTES, PrefixCache, UnitRunner, prefix_cache, tracking
 from prune.pipeline.surgery import PrunableGroup, Surgeon, block_positions, channels_to_remove
 from prune.zoo.data import DataBundle, class_images
 from scoring.model_state import model_device
@@ -54,7 +55,9 @@ class ScoringData:
 
     batch_size: most images in one forward pass; chunk_bytes: most bytes in the largest tensor
     of one forward pass (the units, or a larger map before them; at least one image). One
-    forward pass is one chunk given to the scorer."""
+    forward pass is one chunk given to the scorer. prefix: what the network's unchanged prefix
+    made of these chunks (`prune.pipeline.prefix_cache`; progressive selection sets it), so a
+    chunk's units are computed from there instead of from the images."""
 
     data: DataBundle
     classes: Sequence[int]
@@ -62,12 +65,18 @@ class ScoringData:
     seed: int
     batch_size: int = 128
     chunk_bytes: int = CHUNK_BYTES
+    prefix: PrefixCache | None = field(default=None, compare=False, repr=False)
+
+    def runner(self, model: nn.Module, name: str, cls: int) -> UnitRunner | None:
+        """How chunks of class `cls` at conv `name` get their units from `prefix` (None: a forward)."""
+        return None if self.prefix is None else self.prefix.runner(model, name, cls)
 
 
 def class_batch(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringData, cls: int) -> scoring.ClassBatch:
     """The ClassBatch of class `cls` at `conv`: its scoring images and all their units."""
     images = class_images(source.data, cls, source.per_class, seed=source.seed)
-    units = collect_units(model, conv, images, name=name, batch_size=source.batch_size, chunk_bytes=source.chunk_bytes)
+    units = collect_units(model, conv, images, name=name, batch_size=source.batch_size, chunk_bytes=source.chunk_bytes,
+                          run=source.runner(model, name, cls))
     return scoring.ClassBatch(class_index=cls, images=images, activations=units)
 
 
@@ -75,7 +84,8 @@ def class_chunks(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringDa
                  ) -> Iterator[scoring.ClassBatch]:
     """Class `cls` at `conv` as consecutive ClassBatch chunks (images in order), made lazily."""
     images = class_images(source.data, cls, source.per_class, seed=source.seed)
-    chunks = iter_units(model, conv, images, name=name, batch_size=source.batch_size, chunk_bytes=source.chunk_bytes)
+    chunks = iter_units(model, conv, images, name=name, batch_size=source.batch_size, chunk_bytes=source.chunk_bytes,
+                        run=source.runner(model, name, cls))
     for where, units in chunks:
         yield scoring.ClassBatch(class_index=cls, images=images[where], activations=units)
         del units  # before the next forward: one chunk's units alive at a time
@@ -285,6 +295,7 @@ def select_and_prune(
     refit: Callable[[], None] | None = None,
     quiet: bool = False,
     world: distributed.World = distributed.SINGLE,
+    cache_bytes: int = PREFIX_CACHE_BYTES,
 ) -> list[LayerDecision]:
     """Prune every group of `surgeon`'s model, shallow → deep: `ratio` of its channels, or
     ratio[l] at group l (one ratio per group, e.g. a budget's allocation).
@@ -303,6 +314,9 @@ def select_and_prune(
     `source` may be None for weight-only scorers. With several processes (`world`), every
     process must call this with the same arguments; each scores its share of the classes
     and all end with the same decisions.
+    `cache_bytes`: budget of the progressive schedule's prefix cache (`prune.pipeline.prefix_cache`:
+    bit-identical scores, each group's units computed from what the unchanged prefix made of
+    each chunk); 0 scores every group by forwards from the images.
     """
     if source is None and scorer.info.needs_data:
         raise ValueError(f"scorer {scorer.info.name!r} needs data: pass a ScoringData source")
@@ -311,6 +325,10 @@ def select_and_prune(
     groups = list(surgeon.groups)
     ratios = layer_ratios(ratio, len(groups))
     decisions: list[LayerDecision] = []
+    cache = None
+    if schedule == "progressive" and source is not None and scorer.info.needs_data:
+        cache = prefix_cache(model, budget_bytes=cache_bytes)
+        source = replace(source, prefix=cache)
 
     def scores_of(i: int, g: PrunableGroup) -> torch.Tensor:
         return stored_or_scored(surgeon, i, g, scorer, source, store, world)
@@ -331,9 +349,10 @@ def select_and_prune(
         n = counts[i] if counts is not None else channels_to_remove(before, ratios[i], rule=rounding,
                                                                     blocks=group.blocks, round_to=round_to)
         removed = surgeon.feasible(group, lowest(scores, n, blocks=group.blocks), scores)
-        surgeon.prune(group, removed)
-        if refit is not None and schedule == "progressive" and i + 1 < len(groups):
-            refit()
+        with tracking(cache):  # drops what the surgery and refit change
+            surgeon.prune(group, removed)
+            if refit is not None and schedule == "progressive" and i + 1 < len(groups):
+                refit()
         decisions.append(LayerDecision(
             name=group.name, members=group.names, channels_before=before, channels_after=before - len(removed),
             removed=removed, map_size=m, scoring_top1=top1, scores=scores))

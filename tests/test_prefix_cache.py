@@ -1,0 +1,186 @@
+"""Progressive scoring with the prefix cache (`prune.pipeline.prefix_cache`) equals scoring by
+forwards from the images, bit for bit, on a plain chain, a BatchNorm chain (refit between
+layers) and a residual network; it runs fewer forwards of the early layers; beyond its memory
+budget it recomputes, with the same scores."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+from helpers import small_data
+from torch import nn
+
+import scoring
+from finetune.batchnorm import recalibrate_batchnorm
+from prune.pipeline.prefix_cache import PrefixCache, live, prefix_cache
+from prune.pipeline.selection import ScoringData, select_and_prune
+from prune.pipeline.sites import traced_graph
+from prune.pipeline.surgery import Surgeon
+from prune.zoo.data import make_loader
+from prune.zoo.embedded_model import EmbeddedVGG
+from prune.zoo.resnet_cifar import ResNetCifar
+
+DATA = small_data(classes=3, per_class=8, size=16)
+SOURCE = ScoringData(DATA, classes=[0, 1, 2], per_class=7, seed=0, batch_size=2)  # chunks 1+2+2+2
+CHAIN = (8, 12, "M", 16, 16)
+
+
+def plain_chain() -> nn.Module:
+    return EmbeddedVGG(num_classes=3, cfg=CHAIN, batch_norm=False)
+
+
+def bn_chain() -> nn.Module:
+    return EmbeddedVGG(num_classes=3, cfg=CHAIN, batch_norm=True)
+
+
+def resnet() -> nn.Module:
+    return ResNetCifar(num_classes=3, widths=(8, 16, 16), blocks=1)
+
+
+MODELS = {"plain": plain_chain, "bn": bn_chain, "resnet": resnet}
+
+
+def refit_for(model: nn.Module, *, same_batches: bool = True) -> Callable[[], int]:
+    """The pipeline's refit: every BatchNorm re-estimated on 2 seeded training batches, the same
+    ones each time (a loader made anew, as the pipeline does) or, with `same_batches` False,
+    the next shuffle of one loader (every BatchNorm's statistics change at every refit)."""
+    shared = make_loader(DATA.train, batch_size=6, shuffle=True, seed=0)
+
+    def refit() -> int:
+        loader = make_loader(DATA.train, batch_size=6, shuffle=True, seed=0) if same_batches else shared
+        return recalibrate_batchnorm(model, loader, batches=2, device="cpu")
+
+    return refit
+
+
+def pruned(build: Callable[[], nn.Module], scorer: str, *, cache_bytes: int, same_batches: bool = True
+           ) -> tuple[list, nn.Module]:
+    """Decisions and the pruned model of a progressive run at ratio 0.5 (seeded random weights)."""
+    torch.manual_seed(0)
+    model = build().eval()
+    surgeon = Surgeon(model, torch.zeros(1, 3, 16, 16))
+    decisions = select_and_prune(surgeon, scoring.create(scorer), SOURCE, ratio=0.5,
+                                 refit=refit_for(model, same_batches=same_batches), quiet=True, cache_bytes=cache_bytes)
+    return decisions, model
+
+
+def assert_same(a: tuple[list, nn.Module], b: tuple[list, nn.Module]) -> None:
+    (decisions_a, model_a), (decisions_b, model_b) = a, b
+    assert [d.name for d in decisions_a] == [d.name for d in decisions_b]
+    for da, db in zip(decisions_a, decisions_b):
+        assert da.removed == db.removed, da.name
+        assert torch.equal(da.scores, db.scores), da.name
+    state_b = model_b.state_dict()
+    assert all(torch.equal(t, state_b[k]) for k, t in model_a.state_dict().items())
+
+
+@pytest.mark.parametrize("scorer", ["entropy", "apoz"])
+@pytest.mark.parametrize("model", MODELS)
+def test_cached_scores_equal_uncached_bit_for_bit(model: str, scorer: str) -> None:
+    uncached = pruned(MODELS[model], scorer, cache_bytes=0)
+    assert len(uncached[0]) >= 3
+    assert_same(pruned(MODELS[model], scorer, cache_bytes=1 << 30), uncached)
+
+
+def forwards_of_first_conv(build: Callable[[], nn.Module], *, cache_bytes: int) -> int:
+    """Calls of the first conv's forward during a progressive run (scoring, top-1 diagnostics, refits)."""
+    torch.manual_seed(0)
+    model = build().eval()
+    surgeon = Surgeon(model, torch.zeros(1, 3, 16, 16))
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    images = [0]
+    handle = first.register_forward_hook(lambda _m, args, _o: images.__setitem__(0, images[0] + len(args[0])))
+    try:
+        select_and_prune(surgeon, scoring.create("apoz"), SOURCE, ratio=0.5, refit=refit_for(model), quiet=True,
+                         cache_bytes=cache_bytes)
+    finally:
+        handle.remove()
+    return images[0]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_cache_saves_forwards_of_early_layers(model: str) -> None:
+    uncached = forwards_of_first_conv(MODELS[model], cache_bytes=0)
+    cached = forwards_of_first_conv(MODELS[model], cache_bytes=1 << 30)
+    # chunks after the first of each class (6 of 7 images) skip the pruned prefix from the 3rd group on
+    assert cached < uncached - 6 * 3
+
+
+def test_beyond_the_budget_chunks_are_recomputed_with_the_same_scores() -> None:
+    uncached = pruned(bn_chain, "entropy", cache_bytes=0)
+    assert_same(pruned(bn_chain, "entropy", cache_bytes=1), uncached)  # a cache that holds nothing
+    assert forwards_of_first_conv(bn_chain, cache_bytes=1) == forwards_of_first_conv(bn_chain, cache_bytes=0)
+
+
+def test_a_budget_for_some_chunks_keeps_to_it() -> None:
+    torch.manual_seed(0)
+    model = plain_chain().eval()
+    one_chunk = 2 * 8 * 16 * 16 * 4  # the input of the second conv for 2 images
+    cache = PrefixCache(model, budget_bytes=one_chunk)
+    conv_names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    images = torch.randn(4, 3, 16, 16)
+    runs = [cache.runner(model, conv_names[1], key="c") for _ in range(2)]
+    first, second = (run(slice(2 * k, 2 * k + 2), images[2 * k : 2 * k + 2]) for k, run in enumerate(runs))
+    assert cache.nbytes == one_chunk  # the first chunk fitted, the second did not
+    again = cache.runner(model, conv_names[1], key="c")
+    assert torch.equal(again(slice(0, 2), images[:2]), first)
+    assert torch.equal(again(slice(2, 4), images[2:]), second)
+
+
+@pytest.mark.parametrize("model", ["bn", "resnet"])
+def test_refits_from_new_batches_invalidate_exactly(model: str) -> None:
+    """Every refit changes every BatchNorm's statistics: the cache must drop all, and does."""
+    uncached = pruned(MODELS[model], "entropy", cache_bytes=0, same_batches=False)
+    assert_same(pruned(MODELS[model], "entropy", cache_bytes=1 << 30, same_batches=False), uncached)
+
+
+def test_stale_entries_would_change_the_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keeping entries past a changed BatchNorm changes the scores: the equalities above test the
+    invalidation."""
+    uncached = pruned(bn_chain, "entropy", cache_bytes=0, same_batches=False)
+    monkeypatch.setattr(PrefixCache, "_drop_past", lambda self, first_changed: None)
+    stale = pruned(bn_chain, "entropy", cache_bytes=1 << 30, same_batches=False)
+    assert any(not torch.equal(a.scores, b.scores) for a, b in zip(stale[0], uncached[0]))
+
+
+def test_a_refit_from_the_same_batches_keeps_an_unchanged_prefix() -> None:
+    torch.manual_seed(0)
+    model = bn_chain().eval()
+    refit = refit_for(model)
+    refit()
+    cache = prefix_cache(model)
+    assert cache is not None
+    second = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1]
+    cache.runner(model, second, key=0)(slice(1, 3), torch.randn(2, 3, 16, 16))
+    kept = cache.nbytes
+    assert kept > 0
+    with cache.tracking():
+        refit()  # the same batches: the BatchNorm before the cut comes out bitwise equal
+    assert cache.nbytes == kept
+    with cache.tracking():
+        model.features[1].running_mean[0] += 1e-7  # the BatchNorm before the cut
+    assert cache.nbytes == 0
+
+
+def test_live_values_inside_a_residual_block_include_the_shortcut() -> None:
+    model = resnet().eval()
+    nodes = [n for n in traced_graph(model).nodes if n.op != "output"]
+    at = next(i for i, n in enumerate(nodes) if n.op == "call_module" and n.target.endswith("conv2"))
+    assert len(live(nodes, at)) == 2  # the branch's value and the block input (the shortcut)
+
+
+def test_no_cache_where_fx_cannot_trace() -> None:
+    class Untraceable(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fx's failure is announced once per model class
+        assert prefix_cache(Untraceable()) is None
