@@ -4,7 +4,7 @@ forward of its scoring images through the unpruned network.
     python -m benchmarks.scale                          # VGG16 and ResNet-50, entropy / l1 / tp-taylor (hours)
     python -m benchmarks.scale --models vgg16 --scorers l1
     python -m benchmarks.scale --quick                  # a small network and data set, to try it
-    python -m benchmarks.scale --report                 # only rewrite scale.json / scale.md
+    python -m benchmarks.scale --report                 # only rewrite the summary
 
 Each (model, scorer) is one `python -m prune` process on random weights (the cost does not depend
 on them) over a generated ImageFolder of random `--input-size`² images: K = `--classes` classes
@@ -13,7 +13,7 @@ of N = `--samples-per-class` scoring images, `--val-per-class` validation images
 stage timings. The unit, measured once per model in a process of its own with the same threads:
 one forward of the K·N scoring images (batch 32, eval mode, no grad) through the unpruned network.
 One result file per run under benchmarks/results/scale/ (a finished run is not redone); the
-summary is benchmarks/results/scale.json and .md.
+summary is benchmarks/results/scale-k<K>-n<N>-<side>.json and .md.
 """
 
 from __future__ import annotations
@@ -99,25 +99,30 @@ def one_run(model: str, scorer: str, s: Settings, data: Path) -> dict:
             "threads": report["before"]["throughput"]["threads"], "load_average_1_5_15": list(os.getloadavg())}
 
 
-def run_file(results: Path, model: str, scorer: str) -> Path:
-    return results / "scale" / f"{model}-{scorer}.json"
+def tag(s: Settings) -> str:
+    """The settings a result file depends on, in its name: k<K>-n<N>-<side>."""
+    return f"k{s.classes}-n{s.samples_per_class}-{s.input_size}"
 
 
-def forward_file(results: Path, model: str) -> Path:
-    return results / "scale" / f"{model}-forward.json"
+def run_file(results: Path, model: str, scorer: str, s: Settings) -> Path:
+    return results / "scale" / f"{model}-{scorer}-{tag(s)}.json"
+
+
+def forward_file(results: Path, model: str, s: Settings) -> Path:
+    return results / "scale" / f"{model}-forward-{tag(s)}.json"
 
 
 def measure_all(s: Settings, results: Path) -> None:
     """Every (model, scorer) run and every model's unit not yet in `results`, one result file each."""
     data = data_folder(s)
     for model in s.models:
-        unit = forward_file(results, model)
+        unit = forward_file(results, model, s)
         if not unit.exists():
             seconds = _in_subprocess(model, s)
             write_json(unit, {"model": model, "forward_s": seconds, "settings": asdict(s), "machine": machine()})
             print(f"{model}: one forward of {s.classes * s.samples_per_class} images = {seconds:.1f} s", flush=True)
         for scorer in s.scorers:
-            file = run_file(results, model, scorer)
+            file = run_file(results, model, scorer, s)
             if file.exists():
                 continue
             result = one_run(model, scorer, s, data)
@@ -140,12 +145,12 @@ def summary(s: Settings, results: Path) -> dict:
     """Every finished run with its times in units of its model's forward."""
     rows = []
     for model in s.models:
-        unit_file = forward_file(results, model)
+        unit_file = forward_file(results, model, s)
         if not unit_file.exists():
             continue
         unit = json.loads(unit_file.read_text())["forward_s"]
         for scorer in s.scorers:
-            file = run_file(results, model, scorer)
+            file = run_file(results, model, scorer, s)
             if not file.exists():
                 continue
             run = json.loads(file.read_text())
@@ -193,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report:
             measure_all(s, results)
         result = summary(s, results)
-        write_json(results / "scale.json", result)
-        write_text(results / "scale.md", markdown(result) + "\n")
+        write_json(results / f"scale-{tag(s)}.json", result)
+        write_text(results / f"scale-{tag(s)}.md", markdown(result) + "\n")
         print(markdown(result))
         return 0
 

@@ -49,6 +49,3 @@ class ChipScorer(PerClassSums):
         """Activations [n, C, m, m] → each image's CI [n, C] float64."""
         acts = checked_activations(self, batch)
         return torch.stack([channel_independence(image) for image in acts])
-
-    def compute(self) -> torch.Tensor:
-        return self.pooled_mean().float()

@@ -98,3 +98,7 @@ class PerClassSums(ChunkedScorer):
         if not getattr(self, "_sums", {}):
             raise ValueError(f"{self.info.name}: no activations seen; call update() with class batches")
         return sum(self._sums[k] for k in sorted(self._sums)) / sum(self._counts.values())
+
+    def compute(self) -> torch.Tensor:
+        """Scores [C] float32: the pooled mean statistic (subclasses whose score is another reduction override it)."""
+        return self.pooled_mean().float()

@@ -34,6 +34,3 @@ class HRankScorer(PerClassSums):
         dtype = batch.activations.dtype if batch.activations.is_floating_point() else torch.float64
         tolerance = max(acts.shape[-2:]) * torch.finfo(dtype).eps
         return torch.linalg.matrix_rank(acts, rtol=tolerance).to(torch.float64)
-
-    def compute(self) -> torch.Tensor:
-        return self.pooled_mean().float()

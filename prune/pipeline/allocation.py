@@ -100,11 +100,17 @@ def within_cap(cost: StructureCost, counts: Sequence[int], cap: float) -> list[i
     aligned width the cap allows (`aligned_widths`); the counts themselves when `round_to` is 1."""
     if cost.round_to == 1:
         return list(counts)
-    out = []
-    for n, c, b in zip(counts, cost.channels, cost.blocks):
-        widths = aligned_widths(c, math.lcm(cost.round_to, b), cap)
-        out.append(c - min(w for w in widths if w >= c - n))
-    return out
+    return _capped_counts(counts, cost.channels, group_widths(cost, cap))
+
+
+def group_widths(cost: StructureCost, cap: float) -> list[list[int]]:
+    """`aligned_widths` of every group of `cost` (ascending), at `cap`."""
+    return [aligned_widths(c, math.lcm(cost.round_to, b), cap) for c, b in zip(cost.channels, cost.blocks)]
+
+
+def _capped_counts(counts: Sequence[int], channels: Sequence[int], widths: Sequence[Sequence[int]]) -> list[int]:
+    """Each count moved to keep the narrowest allowed width at least as wide as it would keep."""
+    return [c - min(w for w in ws if w >= c - n) for n, c, ws in zip(counts, channels, widths)]
 
 
 def capped(cost: StructureCost, ratios: Sequence[float], cap: float) -> tuple[float, ...]:
@@ -127,8 +133,8 @@ def nudged(cost: StructureCost, counts: Sequence[int], target: float, cap: float
     (`aligned_widths`), each time the move that brings the FLOPs fraction closest to `target`,
     while one brings it closer. A group whose aligned count passes `cap` starts at the narrowest
     aligned width the cap allows."""
-    widths = [aligned_widths(c, math.lcm(cost.round_to, b), cap) for c, b in zip(cost.channels, cost.blocks)]
-    counts = [c - min(w for w in ws if w >= c - n) for n, c, ws in zip(counts, cost.channels, widths)]
+    widths = group_widths(cost, cap)
+    counts = _capped_counts(counts, cost.channels, widths)
     best = abs(cost.fraction(counts) - target)
     while True:
         moves = []
