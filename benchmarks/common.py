@@ -14,6 +14,7 @@ import argparse
 import io
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -373,18 +374,22 @@ def run_experiment(
 
 def random_image_folder(root: Path, *, classes: int, train_per_class: int, val_per_class: int, side: int,
                         seed: int = 0) -> Path:
-    """An ImageFolder (`train/<class>/`, `val/<class>/`) of random `side`² RGB PNGs under `root`,
-    made once (a `root` that has `val/` is taken as made); classes are named c00, c01, …"""
+    """An ImageFolder (`train/<class>/`, `val/<class>/`) of random `side`² RGB PNGs at `root`, made
+    once: written beside it and renamed into place, so an interrupted attempt leaves no half set
+    (a leftover of one is replaced). Classes are named c00, c01, …"""
     import numpy as np
     from PIL import Image
 
-    if (root / "val").is_dir():
+    if root.is_dir():
         return root
+    building = root.with_name(root.name + ".partial")
+    shutil.rmtree(building, ignore_errors=True)
     rng = np.random.default_rng(seed)
     for split, n in (("train", train_per_class), ("val", val_per_class)):
         for cls in range(classes):
-            folder = root / split / f"c{cls:02d}"
+            folder = building / split / f"c{cls:02d}"
             folder.mkdir(parents=True)
             for i in range(n):
                 Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    os.replace(building, root)
     return root

@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-speed", action="store_true",
       help="skip the img/s measurement before and after (report.json's img_per_s is null); not with --target-speedup")
     a("--speed-seconds", type=float, default=SPEED_SECONDS, metavar="S",
-      help="time budget of each img/s measurement: a warm-up, then timed windows (at least 3, at most 10) "
-      "until S seconds have passed; report.json holds their median and spread")
+      help="time budget of the img/s measurements before and after (and of the final speed-up check of "
+      "--target-speedup): a warm-up, then timed windows of about 20 ms (at least one batch; at least 3, "
+      "at most 10 windows) until S seconds have passed; report.json holds their median and spread")
     a("--quiet", action="store_true", help="no progress bars")
     return p
 

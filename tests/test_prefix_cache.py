@@ -165,6 +165,26 @@ def test_a_refit_from_the_same_batches_keeps_an_unchanged_prefix() -> None:
     assert cache.nbytes == 0
 
 
+def test_entries_no_chunk_asked_for_since_the_last_change_are_dropped() -> None:
+    torch.manual_seed(0)
+    model = plain_chain().eval()
+    cache = PrefixCache(model)
+    second = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1]
+    images = torch.randn(2, 3, 16, 16)
+    cache.runner(model, second, key=0)(slice(1, 3), images)
+    with cache.tracking():
+        pass  # nothing changes; the chunk was asked for in this round: kept
+    kept = cache.nbytes
+    assert kept > 0
+    cache.runner(model, second, key=0)(slice(1, 2), images[:1])  # another chunking of the class
+    with cache.tracking():
+        pass
+    assert 0 < cache.nbytes < kept  # the entry of the old chunking went; the new one stayed
+    with cache.tracking():
+        pass  # nothing asked for in this round
+    assert cache.nbytes == 0
+
+
 def test_live_values_inside_a_residual_block_include_the_shortcut() -> None:
     model = resnet().eval()
     nodes = [n for n in traced_graph(model).nodes if n.op != "output"]

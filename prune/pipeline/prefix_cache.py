@@ -100,6 +100,7 @@ class PrefixCache:
         self.budget_bytes = budget_bytes
         self.nbytes = 0
         self._entries: dict[Hashable, _Entry] = {}
+        self._used: set[Hashable] = set()  # chunks asked for since the last change
         self._segments: dict[tuple[int, int, int | None], _Segment] = {}
         self._aim = math.inf
         self._refresh()
@@ -120,6 +121,7 @@ class PrefixCache:
         unit = self._order[site.node]
         self._aim = min(self._aim, self._order[site.path[0]])
         chunk = (key, where.start, where.stop)
+        self._used.add(chunk)
         entry = self._entries.get(chunk)
         if entry is None or entry.cut > unit:
             entry = _Entry(1, {self._input: images.to(model_device(self.model))}, 0)
@@ -133,7 +135,9 @@ class PrefixCache:
     @contextmanager
     def tracking(self) -> Iterator[None]:
         """Inside, change the model (surgery, a BatchNorm refit); on exit every entry whose cut
-        lies past the first node that changed (bitwise) is dropped."""
+        lies past the first node that changed (bitwise) is dropped, and so is every entry no chunk
+        asked for since the last change (the chunks follow the layer's map sizes: an entry of a
+        chunking no longer used would only hold the budget)."""
         reach = max((e.cut for e in self._entries.values()), default=0)
         before = _signatures(self.model, self._nodes[:reach], copy=True)
         try:
@@ -142,6 +146,7 @@ class PrefixCache:
             self._refresh()
             after = _signatures(self.model, self._nodes[:reach], copy=False) if len(self._nodes) >= reach else []
             self._drop_past(_first_difference(before, after))
+            self._drop_unused()
             self._segments.clear()  # they hold the modules and tensors of before
             self._aim = math.inf
 
@@ -158,6 +163,11 @@ class PrefixCache:
     def _drop_past(self, first_changed: int) -> None:
         for chunk in [c for c, e in self._entries.items() if e.cut > first_changed]:
             self.nbytes -= self._entries.pop(chunk).nbytes
+
+    def _drop_unused(self) -> None:
+        for chunk in [c for c in self._entries if c not in self._used]:
+            self.nbytes -= self._entries.pop(chunk).nbytes
+        self._used.clear()
 
     def _store(self, chunk: Hashable, cut: int, values: dict[str, Any]) -> None:
         """Keep `values` at `cut` for `chunk` if exact and within budget (else keep the old entry)."""

@@ -438,7 +438,11 @@ def _check_arguments(config: object, out: object, **flags: object) -> None:
     check_type("speed", flags["speed"], ("bool",), "prune.run")
     seconds = flags["speed_seconds"]
     check_type("speed_seconds", seconds, ("float",), "prune.run")
-    if not (math.isfinite(seconds) and seconds >= 0):
+    try:
+        finite = math.isfinite(seconds)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not (finite and seconds >= 0):
         raise UsageError(f"--speed-seconds {seconds} must be a finite number of seconds >= 0, e.g. --speed-seconds 3")
 
 
@@ -506,7 +510,7 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
     with _timed(timings, "evaluate_after"):
         after = measure(loaded.model, loaded.data, config, ctx.device, ctx.quiet, ctx.speed_seconds)
     final_speedup = None if unpruned is None else measure_speedup(
-        loaded.model, unpruned, input_size=loaded.data.input_size, device=ctx.device)
+        loaded.model, unpruned, input_size=loaded.data.input_size, device=ctx.device, seconds=ctx.speed_seconds)
     report = PruneReport(
         settings=config,
         processes=ctx.world.size,

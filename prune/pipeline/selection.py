@@ -107,7 +107,8 @@ def update_with_class(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: 
             scorer.update(chunk)
             del chunk  # before the next forward
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="topoprune-score") as worker:
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="topoprune-score")
+    try:
         pending: Future | None = None
         for chunk in chunks:
             if pending is not None:
@@ -116,6 +117,10 @@ def update_with_class(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: 
             del chunk
         if pending is not None:
             pending.result()
+    except BaseException:
+        worker.shutdown(wait=False, cancel_futures=True)  # Ctrl-C or a failure: do not wait for the update
+        raise
+    worker.shutdown()
 
 
 def _update_without_grad(scorer: scoring.Scorer, chunk: scoring.ClassBatch) -> None:
