@@ -92,12 +92,16 @@ class PerClassSums(ChunkedScorer):
                 self._sums[k] = self._sums.get(k, 0) + v
                 self._counts[k] = self._counts.get(k, 0) + counts[k]
 
-    def pooled_mean(self) -> torch.Tensor:
-        """The mean statistic [C] float64 over every image of every class seen."""
+    def pooled_sum(self) -> torch.Tensor:
+        """The statistics of every image of every class seen, summed in class order (float64)."""
         self.end_class()
         if not getattr(self, "_sums", {}):
             raise ValueError(f"{self.info.name}: no activations seen; call update() with class batches")
-        return sum(self._sums[k] for k in sorted(self._sums)) / sum(self._counts.values())
+        return sum(self._sums[k] for k in sorted(self._sums))
+
+    def pooled_mean(self) -> torch.Tensor:
+        """The mean statistic [C] float64 over every image of every class seen."""
+        return self.pooled_sum() / sum(self._counts.values())
 
     def compute(self) -> torch.Tensor:
         """Scores [C] float32: the pooled mean statistic (subclasses whose score is another reduction override it)."""

@@ -275,10 +275,7 @@ class ThiNetScorer(PerClassSums):
         self._counts[class_index] = self._counts.get(class_index, 0) + n
 
     def compute(self) -> torch.Tensor:
-        self.end_class()
-        if not getattr(self, "_sums", {}):
-            raise ValueError("thinet: no activations seen; call update() with class batches")
-        total = sum(self._sums[k] for k in sorted(self._sums))
+        total = self.pooled_sum()
         c = self.layer.num_channels
         dead = [i for i in range(c) if total[c, i] == 0]
         scores = torch.empty(c, dtype=torch.float32)
