@@ -212,6 +212,12 @@ def test_no_speed_skips_the_throughput_and_says_so(tmp_path, capsys):
     assert "leave out --no-speed" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
+def test_a_model_that_checks_its_state_dict_version_reloads(tmp_path):
+    """torchvision's MNASNet refuses a state_dict without its version metadata: load_pruned gives it."""
+    result = coverage.one("mnasnet0_5", "l1", coverage.make_folder(tmp_path / "data"))
+    assert result["outcome"] == "pruned", result
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model", coverage.all_models())
 def test_every_zoo_model_prunes_or_is_refused_in_one_line(model, tmp_path):

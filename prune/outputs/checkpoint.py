@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -122,5 +123,7 @@ def load_pruned(path: str | Path) -> nn.Module:
     why = state_dict_mismatch(model, blob["state_dict"])
     if why is not None:
         raise refuse(f"field 'state_dict' does not fit model {blob['model']!r} pruned as 'pruning_history' says: {why}")
-    model.load_state_dict(blob["state_dict"])
+    state = OrderedDict(blob["state_dict"])
+    state._metadata = model.state_dict()._metadata  # the modules' versions, which some check (MNASNet)
+    model.load_state_dict(state)
     return model.eval()
