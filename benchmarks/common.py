@@ -16,7 +16,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -78,6 +78,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def not_run(skipped: Mapping[str, str]) -> str:
+    """"Not run: a (why). Not run: b (why)." for the scorers or arms left out, each with its reason ("" for none)."""
+    return " ".join(f"Not run: {name} ({why})." for name, why in skipped.items())
 
 
 def fmt_rho(row: dict) -> str:
