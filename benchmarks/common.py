@@ -104,6 +104,25 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
 
 
+def spearman(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> float | None:
+    """Spearman's rank correlation (ties share ranks); None when either side is constant."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+def interval(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """2.5% and 97.5% percentiles of the defined bootstrap values (None if none is)."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return None, None
+    low, high = np.percentile(defined, [2.5, 97.5])
+    return float(low), float(high)
+
+
 # ---------------------------------------------------------------- settings and flags
 
 

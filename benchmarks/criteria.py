@@ -47,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -59,6 +58,7 @@ from benchmarks.common import (
     Setup,
     Testbed,
     fmt_rho,
+    interval,
     load_setup,
     machine,
     markdown_table,
@@ -66,6 +66,7 @@ from benchmarks.common import (
     not_run,
     save_figure,
     settings_json,
+    spearman,
 )
 from benchmarks.compare import ARMS, EXTRA_ARMS, Arm, applies, arm_of, refusal_of
 from benchmarks.criteria_settings import PRESETS, SHIPPED, Settings
@@ -78,14 +79,6 @@ TOP_SHARE = 0.2
 # ---------------------------------------------------------------- statistics
 
 
-def spearman(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> float | None:
-    """Spearman's rank correlation (ties share ranks); None when either side is constant."""
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    return float(spearmanr(x, y).statistic)
-
-
 def top_recall(scores: torch.Tensor, oracle: torch.Tensor, share: float = TOP_SHARE) -> float:
     """Share of the oracle's top `share` channels (largest loss increase) among the scorer's top
     `share` (highest scores); at least one channel each."""
@@ -93,15 +86,6 @@ def top_recall(scores: torch.Tensor, oracle: torch.Tensor, share: float = TOP_SH
     mine = set(torch.argsort(scores, descending=True, stable=True)[:k].tolist())
     best = set(torch.argsort(oracle, descending=True, stable=True)[:k].tolist())
     return len(mine & best) / k
-
-
-def interval(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """2.5% and 97.5% percentiles of the defined bootstrap values (None if none is)."""
-    defined = [v for v in values if v is not None]
-    if not defined:
-        return None, None
-    low, high = np.percentile(defined, [2.5, 97.5])
-    return float(low), float(high)
 
 
 # ---------------------------------------------------------------- oracle

@@ -10,7 +10,6 @@ import pytest
 from benchmarks import budget, compare
 from prune import LayerResult
 
-
 TESTBED = "embedded-plain"
 """A shipped testbed: the arms' scorers are checked against its model."""
 
