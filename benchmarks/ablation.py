@@ -43,6 +43,7 @@ from benchmarks.common import (
     load_setup,
     markdown_table,
     new_figure,
+    not_run,
     parse_settings,
     positive_int,
     run_experiment,
@@ -234,7 +235,7 @@ def markdown(result: dict) -> str:
             f"{result['samples_per_class']} training images per class; unchanged class accuracy "
             f"{result['unchanged']['accuracy']:.3f}, all-zero layer accuracy {result['all_zero']['accuracy']:.3f} "
             f"(loss {result['all_zero']['loss']:.3f}). 'ascending' = least important (lowest score) unit first."
-            + "".join(f" Not run: {k} ({v})." for k, v in result.get("scorers_skipped", {}).items()),
+            + (f" {not_run(result['scorers_skipped'])}" if result.get("scorers_skipped") else ""),
             markdown_table(
                 ["scorer", "order", "acc. unchanged", "peak acc.", "at units", "acc. = 0 at", "peak loss"],
                 curve_rows(result),

@@ -16,7 +16,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -80,6 +80,11 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def not_run(skipped: Mapping[str, str]) -> str:
+    """"Not run: a (why). Not run: b (why)." for the scorers or arms left out, each with its reason ("" for none)."""
+    return " ".join(f"Not run: {name} ({why})." for name, why in skipped.items())
+
+
 def fmt_rho(row: dict) -> str:
     """A correlation `row["rho"]` with its interval [`rho_low`, `rho_high`] when it has one ("—" for none)."""
     if row["rho"] is None:
@@ -97,6 +102,25 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
     """Mean and sample standard deviation (0 for one value)."""
     arr = np.asarray(values, dtype=np.float64)
     return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def spearman(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> float | None:
+    """Spearman's rank correlation (ties share ranks); None when either side is constant."""
+    from scipy.stats import spearmanr
+
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+def interval(values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """2.5% and 97.5% percentiles of the defined bootstrap values (None if none is)."""
+    defined = [v for v in values if v is not None]
+    if not defined:
+        return None, None
+    low, high = np.percentile(defined, [2.5, 97.5])
+    return float(low), float(high)
 
 
 # ---------------------------------------------------------------- settings and flags

@@ -7,9 +7,11 @@ Testbeds: `embedded` (VGG with BatchNorm on the generated shapes10, last maps 8x
 `embedded-plain` (the same without BatchNorm, last maps 16x16, the paper's setting), and the
 same two on real images, `fashion` (last maps 7x7) and `fashion-plain` (14x14) on Fashion-MNIST,
 which fine-tune on a fixed class-balanced subset of 10,000 training images (`--train-images`)
-to keep a run near a minute. Every project scorer runs on every testbed; torch-pruning's own
-criteria (the `tp-*` peers) run on the Fashion-MNIST testbeds, each where it applies
-(`tp-bnscale` needs BatchNorm). For each testbed, arm (a scorer with its options) and
+to keep a run near a minute. Every project scorer (HRank, CHIP and ThiNet included) runs on
+every testbed; torch-pruning's own criteria (the `tp-*` peers) run on the Fashion-MNIST testbeds.
+An arm whose scorer refuses a testbed's model (`Scorer.check`: `tp-bnscale` needs BatchNorm,
+`thinet` a conv or linear consumer, ...) is skipped there, its one-line reason printed and kept
+in the summary. For each testbed, arm (a scorer with its options) and
 seed, the main job runs unchanged: progressive selection with BatchNorm re-estimated after each
 layer, torch-pruning surgery, the paper's fine-tuning schedule. A seed changes the scoring
 images, every scorer's own draws and the fine-tuning order; the same seed gives every arm the
@@ -44,7 +46,7 @@ from pathlib import Path
 
 import prune
 import scoring
-from benchmarks.common import RESULTS, machine, markdown_table, new_figure, save_figure, settings_json
+from benchmarks.common import RESULTS, machine, markdown_table, new_figure, not_run, save_figure, settings_json
 from benchmarks.layers import refusal
 from prune import LayerResult, PruneConfig, PruneReport, exit_code, write_json, write_text
 
@@ -66,6 +68,9 @@ ARMS: tuple[Arm, ...] = (
     Arm("apoz", "apoz"),
     Arm("selectivity", "selectivity"),
     Arm("nisp", "nisp"),
+    Arm("hrank", "hrank"),
+    Arm("chip", "chip"),
+    Arm("thinet", "thinet"),
     Arm("random", "random"),
 )
 """The arms compared by default."""
@@ -116,10 +121,18 @@ class Settings(Study):
         a = arm_of(arm)
         return study_config(self, testbed, seed, ratio=self.ratio, scorer=a.scorer, scorer_options=a.options)
 
-    def arms_of(self, testbed: str) -> tuple[str, ...]:
-        """The arms run on `testbed`: `arms`, plus the peers that apply to its model on a peer testbed."""
+    def wanted(self, testbed: str) -> tuple[str, ...]:
+        """The arms asked for on `testbed`: `arms`, plus the peers on a peer testbed."""
         peers = self.peers if testbed in self.peer_testbeds else ()
-        return self.arms + tuple(p for p in peers if p not in self.arms and applies(p, testbed))
+        return self.arms + tuple(p for p in peers if p not in self.arms)
+
+    def arms_of(self, testbed: str) -> tuple[str, ...]:
+        """The arms run on `testbed`: those of `wanted` that apply to its model."""
+        return tuple(a for a in self.wanted(testbed) if applies(a, testbed))
+
+    def skipped(self, testbed: str) -> dict[str, str]:
+        """The arms of `wanted` that `testbed`'s model refuses, with the scorer's one-line reason."""
+        return {a: why for a in self.wanted(testbed) if (why := refusal_of(a, testbed)) is not None}
 
 
 PRESETS = {
@@ -135,13 +148,19 @@ def arm_of(name: str) -> Arm:
 
 
 @functools.cache
-def applies(arm_name: str, testbed: str) -> bool:
-    """False if the arm's scorer refuses the testbed's model (`Scorer.check`, e.g. tp-bnscale without BatchNorm)."""
+def refusal_of(arm_name: str, testbed: str) -> str | None:
+    """Why the arm's scorer refuses the testbed's model (`Scorer.check`'s one line, e.g. tp-bnscale
+    without BatchNorm), or None if it applies; `testbed` is a model name `prune.create_model` takes."""
     from prune import create_model
 
     arm = arm_of(arm_name)
     model = create_model(testbed, pretrained=False)  # the architecture is all a check looks at
-    return refusal(scoring.create(arm.scorer, **dict(arm.options)), model, classes=2, samples_per_class=2) is None
+    return refusal(scoring.create(arm.scorer, **dict(arm.options)), model, classes=2, samples_per_class=2)
+
+
+def applies(arm_name: str, testbed: str) -> bool:
+    """True unless the arm's scorer refuses the testbed's model (`refusal_of`)."""
+    return refusal_of(arm_name, testbed) is None
 
 
 def t95(n: int) -> float:
@@ -350,14 +369,16 @@ def report(settings: Settings) -> dict:
     diffs = [d for tb in settings.testbeds for b in BASELINES if b in settings.arms_of(tb)
              for d in paired(runs, tb, settings.arms_of(tb), b)]
     unpruned = {tb: next((r["top1_unpruned"] for r in runs if r["testbed"] == tb), None) for tb in settings.testbeds}
+    skipped = {tb: settings.skipped(tb) for tb in settings.testbeds}
     text = [f"# Scorer comparison (ratio {settings.ratio}, N = {settings.samples_per_class} per class, all classes, "
             f"{settings.epochs} fine-tuning epochs)", ""]
     for tb in settings.testbeds:
         top1 = "—" if unpruned[tb] is None else f"{unpruned[tb]:.4f}"
         text += [f"## {tb} (unpruned top-1 {top1})", "",
                  table([r for r in rows if r["testbed"] == tb], [d for d in diffs if d["testbed"] == tb]), ""]
-    return write_summary(settings, {"unpruned_top1": unpruned, "rows": rows, "paired": diffs, "runs": runs}, text,
-                         plot)
+        text += [not_run(skipped[tb]), ""] if skipped[tb] else []
+    return write_summary(settings, {"unpruned_top1": unpruned, "skipped": skipped, "rows": rows, "paired": diffs,
+                                    "runs": runs}, text, plot)
 
 
 def write_summary(settings: Study, result: dict, text: list[str], draw: Callable[[list[dict], Path], None]) -> dict:
@@ -375,7 +396,11 @@ def write_summary(settings: Study, result: dict, text: list[str], draw: Callable
 
 def compare(settings: Settings) -> dict:
     """Run the missing runs, adding two seeds at a time to each arm whose fine-tuned half-width is
-    above the target (seeds 0..n-1 of every arm, so any two arms pair over their common seeds)."""
+    above the target (seeds 0..n-1 of every arm, so any two arms pair over their common seeds); an
+    arm a testbed refuses is skipped there with its reason."""
+    for tb in settings.testbeds:
+        for arm, why in settings.skipped(tb).items():
+            print(f"{tb}: skipping {arm}: {why}", flush=True)
     runs = load_runs(settings)
     seeds = {(tb, arm): max(settings.seeds, sum(r["testbed"] == tb and r["scorer"] == arm for r in runs))
              for tb in settings.testbeds for arm in settings.arms_of(tb)}
@@ -417,8 +442,9 @@ def parse(argv: list[str] | None) -> tuple[Settings, bool]:
     p.add_argument("--preset", choices=tuple(PRESETS), default="full")
     p.add_argument("--testbeds", nargs="+", default=None)
     p.add_argument("--arms", nargs="+", default=None, choices=[a.name for a in ARMS + EXTRA_ARMS],
-                   help="exactly these arms on every testbed (default: the project scorers, plus the tp-* peers "
-                   "on the Fashion-MNIST testbeds)")
+                   help="exactly these arms on every testbed that takes them (default: the project scorers, plus "
+                   "the tp-* peers on the Fashion-MNIST testbeds; an arm a testbed's model refuses is skipped with "
+                   "the reason)")
     p.add_argument("--seeds", type=int, default=None, help="seeds to start with per testbed")
     p.add_argument("--max-seeds", type=int, default=None)
     p.add_argument("--jobs", type=int, default=None, help="parallel runs (one thread each)")

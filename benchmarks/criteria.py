@@ -12,21 +12,24 @@ For the unpruned, trained network of each testbed and each conv layer:
   CVPR 2019). The unit is zeroed at the output of the module the ReLU reads (the BatchNorm after
   the conv, else the conv; for ReLU the same as zeroing after it), and the rest of the network
   is run on a cached copy (`benchmarks.tail.LayerTail`);
-- for every arm of `benchmarks.compare` (the project's scorers, both entropy conventions, and
-  the torch-pruning criteria that apply): **Spearman ρ** between its scores (N scoring images per
-  class, all classes, the main job's choice) and the oracle, with a 95% percentile bootstrap
-  interval (each replicate resamples the held-out images of the oracle and, within each class,
-  the scoring images of the scorer; a scorer that draws, such as `random`, draws anew with another
-  seed), and **top20_recall**: the share of the oracle's top 20%
-  channels that the scorer's top 20% holds;
+- for every arm of `benchmarks.compare` (the project's scorers, HRank, CHIP and ThiNet included,
+  both entropy conventions, and the torch-pruning criteria) that applies to the testbed's model
+  (one that refuses it is listed under "skipped" with the scorer's one-line reason): **Spearman
+  ρ** between its scores (N scoring images per class, all classes, the main job's choice) and the
+  oracle, with a 95% percentile bootstrap interval (each replicate resamples the held-out images
+  of the oracle and, within each class, the scoring images of the scorer, from a random stream of
+  the arm's own; a scorer that draws, such as `random`, draws anew with another seed), and
+  **top20_recall**: the share of the oracle's top 20% channels that the scorer's top 20% holds;
 - **split_half**: Spearman between the scores from two disjoint sets of N images per class
   (data scorers; null for the weight scorers, whose scores do not depend on images);
 - **layer_top1**: held-out top-1 with the round(ratio·C) lowest-scored channels of that layer
   alone zeroed (no fine-tuning), beside the worst and best of `random_draws` random draws.
 
 High ρ = the criterion ranks channels as removing them would; ρ ≈ 0 = unrelated. One JSON per
-testbed under benchmarks/results/criteria/ (finished testbeds are skipped on restart); the
-summary goes to benchmarks/results/criteria.{json,md} and criteria-rho.png.
+testbed under benchmarks/results/criteria/; on restart a finished testbed is kept and only the arms
+it lacks are measured and added (each arm's row depends on no other arm; rows committed before
+the streams were per arm drew from one stream shared in arm order). The summary goes to
+benchmarks/results/criteria.{json,md} and criteria-rho.png.
 
 The N study (`--n-study TESTBED`): the same oracle, and for N = 25, 50, 100, 200 images per class
 the ρ and split-half reliability of entropy (both conventions), l1 and tp-taylor (the paper
@@ -39,12 +42,11 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
@@ -56,29 +58,25 @@ from benchmarks.common import (
     Setup,
     Testbed,
     fmt_rho,
+    interval,
     load_setup,
     machine,
     markdown_table,
     new_figure,
+    not_run,
     save_figure,
     settings_json,
+    spearman,
 )
-from benchmarks.compare import ARMS, EXTRA_ARMS, Arm, applies, arm_of
+from benchmarks.compare import ARMS, EXTRA_ARMS, Arm, applies, arm_of, refusal_of
 from benchmarks.criteria_settings import PRESETS, SHIPPED, Settings
 from benchmarks.layers import class_batch, conv_layers, score_layer
 from benchmarks.tail import LayerTail
 from prune import UsageError, exit_code, write_json, write_text
+from scoring.control import layer_seed
 
 TOP_SHARE = 0.2
 # ---------------------------------------------------------------- statistics
-
-
-def spearman(a: Sequence[float] | torch.Tensor, b: Sequence[float] | torch.Tensor) -> float | None:
-    """Spearman's rank correlation (ties share ranks); None when either side is constant."""
-    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if np.ptp(x) == 0 or np.ptp(y) == 0:
-        return None
-    return float(spearmanr(x, y).statistic)
 
 
 def top_recall(scores: torch.Tensor, oracle: torch.Tensor, share: float = TOP_SHARE) -> float:
@@ -88,15 +86,6 @@ def top_recall(scores: torch.Tensor, oracle: torch.Tensor, share: float = TOP_SH
     mine = set(torch.argsort(scores, descending=True, stable=True)[:k].tolist())
     best = set(torch.argsort(oracle, descending=True, stable=True)[:k].tolist())
     return len(mine & best) / k
-
-
-def interval(values: Sequence[float | None]) -> tuple[float | None, float | None]:
-    """2.5% and 97.5% percentiles of the defined bootstrap values (None if none is)."""
-    defined = [v for v in values if v is not None]
-    if not defined:
-        return None, None
-    low, high = np.percentile(defined, [2.5, 97.5])
-    return float(low), float(high)
 
 
 # ---------------------------------------------------------------- oracle
@@ -171,47 +160,93 @@ def random_range(top1: torch.Tensor | None) -> dict[str, float | None]:
     return {f"random_top1_{k}": v for k, v in stats.items()}
 
 
-def layer_rows(s: Settings, testbed: str, model: nn.Module, data, test: tuple[torch.Tensor, torch.Tensor],
-               name: str, conv: nn.Conv2d, arms: Sequence[Arm]) -> tuple[list[dict], dict]:
-    """The rows of one conv layer (one per arm) and its layer entry (random-draw range)."""
+@dataclass(frozen=True)
+class LayerOracle:
+    """What every arm of one conv layer is measured against: the held-out images' loss increase
+    `delta` [C, N] per zeroed channel, its mean `oracle` [C], the scoring images (`pool`: 2N per
+    class, for split-half; `first`: the N scored), `removed` = round(ratio·C) and the layer's tail."""
+
+    tail: LayerTail
+    labels: torch.Tensor
+    delta: torch.Tensor
+    pool: list[scoring.ClassBatch]
+    first: list[scoring.ClassBatch]
+    removed: int
+
+    @property
+    def oracle(self) -> torch.Tensor:
+        return self.delta.mean(1)
+
+    @property
+    def map_size(self) -> int:
+        return int(self.first[0].activations.shape[-1])
+
+
+def layer_oracle(s: Settings, model: nn.Module, data, test: tuple[torch.Tensor, torch.Tensor], name: str,
+                 conv: nn.Conv2d) -> LayerOracle:
+    """The oracle and the scoring images of one conv layer (`LayerOracle`)."""
     images, labels = test
-    channels = conv.out_channels
     tail = LayerTail(model, conv, images)
-    delta = oracle_losses(tail, labels, channels)
-    oracle = delta.mean(1)
     pool = [class_batch(model, conv, name, data, c, 2 * s.samples_per_class, seed=s.seed)
             for c in range(len(data.classes))]
-    first, _ = halves(pool, s.samples_per_class)
-    k = round(s.ratio * channels)
+    return LayerOracle(tail=tail, labels=labels, delta=oracle_losses(tail, labels, conv.out_channels), pool=pool,
+                       first=halves(pool, s.samples_per_class)[0], removed=round(s.ratio * conv.out_channels))
+
+
+def layer_entry(s: Settings, testbed: str, name: str, layer: LayerOracle) -> dict:
+    """The layer's entry: its oracle and the top-1 range of `random_draws` random halves."""
+    channels, k = layer.tail.channels, layer.removed
     g = torch.Generator().manual_seed(s.seed)
     draws = [torch.randperm(channels, generator=g)[:k] for _ in range(s.random_draws)]
-    random_top1 = (pruned_top1(tail, labels, torch.stack(draws)) if k else torch.ones(1)) if draws else None
-    map_size = int(first[0].activations.shape[-1])
-    rng = np.random.default_rng(s.seed)
-    rows = []
-    for arm in arms:
-        scores = score(arm, model, conv, name, first, s.seed)
-        data_driven = scoring.scorer_info(arm.scorer).needs_data
-        replicates = []
-        draws = "seed" in scoring.scorer_options(arm.scorer)
-        for b in range(s.bootstrap):
-            idx = torch.from_numpy(rng.integers(0, delta.shape[1], delta.shape[1]))
-            seed = s.seed + 1 + b if draws else s.seed  # a scorer that draws, draws anew: its chance is in the interval
-            again = (score(arm, model, conv, name, resampled(first, rng) if data_driven else first, seed)
-                     if data_driven or draws else scores)
-            replicates.append(spearman(again, delta[:, idx].mean(1)))
-        low, high = interval(replicates)
-        lowest = torch.argsort(scores, stable=True)[:k].unsqueeze(0)
-        rows.append({
-            "testbed": testbed, "layer": name, "scorer": arm.name, "map_size": map_size, "channels": channels,
-            "rho": spearman(scores, oracle), "rho_low": low, "rho_high": high,
-            "top20_recall": top_recall(scores, oracle),
-            "split_half": split_half(arm, model, conv, name, pool, s.samples_per_class, s.seed) if data_driven else None,
-            "layer_top1": float(pruned_top1(tail, labels, lowest)[0]) if k else None,
-        })
-    layer = {"testbed": testbed, "layer": name, "map_size": map_size, "channels": channels, "removed": k,
-             "oracle": oracle.tolist(), **random_range(random_top1)}
-    return rows, layer
+    random_top1 = (pruned_top1(layer.tail, layer.labels, torch.stack(draws)) if k else torch.ones(1)) if draws else None
+    return {"testbed": testbed, "layer": name, "map_size": layer.map_size, "channels": channels, "removed": k,
+            "oracle": layer.oracle.tolist(), **random_range(random_top1)}
+
+
+def arm_row(s: Settings, testbed: str, model: nn.Module, conv: nn.Conv2d, name: str, layer: LayerOracle,
+            arm: Arm) -> dict:
+    """One arm's row of one layer: ρ with the oracle and its bootstrap interval, top-20% recall,
+    split-half ρ and layer top-1. The replicates draw from a stream of the arm's own (seeded by the
+    seed and the arm's name), so a row does not depend on which other arms are measured."""
+    scores = score(arm, model, conv, name, layer.first, s.seed)
+    data_driven = scoring.scorer_info(arm.scorer).needs_data
+    draws = "seed" in scoring.scorer_options(arm.scorer)
+    rng = np.random.default_rng(layer_seed(s.seed, arm.name))
+    replicates = []
+    for b in range(s.bootstrap):
+        idx = torch.from_numpy(rng.integers(0, layer.delta.shape[1], layer.delta.shape[1]))
+        seed = s.seed + 1 + b if draws else s.seed  # a scorer that draws, draws anew: its chance is in the interval
+        again = (score(arm, model, conv, name, resampled(layer.first, rng) if data_driven else layer.first, seed)
+                 if data_driven or draws else scores)
+        replicates.append(spearman(again, layer.delta[:, idx].mean(1)))
+    low, high = interval(replicates)
+    lowest = torch.argsort(scores, stable=True)[:layer.removed].unsqueeze(0)
+    return {
+        "testbed": testbed, "layer": name, "scorer": arm.name, "map_size": layer.map_size,
+        "channels": layer.tail.channels, "rho": spearman(scores, layer.oracle), "rho_low": low, "rho_high": high,
+        "top20_recall": top_recall(scores, layer.oracle),
+        "split_half": split_half(arm, model, conv, name, layer.pool, s.samples_per_class, s.seed) if data_driven else None,
+        "layer_top1": float(pruned_top1(layer.tail, layer.labels, lowest)[0]) if layer.removed else None,
+    }
+
+
+def layer_rows(s: Settings, testbed: str, model: nn.Module, data, test: tuple[torch.Tensor, torch.Tensor],
+               name: str, conv: nn.Conv2d, arms: Sequence[Arm], entry: dict | None = None) -> tuple[list[dict], dict]:
+    """The rows of one conv layer (one per arm) and its layer entry (`layer_entry`; `entry`, when
+    given, is a saved run's, whose oracle this measurement must reproduce)."""
+    layer = layer_oracle(s, model, data, test, name, conv)
+    if entry is not None:
+        check_oracle(entry, layer.oracle)
+    rows = [arm_row(s, testbed, model, conv, name, layer, arm) for arm in arms]
+    return rows, entry if entry is not None else layer_entry(s, testbed, name, layer)
+
+
+def check_oracle(entry: dict, oracle: torch.Tensor) -> None:
+    """Raise if `oracle` [C] is not the one a saved run measured at `entry`'s layer (to 0.1% of its largest value)."""
+    saved = torch.tensor(entry["oracle"], dtype=oracle.dtype)
+    if saved.shape != oracle.shape or not torch.allclose(oracle, saved, rtol=0, atol=1e-3 * float(saved.abs().max())):
+        raise ValueError(f"{entry['testbed']} layer {entry['layer']}: the oracle measured now differs from the saved "
+                         "run's; the data or the network changed: remove the run's JSON to measure every arm again")
 
 
 def testbed_setup(s: Settings, testbed: Testbed) -> Setup:
@@ -221,9 +256,10 @@ def testbed_setup(s: Settings, testbed: Testbed) -> Setup:
                                          seed=s.seed, quick=s.quick, quiet=s.quiet))
 
 
-RESULT_FIELDS = ("arms", "samples_per_class", "oracle_per_class", "ratio", "bootstrap", "random_draws", "n_study",
+RESULT_FIELDS = ("samples_per_class", "oracle_per_class", "ratio", "bootstrap", "random_draws", "n_study",
                  "n_study_arms", "seed", "quick")
-"""The settings that decide a layer's result (threads, paths, the list of testbeds or sides do not)."""
+"""The settings that decide a layer's result (threads, paths, the list of testbeds or sides do not; nor
+do the arms: each arm's row depends on none of the others, and a run holds the rows of its arms)."""
 
 
 def result_settings(s: Settings) -> dict:
@@ -274,24 +310,60 @@ class LayerProgress:
 
 
 def run_testbed(s: Settings, testbed: Testbed, path: Path | None = None) -> dict:
-    """Every layer × arm of one testbed; written to `path` (default runs_dir/<name>.json);
-    resumes layer by layer (`LayerProgress`)."""
+    """Every layer × arm of one testbed; written to `path` (default runs_dir/<name>.json). A finished
+    run of the same network under the same result-deciding settings is kept and only the arms of
+    `s.arms` it lacks are measured and added (their oracle checked against the saved one); arms the
+    model refuses are listed with the reason under "skipped". Resumes layer by layer (`LayerProgress`)."""
     path = path or s.runs_dir / f"{testbed.name}.json"
+    saved = saved_run(s, path, testbed)
+    arms = missing_arms(s, saved, testbed)
+    if saved is not None and not arms:
+        return saved
     setup = testbed_setup(s, testbed)
     model = setup.model.eval()
-    arms = [arm_of(a) for a in s.arms if applies(a, testbed.model)]
-    progress = LayerProgress(path, result_key(s, testbed))
+    entries = {} if saved is None else {layer["layer"]: layer for layer in saved["layers"]}
+    progress = LayerProgress(path, result_key(s, testbed, measured=[a.name for a in arms], extends=saved is not None))
     for name, conv in tqdm(conv_layers(model), desc=testbed.name, disable=s.quiet):
         if name not in progress.layers:
-            progress.put(name, layer_rows(s, testbed.name, model, setup.data, setup.test, name, conv, arms))
+            progress.put(name, layer_rows(s, testbed.name, model, setup.data, setup.test, name, conv, arms,
+                                          entries.get(name)))
     done = [progress.layers[name] for name, _ in conv_layers(model)]
-    result = {"testbed": testbed.name, "model": testbed.key(), "settings": settings_json(s),
+    rows = in_order(s, [*(saved or {}).get("rows", []), *(r for rows, _ in done for r in rows)],
+                    [name for name, _ in conv_layers(model)])
+    skipped = {**(saved or {}).get("skipped", {}),
+               **{a: why for a in s.arms if (why := refusal_of(a, testbed.model)) is not None}}
+    result = {"testbed": testbed.name, "model": testbed.key(),
+              "settings": {**settings_json(s), "arms": list(dict.fromkeys(r["scorer"] for r in rows))},
               "machine": machine(), "oracle_images": len(setup.test[1]), "input_size": setup.data.input_size,
-              "seconds": progress.seconds(), "rows": [r for rows, _ in done for r in rows],
-              "layers": [layer for _, layer in done]}
+              "seconds": round(progress.seconds() + (saved or {}).get("seconds", 0.0), 1), "rows": rows,
+              "layers": [layer for _, layer in done], "skipped": skipped}
     write_json(path, result)
     progress.done()
     return result
+
+
+def saved_run(s: Settings, path: Path, testbed: Testbed) -> dict | None:
+    """The run at `path` if it is a finished run of this very network (`Testbed.key`; runs written
+    before the network was recorded count as its own) under the result-deciding settings of `s`, else None."""
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    same = _same({"settings": saved.get("settings", {}), "model": saved.get("model", testbed.key())},
+                 result_key(s, testbed))
+    return saved if same else None
+
+
+def missing_arms(s: Settings, saved: dict | None, testbed: Testbed) -> list[Arm]:
+    """The arms of `s.arms` that apply to the testbed's model and have no row in `saved` (all, without one)."""
+    have = {r["scorer"] for r in saved["rows"]} if saved is not None else set()
+    return [arm_of(a) for a in s.arms if a not in have and applies(a, testbed.model)]
+
+
+def in_order(s: Settings, rows: list[dict], layers: Sequence[str]) -> list[dict]:
+    """`rows` layer by layer (`layers`' order), within a layer the arms in the order of `s.arms`
+    (others after them, as they came)."""
+    arm, layer = {a: i for i, a in enumerate(s.arms)}, {n: i for i, n in enumerate(layers)}
+    return sorted(rows, key=lambda r: (layer[r["layer"]], arm.get(r["scorer"], len(arm))))
 
 
 def run_n_study(s: Settings, testbed: Testbed) -> dict:
@@ -355,6 +427,7 @@ def markdown(results: list[dict]) -> str:
                  markdown_table(header, body), "",
                  f"Random draws of the same number of channels, mean over layers: worst {random_range[0]:.3f}, "
                  f"best {random_range[1]:.3f} top-1 ({result['settings']['random_draws']} draws per layer).", ""]
+        text += [not_run(result["skipped"]), ""] if result.get("skipped") else []
     return "\n".join(text)
 
 
@@ -439,13 +512,9 @@ def report(s: Settings) -> dict:
 
 
 def finished(s: Settings, path: Path, testbed: Testbed) -> bool:
-    """True if `path` holds a finished run of this very network (`Testbed.key`; runs written
-    before the network was recorded count as its own) under the result-deciding settings of `s`."""
-    if not path.exists():
-        return False
-    saved = json.loads(path.read_text())
-    return _same({"settings": saved.get("settings", {}), "model": saved.get("model", testbed.key())},
-                 result_key(s, testbed))
+    """True if `path` holds a finished run of this very network under the result-deciding settings
+    of `s` (`saved_run`; a testbed run may still lack arms, `missing_arms`)."""
+    return saved_run(s, path, testbed) is not None
 
 
 def resolve(s: Settings, name: str) -> Testbed:
@@ -466,8 +535,7 @@ def criteria(s: Settings, n_study_testbeds: Sequence[str] = (), map_size_study: 
     if s.threads:
         torch.set_num_threads(s.threads)
     for name in s.testbeds:
-        if not finished(s, s.runs_dir / f"{name}.json", resolve(s, name)):
-            run_testbed(s, resolve(s, name))
+        run_testbed(s, resolve(s, name))  # a finished run is kept, the arms it lacks added
     if map_size_study:
         map_size.run_study(s, run_testbed)
     for name in n_study_testbeds:

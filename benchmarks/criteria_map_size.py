@@ -8,13 +8,14 @@ generated at each input side s with the recipe of the shipped model
 (`prune.zoo.train_embedded.RECIPES["embedded-plain"]`, the same data counts and seed); its first
 two conv layers then read maps of s × s, the last four of s/2 × s/2. At the side the shipped model
 was trained on, its weights are used. Each network gets the criteria benchmark with the
-`map_size_arms` (entropy in both conventions, L1, first-order Taylor): ρ with the oracle and its
+`map_size_arms` (entropy in both conventions, the other feature-map criteria HRank, CHIP and
+ThiNet, L1, first-order Taylor): ρ with the oracle and its
 bootstrap interval, top-20 recall, split-half reliability. The oracle uses 100 held-out images per
 class, 50 where the first layer's maps exceed 64 × 64 (the cost of a forward grows with s²).
 
 Trained weights (`map-size/embedded-plain-<s>.pt`, with `train-<s>.json`: recipe, seconds,
 test top-1) and each side's result (`map-size/embedded-plain-<s>.json`) are kept under the
-criteria results folder; a restart skips what exists.
+criteria results folder; a restart skips what exists and measures only the arms a side lacks.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from benchmarks.criteria_settings import Settings
 from finetune.metrics import evaluate
 
 Measure = Callable[["Settings", Testbed, Path], dict]
-"""`benchmarks.criteria.run_testbed`: the criteria rows of a testbed, written to a path."""
+"""`benchmarks.criteria.run_testbed`: the criteria rows of a testbed, written to a path (a finished
+run there kept, the arms it lacks added)."""
 
 MODEL = "embedded-plain"
 """The network of the study: no BatchNorm, as the paper's VGG16."""
@@ -99,13 +101,14 @@ def study_settings(s: Settings, size: int) -> Settings:
 
 
 def run_side(s: Settings, size: int, measure: Measure) -> dict:
-    """The criteria rows of the network at side `size` (map-size/embedded-plain-<size>.json)."""
+    """The criteria rows of the network at side `size` (map-size/embedded-plain-<size>.json), one per
+    arm of the study: a finished side is kept and gets the arms it lacks. At the native side the
+    shipped network's testbed run is that measurement: it gets the study's arms it lacks, and the
+    side is taken from it."""
     path = folder(s) / f"{testbed_name(size)}.json"
-    if path.exists():  # the side's network is fixed by its name: the study's model trained at `size`
-        return json.loads(path.read_text())
-    shipped = s.runs_dir / f"{MODEL}.json"
-    if size == native_size() and shipped.exists():  # the testbed run already measured the shipped network
-        return from_testbed_run(s, json.loads(shipped.read_text()), path)
+    if size == native_size():
+        shipped = measure(replace(s, arms=s.map_size_arms), Testbed.shipped(MODEL), s.runs_dir / f"{MODEL}.json")
+        return from_testbed_run(s, shipped, path)
     return measure(study_settings(s, size), testbed(s, size), path)
 
 

@@ -29,7 +29,8 @@ class Settings:
     n_study_arms: tuple[str, ...] = ("entropy", "entropy-authors", "l1", "tp-taylor")
     map_sizes: tuple[int, ...] = (32, 64, 96)
     """Input sides of the map-size study (`--map-size-study`, benchmarks/criteria_map_size.py)."""
-    map_size_arms: tuple[str, ...] = ("entropy", "entropy-authors", "l1", "tp-taylor")
+    map_size_arms: tuple[str, ...] = ("entropy", "entropy-authors", "hrank", "chip", "thinet", "l1", "tp-taylor")
+    """The arms of the map-size study: the feature-map family (entropy, HRank, CHIP, ThiNet) and two references."""
     seed: int = 0
     threads: int | None = None
     quick: bool = False

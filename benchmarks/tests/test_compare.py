@@ -10,16 +10,19 @@ import pytest
 from benchmarks import budget, compare
 from prune import LayerResult
 
+TESTBED = "embedded-plain"
+"""A shipped testbed: the arms' scorers are checked against its model."""
+
 
 def fake_runs(settings: compare.Settings | None = None) -> list[dict]:
     # arm l1 beats random by exactly 0.1 on every seed while both vary a lot between seeds
     runs = []
     for seed, base in enumerate([0.5, 0.7, 0.6, 0.9]):
         for arm, shift in (("random", 0.0), ("l1", 0.1)):
-            runs.append({"testbed": "t", "scorer": arm, "seed": seed, "top1": base + shift,
+            runs.append({"testbed": TESTBED, "scorer": arm, "seed": seed, "top1": base + shift,
                          "top1_pruned": base / 2, "top1_pruned_bn": base / 2 + shift, "removed_sha256": f"{arm}{seed}",
                          "top1_unpruned": 0.94,
-                         "settings": None if settings is None else settings.config("t", arm, seed).as_dict()})
+                         "settings": None if settings is None else settings.config(TESTBED, arm, seed).as_dict()})
     return runs
 
 
@@ -36,9 +39,9 @@ def test_interval_by_hand() -> None:
 
 def test_paired_difference_removes_the_seed_to_seed_spread() -> None:
     runs = fake_runs()
-    rows = {r["scorer"]: r for r in compare.summarise(runs, "t", ("l1", "random"))}
+    rows = {r["scorer"]: r for r in compare.summarise(runs, TESTBED, ("l1", "random"))}
     assert rows["l1"]["top1_hw95"] > 0.2  # unpaired: the seeds' spread
-    (diff,) = compare.paired(runs, "t", ("l1", "random"), "random")
+    (diff,) = compare.paired(runs, TESTBED, ("l1", "random"), "random")
     assert diff["mean"] == pytest.approx(0.1) and diff["hw95"] == pytest.approx(0.0, abs=1e-12)
     assert diff["seeds"] == 4 and rows["l1"]["distinct_selections"] == 4
     assert compare.needs_more(list(rows.values()), 0.03)
@@ -54,21 +57,39 @@ def test_removed_digest_depends_on_every_layer() -> None:
 
 
 def test_finished_runs_are_found_and_skipped(tmp_path: Path) -> None:
-    settings = compare.Settings(testbeds=("t",), arms=("l1", "random"), results=tmp_path)
+    settings = compare.Settings(testbeds=(TESTBED,), arms=("l1", "random"), results=tmp_path)
     for run in fake_runs(settings):
-        compare.write_json(compare.run_path(settings, "t", run["scorer"], run["seed"]), run)
+        compare.write_json(compare.run_path(settings, TESTBED, run["scorer"], run["seed"]), run)
     assert len(compare.load_runs(settings)) == 8
-    compare.run_seeds(settings, {("t", "l1"): 4, ("t", "random"): 4})  # every run exists: nothing is started
+    compare.run_seeds(settings, {(TESTBED, "l1"): 4, (TESTBED, "random"): 4})  # every run exists: nothing is started
     summary = compare.report(settings)
     assert [r["scorer"] for r in summary["rows"]] == ["l1", "random"]
     assert (tmp_path / "compare.md").exists() and (tmp_path / "compare.png").exists()
 
 
+def test_an_arm_the_model_refuses_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    settings = compare.Settings(testbeds=(TESTBED,), arms=("l1", "random", "tp-bnscale"), results=tmp_path)
+    for run in fake_runs(settings):
+        compare.write_json(compare.run_path(settings, TESTBED, run["scorer"], run["seed"]), run)
+    assert settings.arms_of(TESTBED) == ("l1", "random")
+    (why,) = settings.skipped(TESTBED).values()
+    assert "BatchNorm" in why and "\n" not in why
+    summary = compare.report(settings)
+    assert summary["skipped"] == {TESTBED: {"tp-bnscale": why}}
+    assert f"Not run: tp-bnscale ({why})." in (tmp_path / "compare.md").read_text()
+
+
+@pytest.mark.parametrize("testbed", ["embedded", "embedded-plain"])
+def test_the_feature_map_family_is_a_default_arm(testbed: str) -> None:
+    arms = compare.PRESETS["full"].arms_of(testbed)
+    assert {"hrank", "chip", "thinet", "entropy", "l1", "random"} <= set(arms)
+
+
 def test_a_run_made_under_other_settings_is_neither_reused_nor_summarised(tmp_path: Path) -> None:
-    settings = compare.Settings(testbeds=("t",), arms=("l1", "random"), results=tmp_path)
+    settings = compare.Settings(testbeds=(TESTBED,), arms=("l1", "random"), results=tmp_path)
     for run in fake_runs(replace(settings, epochs=settings.epochs + 1)):  # the same files, another budget
-        compare.write_json(compare.run_path(settings, "t", run["scorer"], run["seed"]), run)
-    assert compare.load_runs(settings) == [] and not compare.finished_run(settings, "t", "l1", 0)
+        compare.write_json(compare.run_path(settings, TESTBED, run["scorer"], run["seed"]), run)
+    assert compare.load_runs(settings) == [] and not compare.finished_run(settings, TESTBED, "l1", 0)
     assert len(compare.load_runs(replace(settings, epochs=settings.epochs + 1))) == 8
 
 

@@ -152,6 +152,25 @@ def test_quick_map_size_study_trains_a_network_per_side_and_keeps_what_it_finish
     assert weights.stat().st_mtime_ns == stamp
 
 
+def test_a_finished_run_keeps_its_rows_and_gets_only_the_arms_it_lacks(tmp_path, one_thread):
+    """Adding arms measures those arms alone; each arm's row is the same whichever arms run beside
+    it; an arm the model refuses is listed with its reason."""
+    def run(folder: Path, *arms: str) -> dict:
+        args = ["--quick", "--results", str(folder), "--testbeds", "embedded-plain", "--arms", *arms]
+        assert criteria.main(args) == 0
+        return json.loads((folder / "criteria-quick" / "embedded-plain.json").read_text())
+
+    first = run(tmp_path / "a", "l1", "tp-bnscale")
+    assert {r["scorer"] for r in first["rows"]} == {"l1"} and "BatchNorm" in first["skipped"]["tp-bnscale"]
+    assert "Not run: tp-bnscale (" in (tmp_path / "a" / "criteria-quick.md").read_text()
+    extended = run(tmp_path / "a", "random", "l1", "tp-bnscale")
+    assert [r["scorer"] for r in extended["rows"]] == ["random", "l1"] * 6  # layer by layer, in the order asked
+    assert [r for r in extended["rows"] if r["scorer"] == "l1"] == first["rows"]
+    assert extended["layers"] == first["layers"] and extended["settings"]["arms"] == ["random", "l1"]
+    alone = run(tmp_path / "b", "random")
+    assert [r for r in extended["rows"] if r["scorer"] == "random"] == alone["rows"]
+
+
 def test_a_finished_run_is_known_by_its_weights_content_not_their_path(tmp_path):
     """A checkout cloned or moved elsewhere keeps its finished runs; other weights do not reuse them."""
     here, moved, other = tmp_path / "a.pt", tmp_path / "clone" / "a.pt", tmp_path / "b.pt"
@@ -205,10 +224,15 @@ def test_the_random_controls_interval_includes_its_own_draws():
 
 def test_every_committed_run_is_finished_under_the_default_settings():
     """A change to the settings or the network key that would silently rerun the committed
-    testbed runs and N studies (hours) fails here first."""
+    testbed runs, map-size sides and N studies (hours) fails here first (an arm added to the
+    defaults is measured on its own and added, `missing_arms`)."""
     s = criteria.parse([])[0]
     names = ["embedded", "embedded-plain", "fashion", "fashion-plain"]
     studies = sorted(p.stem.removeprefix("n-study-") for p in s.runs_dir.glob("n-study-*.json") if ".partial." not in p.name)
     assert studies and all(criteria.finished(s, s.runs_dir / f"{n}.json", criteria.resolve(s, n)) for n in names)
     assert all(criteria.finished(s, s.runs_dir / f"n-study-{n}.json", criteria.resolve(s, n)) for n in studies)
     assert [r["testbed"] for r in criteria.finished_testbeds(s)] == names
+    sides = [size for size in s.map_sizes if size != criteria.map_size.native_size()]
+    assert all(criteria.finished(criteria.map_size.study_settings(s, size),
+                                 criteria.map_size.folder(s) / f"embedded-plain-{size}.json",
+                                 criteria.map_size.testbed(s, size)) for size in sides)
