@@ -249,3 +249,34 @@ def test_a_model_that_asserts_its_input_size_is_refused_naming_the_size(tmp_path
     assert main(argv) == 2  # timm's patch embedding asserts the input side (an AssertionError, not a RuntimeError)
     err = capsys.readouterr().err.strip()
     assert "cannot run on 32x32 images" in err and "\n" not in err and not (tmp_path / "out").exists()
+
+
+class FlattenNet(nn.Module):
+    """conv → conv → flatten into a Linear: the second conv's indices are flattened with its 32² positions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 32 * 32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.second(F.relu(self.first(x)))).flatten(1))
+
+
+def test_a_root_whose_flattened_indices_pass_the_limit_is_left_out_and_the_library_restored(monkeypatch):
+    import torch_pruning as tp
+
+    from prune.pipeline import surgery
+
+    flatten_call = tp.dependency.index_mapping._FlattenIndexMapping.__call__
+    assert [g.name for g in Surgeon(FlattenNet().eval(), EXAMPLE).groups] == ["first", "second"]  # 16 × 1,024 indices
+    monkeypatch.setattr(surgery, "INDEX_LIMIT", 16 * 1024 - 1)
+    with pytest.warns(UserWarning, match=r"left unpruned: 1 conv group.*second \(torch-pruning's channel indices grow"):
+        surgeon = Surgeon(FlattenNet().eval(), EXAMPLE)
+    assert [g.name for g in surgeon.groups] == ["first"]
+    assert tp.dependency.index_mapping._FlattenIndexMapping.__call__ is flatten_call
+    monkeypatch.setattr(surgery, "INDEX_LIMIT", 8 * 1024 - 1)  # no conv left: refused in one line
+    only_flattened = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 32 * 32, 5)).eval()
+    with pytest.raises(UsageError, match="none of the model's 1 conv group.*grow past 8,191") as err:
+        Surgeon(only_flattened, EXAMPLE)
+    assert "\n" not in str(err.value)

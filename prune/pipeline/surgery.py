@@ -10,7 +10,8 @@ blocks that must stay equal (torch-pruning's channel groups): the same positions
 from every block (`block_positions`), as torch-pruning's own pruners do, so every grouped
 conv keeps whole groups. A group whose blocks have one channel each (a conv feeding a grouped
 conv with one input channel per group) or whose blocks a concatenation misaligns is not
-prunable and is left out, as is a group after whose surgery the model no longer runs (tried
+prunable and is left out, as is a root torch-pruning cannot group within `INDEX_LIMIT` indices
+(channels flattened with positions again and again) and a group after whose surgery the model no longer runs (tried
 once on a copy, `Surgeon._working`: torch-pruning cannot rewrite a `split` by constant sizes
 or a partial residual such as `x[:, :c] += shortcut` in a model's forward). A member conv may
 have fewer or more channels than the root (concatenations, slices): `PrunableGroup.index_maps`
@@ -23,7 +24,8 @@ import copy
 import math
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,8 +36,37 @@ from torch import nn
 from prune.errors import UsageError, first_line, out_of_memory
 from scoring.hooks import forward_hooks
 
+INDEX_LIMIT = 1 << 20
+"""torch-pruning carries a group's channel indices through every reshape it meets, one index per
+flattened element; where channels are flattened with positions again and again (a window-attention
+transformer such as Swin V2) the lists grow without bound. A root whose indices would pass this
+many is left out (`_bounded_flatten`), before the lists fill the memory."""
+
 IndexMap = tuple[tuple[int, ...], tuple[int, ...]]
 """(member channels, the root channel of each): how a member conv's channels match the root's."""
+
+
+class _IndexBlowUp(RuntimeError):
+    """torch-pruning's index lists for a group passed INDEX_LIMIT."""
+
+
+@contextmanager
+def _bounded_flatten() -> Iterator[None]:
+    """While open, torch-pruning's flatten index mapping raises `_IndexBlowUp` instead of
+    making more than INDEX_LIMIT indices (it makes len(idxs) × stride of them at once)."""
+    mapping = tp.dependency.index_mapping._FlattenIndexMapping
+    original = mapping.__call__
+
+    def bounded(self, idxs):  # noqa: ANN001, ANN202 (torch-pruning's signature)
+        if not self.reverse and len(idxs) * self._stride > INDEX_LIMIT:
+            raise _IndexBlowUp(f"torch-pruning's channel indices grow past {INDEX_LIMIT:,} through repeated reshapes")
+        return original(self, idxs)
+
+    mapping.__call__ = bounded
+    try:
+        yield
+    finally:
+        mapping.__call__ = original
 
 
 class GroupsLeftOut(UserWarning):
@@ -182,14 +213,20 @@ class Surgeon:
         self._ignored = list(ignored_layers)
         self._classifiers = classifier_convs(model, example_inputs)  # its input channels still follow pruning
         self.graph = _dependency_graph(model, example_inputs, self._ignored)
-        self.groups = list(groups) if groups is not None else self._find_groups(_execution_order(model, example_inputs))
         broken: list[str] = []
+        self.groups = list(groups) if groups is not None else self._find_groups(_execution_order(model, example_inputs),
+                                                                                broken)
         if verify:
-            self.groups, broken = self._working(self.groups)
+            self.groups, unrunnable = self._working(self.groups)
+            broken += unrunnable
+        if broken and self.groups:
+            warnings.warn(f"left unpruned: {len(broken)} conv group(s) torch-pruning cannot prune and keep the model "
+                          f"running: {'; '.join(broken[:3])}{'; …' if len(broken) > 3 else ''}", GroupsLeftOut,
+                          stacklevel=2)
         if not self.groups and broken:
             raise UsageError(
-                f"none of the model's {len(broken)} conv group(s) can be pruned: removing their channels stops the "
-                f"model running (first: {broken[0]}); torch-pruning cannot rewrite such a forward (e.g. a "
+                f"none of the model's {len(broken)} conv group(s) can be pruned: torch-pruning cannot remove their "
+                f"channels and keep the model running (first: {broken[0]}); it cannot rewrite such a forward (e.g. a "
                 "transformer's patch embedding feeding attention, a conv with parameters of its own, a split by "
                 "constant sizes); choose a CNN such as resnet50 or convnext_tiny")
         if not self.groups:
@@ -202,14 +239,21 @@ class Surgeon:
         return (isinstance(m, nn.Conv2d) and not _is_depthwise(m) and m.out_channels > 1
                 and m not in self._ignored and m not in self._classifiers)
 
-    def _find_groups(self, order: list[nn.Module]) -> list[PrunableGroup]:
+    def _find_groups(self, order: list[nn.Module], left_out: list[str]) -> list[PrunableGroup]:
+        """The prunable groups, roots in execution `order`; a root torch-pruning cannot group within
+        INDEX_LIMIT indices is left out and named in `left_out` ("name (reason)")."""
         depth = {m: i for i, m in enumerate(order)}
         seen: set[nn.Module] = set()
         groups: list[PrunableGroup] = []
         for conv in order:
             if conv in seen or not self._is_root_candidate(conv):
                 continue
-            full = self._group(conv, range(conv.out_channels))
+            try:
+                with _bounded_flatten():
+                    full = self._group(conv, range(conv.out_channels))
+            except _IndexBlowUp as exc:
+                left_out.append(f"{self._names[conv]} ({exc})")
+                continue
             maps = self._member_maps(full, conv.out_channels)
             seen.update(maps)
             blocks = math.lcm(*(_channel_groups(item.dep.target.module) for item in full))
@@ -322,6 +366,8 @@ class Surgeon:
         group broke ("name (error)")."""
         working: list[PrunableGroup] = []
         broken: list[str] = []
+        if not groups:
+            return working, broken
         twin = self._trial_twin(groups, working)
         for i, group in enumerate(groups):
             trial = twin.groups[i]
@@ -335,10 +381,6 @@ class Surgeon:
                     raise
                 broken.append(f"{group.name} ({type(exc).__name__}: {first_line(exc)})")
                 twin = self._trial_twin(groups, working)
-        if broken and working:  # with none left the caller refuses the model, saying why
-            warnings.warn(f"left unpruned: {len(broken)} conv group(s) after whose surgery the model no longer runs "
-                          f"(torch-pruning cannot rewrite the forward): {'; '.join(broken[:3])}"
-                          f"{'; …' if len(broken) > 3 else ''}", GroupsLeftOut, stacklevel=3)
         return working, broken
 
     def _trial_twin(self, groups: list[PrunableGroup], pruned: list[PrunableGroup]) -> Surgeon:
