@@ -290,7 +290,7 @@ def _epochs(n: int) -> str:
 
 def _scratch_recipe(settings: dict) -> str:
     """What `--reinit` trained with: the shipped model's own recipe, or the fine-tuning settings."""
-    from prune.zoo.train_embedded import training_recipe
+    from prune.zoo.recipes import training_recipe
 
     recipe = training_recipe(settings["model"])
     if recipe is None:
