@@ -5,7 +5,7 @@
 
 The BatchNorm-free embedded VGG (`embedded-plain`, the paper's setting) is trained on shapes10
 generated at each input side s with the recipe of the shipped model
-(`prune.zoo.train_embedded.RECIPES["embedded-plain"]`, the same data counts and seed); its first
+(`prune.zoo.recipes.RECIPES["embedded-plain"]`, the same data counts and seed); its first
 two conv layers then read maps of s × s, the last four of s/2 × s/2. At the side the shipped model
 was trained on, its weights are used. Each network gets the criteria benchmark with the
 `map_size_arms` (entropy in both conventions, the other feature-map criteria HRank, CHIP and

@@ -64,9 +64,9 @@ _EXPORTS: dict[str, str] = {
     "following_norm": "prune.pipeline.observe",
     "onnx_bytes": "prune.outputs.export",
     "fit_embedded": "prune.zoo.train_embedded",
-    "TrainConfig": "prune.zoo.train_embedded",
+    "TrainConfig": "prune.zoo.recipes",
     "train_variant": "prune.zoo.train_embedded",
-    "RECIPES": "prune.zoo.train_embedded",
+    "RECIPES": "prune.zoo.recipes",
     "exit_code": "prune.errors",
     "write_json": "prune.core.files",
     "write_text": "prune.core.files",
@@ -124,8 +124,8 @@ if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ import
     from prune.zoo.models import create_model as create_model
     from prune.zoo.registry import list_models as list_models
     from prune.zoo.registry import model_entry as model_entry
-    from prune.zoo.train_embedded import RECIPES as RECIPES
-    from prune.zoo.train_embedded import TrainConfig as TrainConfig
+    from prune.zoo.recipes import RECIPES as RECIPES
+    from prune.zoo.recipes import TrainConfig as TrainConfig
     from prune.zoo.train_embedded import fit_embedded as fit_embedded
     from prune.zoo.train_embedded import train_variant as train_variant
 

@@ -160,7 +160,7 @@ def config_from_args(args: argparse.Namespace) -> PruneConfig:
 
 def _epochs(args: argparse.Namespace) -> int:
     """--epochs, or its default; UsageError for --reinit on a model without a training recipe and no --epochs."""
-    from prune.zoo.train_embedded import training_recipe
+    from prune.zoo.recipes import training_recipe
 
     epochs = getattr(args, "epochs", None)  # absent unless given
     recipe = training_recipe(args.model) if args.reinit else None

@@ -13,7 +13,7 @@ from finetune.batchnorm import recalibrate_batchnorm
 from prune.cli import main
 from prune.config import PruneConfig
 from prune.pipeline.run import make_scorer
-from prune.pipeline.selection import LayerDecision, ScoringData, select_and_prune
+from prune.pipeline.selection import LayerDecision, ScoringData, scoring_top1, select_and_prune
 from prune.pipeline.surgery import Surgeon
 from prune.zoo.data import load_data, make_loader
 from prune.zoo.embedded_model import EmbeddedVGG
@@ -63,6 +63,15 @@ def test_bn_reestimation_restores_the_network_that_is_scored(shapes) -> None:
     assert fitted[0].scoring_top1 == stale[0].scoring_top1 > 0.8
     gain = statistics.fmean(f.scoring_top1 - s.scoring_top1 for f, s in zip(fitted[1:], stale[1:]))
     assert gain >= 0.15
+
+
+@pytest.mark.parametrize("classes, per_class, images", [(10, 15, 100), (3, 50, 99), (10, 5, 50), (5, 1, 5)])
+def test_scoring_top1_reads_at_most_100_images(shapes, classes: int, per_class: int, images: int) -> None:
+    model = EmbeddedVGG().eval()
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    top1 = scoring_top1(model, ScoringData(shapes, classes=range(classes), per_class=per_class, seed=0))
+    assert sum(seen) == images and 0.0 <= top1 <= 1.0  # the first ⌊100 / K⌋ (at least one, at most N) per class
 
 
 def test_seed_reaches_every_scorer_that_draws() -> None:

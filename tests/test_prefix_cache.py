@@ -1,12 +1,15 @@
 """Progressive scoring with the prefix cache (`prune.pipeline.prefix_cache`) equals scoring by
 forwards from the images, bit for bit, on a plain chain, a BatchNorm chain (refit between
-layers) and a residual network; it runs fewer forwards of the early layers; beyond its memory
-budget it recomputes, with the same scores."""
+layers) and a residual network, in memory or spilled to disk (`prune.pipeline.spill`); it runs
+fewer forwards of the early layers; beyond its memory and disk budgets it recomputes, with the
+same scores; its spill folder is gone when selection ends, also on a failure."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from finetune.batchnorm import recalibrate_batchnorm
 from prune.pipeline.prefix_cache import PrefixCache, live, prefix_cache
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.sites import traced_graph
+from prune.pipeline.spill import Spill
 from prune.pipeline.surgery import Surgeon
 from prune.zoo.data import make_loader
 from prune.zoo.embedded_model import EmbeddedVGG
@@ -56,14 +60,16 @@ def refit_for(model: nn.Module, *, same_batches: bool = True) -> Callable[[], in
     return refit
 
 
-def pruned(build: Callable[[], nn.Module], scorer: str, *, cache_bytes: int, same_batches: bool = True
-           ) -> tuple[list, nn.Module]:
-    """Decisions and the pruned model of a progressive run at ratio 0.5 (seeded random weights)."""
+def pruned(build: Callable[[], nn.Module], scorer: str, *, cache_bytes: int, same_batches: bool = True,
+           spill_bytes: int = 0, spill_dir: Path | None = None) -> tuple[list, nn.Module]:
+    """Decisions and the pruned model of a progressive run at ratio 0.5 (seeded random weights);
+    no spill unless `spill_bytes` is given."""
     torch.manual_seed(0)
     model = build().eval()
     surgeon = Surgeon(model, torch.zeros(1, 3, 16, 16))
     decisions = select_and_prune(surgeon, scoring.create(scorer), SOURCE, ratio=0.5,
-                                 refit=refit_for(model, same_batches=same_batches), quiet=True, cache_bytes=cache_bytes)
+                                 refit=refit_for(model, same_batches=same_batches), quiet=True, cache_bytes=cache_bytes,
+                                 spill_bytes=spill_bytes, spill_dir=spill_dir)
     return decisions, model
 
 
@@ -85,8 +91,8 @@ def test_cached_scores_equal_uncached_bit_for_bit(model: str, scorer: str) -> No
     assert_same(pruned(MODELS[model], scorer, cache_bytes=1 << 30), uncached)
 
 
-def forwards_of_first_conv(build: Callable[[], nn.Module], *, cache_bytes: int) -> int:
-    """Calls of the first conv's forward during a progressive run (scoring, top-1 diagnostics, refits)."""
+def forwards_of_first_conv(build: Callable[[], nn.Module], *, cache_bytes: int, spill_bytes: int = 0) -> int:
+    """Images through the first conv during a progressive run (scoring, top-1 diagnostics, refits)."""
     torch.manual_seed(0)
     model = build().eval()
     surgeon = Surgeon(model, torch.zeros(1, 3, 16, 16))
@@ -95,24 +101,90 @@ def forwards_of_first_conv(build: Callable[[], nn.Module], *, cache_bytes: int) 
     handle = first.register_forward_hook(lambda _m, args, _o: images.__setitem__(0, images[0] + len(args[0])))
     try:
         select_and_prune(surgeon, scoring.create("apoz"), SOURCE, ratio=0.5, refit=refit_for(model), quiet=True,
-                         cache_bytes=cache_bytes)
+                         cache_bytes=cache_bytes, spill_bytes=spill_bytes)
     finally:
         handle.remove()
     return images[0]
 
 
+@pytest.mark.parametrize("cache_bytes, spill_bytes", [(1 << 30, 0), (0, 1 << 30)], ids=["memory", "disk"])
 @pytest.mark.parametrize("model", MODELS)
-def test_the_cache_saves_forwards_of_early_layers(model: str) -> None:
+def test_the_cache_saves_forwards_of_early_layers(model: str, cache_bytes: int, spill_bytes: int) -> None:
     uncached = forwards_of_first_conv(MODELS[model], cache_bytes=0)
-    cached = forwards_of_first_conv(MODELS[model], cache_bytes=1 << 30)
+    cached = forwards_of_first_conv(MODELS[model], cache_bytes=cache_bytes, spill_bytes=spill_bytes)
     # chunks after the first of each class (6 of 7 images) skip the pruned prefix from the 3rd group on
     assert cached < uncached - 6 * 3
 
 
-def test_beyond_the_budget_chunks_are_recomputed_with_the_same_scores() -> None:
+@pytest.mark.parametrize("model", MODELS)
+def test_spilled_scores_equal_uncached_bit_for_bit(model: str, tmp_path: Path) -> None:
+    uncached = pruned(MODELS[model], "entropy", cache_bytes=0)
+    assert_same(pruned(MODELS[model], "entropy", cache_bytes=0, spill_bytes=1 << 30, spill_dir=tmp_path), uncached)
+    assert list(tmp_path.iterdir()) == []  # the spill folder went with the selection
+
+
+@pytest.mark.parametrize("spill_bytes", [0, 1], ids=["no-disk", "tiny-disk"])
+def test_beyond_the_budgets_chunks_are_recomputed_with_the_same_scores(spill_bytes: int, tmp_path: Path) -> None:
     uncached = pruned(bn_chain, "entropy", cache_bytes=0)
-    assert_same(pruned(bn_chain, "entropy", cache_bytes=1), uncached)  # a cache that holds nothing
-    assert forwards_of_first_conv(bn_chain, cache_bytes=1) == forwards_of_first_conv(bn_chain, cache_bytes=0)
+    # a cache that holds nothing in memory nor on disk
+    assert_same(pruned(bn_chain, "entropy", cache_bytes=1, spill_bytes=spill_bytes, spill_dir=tmp_path), uncached)
+    assert list(tmp_path.iterdir()) == []  # no spill folder was ever made
+    recomputed = forwards_of_first_conv(bn_chain, cache_bytes=1, spill_bytes=spill_bytes)
+    assert recomputed == forwards_of_first_conv(bn_chain, cache_bytes=0)
+
+
+def test_the_spill_folder_goes_also_when_a_scorer_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    entropy = type(scoring.create("entropy"))
+    compute = entropy.compute
+    spilled: list[int] = []
+
+    def failing(self: scoring.Scorer) -> torch.Tensor:
+        spilled.append(len(list(tmp_path.rglob("*.pt"))))
+        if len(spilled) == 3:
+            raise RuntimeError("the scorer failed")
+        return compute(self)
+
+    monkeypatch.setattr(entropy, "compute", failing)
+    with pytest.raises(RuntimeError, match="the scorer failed"):
+        pruned(bn_chain, "entropy", cache_bytes=0, spill_bytes=1 << 30, spill_dir=tmp_path)
+    assert spilled[-1] > 0  # chunks were on disk when it failed
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_spill_file_holds_values_exactly(tmp_path: Path) -> None:
+    strided = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
+    odd = torch.tensor([-0.0, math.nan, math.inf, 1e-45], dtype=torch.float32)
+    values = {"x": strided, "odd": odd, "half": odd.half(), "size": torch.Size([2, 4]), "n": None}
+    spill = Spill(budget_bytes=1 << 20, directory=tmp_path)
+    path = spill.write(values, 1000)
+    assert path is not None and spill.folder is not None and path.parent == spill.folder
+    back = spill.read(path, torch.device("cpu"))
+    assert back["x"].stride() == strided.stride() and back["x"].dtype == strided.dtype
+    for name in ("x", "odd", "half"):
+        assert torch.equal(back[name].reshape(-1).view(torch.uint8), values[name].reshape(-1).view(torch.uint8))
+    assert back["size"] == values["size"] and back["n"] is None
+    assert spill.nbytes == path.stat().st_size
+    spill.delete(path)
+    assert spill.nbytes == 0 and not path.exists()
+    spill.write(values, 1000)
+    folder = spill.folder
+    spill.close()
+    assert not folder.exists()
+    assert spill.write(values, (1 << 20) + 1) is None  # past the budget
+
+
+def test_a_spill_keeps_the_free_space_margin_and_goes_when_collected(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {"x": torch.zeros(10)}
+    spill = Spill(budget_bytes=1 << 20, directory=tmp_path)
+    assert spill.write(values, 40) is not None
+    folder = spill.folder
+    monkeypatch.setattr("prune.pipeline.spill.SPILL_MARGIN_BYTES", 1 << 62)  # more than any disk is free
+    assert spill.write(values, 40) is None
+    del spill  # garbage-collected: its folder goes
+    assert not folder.exists()
+    with pytest.raises(FileNotFoundError, match="create it"):
+        Spill(directory=tmp_path / "missing")
 
 
 def test_a_budget_for_some_chunks_keeps_to_it() -> None:
@@ -163,6 +235,22 @@ def test_a_refit_from_the_same_batches_keeps_an_unchanged_prefix() -> None:
     with cache.tracking():
         model.features[1].running_mean[0] += 1e-7  # the BatchNorm before the cut
     assert cache.nbytes == 0
+
+
+def test_spilled_entries_that_a_change_invalidates_delete_their_files(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = bn_chain().eval()
+    cache = PrefixCache(model, budget_bytes=0, spill=Spill(directory=tmp_path))
+    second = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1]
+    images = torch.randn(2, 3, 16, 16)
+    units = cache.runner(model, second, key=0)(slice(1, 3), images)
+    assert cache.nbytes == 0 and cache.spill.nbytes > 0 and len(list(tmp_path.rglob("*.pt"))) == 1
+    assert torch.equal(cache.runner(model, second, key=0)(slice(1, 3), images), units)  # read back
+    with cache.tracking():
+        model.features[1].running_mean[0] += 1e-7  # the BatchNorm before the cut
+    assert cache.spill.nbytes == 0 and list(tmp_path.rglob("*.pt")) == []
+    cache.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_entries_no_chunk_asked_for_since_the_last_change_are_dropped() -> None:

@@ -61,8 +61,8 @@ class LayerResult:
     conv whose output channels it removes): the `removed` channel indices and the counts.
 
     map_size: side m of the [m, m] units that were scored. scoring_top1: top-1 of the whole
-    network when the group was scored, on the first ⌊256 / K⌋ scoring images of each class
-    (all N when K·N ≤ 256; None without scoring data, as for a scorer that reads only weights).
+    network when the group was scored, on the first ⌊100 / K⌋ scoring images of each class
+    (at least one; all N when K·N ≤ 100; None without scoring data, as for a scorer that reads only weights).
     """
 
     name: str
@@ -290,7 +290,7 @@ def _epochs(n: int) -> str:
 
 def _scratch_recipe(settings: dict) -> str:
     """What `--reinit` trained with: the shipped model's own recipe, or the fine-tuning settings."""
-    from prune.zoo.train_embedded import training_recipe
+    from prune.zoo.recipes import training_recipe
 
     recipe = training_recipe(settings["model"])
     if recipe is None:

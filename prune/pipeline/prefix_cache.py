@@ -28,8 +28,11 @@ Exactness, not approximation:
   or that is not a tensor or an immutable scalar, is not stored.
 
 Memory: entries stay within a byte budget (`PREFIX_CACHE_BYTES`, or the `budget_bytes` given);
-a chunk that does not fit keeps its shallower entry, or none, and is recomputed from there,
-exactly. Nothing is spilled in lower precision (fp16 would change the scores).
+a chunk's entry that does not fit is spilled to disk at full precision (`prune.pipeline.spill`:
+exact dtype, strides and bits, within `spill_bytes`, in a private temporary folder removed on
+`close()`) and read back when the chunk is scored; one that fits neither keeps its shallower
+entry, or none, and is recomputed from there, exactly. Nothing is kept in lower precision (fp16
+would change the scores).
 A model fx cannot trace (or with more than one input) gets no cache: scoring takes the
 uncached path.
 """
@@ -37,15 +40,18 @@ uncached path.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ContextManager
 
 import torch
 from torch import fx, nn
 
 from prune.pipeline.sites import traced_graph, unit_site
+from prune.pipeline.spill import SPILL_BYTES, Spill
 from scoring.model_state import model_device
 
 PREFIX_CACHE_BYTES = 1 << 30
@@ -61,11 +67,13 @@ _NOT_STORED = object()
 
 @dataclass
 class _Entry:
-    """One chunk's cut: `values` of the nodes before node position `cut` that later nodes read."""
+    """One chunk's cut: `values` of the nodes before node position `cut` that later nodes read,
+    in memory (`nbytes` of them), or spilled to the file `path` (then `values` is None, `nbytes` 0)."""
 
     cut: int
-    values: dict[str, Any]
+    values: dict[str, Any] | None
     nbytes: int
+    path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -77,13 +85,15 @@ class _Segment:
     saved: tuple[str, ...]
 
 
-def prefix_cache(model: nn.Module, *, budget_bytes: int = PREFIX_CACHE_BYTES) -> PrefixCache | None:
+def prefix_cache(model: nn.Module, *, budget_bytes: int = PREFIX_CACHE_BYTES, spill_bytes: int = SPILL_BYTES,
+                 spill_dir: str | os.PathLike | None = None) -> PrefixCache | None:
     """A cache for scoring `model` progressively; None where it cannot be exact (fx cannot trace
-    the model, it takes more than one input) or `budget_bytes` is 0."""
+    the model, it takes more than one input) or it could hold nothing (`budget_bytes` and
+    `spill_bytes` both 0)."""
     graph = traced_graph(model)
-    if budget_bytes <= 0 or graph is None or sum(n.op == "placeholder" for n in graph.nodes) != 1:
+    if max(budget_bytes, spill_bytes) <= 0 or graph is None or sum(n.op == "placeholder" for n in graph.nodes) != 1:
         return None
-    return PrefixCache(model, budget_bytes=budget_bytes)
+    return PrefixCache(model, budget_bytes=budget_bytes, spill=Spill(budget_bytes=spill_bytes, directory=spill_dir))
 
 
 def tracking(cache: PrefixCache | None) -> ContextManager[None]:
@@ -93,11 +103,13 @@ def tracking(cache: PrefixCache | None) -> ContextManager[None]:
 
 class PrefixCache:
     """Per scoring chunk, the values of `model`'s fx graph at a cut, kept while the modules
-    before it are unchanged. Changes to the model are made inside `tracking()`."""
+    before it are unchanged: `nbytes` ≤ `budget_bytes` in memory, the rest in `spill` (none by
+    default). Changes to the model are made inside `tracking()`; `close()` frees everything."""
 
-    def __init__(self, model: nn.Module, *, budget_bytes: int = PREFIX_CACHE_BYTES) -> None:
+    def __init__(self, model: nn.Module, *, budget_bytes: int = PREFIX_CACHE_BYTES, spill: Spill | None = None) -> None:
         self.model = model
         self.budget_bytes = budget_bytes
+        self.spill = Spill(budget_bytes=0) if spill is None else spill
         self.nbytes = 0
         self._entries: dict[Hashable, _Entry] = {}
         self._used: set[Hashable] = set()  # chunks asked for since the last change
@@ -127,7 +139,7 @@ class PrefixCache:
             entry = _Entry(1, {self._input: images.to(model_device(self.model))}, 0)
         save = int(self._aim) if entry.cut < self._aim <= unit and self._aim > 1 else None
         segment = self._segment(entry.cut, unit, save)
-        out = segment.module(*(_clone(entry.values[name]) for name in segment.inputs))
+        out = segment.module(*self._inputs(entry, segment.inputs))
         if save is not None:
             self._store(chunk, save, dict(zip(segment.saved, out[1:])))
         return out[0].detach().movedim(site.channel_dim, 1)
@@ -150,6 +162,12 @@ class PrefixCache:
             self._segments.clear()  # they hold the modules and tensors of before
             self._aim = math.inf
 
+    def close(self) -> None:
+        """Drop every entry and remove the spill's folder (the cache stays usable, empty)."""
+        for chunk in list(self._entries):
+            self._drop(chunk)
+        self.spill.close()
+
     # ------------------------------------------------------------ internals
 
     def _refresh(self) -> None:
@@ -162,24 +180,44 @@ class PrefixCache:
 
     def _drop_past(self, first_changed: int) -> None:
         for chunk in [c for c, e in self._entries.items() if e.cut > first_changed]:
-            self.nbytes -= self._entries.pop(chunk).nbytes
+            self._drop(chunk)
 
     def _drop_unused(self) -> None:
         for chunk in [c for c in self._entries if c not in self._used]:
-            self.nbytes -= self._entries.pop(chunk).nbytes
+            self._drop(chunk)
         self._used.clear()
 
+    def _drop(self, chunk: Hashable) -> None:
+        entry = self._entries.pop(chunk)
+        self.nbytes -= entry.nbytes
+        if entry.path is not None:
+            self.spill.delete(entry.path)
+
+    def _inputs(self, entry: _Entry, names: Sequence[str]) -> list[Any]:
+        """The values `names` of `entry` for a run to own: clones of what memory holds (same
+        strides), or read fresh from the spill file."""
+        if entry.values is not None:
+            return [_clone(entry.values[name]) for name in names]
+        values = self.spill.read(entry.path, model_device(self.model))
+        return [values[name] for name in names]
+
     def _store(self, chunk: Hashable, cut: int, values: dict[str, Any]) -> None:
-        """Keep `values` at `cut` for `chunk` if exact and within budget (else keep the old entry)."""
+        """Keep `values` at `cut` for `chunk` if exact: in memory within its budget, else in the
+        spill within its budget (else keep the old entry)."""
         if any(v is _NOT_STORED for v in values.values()):
             return
         nbytes = sum(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
         old = self._entries.get(chunk)
-        free = self.budget_bytes - self.nbytes + (old.nbytes if old else 0)
-        if nbytes > free:
+        if nbytes <= self.budget_bytes - self.nbytes + (old.nbytes if old else 0):
+            new = _Entry(cut, values, nbytes)
+        elif (path := self.spill.write(values, nbytes)) is not None:
+            new = _Entry(cut, None, 0, path)
+        else:
             return
-        self.nbytes += nbytes - (old.nbytes if old else 0)
-        self._entries[chunk] = _Entry(cut, values, nbytes)
+        if old is not None:
+            self._drop(chunk)
+        self._entries[chunk] = new
+        self.nbytes += new.nbytes
 
     def _segment(self, cut: int, unit: int, save: int | None) -> _Segment:
         key = (cut, unit, save)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import math
 import os
 import platform
@@ -59,7 +60,7 @@ from prune.zoo.data import (
     unreadable_counts,
 )
 from prune.zoo.models import ModelSpec, check_model_name, create_model
-from prune.zoo.train_embedded import training_recipe
+from prune.zoo.recipes import training_recipe
 from scoring.hooks import forward_hooks
 from scoring.model_state import model_device
 
@@ -296,14 +297,12 @@ def _evaluate_bn_reestimated(
 
 def versions() -> dict[str, str]:
     """Versions of the software that produced a report."""
-    import gudhi
-
     return {
         "topoprune": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_pruning": tp.__version__,
-        "gudhi": gudhi.__version__,
+        "gudhi": importlib.metadata.version("gudhi"),  # not imported: a run that needs no persistence skips it
         "numpy": np.__version__,
     }
 

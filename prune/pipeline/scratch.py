@@ -50,7 +50,8 @@ def train_recipe(model: nn.Module, dataset: Dataset, variant: str, *, seed: int,
     """Train `model` in place on `dataset` with the shipped `variant`'s recipe (seeded by `seed`);
     each epoch's mean loss."""
     from prune.zoo.embedded_model import VARIANTS
-    from prune.zoo.train_embedded import RECIPES, fit_embedded
+    from prune.zoo.recipes import RECIPES
+    from prune.zoo.train_embedded import fit_embedded
 
     images, labels = stacked(dataset)
     torch.manual_seed(seed)

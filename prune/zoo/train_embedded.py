@@ -34,40 +34,13 @@ from prune.core.files import torch_save
 from prune.errors import UsageError
 from prune.zoo.embedded_model import VARIANTS
 from prune.zoo.models import create_model
+from prune.zoo.recipes import RECIPES, TrainConfig, training_recipe
 from prune.zoo.shapes import DEFAULT_PER_CLASS, make_shapes
 
 __all__ = [
     "RECIPES", "TrainConfig", "Trained", "augment_flips", "fit_embedded", "main", "train", "train_variant",
     "training_recipe",
 ]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training hyper-parameters (defaults reproduce the shipped weights)."""
-
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    seed: int = 0
-
-
-RECIPES: dict[str, TrainConfig] = {
-    "embedded": TrainConfig(),
-    "embedded-plain": TrainConfig(epochs=20, batch_size=64, lr=0.015),
-    "fashion": TrainConfig(epochs=12, batch_size=128, lr=0.05),
-    "fashion-plain": TrainConfig(epochs=12, batch_size=64, lr=0.015),
-    "fashion-resnet": TrainConfig(epochs=15, batch_size=128, lr=0.1),
-}
-"""The recipe that reproduces each shipped model (without BatchNorm: smaller batches and rate)."""
-
-
-def training_recipe(model: str) -> TrainConfig | None:
-    """The recipe the shipped `model` was trained with (None for any other model)."""
-    return RECIPES.get(model)
 
 
 def augment_flips(x: torch.Tensor, *, gen: torch.Generator, vertical: bool = True) -> torch.Tensor:
