@@ -330,8 +330,10 @@ def run_testbed(s: Settings, testbed: Testbed, path: Path | None = None) -> dict
     done = [progress.layers[name] for name, _ in conv_layers(model)]
     rows = in_order(s, [*(saved or {}).get("rows", []), *(r for rows, _ in done for r in rows)],
                     [name for name, _ in conv_layers(model)])
-    skipped = {**(saved or {}).get("skipped", {}),
+    refused = {**(saved or {}).get("skipped", {}),
                **{a: why for a in s.arms if (why := refusal_of(a, testbed.model)) is not None}}
+    measured = {r["scorer"] for r in rows}
+    skipped = {a: why for a, why in refused.items() if a not in measured}  # an arm refused once, measured now
     result = {"testbed": testbed.name, "model": testbed.key(),
               "settings": {**settings_json(s), "arms": list(dict.fromkeys(r["scorer"] for r in rows))},
               "machine": machine(), "oracle_images": len(setup.test[1]), "input_size": setup.data.input_size,

@@ -4,7 +4,8 @@
     python -m benchmarks.layer_bn --preset quick
 
 For each B, the main job runs without fine-tuning and reports `scoring_top1` per layer: the top-1
-of the whole network on the scoring images (the first ⌊100 / K⌋ of each class) at the moment a
+of the whole network on the scoring images (the first ⌊100 / K⌋ of each class; the committed
+layer_bn.json was measured when the bound was 256, i.e. all 20 of each class) at the moment a
 layer is scored. Its mean over layers 2..L says how intact the network was that the scorer judged;
 the selection time says what B costs.
 Writes benchmarks/results/layer_bn.json and .md.

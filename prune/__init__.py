@@ -122,10 +122,10 @@ if TYPE_CHECKING:  # the names for type checkers; at run time __getattr__ import
     from prune.zoo.data import load_data as load_data
     from prune.zoo.data import make_loader as make_loader
     from prune.zoo.models import create_model as create_model
-    from prune.zoo.registry import list_models as list_models
-    from prune.zoo.registry import model_entry as model_entry
     from prune.zoo.recipes import RECIPES as RECIPES
     from prune.zoo.recipes import TrainConfig as TrainConfig
+    from prune.zoo.registry import list_models as list_models
+    from prune.zoo.registry import model_entry as model_entry
     from prune.zoo.train_embedded import fit_embedded as fit_embedded
     from prune.zoo.train_embedded import train_variant as train_variant
 

@@ -7,6 +7,9 @@ same scores; its spill folder is gone when selection ends, also on a failure."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +24,7 @@ from finetune.batchnorm import recalibrate_batchnorm
 from prune.pipeline.prefix_cache import PrefixCache, live, prefix_cache
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.sites import traced_graph
-from prune.pipeline.spill import Spill
+from prune.pipeline.spill import Spill, in_memory
 from prune.pipeline.surgery import Surgeon
 from prune.zoo.data import make_loader
 from prune.zoo.embedded_model import EmbeddedVGG
@@ -158,7 +161,7 @@ def test_a_spill_file_holds_values_exactly(tmp_path: Path) -> None:
     spill = Spill(budget_bytes=1 << 20, directory=tmp_path)
     path = spill.write(values, 1000)
     assert path is not None and spill.folder is not None and path.parent == spill.folder
-    back = spill.read(path, torch.device("cpu"))
+    back = spill.read(path)
     assert back["x"].stride() == strided.stride() and back["x"].dtype == strided.dtype
     for name in ("x", "odd", "half"):
         assert torch.equal(back[name].reshape(-1).view(torch.uint8), values[name].reshape(-1).view(torch.uint8))
@@ -185,6 +188,37 @@ def test_a_spill_keeps_the_free_space_margin_and_goes_when_collected(tmp_path: P
     assert not folder.exists()
     with pytest.raises(FileNotFoundError, match="create it"):
         Spill(directory=tmp_path / "missing")
+
+
+def test_a_write_that_fails_on_a_full_disk_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full_disk(values: object, path: Path) -> None:
+        Path(path).write_bytes(b"half")  # torch.save reports a failed write as a RuntimeError
+        raise RuntimeError("[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file")
+
+    spill = Spill(budget_bytes=1 << 20, directory=tmp_path)
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert spill.write({"x": torch.zeros(10)}, 40) is None
+    assert spill.nbytes == 0 and list(spill.folder.iterdir()) == []
+
+
+def test_a_killed_process_spill_folder_goes_when_a_new_one_is_made(tmp_path: Path) -> None:
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"topoprune-spill-{int(dead.stdout)}-abc"
+    alive = tmp_path / f"topoprune-spill-{os.getpid()}-def"
+    for folder in (orphan, alive):
+        folder.mkdir()
+        (folder / "0.pt").write_bytes(b"x")
+    spill = Spill(budget_bytes=1 << 20, directory=tmp_path)
+    assert spill.write({"x": torch.zeros(10)}, 40) is not None
+    assert not orphan.exists() and alive.exists() and spill.folder.name.startswith(f"topoprune-spill-{os.getpid()}-")
+
+
+def test_nothing_is_spilled_to_a_folder_held_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts = tmp_path.parent / f"{tmp_path.name}-mounts"
+    mounts.write_text(f"/dev/vda / ext4 rw 0 0\ntmpfs {tmp_path} tmpfs rw 0 0\n")
+    monkeypatch.setattr("prune.pipeline.spill.MOUNTS", mounts)
+    assert in_memory(tmp_path / "sub") and not in_memory(tmp_path.parent)
+    assert Spill(budget_bytes=1 << 20, directory=tmp_path).write({"x": torch.zeros(10)}, 40) is None
 
 
 def test_a_budget_for_some_chunks_keeps_to_it() -> None:

@@ -198,7 +198,7 @@ class PrefixCache:
         strides), or read fresh from the spill file."""
         if entry.values is not None:
             return [_clone(entry.values[name]) for name in names]
-        values = self.spill.read(entry.path, model_device(self.model))
+        values = self.spill.read(entry.path)
         return [values[name] for name in names]
 
     def _store(self, chunk: Hashable, cut: int, values: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
@@ -36,11 +37,15 @@ from torch import nn
 from prune.errors import UsageError, first_line, out_of_memory
 from scoring.hooks import forward_hooks
 
-INDEX_LIMIT = 1 << 20
+INDEX_LIMIT = 1 << 22
 """torch-pruning carries a group's channel indices through every reshape it meets, one index per
 flattened element; where channels are flattened with positions again and again (a window-attention
-transformer such as Swin V2) the lists grow without bound. A root whose indices would pass this
-many is left out (`_bounded_flatten`), before the lists fill the memory."""
+transformer such as Swin V2) the lists grow without bound. A root one of whose flattens would make
+more indices than this (4,194,304: a plain CNN flattening a 64 × 256 × 256 map into a Linear still
+fits) is left out (`_bounded_flatten`), before the lists fill the memory (~100 bytes an index)."""
+
+_FLATTEN_PATCH = threading.Lock()
+"""`_bounded_flatten` patches a torch-pruning class for the whole process: one thread at a time."""
 
 IndexMap = tuple[tuple[int, ...], tuple[int, ...]]
 """(member channels, the root channel of each): how a member conv's channels match the root's."""
@@ -55,18 +60,20 @@ def _bounded_flatten() -> Iterator[None]:
     """While open, torch-pruning's flatten index mapping raises `_IndexBlowUp` instead of
     making more than INDEX_LIMIT indices (it makes len(idxs) × stride of them at once)."""
     mapping = tp.dependency.index_mapping._FlattenIndexMapping
-    original = mapping.__call__
 
     def bounded(self, idxs):  # noqa: ANN001, ANN202 (torch-pruning's signature)
         if not self.reverse and len(idxs) * self._stride > INDEX_LIMIT:
-            raise _IndexBlowUp(f"torch-pruning's channel indices grow past {INDEX_LIMIT:,} through repeated reshapes")
+            raise _IndexBlowUp(f"a flatten would make torch-pruning carry more than {INDEX_LIMIT:,} channel indices "
+                               "(channels flattened with positions, again and again in a window-attention transformer)")
         return original(self, idxs)
 
-    mapping.__call__ = bounded
-    try:
-        yield
-    finally:
-        mapping.__call__ = original
+    with _FLATTEN_PATCH:
+        original = mapping.__call__
+        mapping.__call__ = bounded
+        try:
+            yield
+        finally:
+            mapping.__call__ = original
 
 
 class GroupsLeftOut(UserWarning):
