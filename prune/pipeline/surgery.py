@@ -373,10 +373,10 @@ class Surgeon:
         group broke ("name (error)")."""
         working: list[PrunableGroup] = []
         broken: list[str] = []
-        if not groups:
-            return working, broken
-        twin = self._trial_twin(groups, working)
+        twin: Surgeon | None = None  # made when a group is tried; one copy of the model at a time
         for i, group in enumerate(groups):
+            if twin is None:
+                twin = self._trial_twin(groups, working)
             trial = twin.groups[i]
             try:
                 twin.prune(trial, twin.feasible(trial, _trial_channels(trial), torch.zeros(trial.num_channels)))
@@ -387,7 +387,7 @@ class Surgeon:
                 if out_of_memory(exc):
                     raise
                 broken.append(f"{group.name} ({type(exc).__name__}: {first_line(exc)})")
-                twin = self._trial_twin(groups, working)
+                twin = None  # remade from the working groups if another group is tried, once this one is freed
         return working, broken
 
     def _trial_twin(self, groups: list[PrunableGroup], pruned: list[PrunableGroup]) -> Surgeon:
