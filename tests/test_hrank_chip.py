@@ -71,6 +71,32 @@ def test_chip_matches_svd_nuclear_norms() -> None:
     assert channel_independence(maps).tolist() == pytest.approx(expected, abs=1e-9)
 
 
+def nuclear_norm_drops(maps: torch.Tensor) -> torch.Tensor:
+    """‖A‖_* − ‖A with row c zeroed‖_* [C] by C + 1 SVDs (the reference's formulation)."""
+    a = maps.reshape(maps.shape[0], -1)
+    whole = torch.linalg.matrix_norm(a, "nuc")
+    return torch.stack([whole - torch.linalg.matrix_norm(a * (torch.arange(len(a)) != c)[:, None], "nuc")
+                        for c in range(len(a))])
+
+
+@pytest.mark.parametrize(("channels", "side"), [(24, 6), (40, 5), (12, 2)])
+def test_chip_equals_the_reference_where_a_row_alone_carries_a_rank(channels: int, side: int) -> None:
+    """Rows that drop the rank when zeroed (a lone pixel no other map has; r = 0 also when
+    C > m²), a parallel pair and a dead row: every CI within 1e-12·σ_1 of C + 1 SVDs."""
+    torch.manual_seed(channels)
+    maps = torch.relu(torch.randn(channels, side, side, dtype=torch.float64)) * 10
+    maps[:, 0, 0] = 0
+    maps[0] = 0
+    maps[0, 0, 0] = 3.0  # the only map with pixel (0, 0), orthogonal to the rest: CI = 3 by hand
+    maps[1] = 0.5 * maps[2]
+    maps[3] = 0
+    a = maps.reshape(channels, -1)
+    got = channel_independence(maps)
+    assert torch.allclose(got, nuclear_norm_drops(maps), rtol=0, atol=1e-12 * float(torch.linalg.svdvals(a)[0]))
+    assert got[0].item() == pytest.approx(3.0, abs=1e-12 * float(torch.linalg.svdvals(a)[0]))  # row 0 ⟂ the rest
+    assert got[3].item() == 0.0
+
+
 def test_chip_stays_non_negative_with_more_channels_than_pixels() -> None:
     """64 channels of 2x2 maps (rank ≤ 4), one row almost a multiple of another: every CI ≥ 0 and
     equal to the SVD nuclear norms within 1e-9 of the largest singular value."""
