@@ -172,20 +172,24 @@ def tune_one(settings: Settings, testbed: str, lr: float) -> float:
 
 
 def tuned_lr(settings: Settings, testbed: str) -> float:
-    """The testbed's lr from its lr.json, or chosen now (and written there)."""
+    """The testbed's lr from its lr.json, or chosen now. Each lr's held-out top-1 is written there
+    as soon as it is measured (an interrupted tuning resumes at the next lr); "lr" once all are."""
     path = settings.runs_dir / testbed / "lr.json"
-    if path.exists():
-        saved = json.loads(path.read_text())
-        if saved.get("seed", TUNING_SEED) == TUNING_SEED and saved.get("grid", list(LR_GRID)) == list(LR_GRID):
-            return float(saved["lr"])
-    heldout = {}
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    same = saved.get("seed", TUNING_SEED) == TUNING_SEED and saved.get("grid", list(LR_GRID)) == list(LR_GRID)
+    if same and "lr" in saved:
+        return float(saved["lr"])
+    heldout = {float(k): v for k, v in saved.get("heldout_top1", {}).items()} if same else {}
+    record = {"testbed": testbed, "seed": TUNING_SEED, "grid": list(LR_GRID),
+              "rule": f"long recipe, random scorer, seed {TUNING_SEED}; best held-out top-1 on {HELDOUT_PER_CLASS} "
+                      "training images per class outside the fine-tuning subset"}
     for lr in LR_GRID:
-        heldout[lr] = tune_one(settings, testbed, lr)
-        print(f"{testbed}: lr {lr:g} → held-out top-1 {heldout[lr]:.4f}", flush=True)
+        if lr not in heldout:
+            heldout[lr] = tune_one(settings, testbed, lr)
+            print(f"{testbed}: lr {lr:g} → held-out top-1 {heldout[lr]:.4f}", flush=True)
+            write_json(path, {**record, "heldout_top1": {str(k): v for k, v in heldout.items()}})
     best = max(LR_GRID, key=lambda lr: (heldout[lr], -lr))
-    write_json(path, {"testbed": testbed, "lr": best, "seed": TUNING_SEED, "grid": list(LR_GRID), "rule": f"long recipe, random scorer, seed {TUNING_SEED}; best held-out "
-                      f"top-1 on {HELDOUT_PER_CLASS} training images per class outside the fine-tuning subset",
-                      "heldout_top1": {str(k): v for k, v in heldout.items()}})
+    write_json(path, {**record, "lr": best, "heldout_top1": {str(k): v for k, v in heldout.items()}})
     return best
 
 
@@ -304,8 +308,8 @@ def parse(argv: list[str] | None) -> tuple[Settings, bool]:
 def main(argv: list[str] | None = None) -> int:
     settings, report_only = parse(argv)
     if report_only:
-        lrs = {tb: json.loads(p.read_text())["lr"] for tb in settings.testbeds
-               if (p := settings.runs_dir / tb / "lr.json").exists()}
+        lrs = {tb: saved["lr"] for tb in settings.testbeds if (p := settings.runs_dir / tb / "lr.json").exists()
+               and "lr" in (saved := json.loads(p.read_text()))}
         settings = replace(settings, testbeds=tuple(lrs), lrs=tuple(lrs.items()))  # a testbed without one has no runs
     else:
         settings = with_tuned_lrs(settings)

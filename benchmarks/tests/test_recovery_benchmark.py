@@ -62,3 +62,29 @@ def test_paired_differences_and_resume(tmp_path: Path) -> None:
     assert summary["lrs"] == {"t": 0.01}
     assert (tmp_path / "recovery.md").exists() and (tmp_path / "recovery.png").exists()
     assert recovery.main([*args, "--report-only"]) == 0
+
+
+def test_lr_tuning_resumes_at_the_next_lr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each lr's held-out top-1 is written as it is measured; a tuning killed after two lrs measures
+    only the others when restarted, and the best (ties to the smaller lr) is chosen over all."""
+    s = settings(tmp_path)
+    grid = recovery.LR_GRID
+    heldout = {grid[0]: 0.5, grid[1]: 0.9, grid[2]: 0.9, grid[3]: 0.7}
+    measured: list[float] = []
+
+    def fake_tune(settings: recovery.Settings, testbed: str, lr: float) -> float:
+        if len(measured) == 2 and not (tmp_path / "killed").exists():
+            (tmp_path / "killed").touch()
+            raise KeyboardInterrupt
+        measured.append(lr)
+        return heldout[lr]
+
+    monkeypatch.setattr(recovery, "tune_one", fake_tune)
+    with pytest.raises(KeyboardInterrupt):
+        recovery.tuned_lr(s, "t")
+    partial = json.loads((s.runs_dir / "t" / "lr.json").read_text())
+    assert "lr" not in partial and set(partial["heldout_top1"]) == {str(grid[0]), str(grid[1])}
+    assert recovery.tuned_lr(s, "t") == grid[1]
+    assert measured == list(grid)  # each lr measured once across both attempts
+    assert json.loads((s.runs_dir / "t" / "lr.json").read_text())["lr"] == grid[1]
+    assert recovery.tuned_lr(s, "t") == grid[1] and measured == list(grid)  # finished: read, not measured
