@@ -342,13 +342,10 @@ def topology() -> str:
 
 
 def memory() -> str:
-    """Peak memory of scoring VGG16 and the chunking check."""
-    d = _json("memory.json")
-    s, c = d["settings"], d["chunking_exact"]
-    return (f"VGG16 at {s['input_size']}², scorer `{s['scorer']}`, K = {s['classes']}, N = {s['per_class']}, chunks of "
-            f"{s['chunk_mib']} MiB: peak resident memory **{d['peak_rss_gib']:.3f} GiB** (goal ≤ {d['goal_gib']} GiB; "
-            f"{d['baseline_rss_bytes'] / 2**30:.3f} GiB before scoring), {d['layers_covered']} layers, {d['seconds']:.0f} s. "
-            f"Chunked scores equal whole-class scores: {c['equal']} (layer `{c['layer']}`, chunks {c['chunks']}).")
+    """Peak memory and seconds per layer of every scorer on VGG16: the table benchmarks.memory writes."""
+    if not (RESULTS / "memory.md").is_file():
+        return "Not measured yet: run `python -m benchmarks.memory`."
+    return included("benchmarks/results/memory.md")
 
 
 TABLES = {
