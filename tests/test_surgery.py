@@ -124,3 +124,22 @@ def test_a_classifier_conv_is_never_pruned_but_its_inputs_follow():
     assert model(x).shape == (1, 10) and model.classifier[1].in_channels == 256
     vgg = torchvision.models.vgg11(num_classes=10).eval()
     assert classifier_convs(vgg, torch.zeros(1, 3, 32, 32)) == []  # a Linear head: nothing to exclude
+
+
+def test_verifying_the_groups_leaves_the_model_as_it_was() -> None:
+    """Surgeon's trial copy shares the model's Parameters (no copy of the weights): after the
+    trial surgery and forward, a model in train mode keeps the same Parameter objects, shapes,
+    values and BatchNorm statistics, every module its training mode, and its groups are all found
+    working."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4)).train()
+    params = list(model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    surgeon = Surgeon(model, torch.randn(2, 3, 8, 8))
+    assert [g.name for g in surgeon.groups] == ["0", "3"]
+    assert all(a is b for a, b in zip(model.parameters(), params)) and len(list(model.parameters())) == len(params)
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in model.modules())

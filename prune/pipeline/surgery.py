@@ -21,6 +21,7 @@ says which root channel each of its channels is. Depthwise convs are never roots
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import threading
 import traceback
@@ -53,6 +54,19 @@ IndexMap = tuple[tuple[int, ...], tuple[int, ...]]
 
 class _IndexBlowUp(RuntimeError):
     """torch-pruning's index lists for a group passed INDEX_LIMIT."""
+
+
+@contextmanager
+def _in_eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode inside (no BatchNorm statistics updated, no dropout), each module's
+    own training flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @contextmanager
@@ -218,14 +232,15 @@ class Surgeon:
         self.example = example_inputs
         self._names = {m: n for n, m in model.named_modules()}
         self._ignored = list(ignored_layers)
-        self._classifiers = classifier_convs(model, example_inputs)  # its input channels still follow pruning
-        self.graph = _dependency_graph(model, example_inputs, self._ignored)
         broken: list[str] = []
-        self.groups = list(groups) if groups is not None else self._find_groups(_execution_order(model, example_inputs),
-                                                                                broken)
-        if verify:
-            self.groups, unrunnable = self._working(self.groups)
-            broken += unrunnable
+        with _in_eval_mode(model):  # the analysis's forwards leave BatchNorm statistics and modes as they were
+            self._classifiers = classifier_convs(model, example_inputs)  # its input channels still follow pruning
+            self.graph = _dependency_graph(model, example_inputs, self._ignored)
+            self.groups = list(groups) if groups is not None else self._find_groups(
+                _execution_order(model, example_inputs), broken)
+            if verify:
+                self.groups, unrunnable = self._working(self.groups)
+                broken += unrunnable
         if broken and self.groups:
             warnings.warn(f"left unpruned: {len(broken)} conv group(s) torch-pruning cannot prune and keep the model "
                           f"running: {'; '.join(broken[:3])}{'; …' if len(broken) > 3 else ''}", GroupsLeftOut,
@@ -357,9 +372,12 @@ class Surgeon:
         """A Surgeon of a deep copy of the model (same groups in the same order; this one is untouched)."""
         return self._copy(self.groups)
 
-    def _copy(self, groups: Sequence[PrunableGroup]) -> Surgeon:
-        """A Surgeon of a deep copy of the model whose groups are `groups` on the copy's convs."""
-        memo: dict = {}
+    def _copy(self, groups: Sequence[PrunableGroup], *, share_parameters: bool = False) -> Surgeon:
+        """A Surgeon of a deep copy of the model whose groups are `groups` on the copy's convs.
+        `share_parameters`: the copy holds the model's very Parameter objects (no copy of the
+        weights; buffers are still copied): for a copy that is only pruned (torch-pruning gives a
+        pruned layer new Parameters and leaves the old ones as they were) and run without gradients."""
+        memo: dict = {id(p): p for p in self.model.parameters()} if share_parameters else {}
         model = copy.deepcopy(self.model, memo)
         mine = [replace(g, convs=tuple(memo[id(c)] for c in g.convs)) for g in groups]
         return Surgeon(model, self.example, ignored_layers=[memo[id(m)] for m in self._ignored], verify=False,
@@ -376,6 +394,7 @@ class Surgeon:
         twin: Surgeon | None = None  # made when a group is tried; one copy of the model at a time
         for i, group in enumerate(groups):
             if twin is None:
+                gc.collect()  # a broken copy's dependency graph holds reference cycles: free it first
                 twin = self._trial_twin(groups, working)
             trial = twin.groups[i]
             try:
@@ -388,12 +407,14 @@ class Surgeon:
                     raise
                 broken.append(f"{group.name} ({type(exc).__name__}: {first_line(exc)})")
                 twin = None  # remade from the working groups if another group is tried, once this one is freed
+        del twin
+        gc.collect()  # the copy's dependency graph holds reference cycles: free its pruned layers now
         return working, broken
 
     def _trial_twin(self, groups: list[PrunableGroup], pruned: list[PrunableGroup]) -> Surgeon:
         """A Surgeon of a copy of the model with `groups` (on the copy), the `_trial_channels` of
         each of `pruned` removed."""
-        twin = self._copy(groups)
+        twin = self._copy(groups, share_parameters=True)
         names = {g.name for g in pruned}
         for trial in twin.groups:
             if trial.name in names:
