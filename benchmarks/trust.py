@@ -23,7 +23,8 @@ seeds' noise in the outcome only. Across criteria a second interval resamples th
 (with replacement, beside the seeds): how far the correlation rests on the handful of criteria there are.
 
 Reads benchmarks/results/criteria.json, compare.json and the per-run files
-compare/<testbed>/<arm>-sNNN.json (whose count per arm must match compare.json); writes
+compare/<testbed>/<arm>-sNNN.json made under compare.json's settings (whose count per arm must
+match compare.json); writes
 trust.json and trust.md.
 """
 
@@ -32,11 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks import compare
 from benchmarks.common import RESULTS, interval, markdown_table, positive_int, settings_json
 from prune import exit_code, write_json, write_text
 from scoring.control import layer_seed
@@ -103,17 +105,31 @@ def oracle_measures(criteria: dict) -> dict[str, dict[str, dict[str, float | Non
             for tb, arms in out.items()}
 
 
-def read_runs(compare: dict, runs_dir: Path) -> dict[str, Runs]:
-    """testbed → its runs, from the per-run files of every (testbed, arm) row of compare.json."""
+def compare_settings(compare_json: dict, results: Path) -> compare.Settings:
+    """The comparison's settings as compare.json records them, its runs under `results`."""
+    def frozen(value: object) -> object:
+        return tuple(frozen(v) for v in value) if isinstance(value, list) else value
+
+    known = {f.name for f in fields(compare.Settings)} - {"results"}
+    given = {k: frozen(v) for k, v in compare_json["settings"].items() if k in known}
+    return replace(compare.Settings(), results=results, **given)
+
+
+def read_runs(compare_json: dict, results: Path) -> dict[str, Runs]:
+    """testbed → its runs: the per-run files of every (testbed, arm) row of compare.json made under
+    its settings (`compare.is_current`; a file left from other settings is not read)."""
+    settings = compare_settings(compare_json, results)
     out = {}
-    for testbed in dict.fromkeys(r["testbed"] for r in compare["rows"]):
-        rows = [r for r in compare["rows"] if r["testbed"] == testbed]
-        files = [json.loads(p.read_text()) for p in sorted((runs_dir / testbed).glob("*.json"))]
+    for testbed in dict.fromkeys(r["testbed"] for r in compare_json["rows"]):
+        rows = [r for r in compare_json["rows"] if r["testbed"] == testbed]
+        files = [e for p in sorted((settings.runs_dir / testbed).glob("*.json"))
+                 if compare.is_current(settings, e := json.loads(p.read_text()))]
         entries = {r["scorer"]: [e for e in files if e["scorer"] == r["scorer"]] for r in rows}
         for r in rows:
             if len(entries[r["scorer"]]) != r["seeds"]:
-                raise ValueError(f"{runs_dir / testbed}: {len(entries[r['scorer']])} runs of {r['scorer']}, "
-                                 f"compare.json has {r['seeds']}; run `python -m benchmarks.compare --report-only`")
+                raise ValueError(f"{settings.runs_dir / testbed}: {len(entries[r['scorer']])} runs of {r['scorer']} under "
+                                 f"compare.json's settings, it has {r['seeds']}; run `python -m benchmarks.compare "
+                                 "--report-only`")
         out[testbed] = as_arrays(entries)
     return out
 
@@ -299,9 +315,9 @@ def read(path: Path) -> dict:
 
 def summary(s: Settings) -> dict:
     """What trust.json holds, from the committed criteria and compare results (writes nothing)."""
-    criteria, compare = read(s.results / "criteria.json"), read(s.results / "compare.json")
+    criteria, compare_json = read(s.results / "criteria.json"), read(s.results / "compare.json")
     measures = oracle_measures(criteria)
-    runs = read_runs(compare, s.results / compare["settings"]["name"])
+    runs = read_runs(compare_json, s.results)
     testbeds = [testbed_entry(s, tb, measures[tb], runs[tb]) for tb in runs if tb in measures]
     return {"settings": settings_json(s), "measures": MEASURES, "testbeds": testbeds}
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import kendalltau, spearmanr
 
-from benchmarks import trust
+from benchmarks import compare, trust
+from benchmarks.common import settings_json
 from prune import write_json
 
 
@@ -43,29 +45,36 @@ def test_rows_and_weights_match_scipy_on_the_same_data() -> None:
         assert tau == pytest.approx(kendalltau(np.repeat(x[0], w), np.repeat(y[0], w)).statistic)
 
 
+STUDY = compare.Settings(testbeds=("embedded",), arms=("l1", "fpgm", "apoz", "random"), peers=())
+"""The made-up comparison's settings (each fake run file records its own, as compare writes them)."""
+
+
 def fake_results(folder: Path, *, seeds: int = 6) -> None:
-    """criteria.json and compare results on testbed `t` where a criterion's oracle ρ orders its
-    fine-tuned top-1 exactly (a, b, c; seed noise far below the gaps), and top-1 after pruning
-    orders every run as top-1 after fine-tuning; `d` is only in criteria.json, `e` only in compare."""
-    level = {"a": 0.2, "b": 0.5, "c": 0.8}
-    rows = [{"testbed": "t", "layer": f"l{k}", "scorer": arm, "rho": level[arm] - 0.1 * k, "layer_top1": level[arm]}
-            for arm in ("a", "b", "c") for k in range(2)]
-    rows += [{"testbed": "t", "layer": "l0", "scorer": "d", "rho": 0.0, "layer_top1": None}]
+    """criteria.json and compare results on `embedded` where a criterion's oracle ρ orders its
+    fine-tuned top-1 exactly (l1, fpgm, apoz; seed noise far below the gaps), and top-1 after pruning
+    orders every run as top-1 after fine-tuning; `selectivity` is only in criteria.json, `random` only in compare."""
+    level = {"l1": 0.2, "fpgm": 0.5, "apoz": 0.8}
+    rows = [{"testbed": "embedded", "layer": f"l{k}", "scorer": arm, "rho": level[arm] - 0.1 * k,
+             "layer_top1": level[arm]} for arm in level for k in range(2)]
+    rows += [{"testbed": "embedded", "layer": "l0", "scorer": "selectivity", "rho": 0.0, "layer_top1": None}]
     write_json(folder / "criteria.json", {"rows": rows})
-    for arm, top1 in {**level, "e": 0.1}.items():
+    study = replace(STUDY, results=folder)
+    for arm, top1 in {**level, "random": 0.1}.items():
         for seed in range(seeds):
             noise = 0.001 * seed
-            write_json(folder / "compare" / "t" / f"{arm}-s{seed:03d}.json",
-                       {"testbed": "t", "scorer": arm, "seed": seed, "top1": top1 + noise, "top1_pruned": top1 / 2 + noise})
-    write_json(folder / "compare.json", {"settings": {"name": "compare"},
-                                         "rows": [{"testbed": "t", "scorer": a, "seeds": seeds} for a in (*level, "e")]})
+            write_json(compare.run_path(study, "embedded", arm, seed),
+                       {"testbed": "embedded", "scorer": arm, "seed": seed, "top1": top1 + noise,
+                        "top1_pruned": top1 / 2 + noise, "settings": study.config("embedded", arm, seed).as_dict()})
+    write_json(folder / "compare.json", {"settings": settings_json(study), "rows": [
+        {"testbed": "embedded", "scorer": a, "seeds": seeds} for a in (*level, "random")]})
 
 
 def test_a_known_answer_with_its_intervals(tmp_path: Path) -> None:
     fake_results(tmp_path)
     result = trust.trust(trust.Settings(results=tmp_path, bootstrap=200))
     (t,) = result["testbeds"]
-    assert t["criteria"] == ["a", "b", "c"] and t["only_in_criteria"] == ["d"] and t["only_in_compare"] == ["e"]
+    assert t["criteria"] == ["l1", "fpgm", "apoz"]
+    assert t["only_in_criteria"] == ["selectivity"] and t["only_in_compare"] == ["random"]
     assert [c["top1"] for c in t["per_criterion"]] == pytest.approx([0.2025, 0.5025, 0.8025])
     for entry in t["across_criteria"]:
         for name in ("spearman", "kendall"):
@@ -79,11 +88,22 @@ def test_a_known_answer_with_its_intervals(tmp_path: Path) -> None:
 
 def test_per_run_files_that_disagree_with_compare_json_are_refused(tmp_path: Path) -> None:
     fake_results(tmp_path)
-    (tmp_path / "compare" / "t" / "a-s005.json").unlink()
-    with pytest.raises(ValueError, match="5 runs of a, compare.json has 6"):
+    runs = tmp_path / "compare" / "embedded"
+    (runs / "l1-s005.json").unlink()
+    with pytest.raises(ValueError, match="5 runs of l1 under compare.json's settings, it has 6"):
         trust.summary(trust.Settings(results=tmp_path, bootstrap=10))
     with pytest.raises(FileNotFoundError, match="benchmarks.criteria"):
         trust.summary(trust.Settings(results=tmp_path / "none"))
+
+
+def test_a_run_file_left_from_other_settings_is_not_read(tmp_path: Path) -> None:
+    """A run made with other fine-tuning epochs than compare.json's is not one of its runs."""
+    fake_results(tmp_path)
+    path = tmp_path / "compare" / "embedded" / "fpgm-s002.json"
+    entry = json.loads(path.read_text())
+    write_json(path, {**entry, "settings": {**entry["settings"], "epochs": STUDY.epochs + 2}})
+    with pytest.raises(ValueError, match="5 runs of fpgm under compare.json's settings, it has 6"):
+        trust.summary(trust.Settings(results=tmp_path, bootstrap=10))
 
 
 def test_the_committed_trust_json_is_current() -> None:
