@@ -21,6 +21,7 @@ reads gradients from `param.grad`; they are set there only for the call and then
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -147,9 +148,64 @@ class TPLamp(TPScorer):
           description="torch-pruning FPGM: summed distance of |w|² filters to the others (He et al. 2019)")
 class TPFPGM(TPScorer):
     """`FPGMImportance`: mean over the group's conv slices of Σ_j ‖|F_i|² − |F_j|²‖₂ (no BatchNorm);
-    [C], higher = keep (far from the geometric median)."""
+    [C], higher = keep (far from the geometric median). Where a slice has more than `CDIST_ROWS`
+    rows (VGG16's last group: the classifier's 25,088 inputs, whose n × n distance matrix and its
+    absolute value torch-pruning holds at once: 5 GB) its distance sums are taken in chunks of rows
+    (`_distance_sums`); smaller slices go through torch-pruning untouched."""
 
     criterion = "FPGMImportance"
+
+    def importance(self) -> Any:
+        return _ChunkedFPGM(**self.options)
+
+
+CDIST_ROWS = 4096
+"""Rows of a slice above which tp-fpgm sums distances in chunks (its matrix would pass 64 MiB)."""
+CHUNK_BYTES = 64 * 2**20
+"""Most bytes of one chunk of distances."""
+
+
+class _DistanceSums:
+    """Stands for `torch` inside torch-pruning's importance module while `_ChunkedFPGM` runs: its
+    `cdist(x, x)` of one [1, n, d] tensor with n > CDIST_ROWS returns [1, 1, n], the column sums of
+    the distance matrix, which is all FPGM reads of it (`torch.sum(torch.abs(D), dim=0)` then sums
+    a single row); every other name is torch's own."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, **kwargs: Any) -> torch.Tensor:
+        n = x1.shape[-2]
+        if x1.ndim != 3 or x1.shape != x2.shape or not torch.equal(x1, x2) or n <= CDIST_ROWS:
+            return torch.cdist(x1, x2, p=p, **kwargs)
+        rows = max(1, CHUNK_BYTES // (n * x1.element_size()))
+        sums = torch.zeros(n, dtype=x1.dtype, device=x1.device)
+        for start in range(0, n, rows):
+            sums += torch.cdist(x1[0, start:start + rows], x2[0], p=p, **kwargs).abs().sum(dim=0)
+        return sums[None, None]
+
+
+_PATCH_LOCK = threading.Lock()
+
+
+class _ChunkedFPGM:
+    """torch-pruning's `FPGMImportance(**options)`, its large distance matrices summed in chunks."""
+
+    def __init__(self, **options: Any) -> None:
+        import torch_pruning as tp
+
+        self._importance = tp.importance.FPGMImportance(**options)
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        from torch_pruning.pruner import importance as module
+
+        with _PATCH_LOCK:
+            module.torch = _DistanceSums()
+            try:
+                return self._importance(group)
+            finally:
+                module.torch = torch
 
 
 @register("tp-bnscale", needs_data=False,

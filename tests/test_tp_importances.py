@@ -129,6 +129,34 @@ def test_fpgm_is_the_group_mean_of_distances_between_squared_slices() -> None:
     torch.testing.assert_close(create("tp-fpgm")(layer(net)), group_mean(distance_sums(a), distance_sums(b)))
 
 
+def test_fpgm_sums_large_distance_matrices_in_chunks_as_torch_pruning_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conv whose group holds a Linear over its flattened 4 × 6 × 6 = 144 inputs: with the chunked
+    path forced (more than CDIST_ROWS = 16 rows, chunks of 10 rows) the scores equal the hand-computed
+    distance sums and torch-pruning's own FPGMImportance, whose module gets torch back after."""
+    from scoring import tp_importances
+    from torch_pruning.pruner import importance as tp_module
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+    spec = LayerSpec(model=net, conv=net[0], name="0", example=torch.zeros(1, 3, 6, 6))
+    expected = tp.importance.FPGMImportance(normalizer=None)(tp_importances.pruning_group(spec, spec.example))
+    monkeypatch.setattr(tp_importances, "CDIST_ROWS", 16)
+    monkeypatch.setattr(tp_importances, "CHUNK_BYTES", 10 * 144 * 4)
+    x = torch.rand(1, 144, 3)
+    assert tp_importances._DistanceSums.cdist(x, x.clone()).shape == (1, 1, 144)  # the chunked path applies
+    got = create("tp-fpgm")(spec)
+    assert tp_module.torch is torch
+    a = (net[0].weight.detach() ** 2).reshape(4, -1)
+    b = (net[3].weight.detach() ** 2).transpose(0, 1)  # [144, 3]: Linear input i = channel i // 36
+
+    def column_sums(x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([sum(math.dist(x[i].tolist(), x[j].tolist()) for i in range(len(x))) for j in range(len(x))])
+
+    by_channel = column_sums(b).reshape(4, 36).sum(dim=1)  # scatter-added onto the 4 root channels
+    torch.testing.assert_close(got, (column_sums(a) + by_channel).float() / 2, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=0)
+
+
 def test_bnscale_is_the_absolute_batchnorm_scale() -> None:
     net = chain()
     assert create("tp-bnscale")(layer(net)).tolist() == [0.5, 1.5, 2.0, 0.25]
