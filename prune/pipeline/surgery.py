@@ -37,6 +37,7 @@ from torch import nn
 
 from prune.errors import UsageError, first_line, out_of_memory
 from scoring.hooks import forward_hooks
+from scoring.model_state import eval_mode
 
 INDEX_LIMIT = 1 << 22
 """torch-pruning carries a group's channel indices through every reshape it meets, one index per
@@ -54,19 +55,6 @@ IndexMap = tuple[tuple[int, ...], tuple[int, ...]]
 
 class _IndexBlowUp(RuntimeError):
     """torch-pruning's index lists for a group passed INDEX_LIMIT."""
-
-
-@contextmanager
-def _in_eval_mode(model: nn.Module) -> Iterator[None]:
-    """`model` in eval mode inside (no BatchNorm statistics updated, no dropout), each module's
-    own training flag restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 @contextmanager
@@ -233,7 +221,7 @@ class Surgeon:
         self._names = {m: n for n, m in model.named_modules()}
         self._ignored = list(ignored_layers)
         broken: list[str] = []
-        with _in_eval_mode(model):  # the analysis's forwards leave BatchNorm statistics and modes as they were
+        with eval_mode(model):  # the analysis's forwards leave BatchNorm statistics and modes as they were
             self._classifiers = classifier_convs(model, example_inputs)  # its input channels still follow pruning
             self.graph = _dependency_graph(model, example_inputs, self._ignored)
             self.groups = list(groups) if groups is not None else self._find_groups(
