@@ -21,7 +21,8 @@ One file per scorer, benchmarks/results/memory/<scorer>.json (memory-quick/ with
 rewritten after every layer (an interrupted run leaves its peak so far, outcome "incomplete");
 a file finished under the same settings (complete or refused) is skipped on restart. A scorer
 that refuses VGG16 (tp-bnscale: no BatchNorm) is recorded as refused with its reason; a process
-that fails, as failed with its exit code. Summary: benchmarks/results/memory.json and memory.md
+that fails, as failed with its exit code; a scorer asked for with no file under the current
+settings is listed as missing (and the goal not met). Summary: benchmarks/results/memory.json and memory.md
 (goal: peak ≤ 2 GiB for every scorer), with `chunking_exact`: the first layer's entropy scores
 with chunks of 2 images equal those of whole classes (K = 2, N = 5).
 """
@@ -302,8 +303,11 @@ def row_of(entry: dict) -> dict:
 
 def summary(s: Settings, scorers: list[str], folder: Path) -> dict:
     """Every scorer file made under the current settings, one row each, and the chunking check."""
-    entries = [e for name in scorers if (e := read(folder / f"{name}.json")) and e.get("settings") == asdict(s.of(name))]
-    rows = [row_of(e) for e in entries]
+    current = {name: e for name in scorers
+               if (e := read(folder / f"{name}.json")) and e.get("settings") == asdict(s.of(name))}
+    rows = [row_of(current[name]) if name in current
+            else {"scorer": name, "outcome": "missing", "layers_covered": "—", "seconds_per_layer": {}}
+            for name in scorers]
     measured = [r for r in rows if r["outcome"] != "refused"]
     return {"benchmark": "memory", "machine": machine(), "settings": asdict(s), "goal_gib": GOAL_GIB,
             "all_within_goal": bool(measured) and all(r.get("within_goal") for r in measured),
@@ -315,7 +319,7 @@ def markdown(result: dict) -> str:
     s, rows = result["settings"], result["scorers"]
     names = max((list(r["seconds_per_layer"]) for r in rows), key=len, default=[])
     table = markdown_table(
-        ["scorer", "outcome", "layers", "peak RSS GiB", "before scoring GiB", f"≤ {GOAL_GIB:g} GiB",
+        ["scorer", "outcome", "layers", "peak RSS GiB", "peak before scoring GiB", f"≤ {GOAL_GIB:g} GiB",
          *(f"{n} s" for n in names)],
         [[r["scorer"], r["outcome"], r["layers_covered"],
           *(f"{r[k]:.3f}" if k in r else "—" for k in ("peak_rss_gib", "baseline_rss_gib")),

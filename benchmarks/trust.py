@@ -122,9 +122,8 @@ def read_runs(compare_json: dict, results: Path) -> dict[str, Runs]:
     out = {}
     for testbed in dict.fromkeys(r["testbed"] for r in compare_json["rows"]):
         rows = [r for r in compare_json["rows"] if r["testbed"] == testbed]
-        files = [e for p in sorted((settings.runs_dir / testbed).glob("*.json"))
-                 if compare.is_current(settings, e := json.loads(p.read_text()))]
-        entries = {r["scorer"]: [e for e in files if e["scorer"] == r["scorer"]] for r in rows}
+        entries = {r["scorer"]: [e for p in sorted((settings.runs_dir / testbed).glob(f"{r['scorer']}-s*.json"))
+                                 if compare.is_current(settings, e := json.loads(p.read_text()))] for r in rows}
         for r in rows:
             if len(entries[r["scorer"]]) != r["seeds"]:
                 raise ValueError(f"{settings.runs_dir / testbed}: {len(entries[r['scorer']])} runs of {r['scorer']} under "

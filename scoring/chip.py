@@ -15,10 +15,12 @@ downdate), and with √x = (1/π)∫₀^∞ t^(−1/2)·x/(x + t) dt and Sherman
 
 an integral of positive terms (no cancellation: CI_c ≥ 0, and exactly 0 for a dead unit). r is 0
 when C ≤ m² and otherwise summed from the full U's last C − k columns, not as 1 − Σ p (whose
-rounding, where r should be 0, would cost √ε·σ_1). With
-t = d_1·e^u it is integrated by the trapezoidal rule in u on [−70, 80] with step 0.5: the integrand
-is analytic in the strip |Im u| < π (its poles are at t = −d_j and t = −λ_i), so the rule's error
-is of order e^(−2π²/0.5) ≈ 1e-17, and the truncated ends miss less than σ_1·e^(−35) ≈ 1e-15·σ_1.
+rounding, where r should be 0, would cost √ε·σ_1). With A
+scaled to σ_1 = 1 (CI is homogeneous of degree 1; the result is scaled back, so any float64 range
+works) and t = e^u, it is integrated by the trapezoidal rule in u on [−70, 80] with step 0.5: the
+integrand is analytic in the strip |Im u| < π (its poles are at t = −d_j and t = −λ_i), so the
+rule's error is of order e^(−2π²/0.5) ≈ 1e-17, and the truncated ends miss less than 2·σ_1·e^(−35)
+≈ 1e-15·σ_1.
 Per image: the SVD and two [C, k] × [k, 301] products (VGG16's 512 × 28² layers: 0.2 s, 140× faster).
 Per-class sums are added in class order, so chunks and shards give bit-identical scores.
 """
@@ -35,9 +37,9 @@ from scoring.chunked import PerClassSums
 from scoring.registry import register
 
 STEP = 0.5
-"""Trapezoidal step in u = log(t / d_1)."""
+"""Trapezoidal step in u = log t (A scaled to σ_1 = 1)."""
 NODES = torch.arange(-70.0, 80.0 + STEP / 2, STEP, dtype=torch.float64)
-"""Quadrature nodes u [301]: below −70 the integral is < σ_1·e^(−35); above 80, < σ_1·e^(−40)."""
+"""Quadrature nodes u [301]: below −70 the integral is < 2·σ_1·e^(−35); above 80, < 2·σ_1·e^(−40)."""
 
 
 def channel_independence(maps: torch.Tensor) -> torch.Tensor:
@@ -46,16 +48,16 @@ def channel_independence(maps: torch.Tensor) -> torch.Tensor:
     a = maps.reshape(c, -1)
     k = min(a.shape)
     u, sigma, _ = torch.linalg.svd(a, full_matrices=c > k)  # U [C, C] when C > m² (V [m², m²] stays small)
-    d = sigma.square()[:, None]  # [k, 1]
-    if d[0, 0] == 0:
+    if sigma[0] == 0:
         return torch.zeros(c, dtype=a.dtype)
-    t = d[0, 0] * NODES.exp()  # [nodes]
+    d = (sigma / sigma[0]).square()[:, None]  # [k, 1], d_1 = 1: CI is homogeneous of degree 1 in A
+    t = NODES.exp()  # [nodes]
     p = u[:, :k].square()  # [C, k]
     r = u[:, k:].square().sum(dim=1, keepdim=True)  # [C, 1]: e_c's part outside the column space of A
     t_s = p @ (d * t / (d + t).square())  # t·S(t) [C, nodes], each weight ≤ 1/4
     t_q = p @ (t / (d + t))  # t·Q(t) [C, nodes], each weight ≤ 1
     integrand = t.sqrt() * t_s / (r + t_q)  # √t·S/(r + tQ) · dt/du, dt/du = t
-    ci = integrand.sum(dim=1) * (STEP / math.pi)
+    ci = integrand.sum(dim=1) * (STEP / math.pi) * sigma[0]
     return torch.where(a.abs().sum(dim=1) == 0, torch.zeros_like(ci), ci)
 
 

@@ -167,7 +167,8 @@ CHUNK_BYTES = 64 * 2**20
 
 class _DistanceSums:
     """Stands for `torch` inside torch-pruning's importance module while `_ChunkedFPGM` runs: its
-    `cdist(x, x)` of one [1, n, d] tensor with n > CDIST_ROWS returns [1, 1, n], the column sums of
+    `cdist(x, x)` of one [1, n, d] tensor (the same memory twice, as FPGM passes it) with
+    n > CDIST_ROWS returns [1, 1, n], the column sums of
     the distance matrix, which is all FPGM reads of it (`torch.sum(torch.abs(D), dim=0)` then sums
     a single row); every other name is torch's own."""
 
@@ -177,7 +178,8 @@ class _DistanceSums:
     @staticmethod
     def cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, **kwargs: Any) -> torch.Tensor:
         n = x1.shape[-2]
-        if x1.ndim != 3 or x1.shape != x2.shape or not torch.equal(x1, x2) or n <= CDIST_ROWS:
+        same = x1.shape == x2.shape and x1.data_ptr() == x2.data_ptr() and x1.stride() == x2.stride()
+        if x1.ndim != 3 or not same or n <= CDIST_ROWS:
             return torch.cdist(x1, x2, p=p, **kwargs)
         rows = max(1, CHUNK_BYTES // (n * x1.element_size()))
         sums = torch.zeros(n, dtype=x1.dtype, device=x1.device)
@@ -201,11 +203,11 @@ class _ChunkedFPGM:
         from torch_pruning.pruner import importance as module
 
         with _PATCH_LOCK:
-            module.torch = _DistanceSums()
+            before, module.torch = module.torch, _DistanceSums()
             try:
                 return self._importance(group)
             finally:
-                module.torch = torch
+                module.torch = before
 
 
 @register("tp-bnscale", needs_data=False,

@@ -117,3 +117,14 @@ def test_chip_scores_are_the_mean_over_images() -> None:
     two = torch.tensor([[1.0, 0.0], [2.0, 0.0]]).reshape(1, 2, 1, 2)
     scores = create("chip")(layer(2), batches(torch.cat([one, two])))
     assert scores.tolist() == pytest.approx([(3 + math.sqrt(5) - 2) / 2, (4 + math.sqrt(5) - 1) / 2], rel=1e-6)
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e100])
+def test_chip_scales_with_the_maps_over_the_whole_float64_range(scale: float) -> None:
+    """CI is homogeneous of degree 1: maps × 1e±100 (a dead unit among them) give CI × 1e±100, finite."""
+    torch.manual_seed(5)
+    maps = torch.relu(torch.randn(12, 3, 3, dtype=torch.float64))
+    maps[4] = 0
+    got = channel_independence(maps * scale)
+    assert torch.isfinite(got).all() and got[4].item() == 0.0
+    torch.testing.assert_close(got / scale, channel_independence(maps), rtol=1e-12, atol=0)

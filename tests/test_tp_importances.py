@@ -142,8 +142,9 @@ def test_fpgm_sums_large_distance_matrices_in_chunks_as_torch_pruning_would(monk
     expected = tp.importance.FPGMImportance(normalizer=None)(tp_importances.pruning_group(spec, spec.example))
     monkeypatch.setattr(tp_importances, "CDIST_ROWS", 16)
     monkeypatch.setattr(tp_importances, "CHUNK_BYTES", 10 * 144 * 4)
-    x = torch.rand(1, 144, 3)
-    assert tp_importances._DistanceSums.cdist(x, x.clone()).shape == (1, 1, 144)  # the chunked path applies
+    x = torch.rand(144, 3)
+    assert tp_importances._DistanceSums.cdist(x.unsqueeze(0), x.unsqueeze(0)).shape == (1, 1, 144)  # chunked, as
+    assert tp_importances._DistanceSums.cdist(x[None], x[None].clone()).shape == (1, 144, 144)  # FPGM calls it
     got = create("tp-fpgm")(spec)
     assert tp_module.torch is torch
     a = (net[0].weight.detach() ** 2).reshape(4, -1)

@@ -61,6 +61,10 @@ def test_a_failed_process_is_recorded_with_its_exit_code_and_its_peak_so_far(tmp
     assert (row["outcome"], row["exit"], row["peak_rss_gib"], row["within_goal"]) == ("failed", 3, 3.0, False)
     assert row["seconds_per_layer"] == {"features.0": 2.0}
     assert "entropy: failed (exit 3): boom" in (tmp_path / "memory.md").read_text()
+    assert memory.main([*argv[:1], "entropy", "l1", *argv[2:]]) == 0  # l1 never ran: a missing row, not left out
+    summary = json.loads((tmp_path / "memory.json").read_text())
+    assert [(r["scorer"], r["outcome"]) for r in summary["scorers"]] == [("entropy", "failed"), ("l1", "missing")]
+    assert summary["all_within_goal"] is False
 
 
 @pytest.mark.slow

@@ -394,7 +394,7 @@ class Surgeon:
                 if out_of_memory(exc):
                     raise
                 broken.append(f"{group.name} ({type(exc).__name__}: {first_line(exc)})")
-                twin = None  # remade from the working groups if another group is tried, once this one is freed
+                twin = trial = None  # remade from the working groups if another group is tried, once this one is freed
         del twin
         gc.collect()  # the copy's dependency graph holds reference cycles: free its pruned layers now
         return working, broken
