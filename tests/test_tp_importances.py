@@ -133,8 +133,9 @@ def test_fpgm_sums_large_distance_matrices_in_chunks_as_torch_pruning_would(monk
     """A conv whose group holds a Linear over its flattened 4 × 6 × 6 = 144 inputs: with the chunked
     path forced (more than CDIST_ROWS = 16 rows, chunks of 10 rows) the scores equal the hand-computed
     distance sums and torch-pruning's own FPGMImportance, whose module gets torch back after."""
-    from scoring import tp_importances
     from torch_pruning.pruner import importance as tp_module
+
+    from scoring import tp_importances
 
     torch.manual_seed(3)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
