@@ -231,13 +231,16 @@ class TPBNScale(TPScorer):
 # ---------------------------------------------------------------- gradient criteria
 
 
-def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared: bool, chunk: int = 32) -> Sums:
+def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared: bool, chunk: int = 32,
+                  names: Sequence[str] | None = None) -> Sums:
     """Σ over `images` [N, 3, H, W] of ∇CE(model(x), label) (squared=False, `chunk` images a pass)
-    or of (∇CE)² per image (squared=True, one image a pass); {parameter name: tensor}.
+    or of (∇CE)² per image (squared=True, one image a pass); {parameter name: tensor}, for the
+    parameters `names` (default all).
 
     Call inside `_held(model)` (eval mode, grad enabled, every parameter differentiable).
     """
-    names, params = zip(*model.named_parameters())
+    wanted = None if names is None else set(names)
+    names, params = zip(*((n, p) for n, p in model.named_parameters() if wanted is None or n in wanted))
     device = params[0].device
     sums = [torch.zeros_like(p) for p in params]
     for part in images.to(device).split(1 if squared else chunk):
@@ -258,8 +261,9 @@ class GradientScorer(ChunkedScorer, TPScorer):
 
     def reset(self, layer: LayerSpec) -> None:
         super().reset(layer)
-        self._sums: Sums = {n: torch.zeros_like(p) for n, p in layer.model.named_parameters()}
+        self._sums: Sums = {}
         self._count = 0
+        self._group_parameters: list[str] | None = None
 
     def per_image(self, batch: ClassBatch) -> torch.Tensor:
         """A chunk's images [n, 3, H, W], kept until the class ends."""
@@ -269,12 +273,24 @@ class GradientScorer(ChunkedScorer, TPScorer):
     def reduce_class(self, class_index: int, stats: torch.Tensor) -> None:
         """One class's images [N, 3, H, W] → their gradient sums into the running sums."""
         with _held(self.layer.model):
-            sums = gradient_sums(self.layer.model, stats, class_index, squared=self.squared)
+            names = self.group_parameters()
+            sums = gradient_sums(self.layer.model, stats, class_index, squared=self.squared, names=names)
         self._add(sums, len(stats))
 
+    def group_parameters(self) -> list[str]:
+        """Names of the parameters of the modules in the layer's pruning group: the only gradients
+        torch-pruning reads (summing every parameter's would hold two more copies of the model)."""
+        if self._group_parameters is None:
+            modules = {dep.target.module for dep, _ in pruning_group(self.layer, self._example)}
+            self._group_parameters = [n for n, p in self.layer.model.named_parameters()
+                                      if any(p is q for m in modules for q in m.parameters(recurse=False))]
+        return self._group_parameters
+
     def _add(self, sums: Sums, count: int) -> None:
-        for name, total in self._sums.items():
-            total += sums[name].to(total.device)
+        for name, value in sums.items():
+            if name not in self._sums:
+                self._sums[name] = torch.zeros_like(value)
+            self._sums[name] += value.to(self._sums[name].device)
         self._count += count
 
     def state(self) -> tuple[Sums, int, torch.Tensor | None]:

@@ -288,3 +288,22 @@ def test_magnitude_counts_a_dead_channels_outgoing_weights(name: str) -> None:
         net[3].weight[:, 1] *= 100.0
     scores = create(name)(layer(net))
     assert scores[1] == scores.max()
+
+
+@pytest.mark.parametrize("name", ["tp-taylor", "tp-hessian"])
+def test_gradient_sums_are_kept_for_the_group_only_with_the_same_scores(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the parameters of the layer's group (conv 0, its BatchNorm, conv 3 that reads it) get
+    gradient sums, and the scores equal those from every parameter's gradients, bit for bit."""
+    from scoring import tp_importances
+
+    net, data = chain(), batches()
+    scorer = create(name)
+    scorer.reset(layer(net))
+    for b in data:
+        scorer.update(b)
+    sums, count, _ = scorer.state()
+    assert sorted(sums) == ["0.bias", "0.weight", "1.bias", "1.weight", "3.bias", "3.weight"] and count == 12
+    scores = create(name)(layer(net), data)
+    monkeypatch.setattr(tp_importances.GradientScorer, "group_parameters",
+                        lambda self: [n for n, _ in self.layer.model.named_parameters()])
+    assert torch.equal(scores, create(name)(layer(net), data))
