@@ -32,7 +32,7 @@ from finetune.metrics import predict
 from prune.core import distributed
 from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
-from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units
+from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units, largest_output
 from prune.pipeline.prefix_cache import PREFIX_CACHE_BYTES, PrefixCache, UnitRunner, prefix_cache, tracking
 from prune.pipeline.spill import SPILL_BYTES
 from prune.pipeline.surgery import PrunableGroup, Surgeon, block_positions, channels_to_remove
@@ -233,18 +233,27 @@ least one, so K of them when K > 100). A diagnostic, kept to a bounded cost what
 def scoring_top1(model: nn.Module, source: ScoringData) -> float:
     """Top-1 in [0, 1] of `model` (eval mode) on the first ⌊SCORING_TOP1_IMAGES / K⌋ (at least one,
     at most N) scoring images of each of the K classes of `source`, labels = their classes."""
-    logits, labels = predict(model, _scoring_batches(source), device=model_device(model))
+    logits, labels = predict(model, _scoring_batches(model, source), device=model_device(model))
     return int((logits.argmax(1) == labels).sum()) / len(labels)
 
 
-def _scoring_batches(source: ScoringData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches of at most `source.batch_size` images, class by class: the first
-    `SCORING_TOP1_IMAGES` // K scoring images of each class."""
+def _scoring_batches(model: nn.Module, source: ScoringData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) batches, class by class, of the first `SCORING_TOP1_IMAGES` // K scoring
+    images of each class: the first image alone, then batches of at most `source.batch_size` images
+    and `source.chunk_bytes` in the largest tensor of their forward (as measured on that first
+    image while the caller forwards it), as the scorers' chunks are bounded."""
     per_class = min(source.per_class, max(1, SCORING_TOP1_IMAGES // len(source.classes)))
+    step = None
     for cls in source.classes:
         images = class_images(source.data, cls, source.per_class, seed=source.seed)[:per_class]
-        for start in range(0, len(images), source.batch_size):
-            batch = images[start : start + source.batch_size]
+        start = 0
+        if step is None:
+            with largest_output(model) as largest:
+                yield images[:1], torch.full((1,), cls, dtype=torch.long)  # the caller's forward is measured
+            step = max(1, min(source.batch_size, source.chunk_bytes // max(largest[0], 1)))
+            start = 1
+        for begin in range(start, len(images), step):
+            batch = images[begin : begin + step]
             yield batch, torch.full((len(batch),), cls, dtype=torch.long)
 
 
