@@ -241,7 +241,7 @@ def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared
     """
     wanted = None if names is None else set(names)
     names, params = zip(*((n, p) for n, p in model.named_parameters() if wanted is None or n in wanted))
-    device = params[0].device
+    device = model_device(model)
     sums = [torch.zeros_like(p) for p in params]
     for part in images.to(device).split(1 if squared else chunk):
         labels = torch.full((len(part),), int(label), dtype=torch.long, device=device)
@@ -282,14 +282,14 @@ class GradientScorer(ChunkedScorer, TPScorer):
         torch-pruning reads (summing every parameter's would hold two more copies of the model)."""
         if self._group_parameters is None:
             modules = {dep.target.module for dep, _ in pruning_group(self.layer, self._example)}
-            self._group_parameters = [n for n, p in self.layer.model.named_parameters()
-                                      if any(p is q for m in modules for q in m.parameters(recurse=False))]
+            own = [q for m in modules for q in ([m] if isinstance(m, nn.Parameter) else m.parameters(recurse=False))]
+            self._group_parameters = [n for n, p in self.layer.model.named_parameters() if any(p is q for q in own)]
         return self._group_parameters
 
     def _add(self, sums: Sums, count: int) -> None:
         for name, value in sums.items():
-            if name not in self._sums:
-                self._sums[name] = torch.zeros_like(value)
+            if name not in self._sums:  # on the model's device: merged states come from CPU
+                self._sums[name] = torch.zeros_like(value, device=model_device(self.layer.model))
             self._sums[name] += value.to(self._sums[name].device)
         self._count += count
 

@@ -307,3 +307,24 @@ def test_gradient_sums_are_kept_for_the_group_only_with_the_same_scores(name: st
     monkeypatch.setattr(tp_importances.GradientScorer, "group_parameters",
                         lambda self: [n for n, _ in self.layer.model.named_parameters()])
     assert torch.equal(scores, create(name)(layer(net), data))
+
+
+def test_gradient_criteria_take_a_bare_parameter_in_the_group() -> None:
+    """A per-channel scale kept as a bare nn.Parameter (as ConvNeXt's layer scale) is a node of
+    the group of its own: tp-taylor still scores the conv."""
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.gamma = nn.Conv2d(3, 4, 3, padding=1), nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
+            self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten(), nn.Linear(5, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x) * self.gamma)
+
+    torch.manual_seed(0)
+    net = Scaled().eval()
+    spec = LayerSpec(model=net, conv=net.conv, name="conv", example=torch.zeros(1, 3, 6, 6))
+    scores = create("tp-taylor")(spec, batches())
+    assert scores.shape == (4,) and torch.isfinite(scores).all()

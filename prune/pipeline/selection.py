@@ -233,7 +233,8 @@ least one, so K of them when K > 100). A diagnostic, kept to a bounded cost what
 def scoring_top1(model: nn.Module, source: ScoringData) -> float:
     """Top-1 in [0, 1] of `model` (eval mode) on the first ⌊SCORING_TOP1_IMAGES / K⌋ (at least one,
     at most N) scoring images of each of the K classes of `source`, labels = their classes."""
-    logits, labels = predict(model, _scoring_batches(model, source), device=model_device(model))
+    with closing(_scoring_batches(model, source)) as batches:  # its measuring hooks go, also on a failure
+        logits, labels = predict(model, batches, device=model_device(model))
     return int((logits.argmax(1) == labels).sum()) / len(labels)
 
 
