@@ -46,6 +46,7 @@ from torch import nn
 from scoring.activations import checked_activations
 from scoring.base import ClassBatch, LayerSpec
 from scoring.chunked import PerClassSums
+from scoring.dependency import dependency_graph
 from scoring.hooks import StopForward, run_until_stopped
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
@@ -77,8 +78,7 @@ def find_consumers(model: nn.Module, convs: Iterable[nn.Conv2d], example: torch.
 
     found: dict[nn.Conv2d, list[Consumer]] = {}
     with _held(model):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.to(model_device(model)),
-                                                      verbose=False)
+        graph = dependency_graph(model, example.to(model_device(model)))
         for conv in convs:
             channels = int(conv.out_channels)
             group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(channels)))

@@ -32,6 +32,7 @@ from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec, Scorer
 from scoring.chunked import ChunkedScorer
+from scoring.dependency import dependency_graph
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 
@@ -65,7 +66,7 @@ def pruning_group(layer: LayerSpec, example: torch.Tensor) -> Any:
     import torch_pruning as tp
 
     device = model_device(layer.model)
-    graph = tp.DependencyGraph().build_dependency(layer.model, example_inputs=example.to(device), verbose=False)
+    graph = dependency_graph(layer.model, example.to(device))
     return graph.get_pruning_group(layer.conv, tp.prune_conv_out_channels, idxs=list(range(layer.num_channels)))
 
 

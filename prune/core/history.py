@@ -9,6 +9,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prune.errors import first_line
+from scoring.dependency import dependency_graph
 
 
 def _history_entry(graph: tp.DependencyGraph, model: nn.Module, entry: object) -> tuple[str, bool, list[int]]:
@@ -42,8 +43,7 @@ def replay_history(model: nn.Module, example_inputs: torch.Tensor, history: list
     the model with channels, indices distinct and in range); ValueError "entry i ..." names
     the first that does not fit.
     """
-    with torch.enable_grad():
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    graph = dependency_graph(model, example_inputs)
     for i, entry in enumerate(history):
         try:
             step = _history_entry(graph, model, entry)

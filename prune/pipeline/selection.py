@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 import scoring
 from finetune.metrics import predict
 from prune.core import distributed
+from prune.core.allocator import release_freed_memory
 from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
 from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units, largest_output
@@ -109,6 +110,7 @@ def update_with_class(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: 
         for chunk in chunks:
             scorer.update(chunk)
             del chunk  # before the next forward
+            release_freed_memory()
         return
     worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="topoprune-score")
     try:
@@ -130,6 +132,7 @@ def _update_without_grad(scorer: scoring.Scorer, chunk: scoring.ClassBatch) -> N
     """`scorer.update(chunk)` with autograd off (grad mode is per thread)."""
     with torch.no_grad():
         scorer.update(chunk)
+    release_freed_memory()  # the chunk's temporaries: heap holes otherwise kept (prune.core.allocator)
 
 
 def class_batches(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringData) -> Iterator[scoring.ClassBatch]:

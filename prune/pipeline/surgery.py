@@ -36,6 +36,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prune.errors import UsageError, first_line, out_of_memory
+from scoring.dependency import dependency_graph
 from scoring.hooks import forward_hooks
 from scoring.model_state import eval_mode
 
@@ -445,9 +446,7 @@ def _dependency_graph(model: nn.Module, example_inputs: torch.Tensor, ignored: l
     """torch-pruning's DependencyGraph of `model` (built with grad enabled); UsageError in one
     line where torch-pruning cannot trace the model (e.g. a channel shuffle's reshape)."""
     try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, ignored_layers=ignored, verbose=False)
+        return dependency_graph(model, example_inputs, ignored)
     except Exception as exc:  # torch-pruning's tracing raises many kinds on graphs it cannot map
         if out_of_memory(exc):
             raise

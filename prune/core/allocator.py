@@ -1,0 +1,36 @@
+"""Give freed memory back to the system between scoring chunks (glibc only).
+
+glibc's malloc serves a block from `mmap` (returned to the system when freed) only above a
+threshold that starts at 128 KiB and rises to the size of the largest such block freed, up to
+32 MiB. After the first large tensor is freed, tensors of a few MiB (one image's feature maps at
+224²) come from the heap, whose freed holes stay resident, and the scoring thread's own arena
+keeps its holes too. Scoring VGG16 at 224² this way held 0.4 GiB more at its peak (CHIP, 2
+classes × 20 images: 2.24 GiB; 1.84 with `malloc_trim` after every chunk). Fixing the mmap
+threshold instead (MALLOC_MMAP_THRESHOLD_) did as well but made every large temporary a fresh
+mapping: the embedded data set took 40% longer to draw.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (musl and others have no malloc_trim)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def release_freed_memory() -> bool:
+    """Return the freed pages of every malloc arena to the system (glibc's `malloc_trim(0)`);
+    True if any were returned, False where there is nothing to call (not glibc)."""
+    libc = _glibc()
+    return libc is not None and libc.malloc_trim(0) == 1

@@ -1,0 +1,29 @@
+"""torch-pruning's DependencyGraph, traced without keeping the trace's activations.
+
+torch-pruning traces one forward with autograd on and keeps each node's `grad_fn`, which
+holds every tensor the forward saved for a backward that never runs (VGG16 at 224²: 0.19 GiB
+for as long as the graph lives). It reads only the sizes and dims those nodes record, never a
+saved tensor, so the trace here saves none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def _no_saved_tensor(_: object) -> torch.Tensor:
+    raise RuntimeError("the dependency graph's trace keeps no tensors for a backward")
+
+
+def dependency_graph(model: nn.Module, example_inputs: torch.Tensor, ignored: Sequence[nn.Module] = ()) -> Any:
+    """torch-pruning's DependencyGraph of `model` traced on `example_inputs` (grad enabled,
+    no saved activations kept)."""
+    import torch_pruning as tp
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda _: None, _no_saved_tensor):
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
+                                                     ignored_layers=list(ignored), verbose=False)
