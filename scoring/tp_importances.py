@@ -21,7 +21,6 @@ reads gradients from `param.grad`; they are set there only for the call and then
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -161,54 +160,88 @@ class TPFPGM(TPScorer):
 
 
 CDIST_ROWS = 4096
-"""Rows of a slice above which tp-fpgm sums distances in chunks (its matrix would pass 64 MiB)."""
+"""Rows of a slice above which tp-fpgm squares it and sums its distances in chunks (its distance
+matrix would pass 64 MiB)."""
 CHUNK_BYTES = 64 * 2**20
-"""Most bytes of one chunk of distances."""
-
-
-class _DistanceSums:
-    """Stands for `torch` inside torch-pruning's importance module while `_ChunkedFPGM` runs: its
-    `cdist(x, x)` of one [1, n, d] tensor (the same memory twice, as FPGM passes it) with
-    n > CDIST_ROWS returns [1, 1, n], the column sums of
-    the distance matrix, which is all FPGM reads of it (`torch.sum(torch.abs(D), dim=0)` then sums
-    a single row); every other name is torch's own."""
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch, name)
-
-    @staticmethod
-    def cdist(x1: torch.Tensor, x2: torch.Tensor, p: float = 2.0, **kwargs: Any) -> torch.Tensor:
-        n = x1.shape[-2]
-        same = x1.shape == x2.shape and x1.data_ptr() == x2.data_ptr() and x1.stride() == x2.stride()
-        if x1.ndim != 3 or not same or n <= CDIST_ROWS:
-            return torch.cdist(x1, x2, p=p, **kwargs)
-        rows = max(1, CHUNK_BYTES // (n * x1.element_size()))
-        sums = torch.zeros(n, dtype=x1.dtype, device=x1.device)
-        for start in range(0, n, rows):
-            sums += torch.cdist(x1[0, start:start + rows], x2[0], p=p, **kwargs).abs().sum(dim=0)
-        return sums[None, None]
-
-
-_PATCH_LOCK = threading.Lock()
+"""Most bytes of one chunk of a slice or of its distances."""
 
 
 class _ChunkedFPGM:
-    """torch-pruning's `FPGMImportance(**options)`, its large distance matrices summed in chunks."""
+    """torch-pruning's `FPGMImportance(**options)` with bounded memory: its loop over the group's
+    Conv/Linear slices (`_squared_slice`), the distance column sums of each (`_distance_sums`), then
+    its own reduction and normaliser. A slice of more than `CDIST_ROWS` rows (VGG16's last group:
+    the classifier's 25,088 inputs × 4,096) is squared and summed in chunks, where torch-pruning
+    holds three copies of it (1.2 GB) and its n × n distance matrix twice (5 GB); smaller slices
+    get torch-pruning's exact operations (equal scores: tests)."""
 
     def __init__(self, **options: Any) -> None:
         import torch_pruning as tp
 
         self._importance = tp.importance.FPGMImportance(**options)
 
+    @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
-        from torch_pruning.pruner import importance as module
+        imp = self._importance
+        sums, roots = [], []
+        for i, (dep, idxs) in enumerate(group):
+            local = _squared_slice(imp, dep.layer, dep.pruning_fn, idxs)
+            if local is not None:
+                sums.append(_distance_sums(local))
+                roots.append(group[i].root_idxs)
+        if not sums:
+            return None
+        return imp._normalize(imp._reduce(sums, roots), imp.normalizer)
 
-        with _PATCH_LOCK:
-            before, module.torch = module.torch, _DistanceSums()
-            try:
-                return self._importance(group)
-            finally:
-                module.torch = before
+
+def _squared_slice(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+    """|w|^p [len(idxs), d] of the rows of `layer`'s weight that `prune_fn` removes with `idxs` (as
+    FPGMImportance flattens them), None where FPGM reads nothing (BatchNorm, other functions)."""
+    from torch_pruning.pruner import function
+
+    if not isinstance(layer, tuple(imp.target_types)):
+        return None
+    transposed = getattr(layer, "transposed", False)
+    w = layer.weight.data
+    if prune_fn in (function.prune_conv_out_channels, function.prune_linear_out_channels):
+        rows = w.transpose(1, 0) if transposed else w
+    elif prune_fn in (function.prune_conv_in_channels, function.prune_linear_in_channels):
+        rows = w if transposed else w.transpose(0, 1)
+        if prune_fn == function.prune_conv_in_channels and layer.groups not in (1, layer.in_channels):
+            return rows.flatten(1).abs().pow(imp.p).repeat(layer.groups)[idxs]  # torch-pruning's own steps
+    else:
+        return None
+    if len(idxs) <= CDIST_ROWS:
+        return rows[idxs].flatten(1).abs().pow(imp.p)
+    width = rows[0].numel()
+    out = torch.empty(len(idxs), width, dtype=w.dtype, device=w.device)
+    step = max(1, CHUNK_BYTES // (width * w.element_size()))
+    for start in range(0, len(idxs), step):
+        part = torch.as_tensor(idxs[start:start + step], device=w.device)
+        out[start:start + step] = rows[part].flatten(1).abs().pow(imp.p)
+    return out
+
+
+def _distance_sums(x: torch.Tensor) -> torch.Tensor:
+    """Σ_i ‖x_i − x_j‖₂ for each row j of `x` [n, d] → [n] (FPGM's column sums of its distance
+    matrix). Up to `CDIST_ROWS` rows as torch-pruning computes them (`torch.cdist`); above, in chunks
+    of rows as ‖a‖² + ‖b‖² − 2a·b, the form torch.cdist uses, without the padded copy of `x` that
+    torch.cdist makes for every call (0.4 GB for VGG16's classifier)."""
+    n = x.shape[0]
+    if n <= CDIST_ROWS:
+        return torch.sum(torch.abs(torch.cdist(x.unsqueeze(0), x.unsqueeze(0), p=2).squeeze(0)), dim=0)
+    rows = max(1, CHUNK_BYTES // (n * x.element_size()))
+    parts = [slice(start, start + rows) for start in range(0, n, rows)]
+    # preallocated and reused: a fresh temporary per chunk leaves a heap hole per chunk (glibc)
+    squares, norms = torch.empty(rows, x.shape[1], dtype=x.dtype, device=x.device), x.new_empty(n)
+    for part in parts:
+        chunk = x[part]
+        torch.sum(torch.square(chunk, out=squares[: len(chunk)]), dim=1, out=norms[part])
+    del squares
+    sums, distances = x.new_zeros(n), x.new_empty(rows, n)
+    for part in parts:
+        squared = torch.add(norms[part, None], norms, out=distances[: len(norms[part])])
+        sums += squared.addmm_(x[part], x.T, alpha=-2).clamp_min_(0).sqrt_().sum(dim=0)
+    return sums
 
 
 @register("tp-bnscale", needs_data=False,
