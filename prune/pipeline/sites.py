@@ -31,6 +31,7 @@ activation module registered right after the conv), announced by one warning per
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -185,6 +186,10 @@ class _Tracer(fx.Tracer):
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    """timm's no-trace modules and functions; none while timm is not imported (no model holds a timm
+    module then, and importing timm for nothing costs seconds)."""
+    if sys.modules.get("timm") is None:
+        return (), ()
     try:
         from timm.layers import get_notrace_functions, get_notrace_modules
     except ImportError:

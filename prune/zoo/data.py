@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import os
 import stat
-import warnings
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
-from torchvision import datasets, transforms
 
 from prune.errors import UsageError
+
+if TYPE_CHECKING:  # image folders need torchvision, imported when one is loaded (prune.zoo.folder)
+    from torchvision import transforms
+
+    from prune.zoo.folder import TolerantImageFolder
 
 UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 """What decoding a bad image file raises (a decompression bomb included)."""
@@ -49,80 +53,6 @@ class DataBundle:
     input_size: int
     files: tuple[str, ...] = ()
     """Data files read besides the images in folders (Fashion-MNIST's IDX files): the run's data digest covers them."""
-
-
-class TolerantImageFolder(datasets.ImageFolder):
-    """ImageFolder that yields None for an unreadable image instead of raising (see `decode_rgb`).
-
-    Grayscale, 16-bit and RGBA files are converted to RGB. Each class folder is walked visiting
-    every real directory once (`walk_once`), so symlink loops never hang or repeat images; the
-    symlinked folders not followed are in `loops` (one SymlinkLoops warning names them).
-    `skipped` holds the unreadable files: those whose header already fails (`header_ok`, checked
-    for every file here, without decoding), then any found while decoding.
-    """
-
-    def __init__(self, root: str, transform: transforms.Compose, *, input_size: int) -> None:
-        self.loops: list[str] = []
-        super().__init__(root, transform=transform)
-        if self.loops:
-            shown = ", ".join(self.loops[:3]) + (", …" if len(self.loops) > 3 else "")
-            warnings.warn(f"not following {len(self.loops)} symlinked folder(s) under {root} that loop or repeat a "
-                          f"folder ({shown}); remove them", SymlinkLoops)
-        self.skipped: set[str] = {path for path, _ in self.samples if not header_ok(path)}
-        self.decoded: set[int] = set()
-        """Indices `readable` has already decoded successfully (not decoded again there)."""
-        self.image_shape = (3, input_size, input_size)
-
-    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
-        """torchvision's class folders, less a symlinked one that holds the split itself (a loop,
-        added to `loops`)."""
-        split = os.path.realpath(directory)
-        names, _ = super().find_classes(directory)
-        classes = [n for n in names if not _inside(split, os.path.realpath(os.path.join(directory, n)))]
-        self.loops += [os.path.join(directory, n) for n in names if n not in classes]
-        return classes, {name: i for i, name in enumerate(classes)}
-
-    def make_dataset(  # type: ignore[override]
-        self,
-        directory: str | Path,
-        class_to_idx: dict[str, int],
-        extensions: tuple[str, ...] | None = None,
-        is_valid_file: Callable[[str], bool] | None = None,
-        allow_empty: bool = False,
-    ) -> list[tuple[str, int]]:
-        """(path, class index) of every image file, as torchvision's `make_dataset` but walking
-        each class folder with `walk_once` (the folders it does not follow go to `loops`)."""
-        valid = is_valid_file or (lambda p: datasets.folder.has_file_allowed_extension(p, extensions))
-        split = os.path.realpath(directory)
-        samples: list[tuple[str, int]] = []
-        for name in sorted(class_to_idx):
-            files, skipped = walk_once(os.path.join(directory, name), outside=split)
-            samples += [(path, class_to_idx[name]) for path in files if valid(path)]
-            self.loops += skipped
-        found = {target for _, target in samples}
-        empty = sorted(name for name, i in class_to_idx.items() if i not in found)
-        if empty and not allow_empty:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}.")
-        return samples
-
-    def _decode(self, index: int) -> Image.Image | None:
-        """Image `index` as RGB, or None (then its path is in `skipped`)."""
-        path = self.samples[index][0]
-        image = None if path in self.skipped else decode_rgb(path)
-        if image is None:
-            self.skipped.add(path)
-        return image
-
-    def readable(self, index: int) -> bool:
-        """True if image `index` decodes (an unreadable one is added to `skipped`); each image is
-        decoded here once (the scoring check and the held-out images both ask)."""
-        if index not in self.decoded and self._decode(index) is not None:
-            self.decoded.add(index)
-        return index in self.decoded
-
-    def __getitem__(self, index: int):  # type: ignore[override]
-        image = self._decode(index)
-        return None if image is None else (self.transform(image), self.targets[index])
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -211,7 +141,26 @@ def skip_none_collate(batch: list, image_shape: tuple[int, ...] = (3, 1, 1)):
     return default_collate(kept)
 
 
+def __getattr__(name: str):
+    """`TolerantImageFolder`, imported from prune.zoo.folder on first use (it subclasses torchvision's
+    ImageFolder; a run on in-memory data never imports torchvision)."""
+    if name == "TolerantImageFolder":
+        from prune.zoo.folder import TolerantImageFolder
+
+        return TolerantImageFolder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _folder_split(dataset: Dataset) -> TolerantImageFolder | None:
+    """`dataset` if it is a TolerantImageFolder, else None; prune.zoo.folder (and torchvision with it)
+    is not imported for this: until something imports it, no folder exists."""
+    folder = sys.modules.get("prune.zoo.folder")
+    return dataset if folder is not None and isinstance(dataset, folder.TolerantImageFolder) else None
+
+
 def _image_folder(root: Path, transform: transforms.Compose, input_size: int) -> TolerantImageFolder:
+    from prune.zoo.folder import TolerantImageFolder
+
     if not root.is_dir():
         raise UsageError(f"data folder {root} does not exist; --data needs train/ and val/ class folders")
     try:
@@ -372,7 +321,7 @@ def _scoring_span(data: DataBundle, cls: int, n: int, *, seed: int, indices: lis
     """(order, span, skipped): class `cls`'s seeded order; scoring reads order[:span] to find `n`
     readable images, `skipped` of them unreadable (folders only; else span = n)."""
     order = _class_order(data, cls, n, seed=seed, indices=indices)
-    folder = data.train if isinstance(data.train, TolerantImageFolder) else None
+    folder = _folder_split(data.train)
     if folder is None:
         return order, n, 0
     found = skipped = 0

@@ -34,8 +34,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchvision.datasets import FashionMNIST
-from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
 from prune.errors import UsageError, one_line
 
@@ -48,8 +46,11 @@ PREFIX = "fashion-mnist"
 """`--data` value (or `fashion-mnist:<dir>`) that selects this data set."""
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where `apt-get install dataset-fashion-mnist` puts the four IDX files."""
-CLASSES: tuple[str, ...] = tuple(FashionMNIST.classes)
-"""'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot'."""
+CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+"""The class names by label, as torchvision's `FashionMNIST.classes` (written out: the model registry
+imports this module, and a run on other data never imports torchvision)."""
 NATIVE_SIZE = 28
 MEAN: tuple[float, float, float] = (0.286,) * 3
 STD: tuple[float, float, float] = (0.353,) * 3
@@ -127,6 +128,8 @@ def _decompressed(path: Path) -> bytes:
 def _parse_idx(path: Path, file: str) -> torch.Tensor:
     """The IDX data in `file` (`path` itself or its decompressed copy), parsed by torchvision's MNIST
     reader; UsageError naming `path` if it is not an IDX file (bad magic, type or size)."""
+    from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
     try:
         return read_sn3_pascalvincent_tensor(file, strict=True)
     except (AssertionError, RuntimeError, ValueError, KeyError, EOFError, OSError) as exc:

@@ -25,15 +25,15 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torchvision
 from torch import nn
-from torchvision import transforms
 
 from prune.errors import UsageError
 from prune.zoo.transforms import DEFAULT_INTERPOLATION, IMAGENET_CROP_PCT, IMAGENET_MEAN, IMAGENET_STD, folder_transform
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torchvision and timm are imported when one of their models is looked up, not before
     from timm.models import PretrainedCfg
+    from torchvision import transforms
+    from torchvision.models import WeightsEnum
 
 Builder = Callable[[int], nn.Module]
 """num_classes → an untrained model (random init, no download)."""
@@ -228,15 +228,21 @@ _register_embedded()
 
 
 def _torchvision_names() -> list[str]:
+    import torchvision
+
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
 def _torchvision_build(name: str, num_classes: int) -> nn.Module:
+    import torchvision
+
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
 def _torchvision_weights(name: str, weights: str) -> nn.Module:
     """torchvision model `name` with the named weight set (from the torch hub cache or the network)."""
+    import torchvision
+
     try:
         return torchvision.models.get_model(name, weights=weights)
     except (ValueError, KeyError) as exc:
@@ -248,7 +254,7 @@ def _torchvision_weights(name: str, weights: str) -> nn.Module:
         ) from None
 
 
-def _torchvision_preprocessing(weights: torchvision.models.WeightsEnum | None) -> dict:
+def _torchvision_preprocessing(weights: WeightsEnum | None) -> dict:
     """ModelEntry fields input_size, mean, std, crop_pct, interpolation from the preset transform
     of `weights` (built without a download); ImageNet's convention for None (no pretrained weights)."""
     if weights is None:
@@ -264,6 +270,8 @@ def _torchvision_preprocessing(weights: torchvision.models.WeightsEnum | None) -
 def _torchvision(name: str) -> ModelEntry:
     """Input size and preprocessing (crop, interpolation, normalisation) from the preset transform of
     the model's DEFAULT weights."""
+    import torchvision
+
     default = torchvision.models.get_model_weights(name).DEFAULT
     categories = default.meta.get("categories") if default is not None else None
     return ModelEntry(

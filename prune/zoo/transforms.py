@@ -9,8 +9,10 @@ of the resized image's shorter side: 0.875 is ImageNet's 224 of 256, 1.0 no crop
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from torchvision import transforms
+if TYPE_CHECKING:  # torchvision is imported where a transform is built: a run on in-memory data never needs it
+    from torchvision import transforms
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,6 +33,8 @@ def resize_side(input_size: int, crop_pct: float) -> int:
 def interpolation_mode(name: str) -> transforms.InterpolationMode:
     """torchvision's InterpolationMode for a timm / torchvision name ('bilinear', 'bicubic', ...);
     ValueError for an unknown one."""
+    from torchvision import transforms
+
     return transforms.InterpolationMode(name)
 
 
@@ -42,6 +46,8 @@ def folder_transform(
     with `interpolation`, center-crop s, normalise `(x - mean) / std` (defaults: ImageNet's convention).
     An image whose shorter side is already the resize side is not resampled (crop_pct 1.0 on s² images
     is the identity before normalisation)."""
+    from torchvision import transforms
+
     return transforms.Compose(
         [
             transforms.Resize(resize_side(input_size, crop_pct), interpolation=interpolation_mode(interpolation)),
