@@ -15,15 +15,26 @@ import torch
 from torch import nn
 
 
+class _NoSavedTensors(RuntimeError):
+    """A backward ran inside the traced forward (a model that calls autograd itself)."""
+
+
 def _no_saved_tensor(_: object) -> torch.Tensor:
-    raise RuntimeError("the dependency graph's trace keeps no tensors for a backward")
+    raise _NoSavedTensors("the dependency graph's trace keeps no tensors for a backward")
 
 
 def dependency_graph(model: nn.Module, example_inputs: torch.Tensor, ignored: Sequence[nn.Module] = ()) -> Any:
-    """torch-pruning's DependencyGraph of `model` traced on `example_inputs` (grad enabled,
-    no saved activations kept)."""
+    """torch-pruning's DependencyGraph of `model` traced on `example_inputs` (grad enabled, no
+    saved activations kept; traced again keeping them if the forward runs a backward itself)."""
     import torch_pruning as tp
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda _: None, _no_saved_tensor):
+    def build() -> Any:
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
                                                      ignored_layers=list(ignored), verbose=False)
+
+    with torch.enable_grad():
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda _: None, _no_saved_tensor):
+                return build()
+        except _NoSavedTensors:
+            return build()

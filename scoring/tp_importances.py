@@ -91,9 +91,12 @@ class TPScorer(Scorer):
             self._example = batch.images[:1]
 
     def importance(self) -> Any:
-        """A fresh `tp.importance.<criterion>` with this scorer's options."""
+        """A fresh `tp.importance.<criterion>` with this scorer's options (through `_Bounded` where
+        large slices have a chunked form)."""
         import torch_pruning as tp
 
+        if self.criterion in LARGE_SLICE:
+            return _Bounded(self.criterion, **self.options)
         return getattr(tp.importance, self.criterion)(**self.options)
 
     def prepare(self) -> dict[str, torch.Tensor]:
@@ -148,77 +151,99 @@ class TPLamp(TPScorer):
           description="torch-pruning FPGM: summed distance of |w|² filters to the others (He et al. 2019)")
 class TPFPGM(TPScorer):
     """`FPGMImportance`: mean over the group's conv slices of Σ_j ‖|F_i|² − |F_j|²‖₂ (no BatchNorm);
-    [C], higher = keep (far from the geometric median). Where a slice has more than `CDIST_ROWS`
-    rows (VGG16's last group: the classifier's 25,088 inputs, whose n × n distance matrix and its
-    absolute value torch-pruning holds at once: 5 GB) its distance sums are taken in chunks of rows
-    (`_distance_sums`); smaller slices go through torch-pruning untouched."""
+    [C], higher = keep (far from the geometric median). A large slice (VGG16's last group: the
+    classifier's 25,088 inputs, whose n × n distance matrix torch-pruning holds twice: 5 GB) is
+    squared and its distance sums taken in chunks (`_Bounded`, equal within float rounding);
+    every other slice goes through torch-pruning itself."""
 
     criterion = "FPGMImportance"
 
-    def importance(self) -> Any:
-        return _ChunkedFPGM(**self.options)
-
 
 CDIST_ROWS = 4096
-"""Rows of a slice above which tp-fpgm squares it and sums its distances in chunks (its distance
-matrix would pass 64 MiB)."""
+"""Rows of a slice above which tp-fpgm sums its distances in chunks (its distance matrix would
+pass 64 MiB)."""
 CHUNK_BYTES = 64 * 2**20
-"""Most bytes of one chunk of a slice or of its distances."""
+"""Most bytes of one chunk of a slice or of its distances; a slice above it is large."""
 
 
-class _ChunkedFPGM:
-    """torch-pruning's `FPGMImportance(**options)` with bounded memory: its loop over the group's
-    Conv/Linear slices (`_squared_slice`), the distance column sums of each (`_distance_sums`), then
-    its own reduction and normaliser. A slice of more than `CDIST_ROWS` rows (VGG16's last group:
-    the classifier's 25,088 inputs × 4,096) is squared and summed in chunks, where torch-pruning
-    holds three copies of it (1.2 GB) and its n × n distance matrix twice (5 GB); smaller slices
-    get torch-pruning's exact operations (equal scores: tests)."""
+class _Bounded:
+    """torch-pruning's `<criterion>(**options)` with bounded memory. Each item of the group goes
+    through torch-pruning on its own (its exact operations), except a large Conv/Linear weight
+    slice (above `CHUNK_BYTES`, or above `CDIST_ROWS` rows for FPGM; VGG16's last group: the
+    classifier's 25,088 inputs × 4,096, 0.4 GB), which `LARGE_SLICE[criterion]` computes in chunks
+    where torch-pruning holds two or three whole copies of it (and FPGM its n × n distances);
+    then torch-pruning's own reduction and normaliser over the items' entries, in group order."""
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, criterion: str, **options: Any) -> None:
         import torch_pruning as tp
 
-        self._importance = tp.importance.FPGMImportance(**options)
+        cls = getattr(tp.importance, criterion)
+        self._importance = cls(**options)
+        self._entries = type(f"Entries{criterion}", (cls,), {
+            "_reduce": lambda _self, imps, roots: (imps, roots), "_normalize": lambda _self, x, _how: x})(**options)
+        self._large = LARGE_SLICE[criterion]
 
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
-        imp = self._importance
-        sums, roots = [], []
-        for i, (dep, idxs) in enumerate(group):
-            local = _squared_slice(imp, dep.layer, dep.pruning_fn, idxs)
+        imp, imps, roots = self._importance, [], []
+        for i in range(len(group)):
+            item = group[i]
+            local = self._large(imp, item.dep.layer, item.dep.pruning_fn, item.idxs)
             if local is not None:
-                sums.append(_distance_sums(local))
-                roots.append(group[i].root_idxs)
-        if not sums:
+                imps.append(local)
+                roots.append(item.root_idxs)
+            elif (found := self._entries([item])) is not None:  # torch-pruning's entries for this item
+                imps += found[0]
+                roots += found[1]
+        if not imps:
             return None
-        return imp._normalize(imp._reduce(sums, roots), imp.normalizer)
+        return imp._normalize(imp._reduce(imps, roots), imp.normalizer)
 
 
-def _squared_slice(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
-    """|w|^p [len(idxs), d] of the rows of `layer`'s weight that `prune_fn` removes with `idxs` (as
-    FPGMImportance flattens them), None where FPGM reads nothing (BatchNorm, other functions)."""
+def _weight_rows(imp: Any, layer: nn.Module, prune_fn: Any) -> torch.Tensor | None:
+    """The weight of `layer` as the rows that `prune_fn` removes ([channels, ...], a view), as
+    torch-pruning's magnitude criteria read them; None where they read something else (BatchNorm,
+    grouped convs' inputs, other functions)."""
     from torch_pruning.pruner import function
 
     if not isinstance(layer, tuple(imp.target_types)):
         return None
     transposed = getattr(layer, "transposed", False)
-    w = layer.weight.data
     if prune_fn in (function.prune_conv_out_channels, function.prune_linear_out_channels):
-        rows = w.transpose(1, 0) if transposed else w
-    elif prune_fn in (function.prune_conv_in_channels, function.prune_linear_in_channels):
-        rows = w if transposed else w.transpose(0, 1)
+        return layer.weight.data.transpose(1, 0) if transposed else layer.weight.data
+    if prune_fn in (function.prune_conv_in_channels, function.prune_linear_in_channels):
         if prune_fn == function.prune_conv_in_channels and layer.groups not in (1, layer.in_channels):
-            return rows.flatten(1).abs().pow(imp.p).repeat(layer.groups)[idxs]  # torch-pruning's own steps
-    else:
-        return None
-    if len(idxs) <= CDIST_ROWS:
-        return rows[idxs].flatten(1).abs().pow(imp.p)
-    width = rows[0].numel()
-    out = torch.empty(len(idxs), width, dtype=w.dtype, device=w.device)
-    step = max(1, CHUNK_BYTES // (width * w.element_size()))
+            return None
+        return layer.weight.data if transposed else layer.weight.data.transpose(0, 1)
+    return None  # a norm layer (its weight may be None) or another function: torch-pruning's own
+
+
+def _chunked_rows(rows: torch.Tensor, idxs: Sequence[int], reduce: Any) -> torch.Tensor:
+    """`reduce(|rows[idxs]|.flatten(1))` [len(idxs), ...], made `CHUNK_BYTES` of rows at a time."""
+    step = max(1, CHUNK_BYTES // (rows[0].numel() * rows.element_size()))
+    out = None
     for start in range(0, len(idxs), step):
-        part = torch.as_tensor(idxs[start:start + step], device=w.device)
-        out[start:start + step] = rows[part].flatten(1).abs().pow(imp.p)
+        part = reduce(rows[torch.as_tensor(idxs[start:start + step], device=rows.device)].flatten(1).abs())
+        if out is None:
+            out = part.new_empty((len(idxs), *part.shape[1:]))
+        out[start:start + len(part)] = part
     return out
+
+
+def _large_magnitude(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+    """Σ|w|^p of each row of a large slice (torch-pruning's Conv/Linear magnitude), else None."""
+    rows = _weight_rows(imp, layer, prune_fn)
+    if rows is None or len(idxs) * rows[0].numel() * rows.element_size() <= CHUNK_BYTES:
+        return None
+    return _chunked_rows(rows, idxs, lambda x: x.pow(imp.p).sum(1))
+
+
+def _large_fpgm(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+    """FPGM's distance sums of the |w|^p rows of a large slice (`_distance_sums`), else None."""
+    rows = _weight_rows(imp, layer, prune_fn)
+    if rows is None or (len(idxs) <= CDIST_ROWS and len(idxs) * rows[0].numel() * rows.element_size() <= CHUNK_BYTES):
+        return None
+    return _distance_sums(_chunked_rows(rows, idxs, lambda x: x.pow(imp.p)))
 
 
 def _distance_sums(x: torch.Tensor) -> torch.Tensor:
@@ -229,19 +254,24 @@ def _distance_sums(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
     if n <= CDIST_ROWS:
         return torch.sum(torch.abs(torch.cdist(x.unsqueeze(0), x.unsqueeze(0), p=2).squeeze(0)), dim=0)
-    rows = max(1, CHUNK_BYTES // (n * x.element_size()))
-    parts = [slice(start, start + rows) for start in range(0, n, rows)]
-    # preallocated and reused: a fresh temporary per chunk leaves a heap hole per chunk (glibc)
-    squares, norms = torch.empty(rows, x.shape[1], dtype=x.dtype, device=x.device), x.new_empty(n)
-    for part in parts:
-        chunk = x[part]
-        torch.sum(torch.square(chunk, out=squares[: len(chunk)]), dim=1, out=norms[part])
+    # buffers preallocated and reused: a fresh temporary per chunk leaves a heap hole per chunk (glibc)
+    step = max(1, CHUNK_BYTES // (x.shape[1] * x.element_size()))
+    squares, norms = x.new_empty(min(step, n), x.shape[1]), x.new_empty(n)
+    for start in range(0, n, step):
+        chunk = x[start:start + step]
+        torch.sum(torch.square(chunk, out=squares[: len(chunk)]), dim=1, out=norms[start:start + step])
     del squares
+    rows = max(1, CHUNK_BYTES // (n * x.element_size()))
     sums, distances = x.new_zeros(n), x.new_empty(rows, n)
-    for part in parts:
+    for part in (slice(start, start + rows) for start in range(0, n, rows)):
         squared = torch.add(norms[part, None], norms, out=distances[: len(norms[part])])
         sums += squared.addmm_(x[part], x.T, alpha=-2).clamp_min_(0).sqrt_().sum(dim=0)
     return sums
+
+
+LARGE_SLICE = {"GroupMagnitudeImportance": _large_magnitude, "LAMPImportance": _large_magnitude,
+               "FPGMImportance": _large_fpgm}
+"""The criteria whose large slices `_Bounded` computes in chunks, and how."""
 
 
 @register("tp-bnscale", needs_data=False,

@@ -53,3 +53,23 @@ def test_the_graph_still_groups_a_conv_with_its_consumer() -> None:
     group.prune()
     assert model[0].out_channels == 6 and model[2].in_channels == 6
     assert model(torch.zeros(1, 3, 6, 6)).shape == (1, 2)
+
+
+class _GradientInForward(nn.Module):
+    """A conv whose forward also takes a gradient of its own output (as gradient-based layers do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        (g,) = torch.autograd.grad(y.square().sum(), y, create_graph=True)
+        return self.head(y + 0 * g)
+
+
+def test_a_model_that_runs_a_backward_in_its_forward_is_still_traced() -> None:
+    model = _GradientInForward()
+    graph = dependency_graph(model, torch.rand(1, 3, 5, 5))
+    group = graph.get_pruning_group(model.conv, tp.prune_conv_out_channels, idxs=[0])
+    assert model.head in {item.dep.target.module for item in group}

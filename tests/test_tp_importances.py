@@ -140,7 +140,7 @@ def test_fpgm_squares_and_sums_large_slices_in_chunks_as_torch_pruning_would(mon
     spec = LayerSpec(model=net, conv=net[0], name="0", example=torch.zeros(1, 3, 6, 6))
     group = tp_importances.pruning_group(spec, spec.example)
     expected = tp.importance.FPGMImportance(normalizer=None)(group)
-    assert torch.equal(tp_importances._ChunkedFPGM(normalizer=None)(group), expected)
+    assert torch.equal(tp_importances._Bounded("FPGMImportance", normalizer=None)(group), expected)
     monkeypatch.setattr(tp_importances, "CDIST_ROWS", 16)
     monkeypatch.setattr(tp_importances, "CHUNK_BYTES", 10 * 144 * 4)
     got = create("tp-fpgm")(spec)
@@ -153,6 +153,40 @@ def test_fpgm_squares_and_sums_large_slices_in_chunks_as_torch_pruning_would(mon
     by_channel = column_sums(b).reshape(4, 36).sum(dim=1)  # scatter-added onto the 4 root channels
     torch.testing.assert_close(got, (column_sums(a) + by_channel).float() / 2, rtol=1e-5, atol=0)
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("criterion, options", [("GroupMagnitudeImportance", {"p": 2, "normalizer": None}),
+                                                ("LAMPImportance", {"p": 2})])
+def test_magnitude_criteria_of_large_slices_in_chunks_equal_torch_prunings_bit_for_bit(
+        criterion: str, options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conv → BatchNorm → conv → Linear net with every slice forced "large" (chunks of 3 rows):
+    the chunked row sums give torch-pruning's own scores exactly, for the conv's group and the last's."""
+    from scoring import tp_importances
+
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 3)).eval()
+    monkeypatch.setattr(tp_importances, "CHUNK_BYTES", 3 * 8 * 9 * 4)
+    for conv in (net[0], net[3]):
+        spec = LayerSpec(model=net, conv=conv, name="c", example=torch.zeros(1, 3, 5, 5))
+        group = tp_importances.pruning_group(spec, spec.example)
+        assert any(tp_importances._large_magnitude(tp.importance.GroupMagnitudeImportance(), item.dep.layer,
+                                                   item.dep.pruning_fn, item.idxs) is not None for item in group)
+        expected = getattr(tp.importance, criterion)(**options)(group)
+        assert torch.equal(tp_importances._Bounded(criterion, **options)(group), expected)
+
+
+@pytest.mark.parametrize("name", ["tp-fpgm", "tp-magnitude", "tp-lamp"])
+def test_weight_criteria_skip_a_norm_layer_without_weights_as_torch_pruning_does(name: str) -> None:
+    torch.manual_seed(5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+                        nn.Conv2d(8, 4, 3, padding=1)).eval()
+    spec = LayerSpec(model=net, conv=net[0], name="0", example=torch.zeros(1, 3, 6, 6))
+    criterion = {"tp-fpgm": "FPGMImportance", "tp-magnitude": "GroupMagnitudeImportance", "tp-lamp": "LAMPImportance"}[name]
+    from scoring import tp_importances
+
+    expected = getattr(tp.importance, criterion)(**create(name).options)(tp_importances.pruning_group(spec, spec.example))
+    assert torch.equal(create(name)(spec), expected.float())
 
 
 def test_bnscale_is_the_absolute_batchnorm_scale() -> None:
