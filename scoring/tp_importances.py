@@ -200,30 +200,35 @@ class _Bounded:
         return imp._normalize(imp._reduce(imps, roots), imp.normalizer)
 
 
-def _weight_rows(imp: Any, layer: nn.Module, prune_fn: Any) -> torch.Tensor | None:
-    """The weight of `layer` as the rows that `prune_fn` removes ([channels, ...], a view), as
-    torch-pruning's magnitude criteria read them; None where they read something else (BatchNorm,
-    grouped convs' inputs, other functions)."""
+def _weight_rows(imp: Any, layer: nn.Module, prune_fn: Any, of: str = "data") -> torch.Tensor | None:
+    """The weight of `layer` (`of` "data", or "grad" for its gradient) as the rows that `prune_fn`
+    removes ([channels, ...], a view), as torch-pruning's criteria read them; None where they read
+    something else (BatchNorm, grouped convs' inputs, biases, other functions) or it is missing."""
     from torch_pruning.pruner import function
 
-    if not isinstance(layer, tuple(imp.target_types)):
+    if not isinstance(layer, tuple(imp.target_types)) or getattr(imp, "bias", False):
         return None
     transposed = getattr(layer, "transposed", False)
+    w = getattr(layer.weight, of) if prune_fn in (
+        function.prune_conv_out_channels, function.prune_linear_out_channels,
+        function.prune_conv_in_channels, function.prune_linear_in_channels) else None
+    if w is None:  # a norm layer (its weight may be None), another function, or no gradient
+        return None
     if prune_fn in (function.prune_conv_out_channels, function.prune_linear_out_channels):
-        return layer.weight.data.transpose(1, 0) if transposed else layer.weight.data
-    if prune_fn in (function.prune_conv_in_channels, function.prune_linear_in_channels):
-        if prune_fn == function.prune_conv_in_channels and layer.groups not in (1, layer.in_channels):
-            return None
-        return layer.weight.data if transposed else layer.weight.data.transpose(0, 1)
-    return None  # a norm layer (its weight may be None) or another function: torch-pruning's own
+        return w.transpose(1, 0) if transposed else w
+    if prune_fn == function.prune_conv_in_channels and layer.groups not in (1, layer.in_channels):
+        return None
+    return w if transposed else w.transpose(0, 1)
 
 
-def _chunked_rows(rows: torch.Tensor, idxs: Sequence[int], reduce: Any) -> torch.Tensor:
-    """`reduce(|rows[idxs]|.flatten(1))` [len(idxs), ...], made `CHUNK_BYTES` of rows at a time."""
+def _chunked_rows(rows: torch.Tensor, idxs: Sequence[int], reduce: Any, *more: torch.Tensor) -> torch.Tensor:
+    """`reduce(rows[idxs].flatten(1), *(m[idxs].flatten(1) for m in more))` [len(idxs), ...], made
+    `CHUNK_BYTES` of rows at a time."""
     step = max(1, CHUNK_BYTES // (rows[0].numel() * rows.element_size()))
     out = None
     for start in range(0, len(idxs), step):
-        part = reduce(rows[torch.as_tensor(idxs[start:start + step], device=rows.device)].flatten(1).abs())
+        take = torch.as_tensor(idxs[start:start + step], device=rows.device)
+        part = reduce(rows[take].flatten(1), *(m[take].flatten(1) for m in more))
         if out is None:
             out = part.new_empty((len(idxs), *part.shape[1:]))
         out[start:start + len(part)] = part
@@ -235,7 +240,7 @@ def _large_magnitude(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[i
     rows = _weight_rows(imp, layer, prune_fn)
     if rows is None or len(idxs) * rows[0].numel() * rows.element_size() <= CHUNK_BYTES:
         return None
-    return _chunked_rows(rows, idxs, lambda x: x.pow(imp.p).sum(1))
+    return _chunked_rows(rows, idxs, lambda x: x.abs().pow(imp.p).sum(1))
 
 
 def _large_fpgm(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
@@ -243,7 +248,7 @@ def _large_fpgm(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) 
     rows = _weight_rows(imp, layer, prune_fn)
     if rows is None or (len(idxs) <= CDIST_ROWS and len(idxs) * rows[0].numel() * rows.element_size() <= CHUNK_BYTES):
         return None
-    return _distance_sums(_chunked_rows(rows, idxs, lambda x: x.pow(imp.p)))
+    return _distance_sums(_chunked_rows(rows, idxs, lambda x: x.abs().pow(imp.p)))
 
 
 def _distance_sums(x: torch.Tensor) -> torch.Tensor:
@@ -269,8 +274,18 @@ def _distance_sums(x: torch.Tensor) -> torch.Tensor:
     return sums
 
 
+def _large_taylor(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+    """Σ|w·g| (Σ(w·g) in absolute value when multivariable) of each row of a large slice, else None."""
+    rows, grads = _weight_rows(imp, layer, prune_fn), _weight_rows(imp, layer, prune_fn, of="grad")
+    if rows is None or grads is None or len(idxs) * rows[0].numel() * rows.element_size() <= CHUNK_BYTES:
+        return None
+    if imp.multivariable:
+        return _chunked_rows(rows, idxs, lambda w, g: (w * g).sum(1).abs(), grads)
+    return _chunked_rows(rows, idxs, lambda w, g: (w * g).abs().sum(1), grads)
+
+
 LARGE_SLICE = {"GroupMagnitudeImportance": _large_magnitude, "LAMPImportance": _large_magnitude,
-               "FPGMImportance": _large_fpgm}
+               "FPGMImportance": _large_fpgm, "GroupTaylorImportance": _large_taylor}
 """The criteria whose large slices `_Bounded` computes in chunks, and how."""
 
 

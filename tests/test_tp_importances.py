@@ -156,17 +156,22 @@ def test_fpgm_squares_and_sums_large_slices_in_chunks_as_torch_pruning_would(mon
 
 
 @pytest.mark.parametrize("criterion, options", [("GroupMagnitudeImportance", {"p": 2, "normalizer": None}),
-                                                ("LAMPImportance", {"p": 2})])
-def test_magnitude_criteria_of_large_slices_in_chunks_equal_torch_prunings_bit_for_bit(
+                                                ("LAMPImportance", {"p": 2}),
+                                                ("GroupTaylorImportance", {"normalizer": None}),
+                                                ("GroupTaylorImportance", {"normalizer": None, "multivariable": True})])
+def test_weight_criteria_of_large_slices_in_chunks_equal_torch_prunings_bit_for_bit(
         criterion: str, options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """A conv → BatchNorm → conv → Linear net with every slice forced "large" (chunks of 3 rows):
-    the chunked row sums give torch-pruning's own scores exactly, for the conv's group and the last's."""
+    the chunked row sums (of |w|², of |w·g|) give torch-pruning's own scores exactly, for the conv's
+    group and the last's."""
     from scoring import tp_importances
 
     torch.manual_seed(4)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1),
                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 3)).eval()
     monkeypatch.setattr(tp_importances, "CHUNK_BYTES", 3 * 8 * 9 * 4)
+    for param in net.parameters():
+        param.grad = torch.randn_like(param)  # what Taylor reads
     for conv in (net[0], net[3]):
         spec = LayerSpec(model=net, conv=conv, name="c", example=torch.zeros(1, 3, 5, 5))
         group = tp_importances.pruning_group(spec, spec.example)
