@@ -53,7 +53,10 @@ from scoring.registry import register
 from scoring.tp_importances import _held
 
 FORWARD_BATCH = 16
-"""Images per forward pass when a class is scored (fixed, so the passes never depend on chunking)."""
+"""Most images per forward pass when a class is scored (never dependent on chunking)."""
+FORWARD_BYTES = 32 * 2**20
+"""Most bytes of the largest tensor of one such pass (as the pipeline's chunks): fewer images a
+pass where one image's largest tensor passes FORWARD_BYTES / FORWARD_BATCH (VGG16 at 224²: 2)."""
 PROBE_SIZES = (32, 64, 224)
 """Input sides `check` tries, smallest first, to trace a model it has no input for."""
 
@@ -153,6 +156,23 @@ def discard_order(gram: torch.Tensor, first: Iterable[int] = ()) -> list[int]:
     return order
 
 
+def forward_batch(model: nn.Module, consumers: list[Consumer], image: torch.Tensor) -> int:
+    """Images per forward pass for `model` up to its `consumers`: FORWARD_BATCH, fewer where the
+    largest tensor the pass makes for `image` [1, 3, H, W] times FORWARD_BATCH passes FORWARD_BYTES."""
+    largest = [1]
+
+    def record(_m: nn.Module, _i: tuple, out: object) -> None:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                largest[0] = max(largest[0], t.numel() * t.element_size())
+
+    with ExitStack() as stack, _reading(consumers):
+        for m in model.modules():
+            stack.callback(m.register_forward_hook(record).remove)
+        run_until_stopped(model, image)
+    return max(1, min(FORWARD_BATCH, FORWARD_BYTES // largest[0]))
+
+
 @contextmanager
 def _reading(consumers: list[Consumer]) -> Iterator[dict[nn.Module, torch.Tensor]]:
     """Inside: a forward (run with `run_until_stopped`) records the first input of every consumer
@@ -227,6 +247,7 @@ class ThiNetScorer(PerClassSums):
     def reset(self, layer: LayerSpec) -> None:
         super().reset(layer)
         self._consumers: list[Consumer] | None = None
+        self._batch: int | None = None
         self._alive = torch.zeros(layer.num_channels, dtype=torch.float64)
 
     def per_image(self, batch: ClassBatch) -> torch.Tensor:
@@ -257,8 +278,10 @@ class ThiNetScorer(PerClassSums):
         starts = torch.tensor([0] + [k.outputs for k in consumers]).cumsum(0)
         gram = torch.zeros(c, c, dtype=torch.float64)
         with eval_mode(model):
-            for begin in range(0, n, FORWARD_BATCH):
-                part = stats[begin:begin + FORWARD_BATCH]
+            if self._batch is None:
+                self._batch = forward_batch(model, consumers, stats[:1].to(model_device(model)))
+            for begin in range(0, n, self._batch):
+                part = stats[begin:begin + self._batch]
                 with _reading(consumers) as seen:
                     run_until_stopped(model, part.to(model_device(model)))
                 image = torch.arange(len(part))[:, None].expand(-1, self.samples).reshape(-1)
