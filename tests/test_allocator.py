@@ -43,3 +43,21 @@ def held_mib(mode: str) -> float:
 def test_freed_tensors_go_back_to_the_system_when_released() -> None:
     assert held_mib("release") < 20  # the last tensor (8 MiB) and small change
     assert held_mib("keep") > 100  # without it the 19 freed blocks stay resident: the test can fail
+
+
+def test_releases_come_at_most_once_an_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prune.core import allocator
+
+    calls = []
+
+    class FakeLibc:
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(pad)
+            return 1
+
+    clock = iter([100.0, 100.1, 100.3, 100.4])
+    monkeypatch.setattr(allocator, "_glibc", lambda: FakeLibc())
+    monkeypatch.setattr(allocator.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(allocator, "_last_release", [float("-inf")])
+    assert [allocator.release_freed_memory() for _ in range(4)] == [True, False, True, False]
+    assert calls == [0, 0]

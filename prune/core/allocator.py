@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
+import time
 
 
 @functools.cache
@@ -29,8 +30,20 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
+MIN_INTERVAL_S = 0.25
+"""Least seconds between two releases: a chunk of 224² maps takes longer than that to score, so
+each is followed by one; the embedded default's chunks (tens of ms) mostly are not (a release makes
+the next allocations fault their pages in again: about 0.5 s of its 3 s of scoring when done
+after every chunk)."""
+_last_release = [float("-inf")]
+
+
 def release_freed_memory() -> bool:
-    """Return the freed pages of every malloc arena to the system (glibc's `malloc_trim(0)`);
-    True if any were returned, False where there is nothing to call (not glibc)."""
-    libc = _glibc()
-    return libc is not None and libc.malloc_trim(0) == 1
+    """Return the freed pages of every malloc arena to the system (glibc's `malloc_trim(0)`), at
+    most once every `MIN_INTERVAL_S`; True if any were returned, False where nothing was called
+    (not glibc, or too soon after the last release) or nothing was free."""
+    libc, now = _glibc(), time.monotonic()
+    if libc is None or now - _last_release[0] < MIN_INTERVAL_S:
+        return False
+    _last_release[0] = now
+    return libc.malloc_trim(0) == 1
