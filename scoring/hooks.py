@@ -63,3 +63,17 @@ def capture(module: nn.Module, *, inputs: bool = False) -> Iterator[list[torch.T
         yield seen
     finally:
         handle.remove()
+
+
+@contextmanager
+def largest_output(model: nn.Module) -> Iterator[list[int]]:
+    """Inside, `box[0]` is the size in bytes of the largest tensor any module of `model` output."""
+    box = [0]
+
+    def record(_m: nn.Module, _i: tuple, out: object) -> None:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                box[0] = max(box[0], t.numel() * t.element_size())
+
+    with forward_hooks(model.modules(), record):
+        yield box

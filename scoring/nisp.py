@@ -3,7 +3,8 @@
 1. Score the F features that feed the model's classifier (the input of its last nn.Linear)
    with Infinite Feature Selection, Inf-FS (Roffo et al. 2015), over every class batch given.
 2. Propagate the scores back to the scored conv's output channels with s_k = |W_{k+1}|ᵀ s_{k+1}
-   (paper Eq. 14), as a vector–Jacobian product through a linearised absolute copy of the model.
+   (paper Eq. 14), as a vector–Jacobian product through a linearised absolute copy of the model
+   (float32; float64 where a product of |W| overflows float32).
 
 Linearised copy (choices):
 - conv / linear: weight |W|, bias 0;
@@ -21,13 +22,14 @@ model's forward() also pass scores through; functional max pooling is not linear
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec
 from scoring.chunked import ChunkedScorer
-from scoring.hooks import capture, run_until_stopped
+from scoring.hooks import capture, largest_output, run_until_stopped
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 
@@ -37,13 +39,29 @@ _IDENTITY_MODULES = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
 )  # fmt: skip
+PASS_BYTES = 32 * 2**20
+"""Most bytes of the largest tensor of one forward pass to the classifier (as ThiNet's passes)."""
+BLOCK_BYTES = 32 * 2**20
+"""Most bytes of one float64 block of a linear layer's |W| in the linearised copy."""
 
 
 # ---------------------------------------------------------------- Inf-FS (Roffo et al. 2015)
 
 
 def average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Column-wise ranks of [N, F] starting at 1, ties get their average rank → [N, F]."""
+    """Column-wise ranks of [N, F] starting at 1, ties get their average rank → [N, F] float64.
+
+    A block of columns at a time (their ranks are independent), so that the sort's indices and
+    the block bounds are held for one block, not for all F columns."""
+    ranks = torch.empty(x.shape, dtype=torch.float64, device=x.device)
+    columns = max(1, BLOCK_BYTES // (8 * 8 * max(x.shape[0], 1)))  # ~8 temporaries per block
+    for start in range(0, x.shape[1], columns):
+        ranks[:, start : start + columns] = _column_ranks(x[:, start : start + columns])
+    return ranks
+
+
+def _column_ranks(x: torch.Tensor) -> torch.Tensor:
+    """`average_ranks` of one block of columns [N, f] → [N, f] float64."""
     n = x.shape[0]
     values, order = x.sort(dim=0, stable=True)
     pos = torch.arange(n, dtype=torch.float64, device=x.device).unsqueeze(1).expand_as(values)
@@ -59,12 +77,22 @@ def average_ranks(x: torch.Tensor) -> torch.Tensor:
 
 
 def correlation_matrix(x: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of the columns of [N, F] → [F, F]; constant columns give 0."""
+    """Pearson correlation of the columns of [N, F] → [F, F]; constant columns give 0.
+
+    Normalised in place, a block of rows at a time (F = 4,096: one F×F matrix held, not four)."""
     centred = x - x.mean(dim=0)
     centred[:, (x == x[0]).all(dim=0)] = 0.0  # exact zeros, not rounding noise
     norms = centred.norm(dim=0)
-    corr = (centred.T @ centred) / torch.outer(norms, norms)
-    return torch.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)
+    corr = centred.T @ centred
+    for rows in _row_slices(corr):
+        corr[rows] /= torch.outer(norms[rows], norms)
+    return corr.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _row_slices(matrix: torch.Tensor) -> list[slice]:
+    """Slices of at most BLOCK_BYTES of rows of `matrix` [R, K]."""
+    rows = max(1, BLOCK_BYTES // (matrix.element_size() * max(matrix.shape[1], 1)))
+    return [slice(i, i + rows) for i in range(0, matrix.shape[0], rows)]
 
 
 def inf_fs_scores(
@@ -75,7 +103,8 @@ def inf_fs_scores(
     σ_ij = max(σ_i, σ_j), σ the per-feature std, min–max normalised over the matrix;
     c_ij = 1 − |corr_ij| (Spearman, or Pearson), undefined corr → 0;
     a_ij = α σ_ij + (1 − α) c_ij (diagonal included, as the authors' code);
-    r = 0.9 / ρ(A); S = (I − rA)^{-1} − I = Σ_{l≥1} (rA)^l; score = S · 1. F×F, float64.
+    r = 0.9 / ρ(A); S = (I − rA)^{-1} − I = Σ_{l≥1} (rA)^l; score = S · 1. F×F, float64, built in
+    place (one F×F matrix and blocks, bit-identical to the plain formulas).
     """
     if correlation not in ("spearman", "pearson"):
         raise ValueError(f"correlation must be 'spearman' or 'pearson', got {correlation!r}")
@@ -85,17 +114,18 @@ def inf_fs_scores(
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"Inf-FS needs features [N >= 2, F], got {list(x.shape)}")
     std = x.std(dim=0)
-    sigma = torch.maximum(std.unsqueeze(0), std.unsqueeze(1))
-    sigma = torch.nan_to_num((sigma - sigma.min()) / (sigma.max() - sigma.min()), nan=0.0)
+    # min-max normalising is monotone, so the normalised max(σ_i, σ_j) is the max of normalised σ
+    spread = torch.nan_to_num((std - std.min()) / (std.max() - std.min()), nan=0.0)
     ranked = average_ranks(x) if correlation == "spearman" else x
-    corr = 1.0 - correlation_matrix(ranked).abs()
-    a = alpha * sigma + (1.0 - alpha) * corr
+    a = correlation_matrix(ranked).abs_().neg_().add_(1.0).mul_(1.0 - alpha)  # (1 − α)(1 − |corr|)
+    for rows in _row_slices(a):
+        a[rows] += torch.maximum(spread[rows].unsqueeze(1), spread.unsqueeze(0)).mul_(alpha)
     rho = torch.linalg.eigvalsh(a).abs().max()
     ones = torch.ones(a.shape[0], 1, dtype=torch.float64, device=a.device)
     if rho <= 0:
         return torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
-    eye = torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
-    return (torch.linalg.solve(eye - (0.9 / rho) * a, ones) - ones).squeeze(1)
+    a.mul_(0.9 / rho).neg_().diagonal().add_(1.0)  # I − rA
+    return (torch.linalg.solve(a, ones) - ones).squeeze(1)
 
 
 # ---------------------------------------------------------------- score propagation
@@ -112,9 +142,48 @@ class _ChannelScale(nn.Module):
         return x * self.scale.reshape(1, -1, *([1] * (x.ndim - 2)))
 
 
+class _AbsMatmul(torch.autograd.Function):
+    """x [..., in] → x |W|ᵀ [..., out] in x's dtype for a weight W [out, in] of any dtype, forward
+    and backward in blocks of rows of W, so that no copy of W in x's dtype is made whole."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight = weight
+        return torch.cat([x @ block.abs().to(x.dtype).T for block in _row_blocks(weight)], dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        out = torch.zeros(*grad.shape[:-1], ctx.weight.shape[1], dtype=grad.dtype, device=grad.device)
+        start = 0
+        for block in _row_blocks(ctx.weight):
+            out += grad[..., start:start + len(block)] @ block.abs().to(grad.dtype)
+            start += len(block)
+        return out, None
+
+
+def _row_blocks(weight: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of `weight` [out, in] in blocks (views) of at most BLOCK_BYTES in float64."""
+    rows = max(1, BLOCK_BYTES // (8 * max(weight.shape[1], 1)))
+    return list(weight.split(rows))
+
+
+class _AbsLinear(nn.Module):
+    """A linear map by |W|, no bias, of the model's own weight W [out, in] (held, not copied:
+    a plain attribute, so `.to()` on the copy leaves the model's weight as it is)."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.weight_of_model = weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _AbsMatmul.apply(x, self.weight_of_model)
+
+
 def _linear_counterpart(module: nn.Module) -> nn.Module | None:
     """A replacement for `module` in the linearised copy, or None to keep it (maybe edited)."""
-    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+    if isinstance(module, nn.Linear):
+        return _AbsLinear(module.weight.detach())
+    if isinstance(module, nn.modules.conv._ConvNd):
         module.weight.data.abs_()
         if module.bias is not None:
             module.bias.data.zero_()
@@ -139,10 +208,13 @@ def _linear_counterpart(module: nn.Module) -> nn.Module | None:
     return None
 
 
-def linearised_copy(model: nn.Module) -> nn.Module:
-    """A float64 eval-mode deep copy of `model` made linear with |W| (see the module doc)."""
+def linearised_copy(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """An eval-mode copy of `model` in `dtype` made linear with |W| (see the module doc), with no
+    parameter that requires grad. Its linear layers read the model's own weights (`_AbsLinear`)
+    instead of holding copies: VGG16's classifier alone would be 0.8 GB more in float64."""
     device = model_device(model)
-    net = copy.deepcopy(model).eval()
+    shared = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
+    net = copy.deepcopy(model, memo=dict(shared)).eval()  # the linear weights are not copied
     for module in net.modules():
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
@@ -151,12 +223,14 @@ def linearised_copy(model: nn.Module) -> nn.Module:
         if replacement is not None and name:
             parent_name, _, child = name.rpartition(".")
             setattr(net.get_submodule(parent_name), child, replacement)
-    return net.to(device=device, dtype=torch.float64)
+    if any(p is w for p in net.parameters() for w in shared.values()):
+        raise ValueError("nisp: a linear layer's weight is also used outside it; use another scorer")
+    return net.to(device=device, dtype=dtype).requires_grad_(False)
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
-    """The model's classifier: its last registered nn.Linear."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+def last_linear(model: nn.Module) -> nn.Module:
+    """The model's classifier: its last registered nn.Linear (or its linearised counterpart)."""
+    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, _AbsLinear))]
     if not linears:
         raise ValueError("nisp: the model has no nn.Linear classifier; use another scorer")
     return linears[-1]
@@ -171,15 +245,39 @@ def _run_to_classifier(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return seen[0].flatten(1)
 
 
-def propagate_scores(
-    layer: LayerSpec, feature_scores: torch.Tensor, input_shape: torch.Size
-) -> torch.Tensor:
-    """NISP scores [C] of `layer.conv`'s output channels from classifier-input scores [F].
+def _classifier_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Classifier inputs [N, F] float32 CPU of `images` [N, 3, H, W], in passes of as many images
+    as keep the largest tensor of a pass within PASS_BYTES (measured on the first image, so the
+    passes depend on the model and the image size only, never on chunking): a whole class of
+    every shipped testbed in one pass, 2 images of VGG16 at 224²."""
+    with largest_output(model) as largest:
+        _run_to_classifier(model, images[:1])
+    step = max(1, PASS_BYTES // max(largest[0], 1))
+    return torch.cat([_run_to_classifier(model, images[i : i + step]).float().cpu()
+                      for i in range(0, len(images), step)])
+
+
+def propagate_scores(layer: LayerSpec, feature_scores: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+    """NISP scores [C] float64 of `layer.conv`'s output channels from classifier-input scores [F].
 
     s_conv = J_linᵀ s over the linearised copy (s_k = |W_{k+1}|ᵀ s_{k+1} per layer), summed over
     the conv's output positions. `input_shape` is one network input's shape, e.g. [1, 3, H, W].
+    Computed in float32 (within ~1e-7 of float64, the same order on VGG16 at 224²), again in
+    float64 where a product of |W| passes float32's range: CPU convolutions in float64 take a
+    slow path whose buffers cost VGG16 at 224² 0.98 GB more than float32's 0.2 GB.
     """
-    net = linearised_copy(layer.model)
+    for dtype in (torch.float32, torch.float64):
+        scores = _propagate(layer, feature_scores, input_shape, dtype)
+        if torch.isfinite(scores).all():
+            break
+    return scores.double()
+
+
+def _propagate(
+    layer: LayerSpec, feature_scores: torch.Tensor, input_shape: torch.Size, dtype: torch.dtype
+) -> torch.Tensor:
+    """`propagate_scores` computed in `dtype` → [C] of that dtype (inf where it overflows)."""
+    net = linearised_copy(layer.model, dtype)
     leaves: list[torch.Tensor] = []
 
     def make_leaf(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -193,7 +291,7 @@ def propagate_scores(
         raise ValueError(f"nisp: the model has no module named {layer.name!r}") from err
     conv.register_forward_hook(make_leaf)
     device = model_device(net)
-    dummy = torch.ones(1, *input_shape[1:], dtype=torch.float64, device=device)
+    dummy = torch.ones(1, *input_shape[1:], dtype=dtype, device=device)
     with torch.enable_grad():
         features = _run_to_classifier(net, dummy)
         if features.shape[1] != feature_scores.numel():
@@ -201,7 +299,7 @@ def propagate_scores(
                 f"nisp: classifier input has {features.shape[1]} features but "
                 f"{feature_scores.numel()} scores were given"
             )
-        s = feature_scores.to(device=device, dtype=torch.float64)
+        s = feature_scores.to(device=device, dtype=dtype)
         grads = torch.autograd.grad((features[0] * s).sum(), leaves, allow_unused=True)
     grads = [g for g in grads if g is not None]
     if not grads:
@@ -230,7 +328,8 @@ class NISPScorer(ChunkedScorer):
       seed (0): seed of the reservoir sample.
       normalize (True): divide the layer's scores by their maximum. Ranking-neutral; keeps
         deep products of |W| inside float32 and makes layers comparable in a residual group.
-    A class given in chunks is forwarded when it ends, in one pass over its images.
+    A class given in chunks is forwarded when it ends, in the same passes however it was chunked
+    (`_classifier_inputs`).
     """
 
     def __init__(
@@ -276,8 +375,8 @@ class NISPScorer(ChunkedScorer):
         self._generator = torch.Generator().manual_seed(self.seed)
 
     def per_image(self, batch: ClassBatch) -> torch.Tensor:
-        """A chunk's images [n, 3, H, W]: the forward to the classifier runs on the whole class
-        (`reduce_class`), so the features are those of one pass over the class's images."""
+        """A chunk's images [n, 3, H, W]: the forward to the classifier runs when the class ends
+        (`reduce_class`), in passes that do not depend on how the class was chunked."""
         return batch.images
 
     @torch.no_grad()
@@ -286,7 +385,7 @@ class NISPScorer(ChunkedScorer):
         model = self.layer.model
         device = model_device(model)
         with eval_mode(model):
-            feats = _run_to_classifier(model, stats.to(device)).float().cpu()
+            feats = _classifier_inputs(model, stats.to(device))
         if feats.shape[1] > self.max_features:
             raise ValueError(
                 f"nisp: the classifier input has {feats.shape[1]} features (> max_features="

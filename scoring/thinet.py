@@ -47,7 +47,7 @@ from scoring.activations import checked_activations
 from scoring.base import ClassBatch, LayerSpec
 from scoring.chunked import PerClassSums
 from scoring.dependency import dependency_graph
-from scoring.hooks import StopForward, run_until_stopped
+from scoring.hooks import StopForward, largest_output, run_until_stopped
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 from scoring.tp_importances import _held
@@ -159,18 +159,9 @@ def discard_order(gram: torch.Tensor, first: Iterable[int] = ()) -> list[int]:
 def forward_batch(model: nn.Module, consumers: list[Consumer], image: torch.Tensor) -> int:
     """Images per forward pass for `model` up to its `consumers`: FORWARD_BATCH, fewer where the
     largest tensor the pass makes for `image` [1, 3, H, W] times FORWARD_BATCH passes FORWARD_BYTES."""
-    largest = [1]
-
-    def record(_m: nn.Module, _i: tuple, out: object) -> None:
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                largest[0] = max(largest[0], t.numel() * t.element_size())
-
-    with ExitStack() as stack, _reading(consumers):
-        for m in model.modules():
-            stack.callback(m.register_forward_hook(record).remove)
+    with largest_output(model) as largest, _reading(consumers):
         run_until_stopped(model, image)
-    return max(1, min(FORWARD_BATCH, FORWARD_BYTES // largest[0]))
+    return max(1, min(FORWARD_BATCH, FORWARD_BYTES // max(largest[0], 1)))
 
 
 @contextmanager

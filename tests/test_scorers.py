@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from scoring import ClassBatch, LayerSpec, create, list_scorers, scorer_info
+from scoring import nisp
 from scoring.nisp import average_ranks, inf_fs_scores, propagate_scores
 
 OWNED = ["apoz", "fpgm", "l1", "nisp", "random", "selectivity"]
@@ -201,6 +202,10 @@ def test_average_ranks_ties() -> None:
 # ---------------------------------------------------------------- NISP propagation
 
 
+FLOAT32_RTOL = 1e-6
+"""NISP propagates in float32 (float64 where float32 overflows): its relative error allowed."""
+
+
 def linear_back(weight: torch.Tensor, s: list[float]) -> list[float]:
     """s_in[j] = Σ_i |W[i, j]| s_out[i] by loops."""
     w = weight.detach().double()
@@ -252,7 +257,7 @@ def test_nisp_propagates_through_maxpool_and_linear() -> None:
     flat = linear_back(net[4].weight, s.tolist())  # [64] = 4 × 4 × 4 after pooling
     grid = pool_back(reshape(flat, 4, 4), channels=4, size=8, k=2, stride=2, pad=0, out=4)
     got = propagate_scores(layer_of(net), s, torch.Size([1, 3, 8, 8]))
-    torch.testing.assert_close(got, channel_sums(grid))
+    torch.testing.assert_close(got, channel_sums(grid), rtol=FLOAT32_RTOL, atol=0)
 
 
 def test_nisp_propagates_through_conv_bn_and_overlapping_pool() -> None:
@@ -276,7 +281,7 @@ def test_nisp_propagates_through_conv_bn_and_overlapping_pool() -> None:
     grid = conv_back(net[2].weight, grid, size=5, pad=1)
     layer = LayerSpec(model=net, conv=net[0], name="0")
     got = propagate_scores(layer, s, torch.Size([1, 2, 5, 5]))
-    torch.testing.assert_close(got, channel_sums(grid))
+    torch.testing.assert_close(got, channel_sums(grid), rtol=FLOAT32_RTOL, atol=0)
 
 
 class _Residual(nn.Module):
@@ -305,7 +310,63 @@ def test_nisp_residual_addition_feeds_both_branches() -> None:
     w1 = net.conv1.weight.detach().double().abs().reshape(4, 4)
     expected = s_h + w1.T @ s_h
     got = propagate_scores(LayerSpec(model=net, conv=net.conv0, name="conv0"), s, (1, 3, 3, 3))
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, expected, rtol=FLOAT32_RTOL, atol=0)
+
+
+def test_nisp_overflowing_float32_propagates_in_float64() -> None:
+    net = tiny_net(seed=14)
+    with torch.no_grad():
+        net[4].weight.mul_(2.0**100)  # s_in ~ 2^100 |W| s: fine in float64, inf in float32
+    s = torch.rand(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2.0**60
+    flat = linear_back(net[4].weight, s.tolist())
+    grid = pool_back(reshape(flat, 4, 4), channels=4, size=8, k=2, stride=2, pad=0, out=4)
+    got = propagate_scores(layer_of(net), s, torch.Size([1, 3, 8, 8]))
+    assert torch.isfinite(got).all() and got.max() > torch.finfo(torch.float32).max
+    torch.testing.assert_close(got, channel_sums(grid))  # float64: default tolerance
+
+
+def test_nisp_linear_blocks_equal_one_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    weight = torch.randn(37, 11, generator=torch.Generator().manual_seed(4))
+    x = torch.rand(2, 11, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(nisp, "BLOCK_BYTES", 5 * 11 * 8)  # blocks of 5 rows, the last of 2
+    assert [len(b) for b in nisp._row_blocks(weight)] == [5] * 7 + [2]
+    y = nisp._AbsMatmul.apply(x, weight)
+    torch.testing.assert_close(y, x @ weight.double().abs().T)
+    g = torch.rand(2, 37, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(grad, g @ weight.double().abs())
+
+
+def test_nisp_copy_reads_the_linear_weights_without_changing_the_model() -> None:
+    net = tiny_net(seed=15)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    copy = nisp.linearised_copy(net, torch.float64)
+    shared = [m.weight_of_model for m in copy.modules() if isinstance(m, nisp._AbsLinear)]
+    assert [w.data_ptr() for w in shared] == [net[4].weight.data_ptr(), net[6].weight.data_ptr()]
+    assert not any(p.requires_grad for p in copy.parameters())
+    propagate_scores(layer_of(net), torch.rand(6, dtype=torch.float64), torch.Size([1, 3, 8, 8]))
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+
+
+def test_nisp_forward_passes_do_not_change_the_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    net = tiny_net(seed=16).eval()
+    images = torch.rand(7, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        whole = net[:6](images)
+        monkeypatch.setattr(nisp, "PASS_BYTES", 3 * 4 * 8 * 8 * 4)  # 3 images of the conv's output
+        parts = nisp._classifier_inputs(net, images)
+    torch.testing.assert_close(parts, whole)
+
+
+def test_average_ranks_by_blocks_of_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randint(4, (9, 13), generator=torch.Generator().manual_seed(6)).float()  # many ties
+    whole = average_ranks(x)
+    monkeypatch.setattr(nisp, "BLOCK_BYTES", 8 * 8 * 9 * 4)  # 4 columns per block
+    assert torch.equal(average_ranks(x), whole)
+    below_and_tied = [[((x[:, j] < v).sum(), (x[:, j] == v).sum()) for j, v in enumerate(row)] for row in x]
+    expected = torch.tensor([[float(b + (t + 1) / 2) for b, t in row] for row in below_and_tied], dtype=torch.float64)
+    torch.testing.assert_close(whole, expected)
 
 
 def test_nisp_scorer_end_to_end() -> None:

@@ -43,7 +43,7 @@ from torch import nn
 
 from prune.errors import UsageError
 from prune.pipeline.sites import UnitSite, prefix_module, unit_site
-from scoring.hooks import StopForward, run_until_stopped
+from scoring.hooks import StopForward, largest_output, run_until_stopped
 from scoring.model_state import model_device
 
 __all__ = [
@@ -189,24 +189,6 @@ def iter_units(
         yield slice(start, start + len(chunk)), chunk
         start += len(chunk)
         del chunk
-
-
-@contextmanager
-def largest_output(model: nn.Module) -> Iterator[list[int]]:
-    """Inside, `box[0]` is the size in bytes of the largest tensor any module of `model` output."""
-    box = [0]
-
-    def record(_m: nn.Module, _i: tuple, out: object) -> None:
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                box[0] = max(box[0], t.numel() * t.element_size())
-
-    handles = [m.register_forward_hook(record) for m in model.modules()]
-    try:
-        yield box
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @torch.no_grad()

@@ -33,11 +33,12 @@ from prune.core import distributed
 from prune.core.allocator import release_freed_memory
 from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
-from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units, largest_output
+from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units
 from prune.pipeline.prefix_cache import PREFIX_CACHE_BYTES, PrefixCache, UnitRunner, prefix_cache, tracking
 from prune.pipeline.spill import SPILL_BYTES
 from prune.pipeline.surgery import PrunableGroup, Surgeon, block_positions, channels_to_remove
 from prune.zoo.data import DataBundle, class_images
+from scoring.hooks import largest_output
 from scoring.model_state import model_device
 
 
