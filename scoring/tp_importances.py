@@ -206,19 +206,24 @@ def _weight_rows(imp: Any, layer: nn.Module, prune_fn: Any, of: str = "data") ->
     something else (BatchNorm, grouped convs' inputs, biases, other functions) or it is missing."""
     from torch_pruning.pruner import function
 
-    if not isinstance(layer, tuple(imp.target_types)) or getattr(imp, "bias", False):
+    out_fns = (function.prune_conv_out_channels, function.prune_linear_out_channels)
+    in_fns = (function.prune_conv_in_channels, function.prune_linear_in_channels)
+    if not isinstance(layer, tuple(imp.target_types)) or getattr(imp, "bias", False) or prune_fn not in out_fns + in_fns:
         return None
-    transposed = getattr(layer, "transposed", False)
-    w = getattr(layer.weight, of) if prune_fn in (
-        function.prune_conv_out_channels, function.prune_linear_out_channels,
-        function.prune_conv_in_channels, function.prune_linear_in_channels) else None
-    if w is None:  # a norm layer (its weight may be None), another function, or no gradient
-        return None
-    if prune_fn in (function.prune_conv_out_channels, function.prune_linear_out_channels):
-        return w.transpose(1, 0) if transposed else w
     if prune_fn == function.prune_conv_in_channels and layer.groups not in (1, layer.in_channels):
         return None
+    w = getattr(layer.weight, of)
+    if w is None:  # no gradient
+        return None
+    transposed = getattr(layer, "transposed", False)
+    if prune_fn in out_fns:
+        return w.transpose(1, 0) if transposed else w
     return w if transposed else w.transpose(0, 1)
+
+
+def _is_large(rows: torch.Tensor | None, idxs: Sequence[int]) -> bool:
+    """Whether the slice `rows[idxs]` passes `CHUNK_BYTES` (False where there are no rows)."""
+    return rows is not None and len(idxs) * rows[0].numel() * rows.element_size() > CHUNK_BYTES
 
 
 def _chunked_rows(rows: torch.Tensor, idxs: Sequence[int], reduce: Any, *more: torch.Tensor) -> torch.Tensor:
@@ -238,7 +243,7 @@ def _chunked_rows(rows: torch.Tensor, idxs: Sequence[int], reduce: Any, *more: t
 def _large_magnitude(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
     """Σ|w|^p of each row of a large slice (torch-pruning's Conv/Linear magnitude), else None."""
     rows = _weight_rows(imp, layer, prune_fn)
-    if rows is None or len(idxs) * rows[0].numel() * rows.element_size() <= CHUNK_BYTES:
+    if not _is_large(rows, idxs):
         return None
     return _chunked_rows(rows, idxs, lambda x: x.abs().pow(imp.p).sum(1))
 
@@ -246,7 +251,7 @@ def _large_magnitude(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[i
 def _large_fpgm(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
     """FPGM's distance sums of the |w|^p rows of a large slice (`_distance_sums`), else None."""
     rows = _weight_rows(imp, layer, prune_fn)
-    if rows is None or (len(idxs) <= CDIST_ROWS and len(idxs) * rows[0].numel() * rows.element_size() <= CHUNK_BYTES):
+    if rows is None or (len(idxs) <= CDIST_ROWS and not _is_large(rows, idxs)):
         return None
     return _distance_sums(_chunked_rows(rows, idxs, lambda x: x.abs().pow(imp.p)))
 
@@ -277,7 +282,7 @@ def _distance_sums(x: torch.Tensor) -> torch.Tensor:
 def _large_taylor(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
     """Σ|w·g| (Σ(w·g) in absolute value when multivariable) of each row of a large slice, else None."""
     rows, grads = _weight_rows(imp, layer, prune_fn), _weight_rows(imp, layer, prune_fn, of="grad")
-    if rows is None or grads is None or len(idxs) * rows[0].numel() * rows.element_size() <= CHUNK_BYTES:
+    if grads is None or not _is_large(rows, idxs):
         return None
     if imp.multivariable:
         return _chunked_rows(rows, idxs, lambda w, g: (w * g).sum(1).abs(), grads)

@@ -17,7 +17,8 @@ from helpers import image_folder, quick_run
 from PIL import Image
 from test_bad_input import ROOT, SMALL, assert_usage_error, main_error, prune_cli
 
-from prune.zoo.data import TolerantImageFolder, decode_rgb, sane_size, to_rgb
+from prune.zoo.data import decode_rgb, sane_size, to_rgb
+from prune.zoo.folder import TolerantImageFolder
 from prune.zoo.transforms import folder_transform
 
 MEMORY_LIMIT = 6 << 30
@@ -80,7 +81,7 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path, mode, name):
 
 LIST_SAMPLES = """
 import json, sys, warnings
-from prune.zoo.data import TolerantImageFolder
+from prune.zoo.folder import TolerantImageFolder
 from prune.zoo.transforms import folder_transform
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from scoring import ClassBatch, LayerSpec, create, list_scorers, scorer_info
-from scoring import nisp
+from scoring import ClassBatch, LayerSpec, create, list_scorers, nisp, scorer_info
 from scoring.nisp import average_ranks, inf_fs_scores, propagate_scores
 
 OWNED = ["apoz", "fpgm", "l1", "nisp", "random", "selectivity"]

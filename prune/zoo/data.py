@@ -141,16 +141,6 @@ def skip_none_collate(batch: list, image_shape: tuple[int, ...] = (3, 1, 1)):
     return default_collate(kept)
 
 
-def __getattr__(name: str):
-    """`TolerantImageFolder`, imported from prune.zoo.folder on first use (it subclasses torchvision's
-    ImageFolder; a run on in-memory data never imports torchvision)."""
-    if name == "TolerantImageFolder":
-        from prune.zoo.folder import TolerantImageFolder
-
-        return TolerantImageFolder
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _folder_split(dataset: Dataset) -> TolerantImageFolder | None:
     """`dataset` if it is a TolerantImageFolder, else None; prune.zoo.folder (and torchvision with it)
     is not imported for this: until something imports it, no folder exists."""

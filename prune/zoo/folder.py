@@ -2,7 +2,7 @@
 
 In its own module because it subclasses torchvision's ImageFolder: importing torchvision costs
 seconds, and only a run on `--data <folder>` needs it (prune.zoo.data imports this module when
-it loads a folder; `prune.zoo.data.TolerantImageFolder` is this class).
+it loads a folder).
 """
 
 from __future__ import annotations
