@@ -11,6 +11,10 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+PASS_BYTES = 32 * 2**20
+"""Most bytes of the largest tensor of one forward pass a scorer makes itself (`images_per_pass`),
+as the pipeline's forward chunks are bounded."""
+
 ForwardHook = Callable[[nn.Module, tuple, Any], Any]
 """hook(module, inputs, output) → None, or a replacement output."""
 
@@ -77,3 +81,14 @@ def largest_output(model: nn.Module) -> Iterator[list[int]]:
 
     with forward_hooks(model.modules(), record):
         yield box
+
+
+@torch.no_grad()
+def images_per_pass(model: nn.Module, image: torch.Tensor, *, most: int | None = None) -> int:
+    """Images per forward pass of `model` such that the largest tensor any module outputs for
+    `image` [1, 3, H, W], times that number, stays within PASS_BYTES (at least 1, at most `most`).
+    One forward of `image` (`run_until_stopped`: a hook's StopForward ends it). VGG16 at 224²: 2."""
+    with largest_output(model) as largest:
+        run_until_stopped(model, image)
+    fit = max(1, PASS_BYTES // max(largest[0], 1))
+    return fit if most is None else min(most, fit)

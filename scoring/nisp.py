@@ -21,6 +21,7 @@ model's forward() also pass scores through; functional max pooling is not linear
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec
 from scoring.chunked import ChunkedScorer
-from scoring.hooks import capture, largest_output, run_until_stopped
+from scoring.hooks import capture, images_per_pass, run_until_stopped
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 
@@ -39,8 +40,6 @@ _IDENTITY_MODULES = (
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
     nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
 )  # fmt: skip
-PASS_BYTES = 32 * 2**20
-"""Most bytes of the largest tensor of one forward pass to the classifier (as ThiNet's passes)."""
 BLOCK_BYTES = 32 * 2**20
 """Most bytes of one float64 block of a linear layer's |W| in the linearised copy."""
 
@@ -79,7 +78,7 @@ def _column_ranks(x: torch.Tensor) -> torch.Tensor:
 def correlation_matrix(x: torch.Tensor) -> torch.Tensor:
     """Pearson correlation of the columns of [N, F] → [F, F]; constant columns give 0.
 
-    Normalised in place, a block of rows at a time (F = 4,096: one F×F matrix held, not four)."""
+    Normalised in place, a block of rows at a time (one F×F matrix and a block, not four F×F)."""
     centred = x - x.mean(dim=0)
     centred[:, (x == x[0]).all(dim=0)] = 0.0  # exact zeros, not rounding noise
     norms = centred.norm(dim=0)
@@ -104,7 +103,8 @@ def inf_fs_scores(
     c_ij = 1 − |corr_ij| (Spearman, or Pearson), undefined corr → 0;
     a_ij = α σ_ij + (1 − α) c_ij (diagonal included, as the authors' code);
     r = 0.9 / ρ(A); S = (I − rA)^{-1} − I = Σ_{l≥1} (rA)^l; score = S · 1. F×F, float64, built in
-    place (one F×F matrix and blocks, bit-identical to the plain formulas).
+    place, bit-identical to the plain formulas: at most two F×F matrices at once (A, and the
+    copy eigvalsh or solve makes of it), not six.
     """
     if correlation not in ("spearman", "pearson"):
         raise ValueError(f"correlation must be 'spearman' or 'pearson', got {correlation!r}")
@@ -149,14 +149,14 @@ class _AbsMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.weight = weight
-        return torch.cat([x @ block.abs().to(x.dtype).T for block in _row_blocks(weight)], dim=-1)
+        return torch.cat([x @ block.abs().to(x).T for block in _row_blocks(weight)], dim=-1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         out = torch.zeros(*grad.shape[:-1], ctx.weight.shape[1], dtype=grad.dtype, device=grad.device)
         start = 0
         for block in _row_blocks(ctx.weight):
-            out += grad[..., start:start + len(block)] @ block.abs().to(grad.dtype)
+            out += grad[..., start:start + len(block)] @ block.abs().to(grad)
             start += len(block)
         return out, None
 
@@ -179,11 +179,12 @@ class _AbsLinear(nn.Module):
         return _AbsMatmul.apply(x, self.weight_of_model)
 
 
-def _linear_counterpart(module: nn.Module) -> nn.Module | None:
-    """A replacement for `module` in the linearised copy, or None to keep it (maybe edited)."""
-    if isinstance(module, nn.Linear):
+def _linear_counterpart(module: nn.Module, read_in_place: set[int]) -> nn.Module | None:
+    """A replacement for `module` in the linearised copy, or None to keep it (maybe edited);
+    a linear layer whose weight's id is in `read_in_place` reads the model's own weight."""
+    if isinstance(module, nn.Linear) and id(module.weight) in read_in_place:
         return _AbsLinear(module.weight.detach())
-    if isinstance(module, nn.modules.conv._ConvNd):
+    if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
         module.weight.data.abs_()
         if module.bias is not None:
             module.bias.data.zero_()
@@ -210,16 +211,21 @@ def _linear_counterpart(module: nn.Module) -> nn.Module | None:
 
 def linearised_copy(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.Module:
     """An eval-mode copy of `model` in `dtype` made linear with |W| (see the module doc), with no
-    parameter that requires grad. Its linear layers read the model's own weights (`_AbsLinear`)
-    instead of holding copies: VGG16's classifier alone would be 0.8 GB more in float64."""
+    parameter that requires grad. A plain nn.Linear whose weight passes BLOCK_BYTES in float64
+    reads the model's own weight (`_AbsLinear`) instead of holding a copy (VGG16's first
+    classifier layer, 25,088 × 4,096: 0.8 GB in float64); every other module is copied."""
     device = model_device(model)
-    shared = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear)}
-    net = copy.deepcopy(model, memo=dict(shared)).eval()  # the linear weights are not copied
+    shared = {id(m.weight): m.weight for m in model.modules()
+              if type(m) is nn.Linear and m.weight.numel() * 8 > BLOCK_BYTES}
+    net = copy.deepcopy(model, memo=dict(shared)).eval()  # those weights are not copied
     for module in net.modules():
         module._forward_hooks.clear()
         module._forward_pre_hooks.clear()
-    for name, module in list(net.named_modules()):
-        replacement = _linear_counterpart(module)
+    replacements: dict[int, nn.Module | None] = {}  # one per module, under each of its names
+    for name, module in list(net.named_modules(remove_duplicate=False)):
+        if id(module) not in replacements:
+            replacements[id(module)] = _linear_counterpart(module, set(shared))
+        replacement = replacements[id(module)]
         if replacement is not None and name:
             parent_name, _, child = name.rpartition(".")
             setattr(net.get_submodule(parent_name), child, replacement)
@@ -246,13 +252,12 @@ def _run_to_classifier(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def _classifier_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Classifier inputs [N, F] float32 CPU of `images` [N, 3, H, W], in passes of as many images
-    as keep the largest tensor of a pass within PASS_BYTES (measured on the first image, so the
-    passes depend on the model and the image size only, never on chunking): a whole class of
-    every shipped testbed in one pass, 2 images of VGG16 at 224²."""
-    with largest_output(model) as largest:
-        _run_to_classifier(model, images[:1])
-    step = max(1, PASS_BYTES // max(largest[0], 1))
+    """Classifier inputs [N, F] float32 CPU of `images` [N, 3, H, W], in passes of
+    `images_per_pass` (measured on the first image, so the passes depend on the model and the
+    image size only, never on chunking): a whole class of every shipped testbed in one pass."""
+    if len(images) == 0:
+        return _run_to_classifier(model, images).float().cpu()
+    step = images_per_pass(model, images[:1])
     return torch.cat([_run_to_classifier(model, images[i : i + step]).float().cpu()
                       for i in range(0, len(images), step)])
 
@@ -268,9 +273,23 @@ def propagate_scores(layer: LayerSpec, feature_scores: torch.Tensor, input_shape
     """
     for dtype in (torch.float32, torch.float64):
         scores = _propagate(layer, feature_scores, input_shape, dtype)
-        if torch.isfinite(scores).all():
+        if _within_range(scores):
             break
     return scores.double()
+
+
+def _full_float32() -> contextlib.AbstractContextManager:
+    """cuDNN convolutions in full float32 inside (PyTorch lets them use TF32, ~1e-3 relative)."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=False)
+
+
+def _within_range(scores: torch.Tensor) -> bool:
+    """Whether float32 `scores` neither overflowed nor came within 24 bits of underflow (where
+    float32 loses precision; 0 stays a valid score: a unit whose weights feed nothing)."""
+    tiny = torch.finfo(torch.float32).tiny * 2.0**24
+    return bool(torch.isfinite(scores).all() and not ((scores != 0) & (scores.abs() < tiny)).any())
 
 
 def _propagate(
@@ -292,7 +311,7 @@ def _propagate(
     conv.register_forward_hook(make_leaf)
     device = model_device(net)
     dummy = torch.ones(1, *input_shape[1:], dtype=dtype, device=device)
-    with torch.enable_grad():
+    with torch.enable_grad(), _full_float32():
         features = _run_to_classifier(net, dummy)
         if features.shape[1] != feature_scores.numel():
             raise ValueError(

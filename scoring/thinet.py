@@ -47,16 +47,14 @@ from scoring.activations import checked_activations
 from scoring.base import ClassBatch, LayerSpec
 from scoring.chunked import PerClassSums
 from scoring.dependency import dependency_graph
-from scoring.hooks import StopForward, largest_output, run_until_stopped
+from scoring.hooks import StopForward, images_per_pass, run_until_stopped
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 from scoring.tp_importances import _held
 
 FORWARD_BATCH = 16
-"""Most images per forward pass when a class is scored (never dependent on chunking)."""
-FORWARD_BYTES = 32 * 2**20
-"""Most bytes of the largest tensor of one such pass (as the pipeline's chunks): fewer images a
-pass where one image's largest tensor passes FORWARD_BYTES / FORWARD_BATCH (VGG16 at 224²: 2)."""
+"""Most images per forward pass when a class is scored (never dependent on chunking); fewer where
+one image's largest tensor passes PASS_BYTES / FORWARD_BATCH (VGG16 at 224²: 2)."""
 PROBE_SIZES = (32, 64, 224)
 """Input sides `check` tries, smallest first, to trace a model it has no input for."""
 
@@ -158,10 +156,9 @@ def discard_order(gram: torch.Tensor, first: Iterable[int] = ()) -> list[int]:
 
 def forward_batch(model: nn.Module, consumers: list[Consumer], image: torch.Tensor) -> int:
     """Images per forward pass for `model` up to its `consumers`: FORWARD_BATCH, fewer where the
-    largest tensor the pass makes for `image` [1, 3, H, W] times FORWARD_BATCH passes FORWARD_BYTES."""
-    with largest_output(model) as largest, _reading(consumers):
-        run_until_stopped(model, image)
-    return max(1, min(FORWARD_BATCH, FORWARD_BYTES // max(largest[0], 1)))
+    largest tensor the pass makes for `image` [1, 3, H, W] times FORWARD_BATCH passes PASS_BYTES."""
+    with _reading(consumers):
+        return images_per_pass(model, image, most=FORWARD_BATCH)
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from torch import nn
 from scoring.base import ClassBatch, LayerSpec, Scorer
 from scoring.chunked import ChunkedScorer
 from scoring.dependency import dependency_graph
+from scoring.hooks import images_per_pass
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 
@@ -317,9 +318,10 @@ class TPBNScale(TPScorer):
 
 def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared: bool, chunk: int = 32,
                   names: Sequence[str] | None = None) -> Sums:
-    """Σ over `images` [N, 3, H, W] of ∇CE(model(x), label) (squared=False, `chunk` images a pass)
-    or of (∇CE)² per image (squared=True, one image a pass); {parameter name: tensor}, for the
-    parameters `names` (default all).
+    """Σ over `images` [N, 3, H, W] of ∇CE(model(x), label) (squared=False, `chunk` images a pass,
+    fewer where one image's largest tensor times `chunk` passes PASS_BYTES: the backward holds the
+    pass's activations; VGG16 at 224²: 2) or of (∇CE)² per image (squared=True, one image a pass);
+    {parameter name: tensor}, for the parameters `names` (default all).
 
     Call inside `_held(model)` (eval mode, grad enabled, every parameter differentiable).
     """
@@ -327,7 +329,9 @@ def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared
     names, params = zip(*((n, p) for n, p in model.named_parameters() if wanted is None or n in wanted))
     device = model_device(model)
     sums = [torch.zeros_like(p) for p in params]
-    for part in images.to(device).split(1 if squared else chunk):
+    images = images.to(device)
+    per_pass = 1 if squared or len(images) == 0 else images_per_pass(model, images[:1], most=chunk)
+    for part in images.split(per_pass):
         labels = torch.full((len(part),), int(label), dtype=torch.long, device=device)
         loss = F.cross_entropy(model(part), labels, reduction="sum")
         for total, grad in zip(sums, torch.autograd.grad(loss, params, allow_unused=True)):

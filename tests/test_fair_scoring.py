@@ -35,13 +35,41 @@ def removed(decisions: list[LayerDecision]) -> list[tuple[int, ...]]:
     return [d.removed for d in decisions]
 
 
-@pytest.mark.parametrize("schedule, expected", [("progressive", 5), ("oneshot", 0)])
-def test_refit_runs_between_layers_of_the_progressive_schedule(schedule: str, expected: int) -> None:
+@pytest.mark.parametrize("schedule, expected", [("progressive", 1), ("oneshot", 0)])
+def test_without_scoring_images_only_the_last_refit_runs(schedule: str, expected: int) -> None:
     calls: list[int] = []
     decisions = prune_embedded(scoring.create("l1"), None, schedule=schedule, refit=lambda: calls.append(1))
-    assert len(decisions) == 6 and len(calls) == expected  # after every layer but the last
+    assert len(decisions) == 6 and len(calls) == expected  # nothing reads the outputs in between
     assert [d.map_size for d in decisions] == [32, 32, 16, 16, 8, 8]
     assert all(d.scoring_top1 is None for d in decisions)  # no scoring images given
+
+
+def test_refit_runs_between_layers_when_scoring_images_are_read(shapes) -> None:
+    calls: list[int] = []
+    source = ScoringData(shapes, classes=range(2), per_class=2, seed=0)
+    prune_embedded(scoring.create("l1"), source, refit=lambda: calls.append(1))
+    assert len(calls) == 5  # after every layer but the last
+
+
+@pytest.mark.parametrize("name", [n for n in scoring.list_scorers() if not scoring.scorer_info(n).needs_data])
+def test_one_last_refit_ends_as_a_refit_after_every_layer(shapes, name: str) -> None:
+    """A weight-only scorer reads no BatchNorm statistics: the same channels go and the network
+    ends bit for bit the same with the last refit alone as with one after every layer."""
+    ends = []
+    for source in (ScoringData(shapes, classes=range(2), per_class=2, seed=0), None):  # every refit, the last
+        model = create_model("embedded")
+        surgeon = Surgeon(model, torch.zeros(1, 3, 32, 32))
+
+        def refit(model: torch.nn.Module = model) -> None:
+            recalibrate_batchnorm(model, make_loader(shapes.train, batch_size=64, shuffle=True, seed=4), batches=2,
+                                  device="cpu")
+
+        decisions = select_and_prune(surgeon, scoring.create(name), source, ratio=0.5, quiet=True, refit=refit)
+        ends.append((removed(decisions), model.state_dict()))
+    (kept_all, state_all), (kept_last, state_last) = ends
+    assert kept_all == kept_last
+    assert state_all.keys() == state_last.keys()
+    assert all(torch.equal(state_all[k], state_last[k]) for k in state_all)
 
 
 def test_bn_reestimation_restores_the_network_that_is_scored(shapes) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from scoring import ClassBatch, LayerSpec, create, list_scorers, nisp, scorer_info
+from scoring import ClassBatch, LayerSpec, create, hooks, list_scorers, nisp, scorer_info
 from scoring.nisp import average_ranks, inf_fs_scores, propagate_scores
 
 OWNED = ["apoz", "fpgm", "l1", "nisp", "random", "selectivity"]
@@ -324,6 +324,54 @@ def test_nisp_overflowing_float32_propagates_in_float64() -> None:
     torch.testing.assert_close(got, channel_sums(grid))  # float64: default tolerance
 
 
+def test_nisp_float32_near_underflow_propagates_in_float64() -> None:
+    net = tiny_net(seed=14)
+    with torch.no_grad():
+        net[4].weight.mul_(2.0**-146)  # float32 scores would be subnormal: precision lost
+    s = torch.rand(6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    flat = linear_back(net[4].weight, s.tolist())
+    grid = pool_back(reshape(flat, 4, 4), channels=4, size=8, k=2, stride=2, pad=0, out=4)
+    got = propagate_scores(layer_of(net), s, torch.Size([1, 3, 8, 8]))
+    expected = channel_sums(grid)
+    assert expected.max() < torch.finfo(torch.float32).tiny
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
+class _Aliased(nn.Module):
+    """tiny_net's layers with the classifier's first Linear also registered as `alias`; the
+    forward calls it through the alias or (`functional`) reads its weight and bias itself."""
+
+    def __init__(self, net: nn.Sequential, *, functional: bool) -> None:
+        super().__init__()
+        self.net, self.alias, self.functional = net, net[4], functional
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.net[:4](x)
+        x = nn.functional.linear(x, self.alias.weight, self.alias.bias) if self.functional else self.alias(x)
+        return self.net[6](self.net[5](x))
+
+
+@pytest.mark.parametrize("functional, block_bytes", [(False, None), (False, 8), (True, None)])
+def test_nisp_aliased_and_functionally_read_linears(monkeypatch: pytest.MonkeyPatch, functional: bool,
+                                                    block_bytes: int | None) -> None:
+    """A Linear under two names, called through either, or its weight read by the forward itself
+    (the linearised copy's own |W|; BLOCK_BYTES = 8: every Linear read in place)."""
+    net = tiny_net(seed=18)
+    s = torch.rand(6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    flat = linear_back(net[4].weight, s.tolist())
+    expected = channel_sums(pool_back(reshape(flat, 4, 4), channels=4, size=8, k=2, stride=2, pad=0, out=4))
+    if block_bytes is not None:
+        monkeypatch.setattr(nisp, "BLOCK_BYTES", block_bytes)
+    model = _Aliased(net, functional=functional)
+    got = propagate_scores(LayerSpec(model=model, conv=net[0], name="net.0"), s, torch.Size([1, 3, 8, 8]))
+    torch.testing.assert_close(got, expected, rtol=FLOAT32_RTOL, atol=0)
+
+
+def test_nisp_empty_class_has_no_features() -> None:
+    with torch.no_grad():
+        assert nisp._classifier_inputs(tiny_net().eval(), torch.zeros(0, 3, 8, 8)).shape == (0, 6)
+
+
 def test_nisp_linear_blocks_equal_one_product(monkeypatch: pytest.MonkeyPatch) -> None:
     weight = torch.randn(37, 11, generator=torch.Generator().manual_seed(4))
     x = torch.rand(2, 11, dtype=torch.float64, requires_grad=True)
@@ -336,9 +384,10 @@ def test_nisp_linear_blocks_equal_one_product(monkeypatch: pytest.MonkeyPatch) -
     torch.testing.assert_close(grad, g @ weight.double().abs())
 
 
-def test_nisp_copy_reads_the_linear_weights_without_changing_the_model() -> None:
+def test_nisp_copy_reads_the_linear_weights_without_changing_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     net = tiny_net(seed=15)
     before = {k: v.clone() for k, v in net.state_dict().items()}
+    monkeypatch.setattr(nisp, "BLOCK_BYTES", 8)  # every Linear read in place
     copy = nisp.linearised_copy(net, torch.float64)
     shared = [m.weight_of_model for m in copy.modules() if isinstance(m, nisp._AbsLinear)]
     assert [w.data_ptr() for w in shared] == [net[4].weight.data_ptr(), net[6].weight.data_ptr()]
@@ -353,7 +402,7 @@ def test_nisp_forward_passes_do_not_change_the_features(monkeypatch: pytest.Monk
     images = torch.rand(7, 3, 8, 8, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         whole = net[:6](images)
-        monkeypatch.setattr(nisp, "PASS_BYTES", 3 * 4 * 8 * 8 * 4)  # 3 images of the conv's output
+        monkeypatch.setattr(hooks, "PASS_BYTES", 3 * 4 * 8 * 8 * 4)  # 3 images of the conv's output
         parts = nisp._classifier_inputs(net, images)
     torch.testing.assert_close(parts, whole)
 

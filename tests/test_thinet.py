@@ -247,10 +247,10 @@ def test_thinet_drives_metapruner_on_resnet18() -> None:
 
 
 def test_large_maps_are_forwarded_a_few_images_at_a_time_with_the_same_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The pass up to the consumer holds at most FORWARD_BYTES in its largest tensor: 16 images of
+    """The pass up to the consumer holds at most PASS_BYTES in its largest tensor: 16 images of
     12 × 7 × 7 floats fit the default; with room for 3 images' conv outputs the batch is 3 (2 of a
     class's 20 images left for the last pass) and the greedy order is the same."""
-    from scoring import thinet
+    from scoring import hooks, thinet
 
     torch.manual_seed(7)
     net = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 8, 3, padding=1)).eval()
@@ -259,6 +259,6 @@ def test_large_maps_are_forwarded_a_few_images_at_a_time_with_the_same_order(mon
     consumers = find_consumers(net, [net[0]], batches[0].images[:1])[net[0]]
     assert thinet.forward_batch(net, consumers, batches[0].images[:1]) == thinet.FORWARD_BATCH
     whole = create("thinet")(layer(net), batches)
-    monkeypatch.setattr(thinet, "FORWARD_BYTES", 3 * 12 * 7 * 7 * 4)
+    monkeypatch.setattr(hooks, "PASS_BYTES", 3 * 12 * 7 * 7 * 4)
     assert thinet.forward_batch(net, consumers, batches[0].images[:1]) == 3
     assert torch.equal(create("thinet")(layer(net), batches), whole)

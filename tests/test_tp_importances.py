@@ -344,6 +344,24 @@ def test_gradient_sums_are_kept_for_the_group_only_with_the_same_scores(name: st
     assert torch.equal(scores, create(name)(layer(net), data))
 
 
+def test_gradient_passes_are_bounded_by_the_largest_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tp-taylor's backward holds a pass's activations: with room for 3 images' largest tensor
+    (5 channels of 6 × 6 floats) no pass holds more than 3 images, and the scores stay the same
+    up to the order of the sums."""
+    from scoring import hooks, tp_importances
+
+    net, data = chain(), batches(n=7)
+    whole = create("tp-taylor")(layer(net), data)
+    monkeypatch.setattr(hooks, "PASS_BYTES", 3 * 5 * 6 * 6 * 4)
+    passes: list[int] = []
+    handle = net.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    with tp_importances._held(net):
+        tp_importances.gradient_sums(net, data[0].images, 0, squared=False)
+    handle.remove()
+    assert passes == [1, 3, 3, 1]  # one image measured, then 7 = 3 + 3 + 1
+    torch.testing.assert_close(create("tp-taylor")(layer(net), data), whole, rtol=1e-5, atol=0)
+
+
 def test_gradient_criteria_take_a_bare_parameter_in_the_group() -> None:
     """A per-channel scale kept as a bare nn.Parameter (as ConvNeXt's layer scale) is a node of
     the group of its own: tp-taylor still scores the conv."""
