@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="channels removed per layer: round(ratio*C), or keep floor((1-ratio)*C) as the paper's Table 12")
     a("--layer-bn-batches", type=int, default=DEFAULTS.layer_bn_batches, metavar="B",
       help="progressive schedule: after each layer's surgery, re-estimate BatchNorm statistics on B training "
-      "batches before the next layer is scored (0: off; no effect on models without BatchNorm)")
+      "batches before the next layer is scored (0: off; no effect on models without BatchNorm; a scorer that "
+      "reads only weights gets the last one only, the one that shapes the final network)")
     a("--bn-recalibration", type=int, default=DEFAULTS.bn_recalibration, metavar="BATCHES",
       help="after pruning, re-estimate BatchNorm statistics on this many training batches (0: off, as the paper)")
     a("--epochs", type=int, default=argparse.SUPPRESS,
