@@ -33,7 +33,11 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ScorerInfo:
-    """What `list_scorers()` and `--help` show about a scorer."""
+    """What `list_scorers()` and `--help` show about a scorer.
+
+    needs_data False: the scorer reads the model's parameters only (never images, never
+    BatchNorm's running statistics), so `python -m prune` gives it no scoring images and
+    re-estimates BatchNorm statistics once, before the last layer, not after every layer."""
 
     name: str
     needs_data: bool

@@ -117,7 +117,9 @@ def inf_fs_scores(
     # min-max normalising is monotone, so the normalised max(σ_i, σ_j) is the max of normalised σ
     spread = torch.nan_to_num((std - std.min()) / (std.max() - std.min()), nan=0.0)
     ranked = average_ranks(x) if correlation == "spearman" else x
+    del x  # [N, F] float64: not held while the F×F matrices are
     a = correlation_matrix(ranked).abs_().neg_().add_(1.0).mul_(1.0 - alpha)  # (1 − α)(1 − |corr|)
+    del ranked
     for rows in _row_slices(a):
         a[rows] += torch.maximum(spread[rows].unsqueeze(1), spread.unsqueeze(0)).mul_(alpha)
     rho = torch.linalg.eigvalsh(a).abs().max()

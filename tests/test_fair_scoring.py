@@ -35,20 +35,21 @@ def removed(decisions: list[LayerDecision]) -> list[tuple[int, ...]]:
     return [d.removed for d in decisions]
 
 
-@pytest.mark.parametrize("schedule, expected", [("progressive", 1), ("oneshot", 0)])
-def test_without_scoring_images_only_the_last_refit_runs(schedule: str, expected: int) -> None:
+@pytest.mark.parametrize("schedule, last_only, expected", [("progressive", False, 5), ("progressive", True, 1),
+                                                          ("oneshot", False, 0), ("oneshot", True, 0)])
+def test_refit_runs_between_layers_of_the_progressive_schedule(schedule: str, last_only: bool, expected: int) -> None:
     calls: list[int] = []
-    decisions = prune_embedded(scoring.create("l1"), None, schedule=schedule, refit=lambda: calls.append(1))
-    assert len(decisions) == 6 and len(calls) == expected  # nothing reads the outputs in between
+    decisions = prune_embedded(scoring.create("l1"), None, schedule=schedule, refit=lambda: calls.append(1),
+                               last_refit_only=last_only)
+    assert len(decisions) == 6 and len(calls) == expected  # after every layer but the last, or the last of those
     assert [d.map_size for d in decisions] == [32, 32, 16, 16, 8, 8]
     assert all(d.scoring_top1 is None for d in decisions)  # no scoring images given
 
 
-def test_refit_runs_between_layers_when_scoring_images_are_read(shapes) -> None:
-    calls: list[int] = []
+def test_last_refit_only_is_refused_where_scoring_images_read_the_network(shapes) -> None:
     source = ScoringData(shapes, classes=range(2), per_class=2, seed=0)
-    prune_embedded(scoring.create("l1"), source, refit=lambda: calls.append(1))
-    assert len(calls) == 5  # after every layer but the last
+    with pytest.raises(ValueError, match="last_refit_only needs source=None"):
+        prune_embedded(scoring.create("l1"), source, refit=lambda: None, last_refit_only=True)
 
 
 @pytest.mark.parametrize("name", [n for n in scoring.list_scorers() if not scoring.scorer_info(n).needs_data])
@@ -56,7 +57,7 @@ def test_one_last_refit_ends_as_a_refit_after_every_layer(shapes, name: str) -> 
     """A weight-only scorer reads no BatchNorm statistics: the same channels go and the network
     ends bit for bit the same with the last refit alone as with one after every layer."""
     ends = []
-    for source in (ScoringData(shapes, classes=range(2), per_class=2, seed=0), None):  # every refit, the last
+    for last_only in (False, True):
         model = create_model("embedded")
         surgeon = Surgeon(model, torch.zeros(1, 3, 32, 32))
 
@@ -64,7 +65,8 @@ def test_one_last_refit_ends_as_a_refit_after_every_layer(shapes, name: str) -> 
             recalibrate_batchnorm(model, make_loader(shapes.train, batch_size=64, shuffle=True, seed=4), batches=2,
                                   device="cpu")
 
-        decisions = select_and_prune(surgeon, scoring.create(name), source, ratio=0.5, quiet=True, refit=refit)
+        decisions = select_and_prune(surgeon, scoring.create(name), None, ratio=0.5, quiet=True, refit=refit,
+                                     last_refit_only=last_only)
         ends.append((removed(decisions), model.state_dict()))
     (kept_all, state_all), (kept_last, state_last) = ends
     assert kept_all == kept_last

@@ -575,7 +575,7 @@ def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, stor
     """Score and prune every layer, shallow → deep, with the per-layer scores kept in --out/cache:
     at `config.ratio`, or at the `plan`'s ratios and schedule (or `counts` channels per layer).
     A scorer that reads only weights gets no scoring images: no forward runs for it (and the
-    layers' `scoring_top1` diagnostic is None)."""
+    layers' `scoring_top1` diagnostic is None), and only the last BatchNorm refit runs."""
     source = _scoring_data(config, loaded) if loaded.scorer.info.needs_data else None
     refit = None
     if config.layer_bn_batches > 0:
@@ -585,7 +585,7 @@ def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, stor
     return select_and_prune(
         loaded.surgeon, loaded.scorer, source, ratio=ratio, schedule=schedule,
         rounding=config.rounding, round_to=config.round_to, counts=counts, store=store,
-        quiet=ctx.quiet, world=ctx.world, refit=refit,
+        quiet=ctx.quiet, world=ctx.world, refit=refit, last_refit_only=source is None,
     )
 
 

@@ -316,6 +316,7 @@ def select_and_prune(
     counts: Sequence[int] | None = None,
     store: ScoreStore = NO_STORE,
     refit: Callable[[], None] | None = None,
+    last_refit_only: bool = False,
     quiet: bool = False,
     world: distributed.World = distributed.SINGLE,
     cache_bytes: int = PREFIX_CACHE_BYTES,
@@ -332,11 +333,12 @@ def select_and_prune(
     `refit()`, if given, runs after each group's surgery but the last in the progressive
     schedule (e.g. re-estimating BatchNorm statistics), so the next group is scored on a
     network that fits. (After the last group nothing is scored; in a plain chain its own
-    BatchNorm keeps exact statistics for the channels it keeps.) Without a `source` nothing
-    reads the network's outputs between surgeries (a weight-only scorer reads parameters, never
-    BatchNorm's running statistics), so only the last of these refits runs: `refit()` must depend
-    on the network as it is, not on earlier refits (as a reset-and-re-estimate does), and the
-    network ends the same (ResNet-50 at 224²: one refit instead of 52).
+    BatchNorm keeps exact statistics for the channels it keeps.) `last_refit_only`: only the last
+    of these refits runs, for a weight-only scorer without `source`, where nothing reads the
+    network's outputs between surgeries (such a scorer reads parameters, never BatchNorm's
+    running statistics); with a `refit()` that depends on the network as it is, not on earlier
+    refits (as a reset-and-re-estimate does), the network ends the same (ResNet-50 at 224²: one
+    refit instead of 36).
     `round_to` N keeps a multiple of N channels in every pruned group (`channels_to_remove`).
     `counts[l]`, if given, is the number of channels removed at group l instead (a multiple of
     its blocks; an iterative step's share).
@@ -368,7 +370,9 @@ def select_and_prune(
         top1 = None if source is None else scoring_top1(model, source)
         return map_size(model, g.convs[0], surgeon.example), top1
 
-    refits = range(len(groups) - 1) if source is not None else range(len(groups) - 2, len(groups) - 1)
+    if last_refit_only and source is not None:
+        raise ValueError("last_refit_only needs source=None: the scoring images read the network between surgeries")
+    refits = range(len(groups) - 2, len(groups) - 1) if last_refit_only else range(len(groups) - 1)
     if schedule == "oneshot":
         state = [observed(g) for g in groups]
         all_scores = [scores_of(i, g) for i, g in enumerate(tqdm(groups, desc="score", disable=quiet))]
