@@ -85,6 +85,10 @@ class Scorer(ABC):
     info: ClassVar[ScorerInfo]
     whole_class: ClassVar[bool] = False
     """True: `update` must get each class in one batch; False: chunks of a class are fine."""
+    reads_units: ClassVar[bool] = True
+    """False: `update` never reads `activations`, only the images (through the model itself), so
+    the pipeline gives it each class's images with no units ([N, 0, 0, 0]): no forward, no prefix
+    cache held for it."""
     reads_only_units: ClassVar[bool] = False
     """True: `update` reads only its batch (never the model), so the pipeline may run it on another
     thread while the next chunk's forward runs (one update at a time, in order: the same scores)."""

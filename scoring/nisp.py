@@ -350,8 +350,10 @@ class NISPScorer(ChunkedScorer):
       normalize (True): divide the layer's scores by their maximum. Ranking-neutral; keeps
         deep products of |W| inside float32 and makes layers comparable in a residual group.
     A class given in chunks is forwarded when it ends, in the same passes however it was chunked
-    (`_classifier_inputs`).
+    (`_classifier_inputs`); the units in a batch are not read.
     """
+
+    reads_units = False
 
     def __init__(
         self,

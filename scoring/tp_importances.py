@@ -343,9 +343,11 @@ def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared
 class GradientScorer(ChunkedScorer, TPScorer):
     """A gradient criterion: sums per-class gradient statistics, then hands their mean over
     images to torch-pruning as `param.grad`. A class given in chunks has its gradient passes
-    run when it ends, on all its images (the same passes as one whole-class update)."""
+    run when it ends, on all its images (the same passes as one whole-class update); the units
+    in a batch are not read."""
 
     squared: ClassVar[bool]
+    reads_units = False
 
     def reset(self, layer: LayerSpec) -> None:
         super().reset(layer)

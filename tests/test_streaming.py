@@ -83,6 +83,19 @@ def test_a_whole_class_scorer_gets_one_batch_per_class() -> None:
     assert spy.sizes == [1, 2, 2, 2] * 3
 
 
+def test_a_scorer_that_reads_no_units_gets_whole_classes_of_images_and_no_forward() -> None:
+    model, source = setup(2)
+    conv = model.features[0]
+    forwards: list[int] = []
+    conv.register_forward_hook(lambda *_: forwards.append(1))
+    spy = _WholeClassSpy()
+    spy.whole_class, spy.reads_units = False, False
+    shapes: list[tuple[int, ...]] = []
+    spy.update = lambda batch: shapes.append((batch.images.shape[0], *batch.activations.shape))
+    score_group(model, PrunableGroup(names=(NAME,), convs=(conv,)), spy, source)
+    assert shapes == [(7, 7, 0, 0, 0)] * 3 and not forwards
+
+
 class _SlowSpy(scoring.Scorer):
     """Records when each update ran and on which thread; each update takes 50 ms."""
 

@@ -98,11 +98,16 @@ def class_chunks(model: nn.Module, conv: nn.Conv2d, name: str, source: ScoringDa
 
 def update_with_class(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData, cls: int, *,
                       overlap: bool | None = None) -> None:
-    """Give `scorer` class `cls` at `layer`: chunk by chunk, or whole if it is `whole_class`.
+    """Give `scorer` class `cls` at `layer`: chunk by chunk, or whole if it is `whole_class`
+    (the images alone, whole, if it does not read units: `reads_units` False).
 
     overlap (default: the scorer's `reads_only_units`): each chunk's `update` (e.g. its birth
     times) runs on a worker thread while the next chunk's forward runs here; updates stay one at
     a time and in order, so the scores are the same; two chunks' units are alive at once."""
+    if not scorer.reads_units:
+        images = class_images(source.data, cls, source.per_class, seed=source.seed)
+        scorer.update(scoring.ClassBatch(class_index=cls, images=images, activations=images.new_empty(len(images), 0, 0, 0)))
+        return
     if scorer.whole_class:
         scorer.update(class_batch(layer.model, layer.conv, layer.name, source, cls))
         return
@@ -359,7 +364,7 @@ def select_and_prune(
     ratios = layer_ratios(ratio, len(groups))
     decisions: list[LayerDecision] = []
     cache = None
-    if schedule == "progressive" and source is not None and scorer.info.needs_data:
+    if schedule == "progressive" and source is not None and scorer.info.needs_data and scorer.reads_units:
         cache = prefix_cache(model, budget_bytes=cache_bytes, spill_bytes=spill_bytes, spill_dir=spill_dir)
         source = replace(source, prefix=cache)
 
