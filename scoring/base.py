@@ -71,7 +71,8 @@ class ClassBatch:
 
     class_index: the class these images belong to.
     images: [N, 3, H, W] network inputs (what produced the activations).
-    activations: [N, C, m, m] the layer's units after their activation (ReLU).
+    activations: [N, C, m, m] the layer's units after their activation (ReLU); [N, 0, 0, 0] for
+      a scorer that reads no units (`Scorer.reads_units` False).
     """
 
     class_index: int
@@ -87,8 +88,8 @@ class Scorer(ABC):
     """True: `update` must get each class in one batch; False: chunks of a class are fine."""
     reads_units: ClassVar[bool] = True
     """False: `update` never reads `activations`, only the images (through the model itself), so
-    the pipeline gives it each class's images with no units ([N, 0, 0, 0]): no forward, no prefix
-    cache held for it."""
+    the pipeline gives it each class's images whole with no units ([N, 0, 0, 0]): no forward for
+    units, no prefix cache held for it."""
     reads_only_units: ClassVar[bool] = False
     """True: `update` reads only its batch (never the model), so the pipeline may run it on another
     thread while the next chunk's forward runs (one update at a time, in order: the same scores)."""

@@ -107,6 +107,7 @@ def update_with_class(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: 
     if not scorer.reads_units:
         images = class_images(source.data, cls, source.per_class, seed=source.seed)
         scorer.update(scoring.ClassBatch(class_index=cls, images=images, activations=images.new_empty(len(images), 0, 0, 0)))
+        release_freed_memory()
         return
     if scorer.whole_class:
         scorer.update(class_batch(layer.model, layer.conv, layer.name, source, cls))
@@ -225,7 +226,7 @@ def _mean_on_root(member_scores: list[torch.Tensor], group: PrunableGroup) -> to
 @torch.no_grad()
 def _streamed_scores(scorer: scoring.Scorer, layer: scoring.LayerSpec, source: ScoringData | None) -> torch.Tensor:
     """Scores [C]: reset, update class by class in chunks (one chunk's units held at a time;
-    one class's for a `whole_class` scorer), compute."""
+    one class's for a `whole_class` scorer; the images alone for one that reads no units), compute."""
     scorer.reset(layer)
     if scorer.info.needs_data:
         for cls in source.classes:
