@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Container
 from typing import Any
 
 import torch
@@ -83,15 +84,15 @@ def correlation_matrix(x: torch.Tensor) -> torch.Tensor:
     centred[:, (x == x[0]).all(dim=0)] = 0.0  # exact zeros, not rounding noise
     norms = centred.norm(dim=0)
     corr = centred.T @ centred
-    for rows in _row_slices(corr):
+    for rows in _row_slices(*corr.shape):
         corr[rows] /= torch.outer(norms[rows], norms)
     return corr.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _row_slices(matrix: torch.Tensor) -> list[slice]:
-    """Slices of at most BLOCK_BYTES of rows of `matrix` [R, K]."""
-    rows = max(1, BLOCK_BYTES // (matrix.element_size() * max(matrix.shape[1], 1)))
-    return [slice(i, i + rows) for i in range(0, matrix.shape[0], rows)]
+def _row_slices(rows: int, width: int) -> list[slice]:
+    """Slices of a matrix [rows, width] into blocks of rows of at most BLOCK_BYTES in float64."""
+    step = max(1, BLOCK_BYTES // (8 * max(width, 1)))
+    return [slice(i, i + step) for i in range(0, rows, step)]
 
 
 def inf_fs_scores(
@@ -120,7 +121,7 @@ def inf_fs_scores(
     del x  # [N, F] float64: not held while the F×F matrices are
     a = correlation_matrix(ranked).abs_().neg_().add_(1.0).mul_(1.0 - alpha)  # (1 − α)(1 − |corr|)
     del ranked
-    for rows in _row_slices(a):
+    for rows in _row_slices(*a.shape):
         a[rows] += torch.maximum(spread[rows].unsqueeze(1), spread.unsqueeze(0)).mul_(alpha)
     rho = torch.linalg.eigvalsh(a).abs().max()
     ones = torch.ones(a.shape[0], 1, dtype=torch.float64, device=a.device)
@@ -151,22 +152,14 @@ class _AbsMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.weight = weight
-        return torch.cat([x @ block.abs().to(x).T for block in _row_blocks(weight)], dim=-1)
+        return torch.cat([x @ weight[rows].abs().to(x).T for rows in _row_slices(*weight.shape)], dim=-1)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         out = torch.zeros(*grad.shape[:-1], ctx.weight.shape[1], dtype=grad.dtype, device=grad.device)
-        start = 0
-        for block in _row_blocks(ctx.weight):
-            out += grad[..., start:start + len(block)] @ block.abs().to(grad)
-            start += len(block)
+        for rows in _row_slices(*ctx.weight.shape):
+            out += grad[..., rows] @ ctx.weight[rows].abs().to(grad)
         return out, None
-
-
-def _row_blocks(weight: torch.Tensor) -> list[torch.Tensor]:
-    """The rows of `weight` [out, in] in blocks (views) of at most BLOCK_BYTES in float64."""
-    rows = max(1, BLOCK_BYTES // (8 * max(weight.shape[1], 1)))
-    return list(weight.split(rows))
 
 
 class _AbsLinear(nn.Module):
@@ -181,7 +174,7 @@ class _AbsLinear(nn.Module):
         return _AbsMatmul.apply(x, self.weight_of_model)
 
 
-def _linear_counterpart(module: nn.Module, read_in_place: set[int]) -> nn.Module | None:
+def _linear_counterpart(module: nn.Module, read_in_place: Container[int]) -> nn.Module | None:
     """A replacement for `module` in the linearised copy, or None to keep it (maybe edited);
     a linear layer whose weight's id is in `read_in_place` reads the model's own weight."""
     if isinstance(module, nn.Linear) and id(module.weight) in read_in_place:
@@ -226,7 +219,7 @@ def linearised_copy(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.
     replacements: dict[int, nn.Module | None] = {}  # one per module, under each of its names
     for name, module in list(net.named_modules(remove_duplicate=False)):
         if id(module) not in replacements:
-            replacements[id(module)] = _linear_counterpart(module, set(shared))
+            replacements[id(module)] = _linear_counterpart(module, shared)
         replacement = replacements[id(module)]
         if replacement is not None and name:
             parent_name, _, child = name.rpartition(".")
