@@ -3,6 +3,7 @@
     python -m benchmarks.memory                         # every registered scorer, K = 10, N = 100 (hours)
     python -m benchmarks.memory --scorers entropy l1    # some scorers
     python -m benchmarks.memory --layers 3              # the first 3 layers of the scorers that need data
+    python -m benchmarks.memory --deepest 1             # the last layer of the scorers that need data; under memory-deepest
     python -m benchmarks.memory --quick                 # K = 2, N = 10, 2 layers (20 min); under memory-quick
     python -m benchmarks.memory --report-only           # only rewrite the summary from the scorer files
 
@@ -15,7 +16,11 @@ seeded noise made on demand (no download, no data set held in memory). Per layer
 scoring it (the scorer's work and the forwards it needs), the seconds of the whole layer (from
 the end of the previous layer's surgery: its scoring_top1 diagnostic, scoring and surgery) and the
 peak so far. `--layers L` stops a scorer that needs data after L layers; a weight-only scorer
-always does all 13 (seconds).
+always does all 13 (seconds). `--deepest L` measures a scorer that needs data on the last L
+layers only (VGG16's last group holds the classifier's 25,088 × 4,096 slice): the earlier layers
+are pruned on placeholder scores (the first half of each layer's channels removed, nothing
+scored, not recorded), in minutes instead of hours; its files and summary go under
+memory-deepest, and weight-only scorers, measured on all 13 layers, are not run there.
 
 One file per scorer, benchmarks/results/memory/<scorer>.json (memory-quick/ with --quick),
 rewritten after every layer (an interrupted run leaves its peak so far, outcome "incomplete");
@@ -75,13 +80,15 @@ DONE = ("complete", "refused")
 @dataclass(frozen=True)
 class Settings:
     """What is measured: K `classes` × N `per_class` images of `input_size`² through VGG16; the first
-    `layers` groups (None: all) of a scorer that needs data; the prefix cache's memory and disk budgets."""
+    `layers` groups (None: all) of a scorer that needs data, or its last `deepest` groups (the earlier
+    ones pruned on placeholder scores); the prefix cache's memory and disk budgets."""
 
     classes: int = 10
     per_class: int = 100
     input_size: int = 224
     ratio: float = 0.5
     layers: int | None = None
+    deepest: int | None = None
     seed: int = 0
     chunk_mib: int = CHUNK_BYTES // MIB
     cache_bytes: int = PREFIX_CACHE_BYTES
@@ -89,7 +96,12 @@ class Settings:
 
     def of(self, scorer: str) -> Settings:
         """The settings scorer `scorer` runs under: every layer if it reads only weights."""
-        return self if scoring.scorer_info(scorer).needs_data else replace(self, layers=None)
+        return self if scoring.scorer_info(scorer).needs_data else replace(self, layers=None, deepest=None)
+
+
+def recorded(s: Settings) -> dict:
+    """`s` as its result files record it (without `deepest` where it is not set, as before it existed)."""
+    return {k: v for k, v in asdict(s).items() if k != "deepest" or v is not None}
 
 
 FULL = Settings()
@@ -151,18 +163,21 @@ class _Stop(Exception):
 
 
 class LayerClock:
-    """A ScoreStore that keeps nothing and times layers: `get` starts the scoring clock, `put`
-    stops it, `end_layer` (the schedule's refit after each surgery, and after the last) gives the
-    layer's record to `on_layer` and raises _Stop after `stop_after` layers."""
+    """A ScoreStore that keeps nothing and times layers: `get` starts the scoring clock (or, for the
+    first `skip` layers, gives placeholder scores: the later half of the channels kept), `put`
+    stops it, `end_layer` (the schedule's refit after each surgery, and after the last) gives a
+    scored layer's record to `on_layer` and raises _Stop after `stop_after` scored layers."""
 
-    def __init__(self, on_layer: Callable[[dict], None], stop_after: int) -> None:
-        self.on_layer, self.stop_after, self.layers = on_layer, stop_after, 0
+    def __init__(self, on_layer: Callable[[dict], None], stop_after: int, skip: int = 0) -> None:
+        self.on_layer, self.stop_after, self.skip, self.layers = on_layer, stop_after, skip, 0
         self._scoring = self._ended = time.perf_counter()
         self._scored: dict = {}
+        self._seen = 0
 
-    def get(self, i: int, group: PrunableGroup) -> None:
+    def get(self, i: int, group: PrunableGroup) -> torch.Tensor | None:
+        self._seen = i + 1
         self._scoring = time.perf_counter()
-        return None
+        return torch.arange(group.num_channels, dtype=torch.float32) if i < self.skip else None
 
     def put(self, i: int, group: PrunableGroup, scores: torch.Tensor) -> None:
         self._scored = {"name": group.name, "channels": group.num_channels,
@@ -170,6 +185,9 @@ class LayerClock:
 
     def end_layer(self) -> None:
         now = time.perf_counter()
+        if self._seen <= self.skip:  # a placeholder layer
+            self._ended = now
+            return
         self.on_layer({**self._scored, "layer_s": round(now - self._ended, 3), "peak_rss_bytes": peak_rss()})
         self._ended, self.layers = now, self.layers + 1
         if self.layers >= self.stop_after:
@@ -185,7 +203,7 @@ def measure(scorer_name: str, s: Settings, path: Path) -> dict:
     model, surgeon = vgg16(s)
     total = len(surgeon.groups)
     result = {"benchmark": "memory", "scorer": scorer_name, "needs_data": scorer.info.needs_data,
-              "settings": asdict(s), "machine": machine(), "outcome": "incomplete", "layers_total": total,
+              "settings": recorded(s), "machine": machine(), "outcome": "incomplete", "layers_total": total,
               "baseline_rss_bytes": peak_rss(), "peak_rss_bytes": peak_rss(), "layers": []}
     try:
         with usage_errors():
@@ -195,7 +213,7 @@ def measure(scorer_name: str, s: Settings, path: Path) -> dict:
     write_json(path, result)
     if result["outcome"] == "refused":
         return result
-    start, wanted = time.perf_counter(), min(s.layers or total, total)
+    start, wanted = time.perf_counter(), min(s.deepest or s.layers or total, total)
 
     def on_layer(layer: dict) -> None:
         result["layers"].append(layer)
@@ -206,7 +224,7 @@ def measure(scorer_name: str, s: Settings, path: Path) -> dict:
               f"peak {layer['peak_rss_bytes'] / GIB:.2f} GiB", flush=True)
 
     source = source_of(s) if scorer.info.needs_data else None
-    clock = LayerClock(on_layer, wanted)
+    clock = LayerClock(on_layer, wanted, skip=total - wanted if s.deepest else 0)
     # VGG16 has no BatchNorm, so the main job's refit after each layer does nothing; here it ends the layer's clock
     try:
         select_and_prune(surgeon, scorer, source, ratio=s.ratio, rounding=config.rounding, round_to=config.round_to,
@@ -221,9 +239,10 @@ def measure(scorer_name: str, s: Settings, path: Path) -> dict:
 # ---------------------------------------------------------------- every scorer, and the summary
 
 
-def folder_of(results: Path, quick: bool) -> Path:
-    """Where the scorer files go: <results>/memory/ (memory-quick/ with --quick)."""
-    return results / stem("memory", quick)
+def folder_of(results: Path, quick: bool, deepest: int | None = None) -> Path:
+    """Where the scorer files go: <results>/memory/ (memory-quick/ with --quick; memory-deepest/ and
+    memory-quick-deepest/ with --deepest)."""
+    return results / (stem("memory", quick) + ("-deepest" if deepest else ""))
 
 
 def read(path: Path) -> dict | None:
@@ -245,20 +264,21 @@ def child_argv(scorer_name: str, s: Settings, results: Path, quick: bool) -> lis
     argv = [sys.executable, "-m", "benchmarks.memory", "--scorer", scorer_name, "--results", str(results.resolve()),
             "--classes", str(s.classes), "--samples-per-class", str(s.per_class), "--input-size", str(s.input_size),
             "--chunk-mib", str(s.chunk_mib)]
-    return argv + (["--layers", str(s.layers)] if s.layers else []) + (["--quick"] if quick else [])
+    return (argv + (["--layers", str(s.layers)] if s.layers else []) + (["--deepest", str(s.deepest)] if s.deepest else [])
+            + (["--quick"] if quick else []))
 
 
 def run_scorer(scorer_name: str, s: Settings, results: Path, quick: bool) -> dict:
     """Scorer `scorer_name` measured in a process of its own; its file, marked failed (with the exit
     code and the last line of its stderr) if the process did not finish it."""
-    path = folder_of(results, quick) / f"{scorer_name}.json"
+    path = folder_of(results, quick, s.deepest) / f"{scorer_name}.json"
     done = subprocess.run(child_argv(scorer_name, s, results, quick), stderr=subprocess.PIPE, text=True,
                           cwd=Path(__file__).resolve().parents[1])
     entry = read(path)
-    if done.returncode == 0 and finished(path, asdict(s.of(scorer_name))):
+    if done.returncode == 0 and finished(path, recorded(s.of(scorer_name))):
         return entry
-    if entry is None or entry.get("settings") != asdict(s.of(scorer_name)):
-        entry = {"benchmark": "memory", "scorer": scorer_name, "settings": asdict(s.of(scorer_name)), "layers": []}
+    if entry is None or entry.get("settings") != recorded(s.of(scorer_name)):
+        entry = {"benchmark": "memory", "scorer": scorer_name, "settings": recorded(s.of(scorer_name)), "layers": []}
     error = done.stderr.strip().splitlines()[-1:]
     entry.update(outcome="failed", exit=done.returncode, error=error[0] if error else "")
     write_json(path, entry)
@@ -304,12 +324,12 @@ def row_of(entry: dict) -> dict:
 def summary(s: Settings, scorers: list[str], folder: Path) -> dict:
     """Every scorer file made under the current settings, one row each, and the chunking check."""
     current = {name: e for name in scorers
-               if (e := read(folder / f"{name}.json")) and e.get("settings") == asdict(s.of(name))}
+               if (e := read(folder / f"{name}.json")) and e.get("settings") == recorded(s.of(name))}
     rows = [row_of(current[name]) if name in current
             else {"scorer": name, "outcome": "missing", "layers_covered": "—", "seconds_per_layer": {}}
             for name in scorers]
     measured = [r for r in rows if r["outcome"] != "refused"]
-    return {"benchmark": "memory", "machine": machine(), "settings": asdict(s), "goal_gib": GOAL_GIB,
+    return {"benchmark": "memory", "machine": machine(), "settings": recorded(s), "goal_gib": GOAL_GIB,
             "all_within_goal": bool(measured) and all(r.get("within_goal") for r in measured),
             "scorers": rows, "chunking_exact": read(folder / "chunking.json")}
 
@@ -335,7 +355,8 @@ def markdown(result: dict) -> str:
             f"classes × N = {s['per_class']} noise images, chunks of {s['chunk_mib']} MiB, prefix cache "
             f"{s['cache_bytes'] / GIB:g} GiB (disk spill {s['spill_bytes'] / GIB:g} GiB), each scorer in a process of its "
             f"own: peak resident memory (goal ≤ {GOAL_GIB:g} GiB) and seconds per layer (scoring_top1, scoring, "
-            "surgery).\n\n" + table + ("\n\n" + "\n".join(notes) if notes else "") + check)
+            "surgery)" + (f", on the last {s['deepest']} layer(s) only, the earlier ones pruned on placeholder scores"
+                          if s.get("deepest") else "") + ".\n\n" + table + ("\n\n" + "\n".join(notes) if notes else "") + check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -348,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=positive_int,
                    help="the first L layers of a scorer that needs data (default all 13; 2 with --quick); "
                         "a weight-only scorer always does all 13, in seconds")
+    p.add_argument("--deepest", type=positive_int,
+                   help="the last L layers of a scorer that needs data, the earlier ones pruned on placeholder "
+                        "scores (results under memory-deepest; weight-only scorers not run)")
     p.add_argument("--input-size", type=positive_int, help="image side (default 224; VGG16 needs 32 or more)")
     p.add_argument("--chunk-mib", type=positive_int,
                    help=f"most MiB in the largest tensor of a forward chunk (default {FULL.chunk_mib}, as python -m prune)")
@@ -356,19 +380,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scorer", help="measure this one scorer in this process (what the benchmark runs for each)")
     a = p.parse_args(argv)
     s = settings_from(a, full=FULL, quick=QUICK)
-    folder = folder_of(a.results, a.quick)
+    folder = folder_of(a.results, a.quick, s.deepest)
 
     def job() -> int:
         if a.scorer is not None:
             measure(a.scorer, s.of(a.scorer), folder / f"{a.scorer}.json")
             return 0
         scorers = a.scorers or scoring.list_scorers()
+        if s.deepest:
+            scorers = [name for name in scorers if scoring.scorer_info(name).needs_data]
         with usage_errors():
             for name in scorers:
                 scoring.scorer_info(name)  # an unknown name: one line naming the known ones
         if not a.report_only:
             for name in scorers:
-                if finished(folder / f"{name}.json", asdict(s.of(name))):
+                if finished(folder / f"{name}.json", recorded(s.of(name))):
                     print(f"{name}: finished under these settings, skipped", flush=True)
                     continue
                 entry = run_scorer(name, s, a.results, a.quick)
@@ -376,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             if not finished(folder / "chunking.json", chunking_settings(s)):
                 write_json(folder / "chunking.json", chunking_exact(s))
         result = summary(s, scorers, folder)
-        base = a.results / stem("memory", a.quick)
+        base = folder
         write_json(base.with_suffix(".json"), result)
         write_text(base.with_suffix(".md"), markdown(result) + "\n")
         print(markdown(result))

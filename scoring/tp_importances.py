@@ -290,8 +290,17 @@ def _large_taylor(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]
     return _chunked_rows(rows, idxs, lambda w, g: (w * g).abs().sum(1), grads)
 
 
+def _large_hessian(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+    """Σ w²·h of each row of a large slice (h: the mean squared gradient in `.grad`), else None."""
+    rows, grads = _weight_rows(imp, layer, prune_fn), _weight_rows(imp, layer, prune_fn, of="grad")
+    if grads is None or not _is_large(rows, idxs):
+        return None
+    return _chunked_rows(rows, idxs, lambda w, h: (w**2 * h).sum(1), grads)
+
+
 LARGE_SLICE = {"GroupMagnitudeImportance": _large_magnitude, "LAMPImportance": _large_magnitude,
-               "FPGMImportance": _large_fpgm, "GroupTaylorImportance": _large_taylor}
+               "FPGMImportance": _large_fpgm, "GroupTaylorImportance": _large_taylor,
+               "GroupHessianImportance": _large_hessian}
 """The criteria whose large slices `_Bounded` computes in chunks, and how."""
 
 
@@ -316,28 +325,96 @@ class TPBNScale(TPScorer):
 # ---------------------------------------------------------------- gradient criteria
 
 
-def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared: bool, chunk: int = 32,
-                  names: Sequence[str] | None = None) -> Sums:
-    """Σ over `images` [N, 3, H, W] of ∇CE(model(x), label) (squared=False, `chunk` images a pass,
-    fewer where one image's largest tensor times `chunk` passes PASS_BYTES: the backward holds the
-    pass's activations; VGG16 at 224²: 2) or of (∇CE)² per image (squared=True, one image a pass);
-    {parameter name: tensor}, for the parameters `names` (default all).
+def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared: bool, into: Sums,
+                  chunk: int = 32, names: Sequence[str] | None = None) -> None:
+    """Add to `into` (running sums by parameter name, created as zeros where missing) the sum over
+    `images` [N, 3, H, W] of ∇CE(model(x), label) (squared=False, `chunk` images a pass, fewer
+    where one image's largest tensor times `chunk` passes PASS_BYTES: the backward holds the
+    pass's activations; VGG16 at 224²: 2) or of (∇CE)² per image (squared=True, one image a pass),
+    for the parameters `names` (default all).
 
-    Call inside `_held(model)` (eval mode, grad enabled, every parameter differentiable).
+    A parameter's class sum is formed first and then added to `into`, except a large Linear
+    weight (`large_linears`): its gradient δᵀx is never formed, each pass adds it to `into` in
+    place (one GEMM) from the layer's input x and output gradient δ. Call inside `_held(model)`
+    (eval mode, grad enabled, every parameter differentiable).
     """
     wanted = None if names is None else set(names)
-    names, params = zip(*((n, p) for n, p in model.named_parameters() if wanted is None or n in wanted))
+    named = [(n, p) for n, p in model.named_parameters() if wanted is None or n in wanted]
+    large = large_linears(model, {n for n, _ in named})
+    small = [(n, p) for n, p in named if n not in large]
+    params = [p for _, p in small]
     device = model_device(model)
+    for name, module in large.items():
+        if name not in into:
+            into[name] = torch.zeros_like(module.weight)
     sums = [torch.zeros_like(p) for p in params]
     images = images.to(device)
     per_pass = 1 if squared or len(images) == 0 else images_per_pass(model, images[:1], most=chunk)
     for part in images.split(per_pass):
         labels = torch.full((len(part),), int(label), dtype=torch.long, device=device)
-        loss = F.cross_entropy(model(part), labels, reduction="sum")
-        for total, grad in zip(sums, torch.autograd.grad(loss, params, allow_unused=True)):
+        with _calls_of(large) as calls:
+            loss = F.cross_entropy(model(part), labels, reduction="sum")
+        grads = torch.autograd.grad(loss, [*params, *(y for _, _, y in calls)], allow_unused=True)
+        for total, grad in zip(sums, grads):
             if grad is not None:
                 total += grad.square() if squared else grad
-    return dict(zip(names, sums))
+        _add_linear_gradients(into, calls, grads[len(params):], squared=squared)
+    for (name, _), total in zip(small, sums):
+        if name in into:
+            into[name] += total.to(into[name].device)
+        else:
+            into[name] = total
+
+
+def large_linears(model: nn.Module, names: set[str]) -> dict[str, nn.Linear]:
+    """The nn.Linear modules whose weight is among `names` and above CHUNK_BYTES (VGG16's first
+    classifier layer: 25,088 × 4,096, 0.4 GB), by the weight's parameter name."""
+    found = {}
+    for module_name, module in model.named_modules():
+        name = f"{module_name}.weight" if module_name else "weight"
+        if isinstance(module, nn.Linear) and name in names:
+            if module.weight.numel() * module.weight.element_size() > CHUNK_BYTES:
+                found[name] = module
+    return found
+
+
+@contextmanager
+def _calls_of(linears: dict[str, nn.Linear]) -> Iterator[list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """Records (weight name, input x [..., in], output y [..., out]) of each call of `linears`
+    during a forward; the network reads a copy of y, so that an in-place op after the layer
+    (VGG16's ReLU) leaves y's gradient ∂L/∂y to be asked for."""
+    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def record(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], y: torch.Tensor) -> torch.Tensor:
+            calls.append((name, args[0], y))
+            return y.clone()
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in linears.items()]
+    try:
+        yield calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def _add_linear_gradients(into: Sums, calls: Sequence[tuple[str, torch.Tensor, torch.Tensor]],
+                          deltas: Sequence[torch.Tensor | None], *, squared: bool) -> None:
+    """Add one pass's weight gradient Σ_calls δᵀx [out, in] of each recorded Linear to `into` in
+    place; squared (one image a pass): its square, as (δ²)ᵀx² where the image is one row of x
+    and the layer is called once (no gradient formed), else formed and squared."""
+    for name in dict.fromkeys(name for name, _, _ in calls):
+        pairs = [(x.reshape(-1, x.shape[-1]), d.reshape(-1, d.shape[-1]))
+                 for (n, x, _), d in zip(calls, deltas) if n == name and d is not None]
+        if not squared:
+            for x, d in pairs:
+                into[name].addmm_(d.T, x)
+        elif len(pairs) == 1 and len(pairs[0][0]) == 1:
+            into[name].addmm_(pairs[0][1].square().T, pairs[0][0].square())
+        elif pairs:
+            into[name] += sum(d.T @ x for x, d in pairs).square_()
 
 
 class GradientScorer(ChunkedScorer, TPScorer):
@@ -364,8 +441,8 @@ class GradientScorer(ChunkedScorer, TPScorer):
         """One class's images [N, 3, H, W] → their gradient sums into the running sums."""
         with _held(self.layer.model):
             names = self.group_parameters()
-            sums = gradient_sums(self.layer.model, stats, class_index, squared=self.squared, names=names)
-        self._add(sums, len(stats))
+            gradient_sums(self.layer.model, stats, class_index, squared=self.squared, into=self._sums, names=names)
+        self._count += len(stats)
 
     def group_parameters(self) -> list[str]:
         """Names of the parameters of the modules in the layer's pruning group: the only gradients
@@ -384,7 +461,9 @@ class GradientScorer(ChunkedScorer, TPScorer):
         self._count += count
 
     def state(self) -> tuple[Sums, int, torch.Tensor | None]:
-        """(gradient sums by parameter name on CPU, number of images, an image to trace on) so far."""
+        """(gradient sums by parameter name on CPU, number of images, an image to trace on) so far.
+        On CPU the sums are the scorer's own: take the state after the last update (as class
+        sharding does, from a scorer reset per class); compute() divides them in place."""
         self.end_class()
         return {n: s.cpu() for n, s in self._sums.items()}, self._count, self._example
 
@@ -398,7 +477,11 @@ class GradientScorer(ChunkedScorer, TPScorer):
         self.end_class()
         if getattr(self, "_count", 0) == 0:
             raise ValueError(f"{self.info.name}: no images seen; call update() with class batches")
-        return {n: s / self._count for n, s in self._sums.items()}
+        if self._count != 1:  # the sums become the means in place (VGG16: no second 0.4 GB copy),
+            for total in self._sums.values():  # the state of one image whose gradient is the mean
+                total.div_(self._count)
+            self._count = 1
+        return dict(self._sums)
 
 
 @register("tp-taylor", needs_data=True,

@@ -158,7 +158,8 @@ def test_fpgm_squares_and_sums_large_slices_in_chunks_as_torch_pruning_would(mon
 @pytest.mark.parametrize("criterion, options", [("GroupMagnitudeImportance", {"p": 2, "normalizer": None}),
                                                 ("LAMPImportance", {"p": 2}),
                                                 ("GroupTaylorImportance", {"normalizer": None}),
-                                                ("GroupTaylorImportance", {"normalizer": None, "multivariable": True})])
+                                                ("GroupTaylorImportance", {"normalizer": None, "multivariable": True}),
+                                                ("GroupHessianImportance", {"normalizer": None})])
 def test_weight_criteria_of_large_slices_in_chunks_equal_torch_prunings_bit_for_bit(
         criterion: str, options: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """A conv → BatchNorm → conv → Linear net with every slice forced "large" (chunks of 3 rows):
@@ -356,10 +357,64 @@ def test_gradient_passes_are_bounded_by_the_largest_tensor(monkeypatch: pytest.M
     passes: list[int] = []
     handle = net.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
     with tp_importances._held(net):
-        tp_importances.gradient_sums(net, data[0].images, 0, squared=False)
+        tp_importances.gradient_sums(net, data[0].images, 0, squared=False, into={})
     handle.remove()
     assert passes == [1, 3, 3, 1]  # one image measured, then 7 = 3 + 3 + 1
     torch.testing.assert_close(create("tp-taylor")(layer(net), data), whole, rtol=1e-5, atol=0)
+
+
+class TwiceRead(nn.Module):
+    """Conv(3→4) → ReLU → flatten (144) → a Linear(144→6) applied to the maps and to their
+    negation (one weight, two calls) → ReLU → Linear(6→3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.wide, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(144, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.head(torch.relu(self.wide(h) + self.wide(-h)))
+
+
+def wide_nets() -> dict[str, tuple[nn.Module, nn.Module, nn.Module]]:
+    """(network, its conv, the Linear that reads the conv's 144 flattened outputs): once, followed
+    by an in-place ReLU, and twice with one weight."""
+    torch.manual_seed(6)
+    once = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(144, 6),
+                         nn.ReLU(inplace=True), nn.Linear(6, 3)).eval()
+    twice = TwiceRead().eval()
+    return {"once": (once, once[0], once[3]), "twice": (twice, twice.conv, twice.wide)}
+
+
+@pytest.mark.parametrize("net_name", ["once", "twice"])
+@pytest.mark.parametrize("name", ["tp-taylor", "tp-hessian"])
+def test_a_large_linear_weights_gradient_is_summed_in_place_never_formed(
+        name: str, net_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the Linear's 6 × 144 weight counted large (as VGG16's 4,096 × 25,088), autograd is
+    never asked for its gradient, and the scores equal the hand-derived group mean of the conv's
+    filters and the Linear's 36 inputs per channel, from plain autograd's mean (squared) gradients."""
+    from scoring import tp_importances
+
+    net, conv, wide = wide_nets()[net_name]
+    data = [ClassBatch(b.class_index, b.images, b.activations) for b in batches(n=3)]
+    with torch.enable_grad():
+        grads = (mean_ce_gradients if name == "tp-taylor" else mean_squared_gradients)(net, data)
+    names = {id(p): n for n, p in net.named_parameters()}
+    g_conv, g_wide = grads[names[id(conv.weight)]], grads[names[id(wide.weight)]]
+    if name == "tp-taylor":
+        filters, inputs = (conv.weight * g_conv).abs(), (wide.weight * g_wide).abs()
+    else:
+        filters, inputs = conv.weight**2 * g_conv, wide.weight**2 * g_wide
+    expected = (filters.detach().reshape(4, -1).sum(1) + inputs.detach().sum(0).reshape(4, 36).sum(1)) / 2
+
+    monkeypatch.setattr(tp_importances, "CHUNK_BYTES", 6 * 144 * 4 - 1)
+    asked: list[bool] = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda out, inputs, **kw: (
+        asked.append(any(x is wide.weight for x in inputs)), grad(out, inputs, **kw))[1])
+    got = create(name)(LayerSpec(model=net, conv=conv, name="conv", example=torch.zeros(1, 3, 6, 6)), data)
+    assert asked and not any(asked)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
 
 
 def test_gradient_criteria_take_a_bare_parameter_in_the_group() -> None:
