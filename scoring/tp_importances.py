@@ -154,8 +154,10 @@ class TPFPGM(TPScorer):
     """`FPGMImportance`: mean over the group's conv slices of Σ_j ‖|F_i|² − |F_j|²‖₂ (no BatchNorm);
     [C], higher = keep (far from the geometric median). A large slice (VGG16's last group: the
     classifier's 25,088 inputs, whose n × n distance matrix torch-pruning holds twice: 5 GB) is
-    squared and its distance sums taken in chunks (`_Bounded`, equal within float rounding);
-    every other slice goes through torch-pruning itself."""
+    squared and its distance sums taken in chunks (`_Bounded`, equal within float rounding); a
+    grouped conv's input channels (ResNeXt), where torch-pruning raises, are each read as the
+    weights of the filters of their own group (`_grouped_fpgm`); every other slice goes through
+    torch-pruning itself."""
 
     criterion = "FPGMImportance"
 
@@ -172,8 +174,9 @@ class _Bounded:
     through torch-pruning on its own (its exact operations), except a large Conv/Linear weight
     slice (above `CHUNK_BYTES`, or above `CDIST_ROWS` rows for FPGM; VGG16's last group: the
     classifier's 25,088 inputs × 4,096, 0.4 GB), which `LARGE_SLICE[criterion]` computes in chunks
-    where torch-pruning holds two or three whole copies of it (and FPGM its n × n distances);
-    then torch-pruning's own reduction and normaliser over the items' entries, in group order."""
+    where torch-pruning holds two or three whole copies of it (and FPGM its n × n distances), and
+    FPGM's grouped-conv inputs, where torch-pruning raises (`_grouped_fpgm`); then torch-pruning's
+    own reduction and normaliser over the items' entries, in group order."""
 
     def __init__(self, criterion: str, **options: Any) -> None:
         import torch_pruning as tp
@@ -257,6 +260,33 @@ def _large_fpgm(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) 
     return _distance_sums(_chunked_rows(rows, idxs, lambda x: x.abs().pow(imp.p)))
 
 
+def _grouped_fpgm(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+    """FPGM's distance sums over the input channels `idxs` of a grouped conv (1 < groups < in_channels,
+    as ResNeXt's), else None. Input channel c of group q = c // (in/groups) is read by that group's
+    out/groups filters only: its row is weight[q·out/g : (q+1)·out/g, c mod in/g] flattened, |·|^p.
+    (torch-pruning 1.6.0 repeats a 2-D tensor with one repeat count here and raises.)"""
+    from torch_pruning.pruner import function
+
+    if prune_fn != function.prune_conv_in_channels or not isinstance(layer, tuple(imp.target_types)):
+        return None
+    groups = layer.groups
+    if groups in (1, layer.in_channels):
+        return None
+    w = layer.weight.data  # [in, out/g, k, k] when transposed, else [out, in/g, k, k]
+    if getattr(layer, "transposed", False):
+        rows = w.flatten(1)
+    else:
+        per_group = w.shape[0] // groups
+        rows = torch.cat([w[q * per_group:(q + 1) * per_group].transpose(0, 1).flatten(1) for q in range(groups)])
+    return _distance_sums(rows[list(idxs)].abs().pow(imp.p))
+
+
+def _fpgm_slice(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
+    """FPGM's distance sums of a grouped conv's input channels or of a large slice, else None."""
+    found = _grouped_fpgm(imp, layer, prune_fn, idxs)
+    return found if found is not None else _large_fpgm(imp, layer, prune_fn, idxs)
+
+
 def _distance_sums(x: torch.Tensor) -> torch.Tensor:
     """Σ_i ‖x_i − x_j‖₂ for each row j of `x` [n, d] → [n] (FPGM's column sums of its distance
     matrix). Up to `CDIST_ROWS` rows as torch-pruning computes them (`torch.cdist`); above, in chunks
@@ -299,7 +329,7 @@ def _large_hessian(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int
 
 
 LARGE_SLICE = {"GroupMagnitudeImportance": _large_magnitude, "LAMPImportance": _large_magnitude,
-               "FPGMImportance": _large_fpgm, "GroupTaylorImportance": _large_taylor,
+               "FPGMImportance": _fpgm_slice, "GroupTaylorImportance": _large_taylor,
                "GroupHessianImportance": _large_hessian}
 """The criteria whose large slices `_Bounded` computes in chunks, and how."""
 

@@ -155,6 +155,24 @@ def test_fpgm_squares_and_sums_large_slices_in_chunks_as_torch_pruning_would(mon
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=0)
 
 
+def test_fpgm_reads_a_grouped_convs_input_channel_as_its_own_groups_filters() -> None:
+    """Conv(3→4) feeding a Conv(4→6, groups=2) (ResNeXt's consumer, where torch-pruning 1.6.0
+    raises): input channel c of group q = c // 2 is read by filters 3q…3q+2 only; scores = the
+    group mean of the hand-computed distance sums of the conv's filters and of those rows."""
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, padding=1, groups=2)).eval()
+    w1, w2 = net[0].weight.detach() ** 2, net[2].weight.detach() ** 2  # [4, 3, 3, 3], [6, 2, 3, 3]
+    filters = [w1[c].flatten().tolist() for c in range(4)]
+    inputs = [w2[3 * (c // 2):3 * (c // 2) + 3, c % 2].flatten().tolist() for c in range(4)]
+
+    def distance_sums(rows: list[list[float]]) -> list[float]:
+        return [sum(math.dist(rows[i], rows[j]) for i in range(len(rows))) for j in range(len(rows))]
+
+    spec = LayerSpec(model=net, conv=net[0], name="0", example=torch.zeros(1, 3, 6, 6))
+    torch.testing.assert_close(create("tp-fpgm")(spec), group_mean(distance_sums(filters), distance_sums(inputs)),
+                               rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("criterion, options", [("GroupMagnitudeImportance", {"p": 2, "normalizer": None}),
                                                 ("LAMPImportance", {"p": 2}),
                                                 ("GroupTaylorImportance", {"normalizer": None}),
