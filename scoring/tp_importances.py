@@ -44,19 +44,21 @@ Sums = dict[str, torch.Tensor]
 
 
 @contextmanager
-def _held(model: nn.Module) -> Iterator[None]:
-    """Eval mode, grad enabled and every parameter differentiable inside; train/eval flags,
-    `requires_grad` and `.grad` of the caller's model restored on exit."""
-    params = list(model.parameters())
-    saved = [(p.requires_grad, p.grad) for p in params]
+def _held(model: nn.Module, differentiable: Sequence[str] | None = None) -> Iterator[None]:
+    """Eval mode, grad enabled and every parameter differentiable inside (only those named in
+    `differentiable`, if given: a forward then saves nothing for a backward before the first of
+    them); train/eval flags, `requires_grad` and `.grad` of the caller's model restored on exit."""
+    named = list(model.named_parameters())
+    saved = [(p.requires_grad, p.grad) for _, p in named]
+    wanted = None if differentiable is None else set(differentiable)
     try:
-        for p in params:
-            p.requires_grad_(True)
+        for name, p in named:
+            p.requires_grad_(wanted is None or name in wanted)
             p.grad = None
         with eval_mode(model), torch.enable_grad():
             yield
     finally:
-        for p, (requires, grad) in zip(params, saved):
+        for (_, p), (requires, grad) in zip(named, saved):
             p.grad = grad
             p.requires_grad_(requires)
 
@@ -232,7 +234,7 @@ def _is_large(rows: torch.Tensor | None, idxs: Sequence[int]) -> bool:
 
 def _chunked_rows(rows: torch.Tensor, idxs: Sequence[int], reduce: Any, *more: torch.Tensor) -> torch.Tensor:
     """`reduce(rows[idxs].flatten(1), *(m[idxs].flatten(1) for m in more))` [len(idxs), ...], made
-    `CHUNK_BYTES` of rows at a time."""
+    `CHUNK_BYTES` of rows at a time (each a gathered copy: `reduce` may work in place on it)."""
     step = max(1, CHUNK_BYTES // (rows[0].numel() * rows.element_size()))
     out = None
     for start in range(0, len(idxs), step):
@@ -316,8 +318,8 @@ def _large_taylor(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]
     if grads is None or not _is_large(rows, idxs):
         return None
     if imp.multivariable:
-        return _chunked_rows(rows, idxs, lambda w, g: (w * g).sum(1).abs(), grads)
-    return _chunked_rows(rows, idxs, lambda w, g: (w * g).abs().sum(1), grads)
+        return _chunked_rows(rows, idxs, lambda w, g: w.mul_(g).sum(1).abs(), grads)
+    return _chunked_rows(rows, idxs, lambda w, g: w.mul_(g).abs_().sum(1), grads)
 
 
 def _large_hessian(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int]) -> torch.Tensor | None:
@@ -325,7 +327,7 @@ def _large_hessian(imp: Any, layer: nn.Module, prune_fn: Any, idxs: Sequence[int
     rows, grads = _weight_rows(imp, layer, prune_fn), _weight_rows(imp, layer, prune_fn, of="grad")
     if grads is None or not _is_large(rows, idxs):
         return None
-    return _chunked_rows(rows, idxs, lambda w, h: (w**2 * h).sum(1), grads)
+    return _chunked_rows(rows, idxs, lambda w, h: w.square_().mul_(h).sum(1), grads)
 
 
 LARGE_SLICE = {"GroupMagnitudeImportance": _large_magnitude, "LAMPImportance": _large_magnitude,
@@ -365,8 +367,8 @@ def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared
 
     A parameter's class sum is formed first and then added to `into`, except a large Linear
     weight (`large_linears`): its gradient δᵀx is never formed, each pass adds it to `into` in
-    place (one GEMM) from the layer's input x and output gradient δ. Call inside `_held(model)`
-    (eval mode, grad enabled, every parameter differentiable).
+    place (one GEMM) from the layer's input x and output gradient δ. Call inside `_held(model, names)`
+    (eval mode, grad enabled, those parameters differentiable).
     """
     wanted = None if names is None else set(names)
     named = [(n, p) for n, p in model.named_parameters() if wanted is None or n in wanted]
@@ -469,8 +471,9 @@ class GradientScorer(ChunkedScorer, TPScorer):
 
     def reduce_class(self, class_index: int, stats: torch.Tensor) -> None:
         """One class's images [N, 3, H, W] → their gradient sums into the running sums."""
-        with _held(self.layer.model):
+        with _held(self.layer.model):  # tracing the group reads every parameter's grad_fn
             names = self.group_parameters()
+        with _held(self.layer.model, differentiable=names):
             gradient_sums(self.layer.model, stats, class_index, squared=self.squared, into=self._sums, names=names)
         self._count += len(stats)
 
