@@ -4,12 +4,14 @@ way a hook ends a forward pass early (`StopForward`, `capture`, `run_until_stopp
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from scoring.model_state import eval_mode
 
 PASS_BYTES = 32 * 2**20
 """Most bytes of the largest tensor of one forward pass a scorer makes itself (`images_per_pass`),
@@ -92,3 +94,14 @@ def images_per_pass(model: nn.Module, image: torch.Tensor, *, most: int | None =
         run_until_stopped(model, image)
     fit = max(1, PASS_BYTES // max(largest[0], 1))
     return fit if most is None else min(most, fit)
+
+
+def last_layer_run(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
+    """The conv or linear layer that `model` runs last on `example` (its output layer), or None."""
+    order: list[nn.Module] = []
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with ExitStack() as stack, torch.no_grad(), eval_mode(model):
+        for m in layers:
+            stack.callback(m.register_forward_hook(lambda mod, _i, _o: order.append(mod)).remove)
+        model(example)
+    return order[-1] if order else None

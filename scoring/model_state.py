@@ -1,5 +1,5 @@
-"""A model's state that helpers read or set for a while: the device its parameters are on, and
-its modules' train/eval flags (set for a block, restored after it)."""
+"""A model's state that helpers read or set for a while: the device its parameters are on, its
+modules' train/eval flags (set for a block, restored after it), an input it runs on."""
 
 from __future__ import annotations
 
@@ -28,3 +28,21 @@ def model_device(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
+
+
+PROBE_SIZES = (32, 64, 224)
+"""Input sides `probe_input` tries, smallest first, to trace a model a scorer has no input for."""
+
+
+def probe_input(model: nn.Module) -> torch.Tensor | None:
+    """A zero image [1, 3, s, s] on `model`'s device that `model` runs on (s from PROBE_SIZES), or None."""
+    device = model_device(model)
+    for side in PROBE_SIZES:
+        example = torch.zeros(1, 3, side, side, device=device)
+        try:
+            with torch.no_grad(), eval_mode(model):
+                model(example)
+        except (RuntimeError, ValueError, AssertionError):
+            continue
+        return example
+    return None

@@ -47,16 +47,14 @@ from scoring.activations import checked_activations
 from scoring.base import ClassBatch, LayerSpec
 from scoring.chunked import PerClassSums
 from scoring.dependency import dependency_graph
-from scoring.hooks import StopForward, images_per_pass, run_until_stopped
-from scoring.model_state import eval_mode, model_device
+from scoring.hooks import StopForward, images_per_pass, last_layer_run, run_until_stopped
+from scoring.model_state import eval_mode, model_device, probe_input
 from scoring.registry import register
 from scoring.tp_importances import _held
 
 FORWARD_BATCH = 16
 """Most images per forward pass when a class is scored (never dependent on chunking); fewer where
 one image's largest tensor passes PASS_BYTES / FORWARD_BATCH (VGG16 at 224²: 2)."""
-PROBE_SIZES = (32, 64, 224)
-"""Input sides `check` tries, smallest first, to trace a model it has no input for."""
 
 
 @dataclass(frozen=True)
@@ -178,20 +176,6 @@ def _reading(consumers: list[Consumer]) -> Iterator[dict[nn.Module, torch.Tensor
         yield seen
 
 
-def _probe(model: nn.Module) -> torch.Tensor | None:
-    """A zero image [1, 3, s, s] `model` runs on (s from PROBE_SIZES), or None."""
-    device = model_device(model)
-    for side in PROBE_SIZES:
-        example = torch.zeros(1, 3, side, side, device=device)
-        try:
-            with torch.no_grad(), eval_mode(model):
-                model(example)
-        except (RuntimeError, ValueError, AssertionError):
-            continue
-        return example
-    return None
-
-
 @register("thinet", needs_data=True,
           description="order of ThiNet's greedy discarding by the next layer's output change, classes pooled "
           "(Luo et al. 2017, ThiNet)")
@@ -216,20 +200,15 @@ class ThiNetScorer(PerClassSums):
         linear layer; a model output (the last conv run, e.g. SqueezeNet's classifier conv) is
         never pruned and not checked. Traced on a zero image of the first side in PROBE_SIZES
         the model runs on; if none, the refusal comes when the layer is scored."""
-        example = _probe(model)
+        example = probe_input(model)
         if example is None:
             return
-        order: list[nn.Module] = []
         convs = [m for m in model.modules()
                  if isinstance(m, nn.Conv2d) and m.out_channels > 1 and m.groups != m.out_channels]
-        heads = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        with ExitStack() as stack, torch.no_grad(), eval_mode(model):
-            for m in heads:
-                stack.callback(m.register_forward_hook(lambda mod, _i, _o: order.append(mod)).remove)
-            model(example)
+        last = last_layer_run(model, example)
         names = {m: n for n, m in model.named_modules()}
         for conv, consumers in find_consumers(model, convs, example).items():
-            if not consumers and order and conv is not order[-1]:
+            if not consumers and last is not None and conv is not last:
                 raise ValueError(no_consumer(names[conv]))
 
     def reset(self, layer: LayerSpec) -> None:

@@ -32,8 +32,8 @@ from torch import nn
 from scoring.base import ClassBatch, LayerSpec, Scorer
 from scoring.chunked import ChunkedScorer
 from scoring.dependency import dependency_graph
-from scoring.hooks import images_per_pass
-from scoring.model_state import eval_mode, model_device
+from scoring.hooks import images_per_pass, last_layer_run
+from scoring.model_state import eval_mode, model_device, probe_input
 from scoring.registry import register
 
 Sums = dict[str, torch.Tensor]
@@ -345,13 +345,36 @@ class TPBNScale(TPScorer):
     criterion = "BNScaleImportance"
 
     def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
+        """Refuse a model without BatchNorm, and one with a prunable conv whose group holds none (a
+        squeeze-and-excitation conv, as in EfficientNet), naming the first such conv. A model
+        output (the last conv or linear layer run) is never pruned and not checked. Traced on a
+        zero image (`probe_input`); a model that runs on none is refused when the layer is scored."""
+        import torch_pruning as tp
+
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             raise ValueError("scorer 'tp-bnscale' needs BatchNorm layers and the model has none; "
                              "choose another scorer, e.g. --scorer tp-magnitude")
+        example = probe_input(model)
+        if example is None:
+            return
+        last = last_layer_run(model, example)
+        graph = dependency_graph(model, example)
+        for name, conv in model.named_modules():
+            if not isinstance(conv, nn.Conv2d) or conv.out_channels < 2 or conv.groups == conv.out_channels:
+                continue
+            group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+            if conv is not last and not any(isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm)
+                                            for dep, _ in group):
+                raise ValueError(_no_batchnorm(name))
 
     def missing(self, layer: LayerSpec) -> str:
-        return (f"tp-bnscale: conv {layer.name!r} is followed by no BatchNorm; "
-                "choose another scorer, e.g. --scorer tp-magnitude")
+        return _no_batchnorm(layer.name)
+
+
+def _no_batchnorm(name: str) -> str:
+    """tp-bnscale's refusal of conv `name`, whose pruning group holds no BatchNorm."""
+    return (f"tp-bnscale: conv {name!r} is followed by no BatchNorm (its channels have no scale to read); "
+            "choose another scorer, e.g. --scorer tp-magnitude")
 
 
 # ---------------------------------------------------------------- gradient criteria

@@ -223,7 +223,36 @@ def test_bnscale_check_refuses_a_model_without_batchnorm() -> None:
     with pytest.raises(ValueError, match="no(ne)? BatchNorm|has none") as info:
         create("tp-bnscale").check(plain, classes=2, samples_per_class=3)
     assert "\n" not in str(info.value) and "--scorer" in str(info.value)
-    create("tp-bnscale").check(chain(), classes=2, samples_per_class=3)  # accepted
+    normed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3), nn.BatchNorm2d(2))
+    create("tp-bnscale").check(normed.eval(), classes=2, samples_per_class=3)  # accepted
+
+
+class Excited(nn.Module):
+    """Conv → BatchNorm → ReLU, gated by a squeeze-and-excitation pair of 1 × 1 convs (no
+    BatchNorm, as in EfficientNet), then a conv head whose output is the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.squeeze, self.expand = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        gate = torch.sigmoid(self.expand(torch.relu(self.squeeze(h.mean((2, 3), keepdim=True)))))
+        return self.head(h * gate).mean((2, 3))
+
+
+def test_bnscale_check_names_a_conv_whose_group_holds_no_batchnorm() -> None:
+    """The stem's group holds its BatchNorm; the squeeze conv's does not: refused in one line
+    naming it. Without the squeeze-and-excitation pair the model is accepted (its head conv, the
+    model's output, is never pruned)."""
+    net = Excited().eval()
+    with pytest.raises(ValueError, match="'squeeze'") as info:
+        create("tp-bnscale").check(net, classes=2, samples_per_class=3)
+    assert "\n" not in str(info.value) and "--scorer" in str(info.value)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 3, 1)).eval()
+    create("tp-bnscale").check(plain, classes=2, samples_per_class=3)
 
 
 def test_weight_criteria_trace_on_a_scoring_image_without_an_example() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -42,18 +41,40 @@ def test_the_clock_stops_selection_after_its_layers_and_the_spill_folder_goes(tm
     assert [c.out_channels for c in model.modules() if isinstance(c, torch.nn.Conv2d)] == [4, 6, 16, 16]
 
 
+def test_the_deepest_protocol_prunes_the_earlier_layers_on_placeholders_and_clocks_the_last(tmp_path: Path,
+                                                                                          one_thread) -> None:
+    """`--deepest 1` on a 4-conv chain: the first three groups are pruned on placeholder scores (the
+    first half of their channels removed, not recorded), only the last is scored and recorded,
+    and its files go under memory-deepest."""
+    s = memory.Settings(classes=2, per_class=2, input_size=16, deepest=1)
+    model = EmbeddedVGG(num_classes=2, cfg=(8, 12, "M", 16, 16), batch_norm=False).eval()
+    surgeon = Surgeon(model, torch.zeros(1, 3, 16, 16))
+    convs = [c for c in model.modules() if isinstance(c, torch.nn.Conv2d)]
+    first = convs[0].weight[4:].clone()
+    layers: list[dict] = []
+    clock = memory.LayerClock(layers.append, stop_after=1, skip=3)
+    select_and_prune(surgeon, scoring.create("entropy"), memory.source_of(s), ratio=0.5, store=clock,
+                     refit=clock.end_layer, quiet=True)
+    with pytest.raises(memory._Stop):
+        clock.end_layer()  # after the last group, as `measure` calls it
+    assert [r["name"] for r in layers] == [surgeon.groups[3].name]
+    assert [c.out_channels for c in convs] == [4, 6, 8, 8] and torch.equal(convs[0].weight, first)
+    assert memory.folder_of(tmp_path, False, s.deepest).name == "memory-deepest"
+    assert "deepest" not in memory.recorded(memory.Settings()) and memory.recorded(s)["deepest"] == 1
+
+
 def test_a_failed_process_is_recorded_with_its_exit_code_and_its_peak_so_far(tmp_path: Path, monkeypatch) -> None:
     s = memory.Settings(classes=2, per_class=2, input_size=32, layers=1)
     path = memory.folder_of(tmp_path, False) / "entropy.json"
     layer = {"name": "features.0", "channels": 64, "scoring_s": 1.0, "layer_s": 2.0, "peak_rss_bytes": 3 * memory.GIB}
-    write_json(path, {"scorer": "entropy", "settings": asdict(s), "outcome": "incomplete",
+    write_json(path, {"scorer": "entropy", "settings": memory.recorded(s), "outcome": "incomplete",
                              "layers_total": 13, "baseline_rss_bytes": memory.GIB, "peak_rss_bytes": 3 * memory.GIB,
                              "layers": [layer]})
     monkeypatch.setattr(memory, "child_argv", lambda *_: [sys.executable, "-c",
                                                           "import sys; sys.stderr.write('boom\\n'); sys.exit(3)"])
     entry = memory.run_scorer("entropy", s, tmp_path, False)
     assert (entry["outcome"], entry["exit"], entry["error"], entry["layers"]) == ("failed", 3, "boom", [layer])
-    assert not memory.finished(path, asdict(s))
+    assert not memory.finished(path, memory.recorded(s))
 
     argv = ["--scorers", "entropy", *TINY, "--results", str(tmp_path), "--report-only"]
     assert memory.main(argv) == 0
