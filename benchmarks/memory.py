@@ -321,17 +321,31 @@ def row_of(entry: dict) -> dict:
     return row
 
 
-def summary(s: Settings, scorers: list[str], folder: Path) -> dict:
-    """Every scorer file made under the current settings, one row each, and the chunking check."""
+def summary(s: Settings, scorers: list[str], folder: Path, deepest_folder: Path | None = None) -> dict:
+    """Every scorer file made under the current settings, one row each, and the chunking check;
+    with `deepest_folder`, also the rows of the scorers measured there on the last layers
+    (`--deepest`, the other settings the same), which count towards `all_within_goal`."""
     current = {name: e for name in scorers
                if (e := read(folder / f"{name}.json")) and e.get("settings") == recorded(s.of(name))}
     rows = [row_of(current[name]) if name in current
             else {"scorer": name, "outcome": "missing", "layers_covered": "—", "seconds_per_layer": {}}
             for name in scorers]
-    measured = [r for r in rows if r["outcome"] != "refused"]
-    return {"benchmark": "memory", "machine": machine(), "settings": recorded(s), "goal_gib": GOAL_GIB,
-            "all_within_goal": bool(measured) and all(r.get("within_goal") for r in measured),
-            "scorers": rows, "chunking_exact": read(folder / "chunking.json")}
+    deepest = [] if deepest_folder is None else deepest_rows(s, scorers, deepest_folder)
+    measured = [r for r in rows + deepest if r["outcome"] != "refused"]
+    result = {"benchmark": "memory", "machine": machine(), "settings": recorded(s), "goal_gib": GOAL_GIB,
+              "all_within_goal": bool(measured) and all(r.get("within_goal") for r in measured),
+              "scorers": rows, "chunking_exact": read(folder / "chunking.json")}
+    return result | ({"deepest": deepest} if deepest else {})
+
+
+def deepest_rows(s: Settings, scorers: list[str], folder: Path) -> list[dict]:
+    """Rows of `scorers` measured on their last layers in `folder` (`--deepest`) with the settings of
+    `s` but the layers measured."""
+    def others(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k not in ("layers", "deepest")}
+
+    return [row_of(e) for name in scorers
+            if (e := read(folder / f"{name}.json")) and others(e.get("settings", {})) == others(recorded(s))]
 
 
 def markdown(result: dict) -> str:
@@ -348,6 +362,12 @@ def markdown(result: dict) -> str:
          for r in rows])
     notes = [f"- {r['scorer']}: refused: {r['reason']}" for r in rows if r["outcome"] == "refused"]
     notes += [f"- {r['scorer']}: failed (exit {r['exit']}): {r['error']}" for r in rows if r["outcome"] == "failed"]
+    deep = result.get("deepest", [])
+    if deep:
+        notes.append("- on the last layer (`--deepest`, the earlier ones pruned on placeholder scores; "
+                     "memory-deepest.md): " + ", ".join(
+                         f"{r['scorer']} {r['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in r else f"{r['scorer']} {r['outcome']}"
+                         for r in deep) + ".")
     c = result["chunking_exact"]
     check = "" if c is None else (f"\n\nChunked entropy scores equal whole-class scores: {c['equal']} "
                                   f"(layer `{c['layer']}`, K = 2, N = 5, chunks {c['chunks']}).")
@@ -401,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {entry['outcome']}", flush=True)
             if not finished(folder / "chunking.json", chunking_settings(s)):
                 write_json(folder / "chunking.json", chunking_exact(s))
-        result = summary(s, scorers, folder)
+        result = summary(s, scorers, folder, None if s.deepest else folder_of(a.results, a.quick, deepest=1))
         base = folder
         write_json(base.with_suffix(".json"), result)
         write_text(base.with_suffix(".md"), markdown(result) + "\n")

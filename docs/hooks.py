@@ -19,6 +19,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from mkdocs.structure.files import File, Files
@@ -341,11 +342,16 @@ def topology() -> str:
                              f"{v['topology_s']:.1f} s, the forward passes {v['forward_s']:.1f} s (ratio {v['ratio']:.2f}).")
 
 
-def memory() -> str:
-    """Peak memory and seconds per layer of every scorer on VGG16: the table benchmarks.memory writes."""
-    if not (RESULTS / "memory.md").is_file():
-        return "Not measured yet: run `python -m benchmarks.memory`."
-    return included("benchmarks/results/memory.md")
+def written_by(stem: str, command: str) -> Callable[[], str]:
+    """The table a benchmark writes as benchmarks/results/<stem>.md (peak memory and seconds per
+    layer of every scorer on VGG16: `memory`, `memory-deepest`), or how to make it."""
+
+    def table() -> str:
+        if not (RESULTS / f"{stem}.md").is_file():
+            return f"Not measured yet: run `{command}`."
+        return included(f"benchmarks/results/{stem}.md")
+
+    return table
 
 
 TABLES = {
@@ -354,5 +360,6 @@ TABLES = {
     "speed": speed,
     "round-to": round_to,
     "topology": topology,
-    "memory": memory,
+    "memory": written_by("memory", "python -m benchmarks.memory"),
+    "memory-deepest": written_by("memory-deepest", "python -m benchmarks.memory --deepest 1"),
 }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,25 @@ def test_the_deepest_protocol_prunes_the_earlier_layers_on_placeholders_and_cloc
     assert [c.out_channels for c in convs] == [4, 6, 8, 8] and torch.equal(convs[0].weight, first)
     assert memory.folder_of(tmp_path, False, s.deepest).name == "memory-deepest"
     assert "deepest" not in memory.recorded(memory.Settings()) and memory.recorded(s)["deepest"] == 1
+
+
+def test_the_summary_counts_the_last_layers_measured_under_the_same_settings(tmp_path: Path) -> None:
+    """memory.json lists the --deepest rows made under the same settings (not others), and one of
+    them over the goal makes `all_within_goal` false."""
+    s = memory.Settings(classes=2, per_class=2, input_size=32, layers=1)
+    first = {"scorer": "entropy", "settings": memory.recorded(s), "outcome": "complete", "layers_total": 13,
+             "baseline_rss_bytes": memory.GIB, "peak_rss_bytes": memory.GIB, "layers": []}
+    write_json(memory.folder_of(tmp_path, False) / "entropy.json", first)
+    deep = memory.folder_of(tmp_path, False, deepest=1)
+    for name, settings, peak in (("entropy", replace(s, layers=None, deepest=1), 3),
+                                 ("nisp", replace(s, input_size=64, deepest=1), 1)):
+        write_json(deep / f"{name}.json", {**first, "scorer": name, "settings": memory.recorded(settings),
+                                           "peak_rss_bytes": peak * memory.GIB})
+    result = memory.summary(s, ["entropy", "nisp"], memory.folder_of(tmp_path, False), deep)
+    assert [(r["scorer"], r["peak_rss_gib"]) for r in result["deepest"]] == [("entropy", 3.0)]
+    assert memory.summary(s, ["entropy"], memory.folder_of(tmp_path, False))["all_within_goal"] is True
+    assert memory.summary(s, ["entropy"], memory.folder_of(tmp_path, False), deep)["all_within_goal"] is False
+    assert "on the last layer" in memory.markdown(result) and "entropy 3.00 GiB" in memory.markdown(result)
 
 
 def test_a_failed_process_is_recorded_with_its_exit_code_and_its_peak_so_far(tmp_path: Path, monkeypatch) -> None:
