@@ -386,10 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="K = 2, N = 10, 2 layers (results under memory-quick)")
     p.add_argument("--classes", type=positive_int, help="K (default 10; 2 with --quick)")
     p.add_argument("--samples-per-class", dest="per_class", type=positive_int, help="N (default 100; 10 with --quick)")
-    p.add_argument("--layers", type=positive_int,
+    span = p.add_mutually_exclusive_group()
+    span.add_argument("--layers", type=positive_int,
                    help="the first L layers of a scorer that needs data (default all 13; 2 with --quick); "
                         "a weight-only scorer always does all 13, in seconds")
-    p.add_argument("--deepest", type=positive_int,
+    span.add_argument("--deepest", type=positive_int,
                    help="the last L layers of a scorer that needs data, the earlier ones pruned on placeholder "
                         "scores (results under memory-deepest; weight-only scorers not run)")
     p.add_argument("--input-size", type=positive_int, help="image side (default 224; VGG16 needs 32 or more)")
@@ -400,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scorer", help="measure this one scorer in this process (what the benchmark runs for each)")
     a = p.parse_args(argv)
     s = settings_from(a, full=FULL, quick=QUICK)
+    if s.deepest:
+        s = replace(s, layers=None)  # the last layers instead of the first (--quick's 2)
     folder = folder_of(a.results, a.quick, s.deepest)
 
     def job() -> int:

@@ -19,7 +19,6 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from mkdocs.structure.files import File, Files
@@ -342,16 +341,11 @@ def topology() -> str:
                              f"{v['topology_s']:.1f} s, the forward passes {v['forward_s']:.1f} s (ratio {v['ratio']:.2f}).")
 
 
-def written_by(stem: str, command: str) -> Callable[[], str]:
-    """The table a benchmark writes as benchmarks/results/<stem>.md (peak memory and seconds per
-    layer of every scorer on VGG16: `memory`, `memory-deepest`), or how to make it."""
-
-    def table() -> str:
-        if not (RESULTS / f"{stem}.md").is_file():
-            return f"Not measured yet: run `{command}`."
-        return included(f"benchmarks/results/{stem}.md")
-
-    return table
+def memory() -> str:
+    """Peak memory and seconds per layer of every scorer on VGG16: the table benchmarks.memory writes."""
+    if not (RESULTS / "memory.md").is_file():
+        return "Not measured yet: run `python -m benchmarks.memory`."
+    return included("benchmarks/results/memory.md")
 
 
 TABLES = {
@@ -360,6 +354,5 @@ TABLES = {
     "speed": speed,
     "round-to": round_to,
     "topology": topology,
-    "memory": written_by("memory", "python -m benchmarks.memory"),
-    "memory-deepest": written_by("memory-deepest", "python -m benchmarks.memory --deepest 1"),
+    "memory": memory,
 }

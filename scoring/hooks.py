@@ -4,7 +4,7 @@ way a hook ends a forward pass early (`StopForward`, `capture`, `run_until_stopp
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -96,12 +96,38 @@ def images_per_pass(model: nn.Module, image: torch.Tensor, *, most: int | None =
     return fit if most is None else min(most, fit)
 
 
-def last_layer_run(model: nn.Module, example: torch.Tensor) -> nn.Module | None:
-    """The conv or linear layer that `model` runs last on `example` (its output layer), or None."""
+
+def execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """The convs of `model` in the order a forward pass of `example_inputs` first runs them (a conv
+    that does not run, as an auxiliary head in eval mode, is not listed)."""
     order: list[nn.Module] = []
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with ExitStack() as stack, torch.no_grad(), eval_mode(model):
-        for m in layers:
-            stack.callback(m.register_forward_hook(lambda mod, _i, _o: order.append(mod)).remove)
-        model(example)
-    return order[-1] if order else None
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with forward_hooks(convs, lambda mod, _i, _o: order.append(mod)), torch.no_grad():
+        model(example_inputs)
+    return list(dict.fromkeys(order))
+
+
+@torch.no_grad()
+def classifier_convs(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """[the conv that is the classifier] when the last Conv2d/Linear a forward runs is a conv
+    whose output channels are the model's outputs (SqueezeNet's 1x1 classifier conv); else [].
+    Its channels are the classes: never pruned, as a Linear head is not."""
+    order: list[nn.Module] = []
+    heads = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with forward_hooks(heads, lambda mod, _i, _o: order.append(mod)):
+        out = model(example_inputs)
+    last = order[-1] if order else None
+    if isinstance(last, nn.Conv2d) and isinstance(out, torch.Tensor) and out.ndim >= 2 \
+            and out.shape[1] == last.out_channels:
+        return [last]
+    return []
+
+
+def prunable_convs(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Conv2d]:
+    """The convs whose output channels the pipeline may prune, in execution order (eval mode): every
+    conv a forward runs but depthwise ones, ones with one output channel and a classifier conv
+    (`classifier_convs`); what scorers check before scoring."""
+    with eval_mode(model):
+        order = execution_order(model, example_inputs)
+        classifiers = classifier_convs(model, example_inputs)
+    return [m for m in order if m.out_channels > 1 and m.groups != m.out_channels and m not in classifiers]

@@ -47,7 +47,7 @@ from scoring.activations import checked_activations
 from scoring.base import ClassBatch, LayerSpec
 from scoring.chunked import PerClassSums
 from scoring.dependency import dependency_graph
-from scoring.hooks import StopForward, images_per_pass, last_layer_run, run_until_stopped
+from scoring.hooks import StopForward, images_per_pass, prunable_convs, run_until_stopped
 from scoring.model_state import eval_mode, model_device, probe_input
 from scoring.registry import register
 from scoring.tp_importances import _held
@@ -196,19 +196,16 @@ class ThiNetScorer(PerClassSums):
         self.seed = seed
 
     def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
-        """Refuse (one line naming the layer) a prunable conv whose output reaches no conv or
-        linear layer; a model output (the last conv run, e.g. SqueezeNet's classifier conv) is
-        never pruned and not checked. Traced on a zero image of the first side in PROBE_SIZES
-        the model runs on; if none, the refusal comes when the layer is scored."""
+        """Refuse (one line naming the layer) a prunable conv (`prunable_convs`: one a forward runs,
+        not a classifier conv such as SqueezeNet's, which is never pruned) whose output reaches no
+        conv or linear layer. Traced on a zero image of the first side in PROBE_SIZES the model
+        runs on; if none, the refusal comes when the layer is scored."""
         example = probe_input(model)
         if example is None:
             return
-        convs = [m for m in model.modules()
-                 if isinstance(m, nn.Conv2d) and m.out_channels > 1 and m.groups != m.out_channels]
-        last = last_layer_run(model, example)
         names = {m: n for n, m in model.named_modules()}
-        for conv, consumers in find_consumers(model, convs, example).items():
-            if not consumers and last is not None and conv is not last:
+        for conv, consumers in find_consumers(model, prunable_convs(model, example), example).items():
+            if not consumers:
                 raise ValueError(no_consumer(names[conv]))
 
     def reset(self, layer: LayerSpec) -> None:

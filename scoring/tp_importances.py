@@ -15,12 +15,14 @@ weights and BatchNorm statistics are never changed (passes run in eval mode).
 
 The gradient criteria (`tp-taylor`, `tp-hessian`) take cross-entropy gradients of
 `layer.model` on the scoring images, labels = each batch's class. Their state is a sum over
-classes (gradient sums and an image count), so they shard by class exactly. torch-pruning
-reads gradients from `param.grad`; they are set there only for the call and then restored.
+classes (gradient sums and an image count), so they shard by class (exactly, but for a large
+Linear weight: within float rounding). torch-pruning reads gradients from `param.grad`; they
+are set there only for the call and then restored.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -32,7 +34,7 @@ from torch import nn
 from scoring.base import ClassBatch, LayerSpec, Scorer
 from scoring.chunked import ChunkedScorer
 from scoring.dependency import dependency_graph
-from scoring.hooks import images_per_pass, last_layer_run
+from scoring.hooks import images_per_pass, prunable_convs
 from scoring.model_state import eval_mode, model_device, probe_input
 from scoring.registry import register
 
@@ -158,8 +160,9 @@ class TPFPGM(TPScorer):
     classifier's 25,088 inputs, whose n × n distance matrix torch-pruning holds twice: 5 GB) is
     squared and its distance sums taken in chunks (`_Bounded`, equal within float rounding); a
     grouped conv's input channels (ResNeXt), where torch-pruning raises, are each read as the
-    weights of the filters of their own group (`_grouped_fpgm`); every other slice goes through
-    torch-pruning itself."""
+    weights of the filters of their own group (`_grouped_fpgm`; torch-pruning's magnitude, LAMP,
+    Taylor and Hessian read channel c there as the row c mod in/groups across all filters);
+    every other slice goes through torch-pruning itself."""
 
     criterion = "FPGMImportance"
 
@@ -345,30 +348,42 @@ class TPBNScale(TPScorer):
     criterion = "BNScaleImportance"
 
     def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
-        """Refuse a model without BatchNorm, and one with a prunable conv whose group holds none (a
-        squeeze-and-excitation conv, as in EfficientNet), naming the first such conv. A model
-        output (the last conv or linear layer run) is never pruned and not checked. Traced on a
-        zero image (`probe_input`); a model that runs on none is refused when the layer is scored."""
-        import torch_pruning as tp
-
+        """Refuse a model without BatchNorm, and one with a prunable conv (`prunable_convs`) whose
+        group holds no affine BatchNorm (a squeeze-and-excitation conv, as in EfficientNet),
+        naming the first such conv. Traced on a zero image (`probe_input`); where the model runs
+        on none, or torch-pruning cannot trace or group a conv, the Surgeon or the scoring of
+        that layer says so instead."""
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             raise ValueError("scorer 'tp-bnscale' needs BatchNorm layers and the model has none; "
                              "choose another scorer, e.g. --scorer tp-magnitude")
         example = probe_input(model)
         if example is None:
             return
-        last = last_layer_run(model, example)
-        graph = dependency_graph(model, example)
-        for name, conv in model.named_modules():
-            if not isinstance(conv, nn.Conv2d) or conv.out_channels < 2 or conv.groups == conv.out_channels:
-                continue
-            group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
-            if conv is not last and not any(isinstance(dep.target.module, nn.modules.batchnorm._BatchNorm)
-                                            for dep, _ in group):
-                raise ValueError(_no_batchnorm(name))
+        try:
+            graph = dependency_graph(model, example)
+        except Exception:  # noqa: BLE001 (whatever torch-pruning raises: the Surgeon reports it)
+            return
+        names = {m: n for n, m in model.named_modules()}
+        for conv in prunable_convs(model, example):
+            items = _group_items(graph, conv)
+            if items is not None and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+                                             for m in items):
+                raise ValueError(_no_batchnorm(names[conv]))
 
     def missing(self, layer: LayerSpec) -> str:
         return _no_batchnorm(layer.name)
+
+
+def _group_items(graph: Any, conv: nn.Conv2d) -> list[nn.Module] | None:
+    """The modules of `conv`'s pruning group (all its output channels) in torch-pruning's `graph`;
+    None where torch-pruning cannot group the conv."""
+    import torch_pruning as tp
+
+    try:
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(conv.out_channels)))
+    except Exception:  # noqa: BLE001 (whatever torch-pruning raises: the Surgeon reports it)
+        return None
+    return [dep.target.module for dep, _ in group]
 
 
 def _no_batchnorm(name: str) -> str:
@@ -389,13 +404,13 @@ def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared
     for the parameters `names` (default all).
 
     A parameter's class sum is formed first and then added to `into`, except a large Linear
-    weight (`large_linears`): its gradient δᵀx is never formed, each pass adds it to `into` in
+    weight (`_large_linears`): its gradient δᵀx is never formed, each pass adds it to `into` in
     place (one GEMM) from the layer's input x and output gradient δ. Call inside `_held(model, names)`
     (eval mode, grad enabled, those parameters differentiable).
     """
     wanted = None if names is None else set(names)
     named = [(n, p) for n, p in model.named_parameters() if wanted is None or n in wanted]
-    large = large_linears(model, {n for n, _ in named})
+    large = _large_linears(model, {n for n, _ in named})
     small = [(n, p) for n, p in named if n not in large]
     params = [p for _, p in small]
     device = model_device(model)
@@ -421,16 +436,16 @@ def gradient_sums(model: nn.Module, images: torch.Tensor, label: int, *, squared
             into[name] = total
 
 
-def large_linears(model: nn.Module, names: set[str]) -> dict[str, nn.Linear]:
-    """The nn.Linear modules whose weight is among `names` and above CHUNK_BYTES (VGG16's first
-    classifier layer: 25,088 × 4,096, 0.4 GB), by the weight's parameter name."""
-    found = {}
-    for module_name, module in model.named_modules():
-        name = f"{module_name}.weight" if module_name else "weight"
-        if isinstance(module, nn.Linear) and name in names:
-            if module.weight.numel() * module.weight.element_size() > CHUNK_BYTES:
-                found[name] = module
-    return found
+def _large_linears(model: nn.Module, names: set[str]) -> dict[str, nn.Linear]:
+    """The nn.Linear modules (the class itself: a subclass may read its weight without its forward,
+    as MultiheadAttention's out_proj) whose weight is among `names`, above CHUNK_BYTES (VGG16's
+    first classifier layer: 25,088 × 4,096, 0.4 GB) and held by no other module (a tied weight's
+    other uses would be missed), by the weight's parameter name."""
+    named = {id(p): n for n, p in model.named_parameters() if n in names}
+    holders = Counter(id(w) for m in model.modules() if isinstance(w := getattr(m, "weight", None), torch.Tensor))
+    return {named[id(m.weight)]: m for m in model.modules()
+            if type(m) is nn.Linear and id(m.weight) in named and holders[id(m.weight)] == 1
+            and m.weight.numel() * m.weight.element_size() > CHUNK_BYTES}
 
 
 @contextmanager
@@ -441,12 +456,12 @@ def _calls_of(linears: dict[str, nn.Linear]) -> Iterator[list[tuple[str, torch.T
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def record(name: str) -> Any:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...], y: torch.Tensor) -> torch.Tensor:
-            calls.append((name, args[0], y))
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, y: torch.Tensor) -> torch.Tensor:
+            calls.append((name, args[0] if args else kwargs["input"], y))
             return y.clone()
         return hook
 
-    handles = [m.register_forward_hook(record(name)) for name, m in linears.items()]
+    handles = [m.register_forward_hook(record(name), with_kwargs=True) for name, m in linears.items()]
     try:
         yield calls
     finally:
@@ -476,7 +491,9 @@ class GradientScorer(ChunkedScorer, TPScorer):
     """A gradient criterion: sums per-class gradient statistics, then hands their mean over
     images to torch-pruning as `param.grad`. A class given in chunks has its gradient passes
     run when it ends, on all its images (the same passes as one whole-class update); the units
-    in a batch are not read."""
+    in a batch are not read. Shards merge to the whole run's scores bit for bit, but for a large
+    Linear weight (`_large_linears`), summed pass by pass: equal within float rounding there.
+    compute() turns the sums into means in place: update, merge and state then need a reset."""
 
     squared: ClassVar[bool]
     reads_units = False
@@ -486,16 +503,25 @@ class GradientScorer(ChunkedScorer, TPScorer):
         self._sums: Sums = {}
         self._count = 0
         self._group_parameters: list[str] | None = None
+        self._means = False
+
+    def _still_sums(self) -> None:
+        """Raise if compute() has turned the sums into means (the state cannot grow any more)."""
+        if getattr(self, "_means", False):
+            raise ValueError(f"{self.info.name}: compute() has turned the sums into means; call reset(layer) first")
 
     def per_image(self, batch: ClassBatch) -> torch.Tensor:
         """A chunk's images [n, 3, H, W], kept until the class ends."""
+        self._still_sums()
         self.note_example(batch)
         return batch.images
 
     def reduce_class(self, class_index: int, stats: torch.Tensor) -> None:
         """One class's images [N, 3, H, W] → their gradient sums into the running sums."""
-        with _held(self.layer.model):  # tracing the group reads every parameter's grad_fn
-            names = self.group_parameters()
+        if self._group_parameters is None:  # torch-pruning traces through grad_fn: every parameter differentiable
+            with _held(self.layer.model):
+                self.group_parameters()
+        names = self.group_parameters()
         with _held(self.layer.model, differentiable=names):
             gradient_sums(self.layer.model, stats, class_index, squared=self.squared, into=self._sums, names=names)
         self._count += len(stats)
@@ -520,10 +546,12 @@ class GradientScorer(ChunkedScorer, TPScorer):
         """(gradient sums by parameter name on CPU, number of images, an image to trace on) so far.
         On CPU the sums are the scorer's own: take the state after the last update (as class
         sharding does, from a scorer reset per class); compute() divides them in place."""
+        self._still_sums()
         self.end_class()
         return {n: s.cpu() for n, s in self._sums.items()}, self._count, self._example
 
     def merge(self, states: Sequence[tuple[Sums, int, torch.Tensor | None]]) -> None:
+        self._still_sums()
         for sums, count, example in states:
             self._add(sums, count)
             if self._example is None:
@@ -533,10 +561,10 @@ class GradientScorer(ChunkedScorer, TPScorer):
         self.end_class()
         if getattr(self, "_count", 0) == 0:
             raise ValueError(f"{self.info.name}: no images seen; call update() with class batches")
-        if self._count != 1:  # the sums become the means in place (VGG16: no second 0.4 GB copy),
-            for total in self._sums.values():  # the state of one image whose gradient is the mean
+        if not self._means:  # the sums become the means in place (VGG16: no second 0.4 GB copy)
+            for total in self._sums.values():
                 total.div_(self._count)
-            self._count = 1
+            self._means = True
         return dict(self._sums)
 
 

@@ -255,6 +255,34 @@ def test_bnscale_check_names_a_conv_whose_group_holds_no_batchnorm() -> None:
     create("tp-bnscale").check(plain, classes=2, samples_per_class=3)
 
 
+class WithAuxiliary(nn.Module):
+    """Conv → BatchNorm → ReLU → conv head, and an auxiliary BatchNorm-free conv that runs only in
+    training mode (as GoogLeNet's and Inception's auxiliary classifiers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.aux = nn.Conv2d(8, 4, 1)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        out = self.head(h).mean((2, 3))
+        return out + self.aux(h).mean() if self.training else out
+
+
+@pytest.mark.parametrize("name", ["tp-bnscale", "thinet"])
+def test_checks_read_only_the_convs_a_forward_runs(name: str) -> None:
+    create(name).check(WithAuxiliary().eval(), classes=2, samples_per_class=3)  # accepted: aux never runs
+
+
+def test_bnscale_check_wants_a_batchnorm_with_a_scale() -> None:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, affine=False), nn.ReLU(),
+                        nn.Conv2d(8, 3, 1)).eval()
+    with pytest.raises(ValueError, match="'0'"):
+        create("tp-bnscale").check(net, classes=2, samples_per_class=3)
+
+
 def test_weight_criteria_trace_on_a_scoring_image_without_an_example() -> None:
     net = chain()
     without = LayerSpec(model=net, conv=net[0], name="0")
@@ -462,6 +490,43 @@ def test_a_large_linear_weights_gradient_is_summed_in_place_never_formed(
     got = create(name)(LayerSpec(model=net, conv=conv, name="conv", example=torch.zeros(1, 3, 6, 6)), data)
     assert asked and not any(asked)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tp-taylor", "tp-hessian"])
+def test_with_a_large_linear_shards_merge_within_rounding_and_compute_ends_the_sums(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large Linear's weight is summed pass by pass, so class shards merge to the whole run's
+    scores within float rounding; after compute() (sums made means in place) an update is refused."""
+    from scoring import tp_importances
+
+    monkeypatch.setattr(tp_importances, "CHUNK_BYTES", 6 * 144 * 4 - 1)
+    net, conv, _ = wide_nets()["once"]
+    spec, data = LayerSpec(model=net, conv=conv, name="conv", example=torch.zeros(1, 3, 6, 6)), batches(n=3)
+    scorer = create(name)
+    whole = scorer(spec, data)
+    with pytest.raises(ValueError, match="reset"):
+        scorer.update(data[0])
+    states = []
+    for b in data:
+        scorer.reset(spec)
+        scorer.update(b)
+        states.append(scorer.state())
+    scorer.reset(spec)
+    scorer.merge(states)
+    torch.testing.assert_close(scorer.compute(), whole, rtol=1e-5, atol=0)
+
+
+def test_a_tied_or_subclassed_linear_keeps_autograds_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a plain nn.Linear that alone holds its weight takes the in-place path."""
+    from scoring import tp_importances
+
+    monkeypatch.setattr(tp_importances, "CHUNK_BYTES", 0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    shared = nn.Sequential(a, b, nn.Linear(4, 2))
+    sub = nn.Sequential(nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4), nn.Linear(4, 2))
+    assert list(tp_importances._large_linears(shared, {"0.weight", "2.weight"})) == ["2.weight"]
+    assert list(tp_importances._large_linears(sub, {"0.weight", "1.weight"})) == ["1.weight"]
 
 
 def test_gradient_criteria_take_a_bare_parameter_in_the_group() -> None:

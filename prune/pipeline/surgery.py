@@ -37,7 +37,7 @@ from torch import nn
 
 from prune.errors import UsageError, first_line, out_of_memory
 from scoring.dependency import dependency_graph
-from scoring.hooks import forward_hooks
+from scoring.hooks import classifier_convs, execution_order
 from scoring.model_state import eval_mode
 
 INDEX_LIMIT = 1 << 22
@@ -177,31 +177,6 @@ def _channel_groups(m: nn.Module) -> int:
     return 1
 
 
-def _execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
-    """The convs of `model` in the order a forward pass first runs them."""
-    order: list[nn.Module] = []
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with forward_hooks(convs, lambda mod, _i, _o: order.append(mod)), torch.no_grad():
-        model(example_inputs)
-    return list(dict.fromkeys(order))
-
-
-@torch.no_grad()
-def classifier_convs(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
-    """[the conv that is the classifier] when the last Conv2d/Linear a forward runs is a conv
-    whose output channels are the model's outputs (SqueezeNet's 1x1 classifier conv); else [].
-    Its channels are the classes: never pruned, as a Linear head is not."""
-    order: list[nn.Module] = []
-    heads = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with forward_hooks(heads, lambda mod, _i, _o: order.append(mod)):
-        out = model(example_inputs)
-    last = order[-1] if order else None
-    if isinstance(last, nn.Conv2d) and isinstance(out, torch.Tensor) and out.ndim >= 2 \
-            and out.shape[1] == last.out_channels:
-        return [last]
-    return []
-
-
 class Surgeon:
     """Owns the dependency graph of `model` and removes output channels of conv groups
     (every Conv2d with groups=1 but a classifier conv, `classifier_convs`)."""
@@ -226,7 +201,7 @@ class Surgeon:
             self._classifiers = classifier_convs(model, example_inputs)  # its input channels still follow pruning
             self.graph = _dependency_graph(model, example_inputs, self._ignored)
             self.groups = list(groups) if groups is not None else self._find_groups(
-                _execution_order(model, example_inputs), broken)
+                execution_order(model, example_inputs), broken)
             if verify:
                 self.groups, unrunnable = self._working(self.groups)
                 broken += unrunnable
