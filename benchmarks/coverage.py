@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, markdown_table, random_image_folder
@@ -191,7 +192,9 @@ def write_summary(results: Path, models: list[str], scorers: tuple[str, ...]) ->
     runs = [json.loads(f.read_text()) for m in models for s in scorers if (f := run_file(results, m, s)).exists()]
     counts = {k: sum(r["outcome"] == k for r in runs) for k in ("pruned", "refused", "failed")}
     done = {r["model"] for r in runs}
-    text = (f"# Coverage: the main job on {len(done)} models × {len(scorers)} scorers\n\n"
+    per_scorer = Counter(r["scorer"] for r in runs)
+    text = (f"# Coverage: the main job on {len(done)} models\n\n"
+            f"Models run per scorer: {', '.join(f'{s} {n}' for s, n in per_scorer.items())}. "
             f"{counts['pruned']} runs pruned, {counts['refused']} refused in one line, {counts['failed']} failed "
             f"(random weights, {SETTINGS['classes']} classes × {SETTINGS['samples_per_class']} scoring images, "
             f"ratio {SETTINGS['ratio']}, no fine-tuning; params and FLOPs before → after).\n\n"
@@ -202,6 +205,13 @@ def write_summary(results: Path, models: list[str], scorers: tuple[str, ...]) ->
     write_json(results / "coverage.json", payload)
     write_text(results / "coverage.md", text)
     return counts
+
+
+def every_scorer() -> tuple[str, ...]:
+    """SCORERS, then every other registered scorer: the summary lists the runs of each."""
+    import scoring
+
+    return (*SCORERS, *(s for s in scoring.list_scorers() if s not in SCORERS))
 
 
 def _todo(file: Path, redo_failed: bool) -> bool:
@@ -231,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             todo = tuple(s for s in scorers if _todo(run_file(args.results, model, s), args.redo_failed))
             if todo:
                 run_model(model, todo, data, args.results, args.timeout)
-    counts = write_summary(args.results, all_models(), scorers)
+    counts = write_summary(args.results, all_models(), every_scorer())
     print(f"pruned {counts['pruned']}, refused {counts['refused']}, failed {counts['failed']}")
     return 0
 
