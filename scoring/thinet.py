@@ -106,11 +106,13 @@ def contributions(consumer: Consumer, x: torch.Tensor, units: torch.Tensor, frac
                   images: torch.Tensor) -> torch.Tensor:
     """x̂ [S, C] float64 of S sampled triples: image `images[s]` of the batch, output unit
     `units[s]` of `consumer`, location floor(fractions[s] · positions); `x` the consumer's input."""
-    module, w = consumer.module, consumer.module.weight.detach().cpu().double()
+    module = consumer.module
+    weight = module.weight.detach()
+    w = weight[units.to(weight.device)].cpu().double()  # the sampled units' rows only (VGG16's classifier: 0.8 GB whole)
     if isinstance(module, nn.Linear):
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         loc = (fractions * x.shape[1]).long()
-        parts = w[units] * x[images.to(x.device), loc.to(x.device)].cpu().double()  # [S, F]
+        parts = w * x[images.to(x.device), loc.to(x.device)].cpu().double()  # [S, F]
     else:
         pad = module._reversed_padding_repeated_twice
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
@@ -128,7 +130,7 @@ def contributions(consumer: Consumer, x: torch.Tensor, units: torch.Tensor, frac
         patch = xp[images.to(dev)[:, None, None, None], channels.to(dev)[:, :, None, None],
                    rows.to(dev)[:, None, :, None], cols.to(dev)[:, None, None, :]].cpu().double()
         parts = torch.zeros(len(units), module.in_channels, dtype=torch.float64)
-        parts.scatter_(1, channels, (w[units] * patch).sum(dim=(2, 3)))
+        parts.scatter_(1, channels, (w * patch).sum(dim=(2, 3)))
     if not torch.isfinite(parts).all():
         raise ValueError(f"thinet: NaN/Inf in the input of {type(module).__name__}; check the model weights")
     return parts @ consumer.to_root
