@@ -333,7 +333,8 @@ def summary(s: Settings, scorers: list[str], folder: Path, deepest_folder: Path 
     deepest = [] if deepest_folder is None else deepest_rows(s, scorers, deepest_folder)
     measured = [r for r in rows + deepest if r["outcome"] != "refused"]
     result = {"benchmark": "memory", "machine": machine(), "settings": recorded(s), "goal_gib": GOAL_GIB,
-              "all_within_goal": bool(measured) and all(r.get("within_goal") for r in measured),
+              "all_within_goal": bool(measured) and all(r["outcome"] == "complete" and r.get("within_goal")
+                                                        for r in measured),
               "scorers": rows, "chunking_exact": read(folder / "chunking.json")}
     return result | ({"deepest": deepest} if deepest else {})
 
@@ -364,10 +365,10 @@ def markdown(result: dict) -> str:
     notes += [f"- {r['scorer']}: failed (exit {r['exit']}): {r['error']}" for r in rows if r["outcome"] == "failed"]
     deep = result.get("deepest", [])
     if deep:
-        notes.append("- on the last layer (`--deepest`, the earlier ones pruned on placeholder scores; "
+        notes.append("- on the last layers (`--deepest`, the earlier ones pruned on placeholder scores; "
                      "memory-deepest.md): " + ", ".join(
-                         f"{r['scorer']} {r['peak_rss_gib']:.2f} GiB" if "peak_rss_gib" in r else f"{r['scorer']} {r['outcome']}"
-                         for r in deep) + ".")
+                         f"{r['scorer']} {r['peak_rss_gib']:.2f} GiB" if r["outcome"] == "complete"
+                         else f"{r['scorer']} {r['outcome']}" for r in deep) + ".")
     c = result["chunking_exact"]
     check = "" if c is None else (f"\n\nChunked entropy scores equal whole-class scores: {c['equal']} "
                                   f"(layer `{c['layer']}`, K = 2, N = 5, chunks {c['chunks']}).")

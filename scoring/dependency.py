@@ -32,9 +32,15 @@ def dependency_graph(model: nn.Module, example_inputs: torch.Tensor, ignored: Se
         return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs,
                                                      ignored_layers=list(ignored), verbose=False)
 
-    with torch.enable_grad():
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(lambda _: None, _no_saved_tensor):
+    hooks = {m: set(m._forward_hooks) for m in model.modules()}
+    try:
+        with torch.enable_grad():
+            try:
+                with torch.autograd.graph.saved_tensors_hooks(lambda _: None, _no_saved_tensor):
+                    return build()
+            except _NoSavedTensors:
                 return build()
-        except _NoSavedTensors:
-            return build()
+    finally:  # torch-pruning removes its tracing hooks only after a forward that succeeds
+        for module, before in hooks.items():
+            for key in set(module._forward_hooks) - before:
+                del module._forward_hooks[key]

@@ -96,7 +96,6 @@ def images_per_pass(model: nn.Module, image: torch.Tensor, *, most: int | None =
     return fit if most is None else min(most, fit)
 
 
-
 def execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
     """The convs of `model` in the order a forward pass of `example_inputs` first runs them (a conv
     that does not run, as an auxiliary head in eval mode, is not listed)."""

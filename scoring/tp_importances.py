@@ -359,16 +359,17 @@ class TPBNScale(TPScorer):
         example = probe_input(model)
         if example is None:
             return
-        try:
-            graph = dependency_graph(model, example)
-        except Exception:  # noqa: BLE001 (whatever torch-pruning raises: the Surgeon reports it)
-            return
         names = {m: n for n, m in model.named_modules()}
-        for conv in prunable_convs(model, example):
-            items = _group_items(graph, conv)
-            if items is not None and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
-                                             for m in items):
-                raise ValueError(_no_batchnorm(names[conv]))
+        with _held(model):  # torch-pruning traces through grad_fn and sets eval mode: both restored
+            try:
+                graph = dependency_graph(model, example)
+            except Exception:  # noqa: BLE001 (whatever torch-pruning raises: the Surgeon reports it)
+                return
+            for conv in prunable_convs(model, example):
+                items = _group_items(graph, conv)
+                if items is not None and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine
+                                                 for m in items):
+                    raise ValueError(_no_batchnorm(names[conv]))
 
     def missing(self, layer: LayerSpec) -> str:
         return _no_batchnorm(layer.name)

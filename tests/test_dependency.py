@@ -73,3 +73,23 @@ def test_a_model_that_runs_a_backward_in_its_forward_is_still_traced() -> None:
     graph = dependency_graph(model, torch.rand(1, 3, 5, 5))
     group = graph.get_pruning_group(model.conv, tp.prune_conv_out_channels, idxs=[0])
     assert model.head in {item.dep.target.module for item in group}
+
+
+def test_a_trace_that_fails_leaves_no_hook_behind() -> None:
+    """torch-pruning removes its tracing hooks only after a forward that succeeds."""
+
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.conv(x)
+            raise RuntimeError("a forward that cannot be traced")
+
+    model = Failing()
+    try:
+        dependency_graph(model, torch.zeros(1, 3, 6, 6))
+    except RuntimeError:
+        pass
+    assert not any(m._forward_hooks for m in model.modules())

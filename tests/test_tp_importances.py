@@ -251,6 +251,10 @@ def test_bnscale_check_names_a_conv_whose_group_holds_no_batchnorm() -> None:
     with pytest.raises(ValueError, match="'squeeze'") as info:
         create("tp-bnscale").check(net, classes=2, samples_per_class=3)
     assert "\n" not in str(info.value) and "--scorer" in str(info.value)
+    frozen = Excited().train().requires_grad_(False)  # refused as well, and left in train mode, frozen
+    with pytest.raises(ValueError, match="'squeeze'"):
+        create("tp-bnscale").check(frozen, classes=2, samples_per_class=3)
+    assert all(m.training for m in frozen.modules()) and not any(p.requires_grad for p in frozen.parameters())
     plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 3, 1)).eval()
     create("tp-bnscale").check(plain, classes=2, samples_per_class=3)
 

@@ -80,7 +80,7 @@ def test_the_summary_counts_the_last_layers_measured_under_the_same_settings(tmp
     assert [(r["scorer"], r["peak_rss_gib"]) for r in result["deepest"]] == [("entropy", 3.0)]
     assert memory.summary(s, ["entropy"], memory.folder_of(tmp_path, False))["all_within_goal"] is True
     assert memory.summary(s, ["entropy"], memory.folder_of(tmp_path, False), deep)["all_within_goal"] is False
-    assert "on the last layer" in memory.markdown(result) and "entropy 3.00 GiB" in memory.markdown(result)
+    assert "on the last layers" in memory.markdown(result) and "entropy 3.00 GiB" in memory.markdown(result)
 
 
 def test_a_failed_process_is_recorded_with_its_exit_code_and_its_peak_so_far(tmp_path: Path, monkeypatch) -> None:
