@@ -122,11 +122,21 @@ def classifier_convs(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.
     return []
 
 
+def is_depthwise(m: nn.Module) -> bool:
+    """torch-pruning's depthwise conv: one output channel per group (its in and out channels are tied)."""
+    return isinstance(m, nn.Conv2d) and m.groups == m.out_channels and m.out_channels > 1
+
+
+def may_prune(m: nn.Module, classifiers: Iterable[nn.Module] = ()) -> bool:
+    """Whether `m` is a conv whose output channels the pipeline may remove: an nn.Conv2d with at
+    least two output channels, not depthwise, not one of `classifiers` (`classifier_convs`)."""
+    return isinstance(m, nn.Conv2d) and m.out_channels > 1 and not is_depthwise(m) and m not in classifiers
+
+
 def prunable_convs(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Conv2d]:
-    """The convs whose output channels the pipeline may prune, in execution order (eval mode): every
-    conv a forward runs but depthwise ones, ones with one output channel and a classifier conv
-    (`classifier_convs`); what scorers check before scoring."""
+    """The convs whose output channels the pipeline may prune (`may_prune`), in execution order
+    (eval mode): only convs a forward runs; what scorers check before scoring."""
     with eval_mode(model):
         order = execution_order(model, example_inputs)
         classifiers = classifier_convs(model, example_inputs)
-    return [m for m in order if m.out_channels > 1 and m.groups != m.out_channels and m not in classifiers]
+    return [m for m in order if may_prune(m, classifiers)]

@@ -134,6 +134,9 @@ def nudged(cost: StructureCost, counts: Sequence[int], target: float, cap: float
     while one brings it closer. A group whose aligned count passes `cap` starts at the narrowest
     aligned width the cap allows."""
     widths = group_widths(cost, cap)
+    narrowest = [c - ws[0] for c, ws in zip(cost.channels, widths)]
+    if cost.fraction(narrowest) >= target:  # every narrower move brings it closer: the greedy walk ends there
+        return tuple(n / c for n, c in zip(narrowest, cost.channels))
     counts = _capped_counts(counts, cost.channels, widths)
     best = abs(cost.fraction(counts) - target)
     while True:

@@ -37,7 +37,7 @@ from torch import nn
 
 from prune.errors import UsageError, first_line, out_of_memory
 from scoring.dependency import dependency_graph
-from scoring.hooks import classifier_convs, execution_order
+from scoring.hooks import classifier_convs, execution_order, is_depthwise, may_prune
 from scoring.model_state import eval_mode
 
 INDEX_LIMIT = 1 << 22
@@ -163,14 +163,9 @@ def _same_in_every_block(idxs: Sequence[int], num_channels: int, blocks: int) ->
     return all(p == per_block[0] for p in per_block)
 
 
-def _is_depthwise(m: nn.Module) -> bool:
-    """torch-pruning's depthwise conv: one output channel per group (its in and out channels are tied)."""
-    return isinstance(m, nn.Conv2d) and m.groups == m.out_channels and m.out_channels > 1
-
-
 def _channel_groups(m: nn.Module) -> int:
     """The equal channel blocks `m` needs kept equal: a grouped (not depthwise) conv's groups, a GroupNorm's groups."""
-    if isinstance(m, nn.Conv2d) and not _is_depthwise(m):
+    if isinstance(m, nn.Conv2d) and not is_depthwise(m):
         return int(m.groups)
     if isinstance(m, nn.GroupNorm):
         return int(m.num_groups)
@@ -179,7 +174,7 @@ def _channel_groups(m: nn.Module) -> int:
 
 class Surgeon:
     """Owns the dependency graph of `model` and removes output channels of conv groups
-    (every Conv2d with groups=1 but a classifier conv, `classifier_convs`)."""
+    (every conv `may_prune` accepts that is not in `ignored_layers`)."""
 
     def __init__(
         self,
@@ -222,8 +217,7 @@ class Surgeon:
             )
 
     def _is_root_candidate(self, m: nn.Module) -> bool:
-        return (isinstance(m, nn.Conv2d) and not _is_depthwise(m) and m.out_channels > 1
-                and m not in self._ignored and m not in self._classifiers)
+        return may_prune(m, self._classifiers) and m not in self._ignored
 
     def _find_groups(self, order: list[nn.Module], left_out: list[str]) -> list[PrunableGroup]:
         """The prunable groups, roots in execution `order`; a root torch-pruning cannot group within
@@ -258,7 +252,7 @@ class Surgeon:
         maps: dict[nn.Conv2d, IndexMap] = {}
         for item in group:
             m = item.dep.target.module
-            if isinstance(m, nn.Conv2d) and not _is_depthwise(m) and self.graph.is_out_channel_pruning_fn(item.dep.handler):
+            if isinstance(m, nn.Conv2d) and not is_depthwise(m) and self.graph.is_out_channel_pruning_fn(item.dep.handler):
                 pairs = sorted({(int(i), int(r)) for i, r in zip(item.idxs, item.root_idxs)
                                 if r is not None and 0 <= int(r) < root_channels and 0 <= int(i) < m.out_channels})
                 maps[m] = (tuple(i for i, _ in pairs), tuple(r for _, r in pairs))
