@@ -10,8 +10,9 @@ Each (model, scorer) is one `python -m prune` process on random weights (the cos
 on them) over a generated ImageFolder of random `--input-size`² images: K = `--classes` classes
 of N = `--samples-per-class` scoring images, `--val-per-class` validation images, no fine-tuning,
 `--threads` torch threads. Recorded: the process's wall time (imports included) and report.json's
-stage timings. The unit, measured once per model in a process of its own with the same threads:
-one forward of the K·N scoring images (batch 32, eval mode, no grad) through the unpruned network.
+stage timings. The unit, measured once per model and CPU model in a process of its own with the same
+threads: one forward of the K·N scoring images (batch 32, eval mode, no grad) through the unpruned
+network; a run is divided by the unit of the CPU it ran on (none measured there: no ratio).
 One result file per run under benchmarks/results/scale/ (a finished run is not redone); the
 summary is benchmarks/results/scale-k<K>-n<N>-<side>.json and .md.
 """
@@ -108,15 +109,21 @@ def run_file(results: Path, model: str, scorer: str, s: Settings) -> Path:
     return results / "scale" / f"{model}-{scorer}-{tag(s)}.json"
 
 
-def forward_file(results: Path, model: str, s: Settings) -> Path:
-    return results / "scale" / f"{model}-forward-{tag(s)}.json"
+def forward_file(results: Path, model: str, s: Settings, cpu: str) -> Path:
+    """The unit of `model` at `s` measured on the CPU model `cpu` (e.g. "AMD EPYC")."""
+    return results / "scale" / f"{model}-forward-{tag(s)}-{cpu_slug(cpu)}.json"
+
+
+def cpu_slug(cpu: str) -> str:
+    """`cpu` as a file-name part: "Intel(R) Xeon(R) Processor" → "intel-r-xeon-r-processor"."""
+    return "-".join("".join(c if c.isalnum() else " " for c in cpu.lower()).split())
 
 
 def measure_all(s: Settings, results: Path) -> None:
     """Every (model, scorer) run and every model's unit not yet in `results`, one result file each."""
     data = data_folder(s)
     for model in s.models:
-        unit = forward_file(results, model, s)
+        unit = forward_file(results, model, s, machine()["cpu"])
         if not unit.exists():
             seconds = _in_subprocess(model, s)
             write_json(unit, {"model": model, "forward_s": seconds, "settings": asdict(s), "machine": machine()})
@@ -142,20 +149,21 @@ def _in_subprocess(model: str, s: Settings) -> float:
 
 
 def summary(s: Settings, results: Path) -> dict:
-    """Every finished run with its times in units of its model's forward."""
+    """Every finished run with its times in units of its model's forward on the same CPU model
+    (no ratio where that forward was not measured)."""
     rows = []
     for model in s.models:
-        unit_file = forward_file(results, model, s)
-        if not unit_file.exists():
-            continue
-        unit = json.loads(unit_file.read_text())["forward_s"]
         for scorer in s.scorers:
             file = run_file(results, model, scorer, s)
             if not file.exists():
                 continue
             run = json.loads(file.read_text())
-            row = {"model": model, "scorer": scorer, "forward_s": unit, "wall_s": run["wall_s"], "exit": run["exit"]}
-            if run["exit"] == 0:
+            cpu = run["machine"]["cpu"]
+            unit_file = forward_file(results, model, s, cpu)
+            unit = json.loads(unit_file.read_text())["forward_s"] if unit_file.exists() else None
+            row = {"model": model, "scorer": scorer, "cpu": cpu, "forward_s": unit, "wall_s": run["wall_s"],
+                   "exit": run["exit"], "load_average_1": run.get("load_average_1_5_15", [None])[0]}
+            if run["exit"] == 0 and unit is not None:
                 row["stages_s"] = run["timings"]
                 row["wall_over_forward"] = run["wall_s"] / unit
                 row["stages_over_forward"] = {k: v / unit for k, v in run["timings"].items()}
@@ -166,9 +174,11 @@ def summary(s: Settings, results: Path) -> dict:
 def markdown(result: dict) -> str:
     s = result["settings"]
     stages = sorted({k for r in result["runs"] for k in r.get("stages_s", {})})
-    header = ["model", "scorer", "forward (s)", "wall (s)", "wall ÷ forward", *(f"{k} ÷ forward" for k in stages)]
-    rows = [[r["model"], r["scorer"], f"{r['forward_s']:.1f}", f"{r['wall_s']:.1f}",
-             f"{r['wall_over_forward']:.2f}" if "wall_over_forward" in r else f"exit {r['exit']}",
+    header = ["model", "scorer", "CPU", "forward (s)", "wall (s)", "wall ÷ forward", *(f"{k} ÷ forward" for k in stages)]
+    rows = [[r["model"], r["scorer"], r["cpu"], "—" if r["forward_s"] is None else f"{r['forward_s']:.1f}",
+             f"{r['wall_s']:.1f}",
+             f"{r['wall_over_forward']:.2f}" if "wall_over_forward" in r
+             else f"exit {r['exit']}" if r["exit"] else "no forward on this CPU",
              *(f"{r['stages_over_forward'][k]:.2f}" if k in r.get("stages_over_forward", {}) else "" for k in stages)]
             for r in result["runs"]]
     return (f"Main job at {s['input_size']}², K = {s['classes']}, N = {s['samples_per_class']}, ratio {s['ratio']}, "
