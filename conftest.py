@@ -10,7 +10,7 @@ import torch
 def pytest_configure(config: pytest.Config) -> None:
     """Each pytest-xdist worker (`-n 2` in pyproject.toml) and the processes its tests start run
     one torch thread: the tests' small forwards gain nothing from threads, and two workers with two
-    threads each fight for the cores (measured on 2 cores: 455 s with one thread a worker, 817 s in
+    threads each fight for the cores (measured on 2 cores: 452 s with one thread a worker, 817 s in
     one process, 867 s with two workers of two threads)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"

@@ -14,7 +14,8 @@ stage timings. The unit, measured once per model and CPU model in a process of i
 threads: one forward of the K·N scoring images (batch 32, eval mode, no grad) through the unpruned
 network; a run is divided by the unit of the CPU it ran on (none measured there: no ratio).
 One result file per run under benchmarks/results/scale/ (a finished run is not redone); the
-summary is benchmarks/results/scale-k<K>-n<N>-<side>.json and .md.
+summary, of every run file at those settings whatever the models and scorers asked for, is
+benchmarks/results/scale-k<K>-n<N>-<side>.json and .md (the load average at each run's end beside it).
 """
 
 from __future__ import annotations
@@ -101,8 +102,10 @@ def one_run(model: str, scorer: str, s: Settings, data: Path) -> dict:
 
 
 def tag(s: Settings) -> str:
-    """The settings a result file depends on, in its name: k<K>-n<N>-<side>."""
-    return f"k{s.classes}-n{s.samples_per_class}-{s.input_size}"
+    """The settings a result file depends on, in its name: k<K>-n<N>-<side>, and -t<threads> where
+    the threads are not the default's (2)."""
+    threads = "" if s.threads == Settings.threads else f"-t{s.threads}"
+    return f"k{s.classes}-n{s.samples_per_class}-{s.input_size}{threads}"
 
 
 def run_file(results: Path, model: str, scorer: str, s: Settings) -> Path:
@@ -120,21 +123,26 @@ def cpu_slug(cpu: str) -> str:
 
 
 def measure_all(s: Settings, results: Path) -> None:
-    """Every (model, scorer) run and every model's unit not yet in `results`, one result file each."""
+    """Every (model, scorer) run not yet in `results`, and the unit of each model with such a run
+    on this CPU model if not measured yet, one result file each."""
     data = data_folder(s)
     for model in s.models:
+        pending = [scorer for scorer in s.scorers if not _finished(run_file(results, model, scorer, s))]
         unit = forward_file(results, model, s, machine()["cpu"])
-        if not unit.exists():
+        if pending and not unit.exists():
             seconds = _in_subprocess(model, s)
             write_json(unit, {"model": model, "forward_s": seconds, "settings": asdict(s), "machine": machine()})
             print(f"{model}: one forward of {s.classes * s.samples_per_class} images = {seconds:.1f} s", flush=True)
-        for scorer in s.scorers:
+        for scorer in pending:
             file = run_file(results, model, scorer, s)
-            if file.exists() and json.loads(file.read_text())["exit"] == 0:
-                continue  # finished; a failed run is run again
             result = one_run(model, scorer, s, data)
             write_json(file, {**result, "settings": asdict(s), "machine": machine()})
             print(f"{model} {scorer}: {result['wall_s']:.1f} s (exit {result['exit']})", flush=True)
+
+
+def _finished(file: Path) -> bool:
+    """Whether `file` holds a finished run (a failed run is run again)."""
+    return file.exists() and json.loads(file.read_text())["exit"] == 0
 
 
 def _in_subprocess(model: str, s: Settings) -> float:
@@ -149,33 +157,35 @@ def _in_subprocess(model: str, s: Settings) -> float:
 
 
 def summary(s: Settings, results: Path) -> dict:
-    """Every finished run with its times in units of its model's forward on the same CPU model
-    (no ratio where that forward was not measured)."""
+    """Every run in `results` at `s`'s K, N, side and threads, whatever its model and scorer (those of
+    `s` first, in their order), with its times in units of its model's forward on the same CPU
+    model (no ratio where that forward was not measured)."""
+    runs = [json.loads(f.read_text()) for f in sorted((results / "scale").glob(f"*-{tag(s)}.json"))
+            if "-forward-" not in f.name]
+    models, scorers = ([*given, *sorted({r[key] for r in runs} - set(given))]
+                       for given, key in ((s.models, "model"), (s.scorers, "scorer")))
     rows = []
-    for model in s.models:
-        for scorer in s.scorers:
-            file = run_file(results, model, scorer, s)
-            if not file.exists():
-                continue
-            run = json.loads(file.read_text())
-            cpu = run["machine"]["cpu"]
-            unit_file = forward_file(results, model, s, cpu)
-            unit = json.loads(unit_file.read_text())["forward_s"] if unit_file.exists() else None
-            row = {"model": model, "scorer": scorer, "cpu": cpu, "forward_s": unit, "wall_s": run["wall_s"],
-                   "exit": run["exit"], "load_average_1": run.get("load_average_1_5_15", [None])[0]}
-            if run["exit"] == 0 and unit is not None:
-                row["stages_s"] = run["timings"]
-                row["wall_over_forward"] = run["wall_s"] / unit
-                row["stages_over_forward"] = {k: v / unit for k, v in run["timings"].items()}
-            rows.append(row)
+    for run in sorted(runs, key=lambda r: (models.index(r["model"]), scorers.index(r["scorer"]))):
+        model, scorer, cpu = run["model"], run["scorer"], run["machine"]["cpu"]
+        unit_file = forward_file(results, model, s, cpu)
+        unit = json.loads(unit_file.read_text())["forward_s"] if unit_file.exists() else None
+        row = {"model": model, "scorer": scorer, "cpu": cpu, "forward_s": unit, "wall_s": run["wall_s"],
+               "exit": run["exit"], "load_average_1": run.get("load_average_1_5_15", [None])[0]}
+        if run["exit"] == 0 and unit is not None:
+            row["stages_s"] = run["timings"]
+            row["wall_over_forward"] = run["wall_s"] / unit
+            row["stages_over_forward"] = {k: v / unit for k, v in run["timings"].items()}
+        rows.append(row)
     return {"settings": asdict(s), "machine": machine(), "runs": rows}
 
 
 def markdown(result: dict) -> str:
     s = result["settings"]
     stages = sorted({k for r in result["runs"] for k in r.get("stages_s", {})})
-    header = ["model", "scorer", "CPU", "forward (s)", "wall (s)", "wall ÷ forward", *(f"{k} ÷ forward" for k in stages)]
-    rows = [[r["model"], r["scorer"], r["cpu"], "—" if r["forward_s"] is None else f"{r['forward_s']:.1f}",
+    header = ["model", "scorer", "CPU", "load (1 min)", "forward (s)", "wall (s)", "wall ÷ forward",
+              *(f"{k} ÷ forward" for k in stages)]
+    rows = [[r["model"], r["scorer"], r["cpu"], "" if r["load_average_1"] is None else f"{r['load_average_1']:.1f}",
+             "—" if r["forward_s"] is None else f"{r['forward_s']:.1f}",
              f"{r['wall_s']:.1f}",
              f"{r['wall_over_forward']:.2f}" if "wall_over_forward" in r
              else f"exit {r['exit']}" if r["exit"] else "no forward on this CPU",

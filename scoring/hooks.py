@@ -3,7 +3,7 @@ way a hook ends a forward pass early (`StopForward`, `capture`, `run_until_stopp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -127,7 +127,7 @@ def is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups == m.out_channels and m.out_channels > 1
 
 
-def may_prune(m: nn.Module, classifiers: Iterable[nn.Module] = ()) -> bool:
+def may_prune(m: nn.Module, classifiers: Collection[nn.Module] = ()) -> bool:
     """Whether `m` is a conv whose output channels the pipeline may remove: an nn.Conv2d with at
     least two output channels, not depthwise, not one of `classifiers` (`classifier_convs`)."""
     return isinstance(m, nn.Conv2d) and m.out_channels > 1 and not is_depthwise(m) and m not in classifiers

@@ -35,8 +35,8 @@ def selection(model: str, scorer: str) -> dict:
 
 @pytest.mark.parametrize(("model", "scorer"), CASES)
 def test_the_main_job_removes_the_committed_channels(model: str, scorer: str) -> None:
-    """Channels, counts and accuracies exactly; the mean loss to float rounding (a mean of float32
-    losses sums in an order that differs between CPUs: the last digits differ on AMD and Intel)."""
+    """Channels, counts and accuracies exactly; the mean loss to float rounding (its last digits differ
+    between CPU models: AMD and Intel give values one float32 step apart)."""
     committed = json.loads(FIXTURE.read_text())["cases"][f"{model}/{scorer}"]
     found = selection(model, scorer)
     assert without_loss(found) == without_loss(committed)

@@ -125,6 +125,19 @@ def test_engine_matches_gudhi_large_maps() -> None:
     assert _mismatches(seed=1, count=14, sizes=np.array([64, 100])) == []
 
 
+def test_births_split_over_threads_equal_one_thread() -> None:
+    """The engine splits a large batch over threads (torch's thread count by default; the tests run
+    one thread a worker, so this is where the split path runs): the same births and thresholds."""
+    from scoring.topology import _engine
+
+    maps = np.random.default_rng(4).random((400, 32, 32))
+    assert maps.size // _engine._ENTRIES_PER_THREAD >= 2  # large enough to be split
+    one, two = _engine.births_batch(maps, threads=1), _engine.births_batch(maps, threads=2)
+    np.testing.assert_array_equal(one[0], two[0])
+    np.testing.assert_array_equal(one[1], two[1])
+    assert (one[0] > 0).all()
+
+
 @pytest.mark.slow
 def test_engine_matches_gudhi_ten_thousand() -> None:
     assert _mismatches(seed=2, count=10_000, sizes=np.arange(1, 41)) == []

@@ -19,19 +19,26 @@ def test_scale_writes_one_file_per_run_and_skips_finished_runs(tmp_path, capsys)
     unit_file = scale.forward_file(tmp_path, "resnet18", settings, cpu)
     run, unit = json.loads(run_file.read_text()), json.loads(unit_file.read_text())
     assert run["exit"] == 0 and set(run["timings"]) >= {"load", "select_and_prune", "evaluate_before"}
-    assert run["threads"] == 1 and unit["forward_s"] > 0
-    summary = json.loads((tmp_path / "scale-k2-n4-32.json").read_text())
+    assert run["threads"] == 1 and unit["forward_s"] > 0 and scale.tag(settings) == "k2-n4-32-t1"
+    summary = json.loads((tmp_path / f"scale-{scale.tag(settings)}.json").read_text())
     (row,) = summary["runs"]
     assert row["wall_over_forward"] == run["wall_s"] / unit["forward_s"]
     assert row["stages_over_forward"]["load"] == run["timings"]["load"] / unit["forward_s"]
-    assert "resnet18" in (tmp_path / "scale-k2-n4-32.md").read_text()
+    assert "resnet18" in (tmp_path / f"scale-{scale.tag(settings)}.md").read_text()
 
     unit_file.rename(scale.forward_file(tmp_path, "resnet18", settings, "Another CPU"))  # no unit on this run's CPU
     assert scale.main([*ARGS, "--results", str(tmp_path), "--report"]) == 0
-    (row,) = json.loads((tmp_path / "scale-k2-n4-32.json").read_text())["runs"]
+    (row,) = json.loads((tmp_path / f"scale-{scale.tag(settings)}.json").read_text())["runs"]
     assert row["forward_s"] is None and "wall_over_forward" not in row
-    assert "no forward on this CPU" in (tmp_path / "scale-k2-n4-32.md").read_text()
+    assert "no forward on this CPU" in (tmp_path / f"scale-{scale.tag(settings)}.md").read_text()
     unit_file.write_text(json.dumps(unit))
+
+    other = scale.run_file(tmp_path, "vgg11", "l1", settings)  # a run another call made: kept in the summary
+    other.write_text(json.dumps({**run, "model": "vgg11"}))
+    assert scale.main([*ARGS, "--results", str(tmp_path), "--report"]) == 0
+    rows = json.loads((tmp_path / f"scale-{scale.tag(settings)}.json").read_text())["runs"]
+    assert [(r["model"], r["scorer"]) for r in rows] == [("resnet18", "l1"), ("vgg11", "l1")]
+    other.unlink()
 
     before = run_file.stat().st_mtime_ns
     assert scale.main([*ARGS, "--results", str(tmp_path)]) == 0

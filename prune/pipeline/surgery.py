@@ -174,7 +174,8 @@ def _channel_groups(m: nn.Module) -> int:
 
 class Surgeon:
     """Owns the dependency graph of `model` and removes output channels of conv groups
-    (every conv `may_prune` accepts that is not in `ignored_layers`)."""
+    (roots: the convs a forward runs that `may_prune` accepts, not in `ignored_layers`; a root
+    torch-pruning cannot group or prune and keep the model running is left out, with a warning)."""
 
     def __init__(
         self,
