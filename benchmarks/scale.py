@@ -15,7 +15,7 @@ threads: one forward of the K·N scoring images (batch 32, eval mode, no grad) t
 network; a run is divided by the unit of the CPU it ran on (none measured there: no ratio).
 One result file per run under benchmarks/results/scale/ (a finished run is not redone); the
 summary, of every run file at those settings whatever the models and scorers asked for, is
-benchmarks/results/scale-k<K>-n<N>-<side>.json and .md (the load average at each run's end beside it).
+benchmarks/results/scale-k<K>-n<N>-<side>[-t<threads>].json and .md (the load average at each run's end beside it).
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def measure_all(s: Settings, results: Path) -> None:
         unit = forward_file(results, model, s, machine()["cpu"])
         if pending and not unit.exists():
             seconds = _in_subprocess(model, s)
-            write_json(unit, {"model": model, "forward_s": seconds, "settings": asdict(s), "machine": machine()})
+            write_json(unit, {"model": model, "forward_s": seconds, "settings": asdict(s), "machine": machine(),
+                              "load_average_1_5_15": list(os.getloadavg())})
             print(f"{model}: one forward of {s.classes * s.samples_per_class} images = {seconds:.1f} s", flush=True)
         for scorer in pending:
             file = run_file(results, model, scorer, s)

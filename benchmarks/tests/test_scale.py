@@ -40,6 +40,11 @@ def test_scale_writes_one_file_per_run_and_skips_finished_runs(tmp_path, capsys)
     assert [(r["model"], r["scorer"]) for r in rows] == [("resnet18", "l1"), ("vgg11", "l1")]
     other.unlink()
 
+    unit_file.unlink()  # no run to do: no unit measured
+    assert scale.main([*ARGS, "--results", str(tmp_path)]) == 0
+    assert not unit_file.exists()
+    unit_file.write_text(json.dumps(unit))
+
     before = run_file.stat().st_mtime_ns
     assert scale.main([*ARGS, "--results", str(tmp_path)]) == 0
     assert run_file.stat().st_mtime_ns == before
