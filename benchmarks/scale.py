@@ -125,19 +125,19 @@ def cpu_slug(cpu: str) -> str:
 def measure_all(s: Settings, results: Path) -> None:
     """Every (model, scorer) run not yet in `results`, and the unit of each model with such a run
     on this CPU model if not measured yet, one result file each."""
-    data = data_folder(s)
+    data, here = data_folder(s), machine()
     for model in s.models:
         pending = [scorer for scorer in s.scorers if not _finished(run_file(results, model, scorer, s))]
-        unit = forward_file(results, model, s, machine()["cpu"])
+        unit = forward_file(results, model, s, here["cpu"])
         if pending and not unit.exists():
             seconds = _in_subprocess(model, s)
-            write_json(unit, {"model": model, "forward_s": seconds, "settings": asdict(s), "machine": machine(),
+            write_json(unit, {"model": model, "forward_s": seconds, "settings": asdict(s), "machine": here,
                               "load_average_1_5_15": list(os.getloadavg())})
             print(f"{model}: one forward of {s.classes * s.samples_per_class} images = {seconds:.1f} s", flush=True)
         for scorer in pending:
             file = run_file(results, model, scorer, s)
             result = one_run(model, scorer, s, data)
-            write_json(file, {**result, "settings": asdict(s), "machine": machine()})
+            write_json(file, {**result, "settings": asdict(s), "machine": here})
             print(f"{model} {scorer}: {result['wall_s']:.1f} s (exit {result['exit']})", flush=True)
 
 
