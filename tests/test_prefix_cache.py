@@ -12,6 +12,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from torch import nn
 import scoring
 from finetune.batchnorm import recalibrate_batchnorm
 from prune.pipeline.prefix_cache import PrefixCache, live, prefix_cache
-from prune.pipeline.selection import ScoringData, select_and_prune
+from prune.pipeline.selection import ScoringData, scoring_top1, select_and_prune
 from prune.pipeline.sites import traced_graph
 from prune.pipeline.spill import Spill, in_memory
 from prune.pipeline.surgery import Surgeon
@@ -82,6 +83,7 @@ def assert_same(a: tuple[list, nn.Module], b: tuple[list, nn.Module]) -> None:
     for da, db in zip(decisions_a, decisions_b):
         assert da.removed == db.removed, da.name
         assert torch.equal(da.scores, db.scores), da.name
+        assert da.scoring_top1 == db.scoring_top1, da.name
     state_b = model_b.state_dict()
     assert all(torch.equal(t, state_b[k]) for k, t in model_a.state_dict().items())
 
@@ -326,3 +328,20 @@ def test_no_cache_where_fx_cannot_trace() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fx's failure is announced once per model class
         assert prefix_cache(Untraceable()) is None
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_the_top1_diagnostic_runs_from_the_cut(model: str) -> None:
+    torch.manual_seed(0)
+    net = MODELS[model]().eval()
+    convs = [name for name, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    first = next(m for m in net.modules() if isinstance(m, nn.Conv2d))
+    images = [0]
+    first.register_forward_hook(lambda _m, args, _o: images.__setitem__(0, images[0] + len(args[0])))
+    uncached = scoring_top1(net, SOURCE, convs[1:2])
+    assert images[0] == 21  # 7 images of each of 3 classes
+    cached = replace(SOURCE, prefix=prefix_cache(net))
+    assert scoring_top1(net, cached, convs[1:2]) == uncached
+    assert images[0] == 21 + 21
+    assert scoring_top1(net, cached, convs[1:2]) == uncached
+    assert images[0] == 21 + 21 + 1  # only the image that sizes the batches passes the first conv again

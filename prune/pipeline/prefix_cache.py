@@ -127,24 +127,47 @@ class PrefixCache:
             return None
         return lambda where, images: self.units(conv_name, key, where, images)
 
+    def output_runner(self, model: nn.Module, key: Hashable, before: Sequence[str]) -> UnitRunner | None:
+        """A runner of the model's output (e.g. logits [n, K]) for the chunks of `key`, whose values
+        are kept at the cut before the convs `before` (the group the next surgery changes); None for
+        another model, an output that is not one node of the graph, or a conv of `before` whose
+        units are not a node of it."""
+        output = self._output
+        sites = [unit_site(model, name) for name in before]
+        if model is not self.model or output is None or not all(s.traced and s.path and s.path[0] in self._order
+                                                                 for s in sites):
+            return None
+        aim = min((self._order[s.path[0]] for s in sites), default=math.inf)
+
+        def run(where: slice, images: torch.Tensor) -> torch.Tensor:
+            self._aim = min(self._aim, aim)
+            return self._run((key, where.start, where.stop), output, images)
+
+        return run
+
     @torch.no_grad()
     def units(self, conv_name: str, key: Hashable, where: slice, images: torch.Tensor) -> torch.Tensor:
         """Units [n, C, m, m] of `conv_name` for chunk `where` of `key` (`images` [n, 3, H, W]):
         the graph run from the chunk's cut, storing its values at the aimed cut on the way."""
         site = unit_site(self.model, conv_name)
-        unit = self._order[site.node]
         self._aim = min(self._aim, self._order[site.path[0]])
-        chunk = (key, where.start, where.stop)
+        units = self._run((key, where.start, where.stop), self._order[site.node], images)
+        return units.detach().movedim(site.channel_dim, 1)
+
+    @torch.no_grad()
+    def _run(self, chunk: Hashable, target: int, images: torch.Tensor) -> Any:
+        """The value of node position `target` for `chunk` (`images` [n, 3, H, W]): the graph run
+        from the chunk's cut (from the images without one), storing its values at the aimed cut."""
         self._used.add(chunk)
         entry = self._entries.get(chunk)
-        if entry is None or entry.cut > unit:
+        if entry is None or entry.cut > target:
             entry = _Entry(1, {self._input: images.to(model_device(self.model))}, 0)
-        save = int(self._aim) if entry.cut < self._aim <= unit and self._aim > 1 else None
-        segment = self._segment(entry.cut, unit, save)
+        save = int(self._aim) if entry.cut < self._aim <= target and self._aim > 1 else None
+        segment = self._segment(entry.cut, target, save)
         out = segment.module(*self._inputs(entry, segment.inputs))
         if save is not None:
             self._store(chunk, save, dict(zip(segment.saved, out[1:])))
-        return out[0].detach().movedim(site.channel_dim, 1)
+        return out[0]
 
     @contextmanager
     def tracking(self) -> Iterator[None]:
@@ -179,6 +202,8 @@ class PrefixCache:
         self._order = {n.name: i for i, n in enumerate(self._nodes)}
         self._input = self._nodes[0].name
         self._graph = graph
+        output = next(n for n in graph.nodes if n.op == "output").args[0]
+        self._output = self._order.get(output.name) if isinstance(output, fx.Node) else None
 
     def _drop_past(self, first_changed: int) -> None:
         for chunk in [c for c, e in self._entries.items() if e.cut > first_changed]:

@@ -28,7 +28,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import scoring
-from finetune.metrics import predict
 from prune.core import distributed
 from prune.core.allocator import release_freed_memory
 from prune.outputs.report import LayerResult
@@ -240,19 +239,31 @@ least one, so K of them when K > 100). A diagnostic, kept to a bounded cost what
 224², K = 10, 13 layers: 1,300 images forwarded in all, 1.3 forwards of the 1,000 scoring images)."""
 
 
-def scoring_top1(model: nn.Module, source: ScoringData) -> float:
+def scoring_top1(model: nn.Module, source: ScoringData, before: Sequence[str] = ()) -> float:
     """Top-1 in [0, 1] of `model` (eval mode) on the first ⌊SCORING_TOP1_IMAGES / K⌋ (at least one,
-    at most N) scoring images of each of the K classes of `source`, labels = their classes."""
+    at most N) scoring images of each of the K classes of `source`, labels = their classes.
+
+    With `source.prefix` (progressive selection), each batch runs from what the unchanged prefix
+    made of it at the last layer and keeps its values before the convs `before` (the group scored
+    next) for the next layer: the same logits, bit for bit, without the prefix's forward."""
+    model.eval()
+    logits, labels = [], []
     with closing(_scoring_batches(model, source)) as batches:  # its measuring hooks go, also on a failure
-        logits, labels = predict(model, batches, device=model_device(model))
-    return int((logits.argmax(1) == labels).sum()) / len(labels)
+        for cls, where, images, sizing in batches:
+            run = None if sizing or source.prefix is None else source.prefix.output_runner(model, ("top1", cls), before)
+            with torch.no_grad():
+                out = model(images.to(model_device(model))) if run is None else run(where, images)
+            logits.append(out.float().cpu())
+            labels.append(torch.full((len(images),), cls, dtype=torch.long))
+    return int((torch.cat(logits).argmax(1) == torch.cat(labels)).sum()) / sum(map(len, labels))
 
 
-def _scoring_batches(model: nn.Module, source: ScoringData) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, labels) batches, class by class, of the first `SCORING_TOP1_IMAGES` // K scoring
-    images of each class: the first image alone, then batches of at most `source.batch_size` images
-    and `source.chunk_bytes` in the largest tensor of their forward (as measured on that first
-    image while the caller forwards it), as the scorers' chunks are bounded."""
+def _scoring_batches(model: nn.Module, source: ScoringData) -> Iterator[tuple[int, slice, torch.Tensor, bool]]:
+    """(class, where, images, sizing) batches, class by class, of the first `SCORING_TOP1_IMAGES` // K
+    scoring images of each class (`where`: their positions in the class): the first image alone
+    (`sizing`: the caller forwards it through `model`, whose largest tensor is measured), then
+    batches of at most `source.batch_size` images and `source.chunk_bytes` in the largest tensor of
+    their forward, as the scorers' chunks are bounded."""
     per_class = min(source.per_class, max(1, SCORING_TOP1_IMAGES // len(source.classes)))
     step = None
     for cls in source.classes:
@@ -260,12 +271,12 @@ def _scoring_batches(model: nn.Module, source: ScoringData) -> Iterator[tuple[to
         start = 0
         if step is None:
             with largest_output(model) as largest:
-                yield images[:1], torch.full((1,), cls, dtype=torch.long)  # the caller's forward is measured
+                yield cls, slice(0, 1), images[:1], True
             step = max(1, min(source.batch_size, source.chunk_bytes // max(largest[0], 1)))
             start = 1
         for begin in range(start, len(images), step):
-            batch = images[begin : begin + step]
-            yield batch, torch.full((len(batch),), cls, dtype=torch.long)
+            where = slice(begin, min(begin + step, len(images)))
+            yield cls, where, images[where], False
 
 
 @torch.no_grad()
@@ -373,7 +384,7 @@ def select_and_prune(
         return stored_or_scored(surgeon, i, g, scorer, source, store, world)
 
     def observed(g: PrunableGroup) -> tuple[int, float | None]:
-        top1 = None if source is None else scoring_top1(model, source)
+        top1 = None if source is None else scoring_top1(model, source, g.names)
         return map_size(model, g.convs[0], surgeon.example), top1
 
     if last_refit_only and source is not None:
