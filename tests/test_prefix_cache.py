@@ -340,8 +340,37 @@ def test_the_top1_diagnostic_runs_from_the_cut(model: str) -> None:
     first.register_forward_hook(lambda _m, args, _o: images.__setitem__(0, images[0] + len(args[0])))
     uncached = scoring_top1(net, SOURCE, convs[1:2])
     assert images[0] == 21  # 7 images of each of 3 classes
-    cached = replace(SOURCE, prefix=prefix_cache(net))
+    cache = prefix_cache(net)
+    cached = replace(SOURCE, prefix=cache)
     assert scoring_top1(net, cached, convs[1:2]) == uncached
     assert images[0] == 21 + 21
     assert scoring_top1(net, cached, convs[1:2]) == uncached
     assert images[0] == 21 + 21 + 1  # only the image that sizes the batches passes the first conv again
+    x = torch.randn(4, 3, 16, 16)
+    run = cache.output_runner(net, "logits", convs[1:2])
+    with torch.no_grad():
+        assert torch.equal(run(slice(0, 4), x), net(x))  # from the images, storing the cut
+        assert torch.equal(run(slice(0, 4), x), net(x))  # from the cut
+    cache.close()
+
+
+class _ShiftedAfterReturn(nn.Module):
+    """Its output node is followed by an in-place op that changes the returned tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.fc(self.conv(x).mean((2, 3)))
+        logits.sub_(1.0)
+        return logits
+
+
+def test_no_output_runner_where_an_op_follows_the_returned_node() -> None:
+    net = _ShiftedAfterReturn().eval()
+    cache = prefix_cache(net)
+    assert cache is not None and cache.output_runner(net, "logits", ["conv"]) is None
+    assert cache.output_runner(plain := plain_chain().eval(), "logits", []) is None  # another model
+    assert prefix_cache(plain).output_runner(plain, "logits", []) is not None

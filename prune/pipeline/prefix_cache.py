@@ -7,7 +7,9 @@ BatchNorm refit after it) changes only modules from some point of the network on
 keeps, per scoring chunk (class, images start:stop), the values the model's fx graph holds at a
 *cut*: the outputs of the nodes before the cut that nodes at or after it read (one tensor in a
 chain, the block input and its shortcut inside a residual stage). A chunk's units are then the
-graph run from its cut to the unit's node, not from the input.
+graph run from its cut to the unit's node, not from the input. The per-layer `scoring_top1`
+diagnostic's chunks are kept the same way (their own keys, the same budgets) and run from their
+cut to the model's output.
 
 Exactness, not approximation:
 - a cut is placed before the shallowest conv scored since the last change (a group's root;
@@ -62,6 +64,8 @@ The embedded default's largest cut needs 31 MiB; VGG16 at 224² with 1,000 scori
 UnitRunner = Callable[[slice, torch.Tensor], torch.Tensor]
 """run(where, images [n, 3, H, W]) → the units [n, C, m, m] of one chunk (as captured: detached,
 channels at dim 1), `where` the chunk's images within its class."""
+OutputRunner = Callable[[slice, torch.Tensor], torch.Tensor]
+"""run(where, images [n, 3, H, W]) → the model's output for one chunk (e.g. logits [n, K])."""
 
 _NOT_STORED = object()
 """What `_kept` returns for a value the cache cannot hold exactly."""
@@ -127,11 +131,11 @@ class PrefixCache:
             return None
         return lambda where, images: self.units(conv_name, key, where, images)
 
-    def output_runner(self, model: nn.Module, key: Hashable, before: Sequence[str]) -> UnitRunner | None:
+    def output_runner(self, model: nn.Module, key: Hashable, before: Sequence[str]) -> OutputRunner | None:
         """A runner of the model's output (e.g. logits [n, K]) for the chunks of `key`, whose values
         are kept at the cut before the convs `before` (the group the next surgery changes); None for
-        another model, an output that is not one node of the graph, or a conv of `before` whose
-        units are not a node of it."""
+        another model, an output that is not the graph's last node (one tensor, changed by nothing
+        after it), or a conv of `before` whose units are not a node of it."""
         output = self._output
         sites = [unit_site(model, name) for name in before]
         if model is not self.model or output is None or not all(s.traced and s.path and s.path[0] in self._order
@@ -203,7 +207,8 @@ class PrefixCache:
         self._input = self._nodes[0].name
         self._graph = graph
         output = next(n for n in graph.nodes if n.op == "output").args[0]
-        self._output = self._order.get(output.name) if isinstance(output, fx.Node) else None
+        last = len(self._nodes) - 1
+        self._output = last if isinstance(output, fx.Node) and self._order.get(output.name) == last else None
 
     def _drop_past(self, first_changed: int) -> None:
         for chunk in [c for c, e in self._entries.items() if e.cut > first_changed]:
@@ -362,4 +367,4 @@ def _same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-__all__ = ["PREFIX_CACHE_BYTES", "PrefixCache", "UnitRunner", "live", "prefix_cache", "tracking"]
+__all__ = ["PREFIX_CACHE_BYTES", "OutputRunner", "PrefixCache", "UnitRunner", "live", "prefix_cache", "tracking"]
