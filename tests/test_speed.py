@@ -4,39 +4,67 @@ and spread, with counts derived by hand from a step of known duration."""
 from __future__ import annotations
 
 import json
-import time
 
+import pytest
 from torch import nn
 
 from prune.core.throughput import Throughput
 from prune.pipeline import speed
 
 
-def sleeper(seconds: float, calls: list[int]):
+class Clock:
+    """A stand-in for `time` in `prune.pipeline.speed`: `perf_counter` reads a clock that only
+    `step` advances (by `seconds`, binary fractions so that sums are exact): timing without sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def step(self, seconds: float, calls: list[int]):
+        def run() -> None:
+            calls.append(1)
+            self.now += seconds
+        return run
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    fake = Clock()
+    monkeypatch.setattr(speed, "time", fake)
+    return fake
+
+
+def test_a_slow_step_is_timed_to_the_budget_one_batch_per_window(clock: Clock):
+    calls: list[int] = []
+    t = speed.timed_throughput(clock.step(1 / 16, calls), batch_size=32, seconds=0.25)
+    # warm-up stops once a third of the budget (0.083 s) has passed: after the 2nd call of 0.0625 s
+    assert t.warmup == 2
+    # a call is longer than a window's 20 ms, so one call per window; windows until 0.25 s have passed: 4
+    assert t.iters == t.windows == 4
+    assert len(calls) == t.warmup + t.iters
+    assert t.img_per_s == t.spread[0] == t.spread[1] == 32 * 16 and t.seconds == 0.25
+
+
+def test_a_zero_budget_times_the_minimum_of_windows(clock: Clock):
+    calls: list[int] = []
+    t = speed.timed_throughput(clock.step(1 / 32, calls), batch_size=4, seconds=0.0)
+    assert t.warmup == 1 and t.windows == speed.MIN_WINDOWS
+
+
+def test_windows_vary_and_the_median_is_reported(clock: Clock):
+    durations = iter([1 / 4] + [1 / 16, 1 / 4, 1 / 8, 1 / 16, 1 / 32])  # one warm-up call (past a third of 0.5 s), then one per window
+    calls: list[int] = []
+
     def step() -> None:
         calls.append(1)
-        time.sleep(seconds)
-    return step
+        clock.now += next(durations)
 
-
-def test_a_slow_step_is_timed_to_the_budget_one_batch_per_window():
-    calls: list[int] = []
-    t = speed.timed_throughput(sleeper(0.05, calls), batch_size=32, seconds=0.2)
-    # warm-up stops once a third of the budget (0.067 s) has passed: after the 2nd call of 0.05 s
-    # (after the 1st where a sleep overran by 17 ms on a busy machine)
-    assert t.warmup in (1, 2)
-    # a call is longer than a window's 20 ms, so one call per window; windows until 0.2 s: 4 (5 if a sleep overran)
-    assert t.iters == t.windows and t.windows in (4, 5)
-    assert len(calls) == t.warmup + t.iters
-    low, high = t.spread
-    assert low <= t.img_per_s <= high <= 32 / 0.05  # a sleep never ends early
-    assert t.img_per_s > 32 / 0.05 / 2 and t.seconds == 0.2
-
-
-def test_a_zero_budget_times_the_minimum_of_windows():
-    calls: list[int] = []
-    t = speed.timed_throughput(sleeper(0.03, calls), batch_size=4, seconds=0.0)
-    assert t.warmup == 1 and t.windows == speed.MIN_WINDOWS
+    t = speed.timed_throughput(step, batch_size=8, seconds=0.5)
+    # windows of 1/16, 1/4, 1/8 s: 0.4375 s < 0.5, so a 4th (1/16) ends at 0.5 s
+    assert t.warmup == 1 and t.windows == 4
+    assert t.spread == (8 * 4, 8 * 16) and t.img_per_s == (8 * 8 + 8 * 16) / 2
 
 
 def test_a_fast_step_fills_windows_and_stops_at_the_most_windows():
