@@ -117,12 +117,36 @@ class _SlowSpy(scoring.Scorer):
         return torch.zeros(self.layer.num_channels)
 
 
+class _WaitingSpy(_SlowSpy):
+    """Each update but the last of a class waits (up to 30 s) until the next chunk's forward has
+    begun, and records whether it saw it: run in turn, an update could never see it."""
+
+    def __init__(self, chunks: int, forward_began: threading.Condition, forwards: list[float]) -> None:
+        super().__init__()
+        self.chunks, self.forward_began, self.forwards = chunks, forward_began, forwards
+        self.saw_next_forward: list[bool] = []
+
+    def update(self, batch: scoring.ClassBatch) -> None:
+        i = len(self.saw_next_forward)
+        with self.forward_began:
+            seen = i + 1 == self.chunks or self.forward_began.wait_for(lambda: len(self.forwards) >= i + 2, timeout=30)
+        self.saw_next_forward.append(seen)
+        super().update(batch)
+
+
 def test_updates_run_beside_the_next_forward_in_order() -> None:
     model, source = setup(2)  # chunks of 1 + 2 + 2 + 2 images per class
     conv = model.features[0]
     forwards: list[float] = []
-    handle = conv.register_forward_pre_hook(lambda *_: forwards.append(time.perf_counter()))
-    spy = _SlowSpy()
+    forward_began = threading.Condition()
+
+    def began(*_: object) -> None:
+        with forward_began:
+            forwards.append(time.perf_counter())
+            forward_began.notify_all()
+
+    handle = conv.register_forward_pre_hook(began)
+    spy = _WaitingSpy(4, forward_began, forwards)
     spy.reset(scoring.LayerSpec(model=model, conv=conv, name=NAME))
     try:
         update_with_class(spy, spy.layer, source, 2)
@@ -131,8 +155,8 @@ def test_updates_run_beside_the_next_forward_in_order() -> None:
     assert [n for *_, n in spy.spans] == [1, 2, 2, 2]
     assert all(name.startswith("topoprune-score") for _, _, name, _ in spy.spans)
     assert all(a[1] <= b[0] for a, b in zip(spy.spans, spy.spans[1:]))  # one update at a time, in order
-    # the forward of chunk k+1 began before chunk k's update ended (in turn, it would begin after)
-    assert len(forwards) == 4 and all(f < end for (_, end, *_), f in zip(spy.spans, forwards[1:]))
+    # each update saw the next chunk's forward begin while it ran (in turn, it would wait in vain)
+    assert len(forwards) == 4 and spy.saw_next_forward == [True] * 4
     assert not any(t.name.startswith("topoprune-score") for t in threading.enumerate())
 
 
