@@ -53,6 +53,20 @@ def test_a_zero_budget_times_the_minimum_of_windows(clock: Clock):
     assert t.warmup == 1 and t.windows == speed.MIN_WINDOWS
 
 
+def test_the_warm_up_ends_when_a_third_of_the_budget_has_passed(clock: Clock):
+    calls: list[int] = []
+    t = speed.timed_throughput(clock.step(1 / 16, calls), batch_size=2, seconds=3 / 16)
+    assert t.warmup == 1  # one call of 1/16 s is exactly a third of 3/16 s
+
+
+def test_a_short_step_fills_each_window_to_its_length(clock: Clock):
+    calls: list[int] = []
+    t = speed.timed_throughput(clock.step(1 / 128, calls), batch_size=4, seconds=0.0)
+    # ⌈20 ms / 7.8 ms⌉ = 3 calls per window, the minimum of 3 windows; each window 3/128 s for 3 batches of 4
+    assert t.warmup == 1 and t.windows == speed.MIN_WINDOWS and t.iters == 3 * speed.MIN_WINDOWS
+    assert t.img_per_s == t.spread[0] == t.spread[1] == 4 * 128
+
+
 def test_windows_vary_and_the_median_is_reported(clock: Clock):
     durations = iter([1 / 4] + [1 / 16, 1 / 4, 1 / 8, 1 / 16, 1 / 32])  # one warm-up call (past a third of 0.5 s), then one per window
     calls: list[int] = []

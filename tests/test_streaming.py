@@ -118,7 +118,7 @@ class _SlowSpy(scoring.Scorer):
 
 
 class _WaitingSpy(_SlowSpy):
-    """Each update but the last of a class waits (up to 30 s) until the next chunk's forward has
+    """Each update but the last of a class waits (up to 10 s) until the next chunk's forward has
     begun, and records whether it saw it: run in turn, an update could never see it."""
 
     def __init__(self, chunks: int, forward_began: threading.Condition, forwards: list[float]) -> None:
@@ -129,7 +129,7 @@ class _WaitingSpy(_SlowSpy):
     def update(self, batch: scoring.ClassBatch) -> None:
         i = len(self.saw_next_forward)
         with self.forward_began:
-            seen = i + 1 == self.chunks or self.forward_began.wait_for(lambda: len(self.forwards) >= i + 2, timeout=30)
+            seen = i + 1 == self.chunks or self.forward_began.wait_for(lambda: len(self.forwards) >= i + 2, timeout=10)
         self.saw_next_forward.append(seen)
         super().update(batch)
 
