@@ -240,6 +240,7 @@ least one, so K of them when K > 100). A diagnostic, kept to a bounded cost what
 of the 1,000 scoring images through the unpruned one, less the prefixes the cache skips)."""
 
 
+@torch.no_grad()
 def scoring_top1(model: nn.Module, source: ScoringData, before: Sequence[str] = ()) -> float:
     """Top-1 in [0, 1] of `model` (eval mode) on the first ⌊SCORING_TOP1_IMAGES / K⌋ (at least one,
     at most N) scoring images of each of the K classes of `source`, labels = their classes.
@@ -252,11 +253,11 @@ def scoring_top1(model: nn.Module, source: ScoringData, before: Sequence[str] = 
     with closing(_scoring_batches(model, source)) as batches:  # its measuring hooks go, also on a failure
         for cls, where, images, sizing in batches:
             run = None if sizing or source.prefix is None else source.prefix.output_runner(model, ("top1", cls), before)
-            with torch.no_grad():
-                out = model(images.to(model_device(model))) if run is None else run(where, images)
+            out = model(images.to(model_device(model))) if run is None else run(where, images)
             logits.append(out.float().cpu())
             labels.append(torch.full((len(images),), cls, dtype=torch.long))
-    return int((torch.cat(logits).argmax(1) == torch.cat(labels)).sum()) / sum(map(len, labels))
+    predicted, truth = torch.cat(logits).argmax(1), torch.cat(labels)
+    return int((predicted == truth).sum()) / len(truth)
 
 
 def _scoring_batches(model: nn.Module, source: ScoringData) -> Iterator[tuple[int, slice, torch.Tensor, bool]]:
