@@ -40,6 +40,7 @@ from prune.outputs.outdir import check as check_out
 from prune.outputs.report import BudgetResult, Measurement, PruneReport, StepResult, write_report
 from prune.outputs.score_store import FileScoreStore, RememberingStore, ScoreStore
 from prune.pipeline.budget import Plan, Planning, planned
+from prune.pipeline.contract import check_forward
 from prune.pipeline.counting import count_cost
 from prune.pipeline.iterative import merged, step_counts
 from prune.pipeline.provenance import inputs_fingerprint
@@ -367,6 +368,7 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
                                                           classes=len(data.classes)))
     model = create_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
     example = _example_input(model, data.input_size, config.model, device)
+    check_forward(model, example, config.model, trains=config.finetune)
     surgeon = Surgeon(model, example)
     probe = min(config.samples_per_class, PROBE_IMAGES)
     check_finite(model, torch.cat([class_images(data, c, probe, seed=config.seed) for c in classes]))

@@ -43,7 +43,42 @@ def check_dtypes(state: dict, path: Path) -> None:
                              "save real-valued (floating-point) weights")
 
 
-def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
+def _auxiliary_heads(model: nn.Module) -> tuple[str, ...]:
+    """The attribute names of the auxiliary heads of torchvision's GoogLeNet and Inception v3; () for any other model."""
+    import torchvision
+
+    if isinstance(model, torchvision.models.GoogLeNet):
+        return ("aux1", "aux2")
+    if isinstance(model, torchvision.models.Inception3):
+        return ("AuxLogits",)
+    return ()
+
+
+def drop_auxiliary_heads(model: nn.Module) -> tuple[str, ...]:
+    """Remove the auxiliary heads of torchvision's GoogLeNet and Inception v3 from `model` (in place), as
+    torchvision does after loading their pretrained weights (`aux_logits = False`, heads set to None);
+    the names of the heads removed (none for any other model, or one without them).
+
+    The heads are training aids an eval-mode forward never runs: torch-pruning traces in eval mode,
+    so a head kept would keep its unpruned input channels and break the first fine-tuning step.
+    """
+    names = _auxiliary_heads(model)
+    if not names or not model.aux_logits:
+        return ()
+    model.aux_logits = False
+    for name in names:
+        setattr(model, name, None)
+    return names
+
+
+def _without(state: dict, heads: tuple[str, ...]) -> dict:
+    """`state` without the keys of the modules named `heads` (top-level attribute names)."""
+    return {k: v for k, v in state.items() if k.split(".", 1)[0] not in heads}
+
+
+def _load_checkpoint_weights(model: nn.Module, path: Path, *, dropped: tuple[str, ...] = ()) -> None:
+    """Load the state_dict file `path` into `model` (UsageError naming what does not fit); the keys
+    of the `dropped` auxiliary heads, present or not in the file, are ignored."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file or not a tensor checkpoint
@@ -52,6 +87,7 @@ def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
         state = state["state_dict"]
     if isinstance(state, dict):
         check_dtypes(state, path)
+        state = _without(state, dropped)
     why = state_dict_mismatch(model, state)
     if why is None:
         try:
@@ -133,20 +169,25 @@ def create_model(name: str, *, weights: str | None = None, num_classes: int | No
     checkpoint path (a state_dict, loaded with weights_only=True), or a named weight set of the
     family such as torchvision's 'IMAGENET1K_V1' / 'DEFAULT' (needs the torchvision weights
     cache or network), whose classifier is replaced by a fresh one of `num_classes` outputs if
-    it predicts another count (`fit_head`). `pretrained=False`: an untrained instance, no file
+    it predicts another count (`fit_head`). The auxiliary heads of torchvision's GoogLeNet and
+    Inception v3 are dropped (`drop_auxiliary_heads`). `pretrained=False`: an untrained instance, no file
     read and no download (`create_model(name, num_classes=n, pretrained=False)` is the
     architecture of any `create_model(name, weights=..., num_classes=n)`).
     """
     entry = model_entry(name)
     num_classes = entry.num_classes if num_classes is None else num_classes
     if weights is None and (entry.weights is None or not pretrained):
-        return entry.build(num_classes).eval()
+        model = entry.build(num_classes)
+        drop_auxiliary_heads(model)
+        return model.eval()
     if weights is None:
         return _load_default_weights(entry, num_classes)
     if Path(weights).exists():
         model = entry.build(num_classes)
-        _load_checkpoint_weights(model, Path(weights))
+        _load_checkpoint_weights(model, Path(weights), dropped=drop_auxiliary_heads(model))
         return model.eval()
     if entry.named_weights is None:
         raise UsageError(f"weights file {weights!r} not found; pass an existing checkpoint path")
-    return fit_head(entry.named_weights(weights), num_classes).eval()
+    model = entry.named_weights(weights)
+    drop_auxiliary_heads(model)
+    return fit_head(model, num_classes).eval()

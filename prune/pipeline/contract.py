@@ -1,0 +1,93 @@
+"""What the pipeline needs from a model's forward: a logits tensor [N, classes], in eval and in train mode.
+
+Evaluation, the scorers that read the loss, fine-tuning and distillation all take `model(images)` as
+logits. torch-pruning traces the network in eval mode, so a module with weights that only a
+train-mode forward runs (an auxiliary head) would keep its unpruned input channels and fail at the
+first fine-tuning step, after the whole selection. Both are refused before any output is written,
+in one line naming the fix (`check_forward`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from prune.errors import UsageError, first_line, out_of_memory
+from scoring.hooks import forward_hooks
+
+WRAP_HINT = "wrap the model in a module whose forward returns the logits (see docs/your-model.md)"
+
+
+def _shown(out: object) -> str:
+    """`out` in a message: a tensor by its shape, anything else by its type."""
+    return f"a {list(out.shape)} tensor" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
+
+
+def check_logits(out: object, name: str, *, mode: str) -> None:
+    """UsageError unless `out` (the model's output in `mode`, "eval" or "train") is a 2-D tensor [N, classes]."""
+    if not (isinstance(out, torch.Tensor) and out.ndim == 2):
+        raise UsageError(f"model {name} returns {_shown(out)} in {mode} mode, not logits [N, classes]; {WRAP_HINT}")
+
+
+def _modules_run(model: nn.Module, images: torch.Tensor) -> tuple[set[str], object]:
+    """(names of the modules holding weights that a forward of `images` runs, its output)."""
+    names = {m: n for n, m in model.named_modules() if n and next(m.parameters(), None) is not None}
+    ran: set[str] = set()
+    with forward_hooks(names, lambda m, _i, _o: ran.add(names[m])):
+        out = model(images)
+    return ran, out
+
+
+@contextmanager
+def _state_kept(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Inside, `model` may run in train mode: its buffers (BatchNorm statistics), every module's
+    mode and the random number generators are as they were afterwards."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            for b, saved in buffers:
+                b.copy_(saved)
+            for m, training in modes:
+                m.training = training
+
+
+def outermost(names: set[str]) -> list[str]:
+    """The names of `names` none of whose parents (dotted prefixes) is in `names`, sorted."""
+    return sorted(n for n in names if not any(n.startswith(f"{p}.") for p in names))
+
+
+@torch.no_grad()
+def check_forward(model: nn.Module, example: torch.Tensor, name: str, *, trains: bool) -> None:
+    """UsageError unless `model` maps `example` [1, 3, H, W] to logits in eval mode and, when the
+    run `trains` (fine-tuning, distillation, scratch training), a batch of two copies of it to logits
+    in train mode running no module with weights that eval mode does not run.
+
+    The train-mode forward leaves the model exactly as it was (`_state_kept`): same BatchNorm
+    statistics, modes and random state, so the run's results do not depend on this check.
+    """
+    model.eval()
+    in_eval, out = _modules_run(model, example)
+    check_logits(out, name, mode="eval")
+    if not trains:
+        return
+    with _state_kept(model, example.device):
+        model.train()
+        try:
+            in_train, out = _modules_run(model, example.repeat(2, 1, 1, 1))
+        except (RuntimeError, ValueError) as exc:
+            if out_of_memory(exc):
+                raise
+            raise UsageError(f"model {name} cannot run in train mode on these images ({first_line(exc)}); pass a larger "
+                             "--input-size, or --no-finetune to prune without training") from None
+    extra = outermost(in_train - in_eval)
+    if extra:
+        raise UsageError(f"model {name} runs {', '.join(extra)} only in train mode: pruning traces the eval-mode "
+                         "network, so fine-tuning could not run them; build the model without them, or pass "
+                         "--no-finetune to prune without training")
+    check_logits(out, name, mode="train")

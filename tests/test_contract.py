@@ -1,0 +1,133 @@
+"""What the pipeline needs from a model's forward (prune.pipeline.contract) and torchvision's
+auxiliary heads (prune.zoo.models.drop_auxiliary_heads): a model that returns anything but logits,
+or runs weights only in train mode, is refused in one line before any output; GoogLeNet and
+Inception v3 prune and fine-tune."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from helpers import image_folder
+from torch import nn
+
+from prune.cli import main
+from prune.errors import UsageError
+from prune.pipeline.contract import check_forward, outermost
+from prune.zoo import registry
+from prune.zoo.models import create_model, drop_auxiliary_heads
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Net(nn.Module):
+    """Conv-BN-ReLU, dropout, a linear head; `returns` picks what forward gives back ("logits",
+    "tuple", "dict", "maps"); `aux_in_training` adds a head with weights only a train-mode forward runs."""
+
+    def __init__(self, num_classes: int = 3, *, returns: str = "logits", train_returns: str | None = None,
+                 aux_in_training: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(8, num_classes)
+        self.aux = nn.Sequential(nn.Conv2d(8, 4, 1), nn.ReLU()) if aux_in_training else None
+        self.returns, self.train_returns = returns, train_returns
+
+    def forward(self, x: torch.Tensor):
+        maps = self.body(x)
+        logits = self.head(self.drop(maps.mean((2, 3))))
+        if self.aux is not None and self.training:
+            logits = logits + self.aux(maps).mean()
+        returns = self.train_returns if self.training and self.train_returns else self.returns
+        return {"logits": logits, "tuple": (logits, maps), "dict": {"logits": logits}, "maps": maps}[returns]
+
+
+EXAMPLE = torch.zeros(1, 3, 8, 8)
+
+
+@pytest.mark.parametrize(("returns", "shown"), [("tuple", "a tuple"), ("dict", "a dict"), ("maps", "a [1, 8, 8, 8]")])
+def test_a_forward_that_does_not_return_logits_is_refused_naming_what_it_returns(returns, shown):
+    with pytest.raises(UsageError) as info:
+        check_forward(Net(returns=returns), EXAMPLE, "mine", trains=False)
+    assert f"model mine returns {shown}" in str(info.value) and "in eval mode" in str(info.value)
+    assert "wrap the model" in str(info.value)
+
+
+def test_logits_only_in_eval_mode_are_refused_when_the_run_trains():
+    net = Net(returns="logits", train_returns="tuple")
+    check_forward(net, EXAMPLE, "mine", trains=False)  # prunes without training: accepted
+    with pytest.raises(UsageError, match="returns a tuple in train mode"):
+        check_forward(net, EXAMPLE, "mine", trains=True)
+
+
+def test_weights_run_only_in_train_mode_are_refused_naming_them_and_the_way_out():
+    net = Net(aux_in_training=True)
+    check_forward(net, EXAMPLE, "mine", trains=False)
+    with pytest.raises(UsageError) as info:
+        check_forward(net, EXAMPLE, "mine", trains=True)
+    text = str(info.value)
+    assert "runs aux only in train mode" in text and "aux.0" not in text and "--no-finetune" in text
+
+
+def test_the_train_mode_check_leaves_statistics_modes_and_random_state_as_they_were():
+    torch.manual_seed(0)
+    net = Net().eval()
+    net.body[1].running_mean.normal_()  # statistics a train-mode forward would move
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    image = torch.randn(1, 3, 8, 8)
+    rng = torch.get_rng_state()
+    check_forward(net, image, "mine", trains=True)
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    assert not any(m.training for m in net.modules())
+    assert torch.equal(torch.get_rng_state(), rng)  # the dropout's draws were not taken from the run's stream
+
+
+def test_outermost_keeps_only_names_without_a_listed_parent():
+    assert outermost({"aux1", "aux1.conv", "aux1.fc1", "aux2.fc", "head"}) == ["aux1", "aux2.fc", "head"]
+    assert outermost({"a.bc", "a.b"}) == ["a.b", "a.bc"]  # a prefix of a name is not its parent
+
+
+@pytest.mark.parametrize(("name", "heads"), [("googlenet", ("aux1", "aux2")), ("inception_v3", ("AuxLogits",))])
+def test_torchvision_auxiliary_heads_are_dropped_and_what_is_left_passes_the_check(name, heads):
+    kept = torchvision.models.get_model(name, weights=None, num_classes=3, init_weights=False).eval()
+    size = 299 if name == "inception_v3" else 64
+    example = torch.zeros(1, 3, size, size)
+    with pytest.raises(UsageError, match=f"runs {', '.join(heads)} only in train mode"):  # the crash, caught
+        check_forward(kept, example, name, trains=True)
+    assert drop_auxiliary_heads(kept) == heads and drop_auxiliary_heads(kept) == ()
+    assert all(getattr(kept, h) is None for h in heads) and not kept.aux_logits
+    check_forward(kept, example, name, trains=True)
+    model = create_model(name, num_classes=3, pretrained=False)
+    assert all(getattr(model, h) is None for h in heads)
+    assert drop_auxiliary_heads(torchvision.models.resnet18(weights=None)) == ()
+
+
+def test_a_googlenet_checkpoint_loads_with_or_without_its_auxiliary_heads(tmp_path):
+    with_heads = torchvision.models.googlenet(weights=None, num_classes=3, aux_logits=True, init_weights=False)
+    without = torchvision.models.googlenet(weights=None, num_classes=3, aux_logits=False, init_weights=False)
+    for net, file in ((with_heads, "with.pt"), (without, "without.pt")):
+        torch.save(net.state_dict(), tmp_path / file)
+        model = create_model("googlenet", weights=str(tmp_path / file), num_classes=3)
+        assert model.aux1 is None
+        assert torch.equal(model.fc.weight, net.fc.weight)
+        assert set(model.state_dict()) == set(without.state_dict())
+
+
+def test_a_model_with_a_training_only_head_is_refused_before_out_is_touched(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    registry.register_model("aux-net", input_size=8, num_classes=2)(lambda n: Net(n, aux_in_training=True))
+    data = image_folder(tmp_path / "data", classes=2, train=2, val=2, size=8)
+    flags = ["--model", "aux-net", "--data", str(data), "--scorer", "l1", "--classes", "2", "--samples-per-class",
+             "2", "--quiet"]
+    assert main([*flags, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runs aux only in train mode" in err[0] and not (tmp_path / "o").exists()
+    assert main([*flags, "--no-finetune", "--out", str(tmp_path / "p")]) == 0  # the way out the line names
+
+
+def test_googlenet_prunes_and_fine_tunes(tmp_path):
+    data = image_folder(tmp_path / "data", classes=2, train=4, val=2, size=64)
+    code = main(["--model", "googlenet", "--data", str(data), "--input-size", "64", "--scorer", "l1", "--classes",
+                 "2", "--samples-per-class", "2", "--epochs", "1", "--batch-size", "4", "--no-speed", "--quiet",
+                 "--out", str(tmp_path / "o")])
+    assert code == 0 and (tmp_path / "o" / "model.pt").is_file()
