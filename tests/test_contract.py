@@ -13,7 +13,7 @@ from torch import nn
 
 from prune.cli import main
 from prune.errors import UsageError
-from prune.pipeline.contract import check_forward, outermost
+from prune.pipeline.contract import check_forward, example_input, outermost
 from prune.zoo import registry
 from prune.zoo.models import create_model, drop_auxiliary_heads
 
@@ -85,6 +85,31 @@ def test_the_train_mode_check_leaves_statistics_modes_and_random_state_as_they_w
 def test_outermost_keeps_only_names_without_a_listed_parent():
     assert outermost({"aux1", "aux1.conv", "aux1.fc1", "aux2.fc", "head"}) == ["aux1", "aux2.fc", "head"]
     assert outermost({"a.bc", "a.b"}) == ["a.b", "a.bc"]  # a prefix of a name is not its parent
+
+
+class Flat(nn.Module):
+    """A conv on `channels`-channel images, flattened into a Linear sized for 8x8 maps: runs on 8² images only."""
+
+    def __init__(self, num_classes: int, channels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x).flatten(1))
+
+
+def test_an_input_the_model_cannot_take_names_the_fix_that_fits(monkeypatch):
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    registry.register_model("flat", input_size=8, num_classes=2)(Flat)
+    cpu = torch.device("cpu")
+    assert example_input(Flat(2), 8, "flat", cpu).shape == (1, 3, 8, 8)
+    with pytest.raises(UsageError, match=r"cannot run on 12x12 images \(.*\); pass --input-size 8, the side"):
+        example_input(Flat(2), 12, "flat", cpu)  # not "a larger size": the entry's side is what it takes
+    with pytest.raises(UsageError, match=r"cannot run on 8x8 images .*pass a larger --input-size"):
+        example_input(nn.Sequential(nn.Conv2d(3, 4, 9), nn.Flatten()), 8, "flat", cpu)  # at its own side already
+    with pytest.raises(UsageError, match="first conv takes 1-channel images, but images are fed as RGB"):
+        example_input(Flat(2, channels=1), 8, "flat", cpu)
 
 
 @pytest.mark.parametrize(("name", "heads"), [("googlenet", ("aux1", "aux2")), ("inception_v3", ("AuxLogits",))])

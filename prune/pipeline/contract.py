@@ -1,4 +1,5 @@
-"""What the pipeline needs from a model's forward: a logits tensor [N, classes], in eval and in train mode.
+"""What the pipeline needs from a model's forward: RGB images in, a logits tensor [N, classes] out,
+in eval and in train mode.
 
 Evaluation, the scorers that read the loss, fine-tuning and distillation all take `model(images)` as
 logits. torch-pruning traces the network in eval mode, so a module with weights that only a
@@ -19,6 +20,40 @@ from prune.errors import UsageError, first_line, out_of_memory
 from scoring.hooks import forward_hooks
 
 WRAP_HINT = "wrap the model in a module whose forward returns the logits (see docs/your-model.md)"
+
+
+def _first_conv(model: nn.Module) -> nn.Conv2d | None:
+    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+
+
+def _size_hint(name: str, size: int) -> str:
+    """The fix for a model that cannot run on `size`² images: the side its registry entry names, or a larger one."""
+    from prune.zoo.registry import model_entry
+
+    built_for = model_entry(name).input_size
+    if built_for != size:
+        return f"pass --input-size {built_for}, the side its registry entry names"
+    return "pass a larger --input-size, e.g. 224"
+
+
+@torch.no_grad()
+def example_input(model: nn.Module, size: int, name: str, device: torch.device) -> torch.Tensor:
+    """A zero image [1, 3, size, size] that `model` runs on; UsageError naming the fix if it cannot (a
+    first conv that takes other than 3 channels, or a side the model cannot take)."""
+    try:
+        example = torch.zeros(1, 3, size, size, device=device)
+        model(example)
+    except (RuntimeError, AssertionError, ValueError) as exc:  # models check their input size many ways
+        if out_of_memory(exc):  # the machine's limit, not the model's: exit_code names what to lower
+            raise
+        first = _first_conv(model)
+        if first is not None and first.in_channels != 3:
+            raise UsageError(f"model {name}'s first conv takes {first.in_channels}-channel images, but images are "
+                             "fed as RGB [N, 3, H, W]; wrap the model so its forward turns them into what it takes "
+                             "(e.g. x.mean(1, keepdim=True) for grey), see docs/your-model.md") from None
+        raise UsageError(f"model {name} cannot run on {size}x{size} images ({first_line(exc)}); "
+                         f"{_size_hint(name, size)}") from None
+    return example
 
 
 def _shown(out: object) -> str:

@@ -31,7 +31,7 @@ from finetune.train import FinetuneConfig, finetune
 from prune.config import ALLOCATIONS, MAX_LAYER_RATIO, PruneConfig, check_type
 from prune.core import distributed
 from prune.core.files import write_json
-from prune.errors import UsageError, first_line, out_of_memory, usage_errors
+from prune.errors import UsageError, usage_errors
 from prune.outputs.cache_file import CacheFile
 from prune.outputs.checkpoint import save_pruned
 from prune.outputs.export import check_export, export_onnx
@@ -40,7 +40,7 @@ from prune.outputs.outdir import check as check_out
 from prune.outputs.report import BudgetResult, Measurement, PruneReport, StepResult, write_report
 from prune.outputs.score_store import FileScoreStore, RememberingStore, ScoreStore
 from prune.pipeline.budget import Plan, Planning, planned
-from prune.pipeline.contract import check_forward
+from prune.pipeline.contract import check_forward, example_input
 from prune.pipeline.counting import count_cost
 from prune.pipeline.iterative import merged, step_counts
 from prune.pipeline.provenance import inputs_fingerprint
@@ -337,21 +337,6 @@ class Loaded:
     """What fine-tuning trains on: the train split, or its `--train-images` subset."""
 
 
-@torch.no_grad()
-def _example_input(model: nn.Module, size: int, name: str, device: torch.device) -> torch.Tensor:
-    """A zero image [1, 3, size, size] that `model` runs on; UsageError if it cannot."""
-    try:
-        example = torch.zeros(1, 3, size, size, device=device)
-        model(example)
-    except (RuntimeError, AssertionError, ValueError) as exc:  # models check their input size many ways
-        if out_of_memory(exc):  # the machine's limit, not the model's: exit_code names what to lower
-            raise
-        first = first_line(exc)
-        raise UsageError(f"model {name} cannot run on {size}x{size} images ({first}); pass a larger --input-size, "
-                         "e.g. 224") from None
-    return example
-
-
 def load(config: PruneConfig, device: torch.device) -> Loaded:
     """Load data and model and check every input (UsageError), writing nothing.
 
@@ -367,7 +352,7 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
         finetune_set = Subset(data.train, balanced_subset(data.train_targets, config.train_images,
                                                           classes=len(data.classes)))
     model = create_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
-    example = _example_input(model, data.input_size, config.model, device)
+    example = example_input(model, data.input_size, config.model, device)
     check_forward(model, example, config.model, trains=config.finetune)
     surgeon = Surgeon(model, example)
     probe = min(config.samples_per_class, PROBE_IMAGES)
