@@ -4,6 +4,7 @@ models of the timm CNN families, with a weight, an activation and a gradient sco
     python -m benchmarks.coverage                       # everything (hours on 2 cores; resumable)
     python -m benchmarks.coverage --models 'resnet*' 'timm:regnet*' --scorers l1
     python -m benchmarks.coverage --report              # only rewrite coverage.json / .md from the run files
+    python -m benchmarks.coverage --finetune            # l1, then one epoch of fine-tuning (train mode, backward)
 
 Each (model, scorer) is one `python -m prune` process on random weights: a generated ImageFolder
 of 2 classes (4 training and 2 validation images each), K = 2, N = 3, --no-finetune, --no-speed,
@@ -15,7 +16,10 @@ at 64² (at 224² for a model that refuses 64², e.g. a ViT with a fixed patch g
   `lines` counts what the run printed);
 - `failed`: anything else (an internal error, a rebuild that differs, a timeout): a bug.
 One result file per run under benchmarks/results/coverage/ (a finished run is not redone);
-the summary is benchmarks/results/coverage.json and .md.
+the summary is benchmarks/results/coverage.json and .md. With `--finetune` (l1 unless `--scorers`
+says otherwise) each run also fine-tunes the pruned network for one epoch (batch 4: two steps per
+class), so its train-mode forward and backward pass run too, and the rebuilt network must give what
+the run measured after fine-tuning; files under coverage-finetune/, summary coverage-finetune.json / .md.
 """
 
 from __future__ import annotations
@@ -82,14 +86,24 @@ def make_folder(root: Path) -> Path:
                                val_per_class=SETTINGS["val_per_class"], side=64)
 
 
-def run_file(results: Path, model: str, scorer: str) -> Path:
-    return results / "coverage" / f"{model.replace(':', '_')}-{scorer}.json"
+FINETUNE_FLAGS = ("--epochs", "1", "--batch-size", "4")
+"""What `--finetune` runs instead of --no-finetune: one epoch, two steps per class."""
 
 
-def prune_argv(model: str, scorer: str, size: int, data: Path, out: Path) -> list[str]:
+def stem(finetune: bool) -> str:
+    """The name of the run folder and summary files: coverage, or coverage-finetune."""
+    return "coverage-finetune" if finetune else "coverage"
+
+
+def run_file(results: Path, model: str, scorer: str, finetune: bool = False) -> Path:
+    return results / stem(finetune) / f"{model.replace(':', '_')}-{scorer}.json"
+
+
+def prune_argv(model: str, scorer: str, size: int, data: Path, out: Path, finetune: bool = False) -> list[str]:
     return ["--model", model, "--scorer", scorer, "--data", str(data), "--input-size", str(size),
             "--classes", str(SETTINGS["classes"]), "--samples-per-class", str(SETTINGS["samples_per_class"]),
-            "--ratio", str(SETTINGS["ratio"]), "--no-finetune", "--no-speed", "--quiet", "--out", str(out)]
+            "--ratio", str(SETTINGS["ratio"]), *(FINETUNE_FLAGS if finetune else ("--no-finetune",)), "--no-speed",
+            "--quiet", "--out", str(out)]
 
 
 def rebuilt_matches(out: Path, data: Path, model: str, size: int, after: dict) -> str | None:
@@ -110,9 +124,9 @@ def rebuilt_matches(out: Path, data: Path, model: str, size: int, after: dict) -
     return None
 
 
-def one(model: str, scorer: str, data: Path) -> dict:
-    """The main job (`prune.cli.main`, in this process) on `model` with `scorer`, at each of SIZES
-    until one is not refused for its size; its outcome."""
+def one(model: str, scorer: str, data: Path, finetune: bool = False) -> dict:
+    """The main job (`prune.cli.main`, in this process) on `model` with `scorer` (and one epoch of
+    fine-tuning with `finetune`), at each of SIZES until one is not refused for its size; its outcome."""
     from prune.cli import main as prune_main
 
     outcome: dict = {}
@@ -122,7 +136,7 @@ def one(model: str, scorer: str, data: Path) -> dict:
             start = time.perf_counter()
             with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                code = prune_main(prune_argv(model, scorer, size, data, out))
+                code = prune_main(prune_argv(model, scorer, size, data, out, finetune))
             lines = [line for line in said.getvalue().splitlines() if line.strip()]
             last = lines[-1] if lines else ""
             outcome = {"model": model, "scorer": scorer, "size": size, "exit": code,
@@ -144,7 +158,7 @@ def _pruned(out: Path, data: Path, model: str, size: int) -> dict:
     return {**found, "outcome": "failed" if differs else "pruned", **({"why": differs} if differs else {})}
 
 
-def worker(model: str, scorers: tuple[str, ...], data: Path, results: Path) -> None:
+def worker(model: str, scorers: tuple[str, ...], data: Path, results: Path, finetune: bool = False) -> None:
     """Run `model` with each of `scorers` in this process (one torch thread: several workers may
     share the machine), writing each run file as it ends."""
     import torch
@@ -152,17 +166,18 @@ def worker(model: str, scorers: tuple[str, ...], data: Path, results: Path) -> N
     torch.set_num_threads(1)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     for scorer in scorers:
-        result = {**one(model, scorer, data), "commit": commit or None}
-        write_json(run_file(results, model, scorer), result)
+        result = {**one(model, scorer, data, finetune), "commit": commit or None}
+        write_json(run_file(results, model, scorer, finetune), result)
         print(f"{model:28s} {scorer:10s} {result['outcome']:8s} {result['seconds']:7.1f}s "
               f"{result.get('why', '')[:150]}", flush=True)
 
 
-def run_model(model: str, scorers: tuple[str, ...], data: Path, results: Path, timeout: float) -> None:
+def run_model(model: str, scorers: tuple[str, ...], data: Path, results: Path, timeout: float,
+              finetune: bool = False) -> None:
     """`worker` in a fresh process (memory returned after each model); runs it left unfinished
     (the process died or ran past `timeout`) are written as failed."""
     argv = [sys.executable, "-m", "benchmarks.coverage", "--worker", model, "--scorers", *scorers,
-            "--results", str(results), "--data", str(data)]
+            "--results", str(results), "--data", str(data), *(["--finetune"] if finetune else [])]
     start = time.perf_counter()
     try:
         proc = subprocess.run(argv, timeout=timeout, stderr=subprocess.PIPE, text=True)
@@ -170,8 +185,8 @@ def run_model(model: str, scorers: tuple[str, ...], data: Path, results: Path, t
     except subprocess.TimeoutExpired:
         why = f"timed out after {timeout:.0f} s"
     for scorer in scorers:
-        if not run_file(results, model, scorer).exists():
-            write_json(run_file(results, model, scorer), {"model": model, "scorer": scorer, "size": SIZES[0],
+        if not run_file(results, model, scorer, finetune).exists():
+            write_json(run_file(results, model, scorer, finetune), {"model": model, "scorer": scorer, "size": SIZES[0],
                        "outcome": "failed", "why": why, "seconds": round(time.perf_counter() - start, 1)})
 
 
@@ -187,23 +202,25 @@ def summary_rows(runs: list[dict]) -> list[list]:
     return rows
 
 
-def write_summary(results: Path, models: list[str], scorers: tuple[str, ...]) -> dict:
-    """coverage.json / .md from every run file present (in `models` × `scorers` order)."""
-    runs = [json.loads(f.read_text()) for m in models for s in scorers if (f := run_file(results, m, s)).exists()]
+def write_summary(results: Path, models: list[str], scorers: tuple[str, ...], finetune: bool = False) -> dict:
+    """coverage.json / .md (coverage-finetune.*) from every run file present (in `models` × `scorers` order)."""
+    runs = [json.loads(f.read_text()) for m in models for s in scorers
+            if (f := run_file(results, m, s, finetune)).exists()]
     counts = {k: sum(r["outcome"] == k for r in runs) for k in ("pruned", "refused", "failed")}
     done = {r["model"] for r in runs}
     per_scorer = Counter(r["scorer"] for r in runs)
-    text = (f"# Coverage: the main job on {len(done)} models\n\n"
+    what = "one epoch of fine-tuning (batch 4)" if finetune else "no fine-tuning"
+    text = (f"# Coverage{' with fine-tuning' if finetune else ''}: the main job on {len(done)} models\n\n"
             f"Models run per scorer: {', '.join(f'{s} {n}' for s, n in per_scorer.items())}. "
             f"{counts['pruned']} runs pruned, {counts['refused']} refused in one line, {counts['failed']} failed "
             f"(random weights, {SETTINGS['classes']} classes × {SETTINGS['samples_per_class']} scoring images, "
-            f"ratio {SETTINGS['ratio']}, no fine-tuning; params and FLOPs before → after).\n\n"
+            f"ratio {SETTINGS['ratio']}, {what}; params and FLOPs before → after).\n\n"
             + markdown_table(["model", "family", "scorer", "side", "outcome", "params · FLOPs", "s", "why"],
                              summary_rows(runs)) + "\n")
-    payload = {"machine": machine(), "settings": {**SETTINGS, "sizes": SIZES, "scorers": scorers},
+    payload = {"machine": machine(), "settings": {**SETTINGS, "sizes": SIZES, "scorers": scorers, "finetune": finetune},
                "counts": counts, "models": len(done), "runs": runs}
-    write_json(results / "coverage.json", payload)
-    write_text(results / "coverage.md", text)
+    write_json(results / f"{stem(finetune)}.json", payload)
+    write_text(results / f"{stem(finetune)}.md", text)
     return counts
 
 
@@ -222,7 +239,8 @@ def _todo(file: Path, redo_failed: bool) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.coverage", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["*"], help="fnmatch patterns over the model names")
-    p.add_argument("--scorers", nargs="+", default=list(SCORERS))
+    p.add_argument("--scorers", nargs="+", default=None, help="default: l1 entropy tp-taylor (l1 with --finetune)")
+    p.add_argument("--finetune", action="store_true", help="fine-tune each pruned network one epoch (batch 4)")
     p.add_argument("--results", type=Path, default=RESULTS)
     p.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds one model's runs may take")
     p.add_argument("--redo-failed", action="store_true", help="run again the runs whose file says failed")
@@ -231,17 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     models = [m for m in all_models() if any(fnmatch.fnmatch(m, pat) for pat in args.models)]
-    scorers = tuple(args.scorers)
+    scorers = tuple(args.scorers or (("l1",) if args.finetune else SCORERS))
     if args.worker:
-        worker(args.worker, scorers, args.data, args.results)
+        worker(args.worker, scorers, args.data, args.results, args.finetune)
         return 0
     if not args.report:
         data = make_folder(Path(tempfile.gettempdir()) / "topoprune-coverage-data")
         for model in models:
-            todo = tuple(s for s in scorers if _todo(run_file(args.results, model, s), args.redo_failed))
+            todo = tuple(s for s in scorers if _todo(run_file(args.results, model, s, args.finetune), args.redo_failed))
             if todo:
-                run_model(model, todo, data, args.results, args.timeout)
-    counts = write_summary(args.results, all_models(), every_scorer())
+                run_model(model, todo, data, args.results, args.timeout, args.finetune)
+    counts = write_summary(args.results, all_models(), every_scorer(), args.finetune)
     print(f"pruned {counts['pruned']}, refused {counts['refused']}, failed {counts['failed']}")
     return 0
 
