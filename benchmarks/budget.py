@@ -115,7 +115,7 @@ def table(rows: list[dict], diffs: list[dict]) -> str:
     body = [[r["scorer"], r["seeds"], fmt(r["flops_fraction"], r["flops_fraction_hw95"]),
              " ".join(f"{x:.2f}" for x in r["ratios"]), fmt(r["top1_pruned"], r["top1_pruned_hw95"]),
              fmt(r["top1"], r["top1_hw95"]),
-             "—" if r["scorer"] not in by else f"{by[r['scorer']]['mean']:+.4f} ± {by[r['scorer']]['hw95']:.4f}"]
+             "—" if r["scorer"] not in by else fmt(by[r["scorer"]]["mean"], by[r["scorer"]]["hw95"], signed=True)]
             for r in rows]
     return markdown_table(["arm", "seeds", "achieved FLOPs", "mean ratio per layer", "top-1 pruned",
                            "fine-tuned", f"fine-tuned − {BASELINE} (paired)"], body)
@@ -133,7 +133,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, tb in zip(axes[0], testbeds):
         for r in (r for r in rows if r["testbed"] == tb):
             allocation, scorer = split_arm(r["scorer"])
-            ax.errorbar(r["flops_fraction"], r["top1"], xerr=r["flops_fraction_hw95"], yerr=r["top1_hw95"],
+            ax.errorbar(r["flops_fraction"], r["top1"], xerr=r["flops_fraction_hw95"] or 0.0, yerr=r["top1_hw95"] or 0.0,
                         fmt=MARKERS.get(allocation, "o"), color=f"C{scorers.index(scorer)}", capsize=2,
                         label=r["scorer"])
         ax.set(title=tb, xlabel="achieved FLOPs fraction", ylabel="fine-tuned top-1 (mean ± 95% CI over seeds)")

@@ -170,11 +170,11 @@ def t95(n: int) -> float:
     return float(t.ppf(0.975, n - 1))
 
 
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% t-interval (inf for fewer than two values)."""
+def mean_ci(values: list[float]) -> tuple[float, float | None]:
+    """Mean and half-width of its 95% t-interval (None, JSON null, for fewer than two values)."""
     m = statistics.fmean(values)
     if len(values) < 2:
-        return m, math.inf
+        return m, None
     return m, t95(len(values)) * statistics.stdev(values) / math.sqrt(len(values))
 
 
@@ -320,11 +320,13 @@ def paired(runs: list[dict], testbed: str, arms: tuple[str, ...], baseline: str,
 
 
 def needs_more(rows: list[dict], target: float) -> bool:
-    return any(r["top1_hw95"] > target for r in rows)
+    return any(r["top1_hw95"] is None or r["top1_hw95"] > target for r in rows)
 
 
-def fmt(mean: float, hw: float) -> str:
-    return f"{mean:.4f} ± {hw:.4f}"
+def fmt(mean: float, hw: float | None, *, signed: bool = False) -> str:
+    """`mean ± hw` to 4 decimals (a sign with `signed`); "(one seed)" where there is no interval."""
+    value = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+    return f"{value} (one seed)" if hw is None else f"{value} ± {hw:.4f}"
 
 
 def table(rows: list[dict], diffs: list[dict]) -> str:
@@ -333,7 +335,7 @@ def table(rows: list[dict], diffs: list[dict]) -> str:
 
     def diff(arm: str, baseline: str) -> str:
         d = by.get((arm, baseline))
-        return "—" if d is None else f"{d['mean']:+.4f} ± {d['hw95']:.4f}"
+        return "—" if d is None else fmt(d["mean"], d["hw95"], signed=True)
 
     body = [[r["scorer"], r["seeds"], fmt(r["top1_pruned"], r["top1_pruned_hw95"]),
              fmt(r["top1_pruned_bn"], r["top1_pruned_bn_hw95"]), fmt(r["top1"], r["top1_hw95"]),
@@ -353,7 +355,7 @@ def plot(rows: list[dict], path: Path) -> None:
         w = 0.27
         for k, (key, label) in enumerate(keys):
             xs = [i + (k - 1) * w for i in range(len(mine))]
-            ax.bar(xs, [r[key] for r in mine], w, yerr=[r[f"{key}_hw95"] for r in mine], label=label, capsize=2)
+            ax.bar(xs, [r[key] for r in mine], w, yerr=[r[f"{key}_hw95"] or 0.0 for r in mine], label=label, capsize=2)
         ax.set_xticks(range(len(mine)), [r["scorer"] for r in mine], rotation=30, ha="right")
         ax.set_title(testbed)
         ax.set_ylim(0, 1)

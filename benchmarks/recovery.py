@@ -227,19 +227,21 @@ def differences(runs: list[dict], settings: Settings) -> list[dict]:
 def table(rows: list[dict], settings: Settings, testbed: str) -> str:
     """Fine-tuned top-1 per recipe (rows) and scorer (columns), mean ± 95% half-width (seeds)."""
     by = {r["scorer"]: r for r in rows if r["testbed"] == testbed}
-    body = []
-    for recipe in settings.recipes:
-        cells = [fmt(by[a]["top1"], by[a]["top1_hw95"]) + f" ({by[a]['seeds']})" if (a := f"{recipe}-{s}") in by
-                 else "—" for s in settings.scorers]
-        body.append([recipe, *cells])
+
+    def cell(arm: str) -> str:
+        if arm not in by:
+            return "—"
+        r = by[arm]
+        return fmt(r["top1"], r["top1_hw95"]) + ("" if r["top1_hw95"] is None else f" ({r['seeds']})")
+
+    body = [[recipe, *(cell(f"{recipe}-{s}") for s in settings.scorers)] for recipe in settings.recipes]
     if SCRATCH in by:
-        body.append([SCRATCH, fmt(by[SCRATCH]["top1"], by[SCRATCH]["top1_hw95"]) + f" ({by[SCRATCH]['seeds']})",
-                     *["" for _ in settings.scorers[1:]]])
+        body.append([SCRATCH, cell(SCRATCH), *["" for _ in settings.scorers[1:]]])
     return markdown_table(["recipe", *settings.scorers], body)
 
 
 def diff_table(diffs: list[dict], testbed: str) -> str:
-    body = [[d["recipe"], d["difference"], d["seeds"], f"{d['mean']:+.4f} ± {d['hw95']:.4f}"]
+    body = [[d["recipe"], d["difference"], d["seeds"], fmt(d["mean"], d["hw95"], signed=True)]
             for d in diffs if d["testbed"] == testbed]
     return markdown_table(["recipe", "difference (fine-tuned top-1)", "seeds", "mean ± 95% half-width"], body)
 
@@ -253,7 +255,7 @@ def plot(rows: list[dict], path: Path) -> None:
         scorers = list(dict.fromkeys(r["criterion"] for r in rows if r["testbed"] == tb))
         for r in (r for r in rows if r["testbed"] == tb):
             x = recipes.index(r["recipe"]) + 0.12 * (scorers.index(r["criterion"]) - len(scorers) / 2)
-            ax.errorbar(x, r["top1"], yerr=r["top1_hw95"], fmt="o", capsize=2,
+            ax.errorbar(x, r["top1"], yerr=r["top1_hw95"] or 0.0, fmt="o", capsize=2,
                         color="black" if r["recipe"] == SCRATCH else f"C{scorers.index(r['criterion'])}",
                         label=r["criterion"] if r["recipe"] == "paper" else None)
         unpruned = next((r["top1_unpruned"] for r in rows if r["testbed"] == tb), None)
