@@ -17,9 +17,9 @@ at 64² (at 224² for a model that refuses 64², e.g. a ViT with a fixed patch g
 - `failed`: anything else (an internal error, a rebuild that differs, a timeout): a bug.
 One result file per run under benchmarks/results/coverage/ (a finished run is not redone);
 the summary is benchmarks/results/coverage.json and .md. With `--finetune` (l1 unless `--scorers`
-says otherwise) each run also fine-tunes the pruned network for one epoch (batch 4: two steps per
-class), so its train-mode forward and backward pass run too, and the rebuilt network must give what
-the run measured after fine-tuning; files under coverage-finetune/, summary coverage-finetune.json / .md.
+says otherwise) each run also fine-tunes the pruned network for one epoch (batch 4: two steps), so
+its train-mode forward and backward pass run too, and the rebuilt network must give what the run
+measured after fine-tuning; files under coverage-finetune/, summary coverage-finetune.json / .md.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def make_folder(root: Path) -> Path:
 
 
 FINETUNE_FLAGS = ("--epochs", "1", "--batch-size", "4")
-"""What `--finetune` runs instead of --no-finetune: one epoch, two steps per class."""
+"""What `--finetune` runs instead of --no-finetune: one epoch of two steps (8 training images)."""
 
 
 def stem(finetune: bool) -> str:

@@ -97,6 +97,13 @@ class PruneConfig:
         return cls(**{**d, "scorer_options": tuple(d.get("scorer_options", {}).items())})
 
     @property
+    def trains(self) -> bool:
+        """True when the run trains the network: from scratch (`reinit`), fine-tuning epochs, or
+        fine-tuning between iterative steps."""
+        between_steps = self.iterative_steps > 1 and self.step_epochs > 0
+        return self.reinit or (self.finetune and (self.epochs > 0 or between_steps))
+
+    @property
     def has_target(self) -> bool:
         """True when a FLOPs or speed target replaces `ratio`."""
         return self.target_flops is not None or self.target_speedup is not None

@@ -5,17 +5,22 @@ Inception v3 prune and fine-tune."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torchvision
 from helpers import image_folder
 from torch import nn
 
+import prune
+from benchmarks import coverage
 from prune.cli import main
 from prune.errors import UsageError
+from prune.outputs.checkpoint import save_pruned
 from prune.pipeline.contract import check_forward, example_input, outermost
 from prune.zoo import registry
-from prune.zoo.models import create_model, drop_auxiliary_heads
+from prune.zoo.models import ModelSpec, create_model, drop_auxiliary_heads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -45,7 +50,7 @@ class Net(nn.Module):
 EXAMPLE = torch.zeros(1, 3, 8, 8)
 
 
-@pytest.mark.parametrize(("returns", "shown"), [("tuple", "a tuple"), ("dict", "a dict"), ("maps", "a [1, 8, 8, 8]")])
+@pytest.mark.parametrize(("returns", "shown"), [("tuple", "a tuple"), ("dict", "a dict"), ("maps", "a [2, 8, 8, 8]")])
 def test_a_forward_that_does_not_return_logits_is_refused_naming_what_it_returns(returns, shown):
     with pytest.raises(UsageError) as info:
         check_forward(Net(returns=returns), EXAMPLE, "mine", trains=False)
@@ -138,6 +143,23 @@ def test_a_googlenet_checkpoint_loads_with_or_without_its_auxiliary_heads(tmp_pa
         assert set(model.state_dict()) == set(without.state_dict())
 
 
+def test_a_pruned_googlenet_reloads_with_its_input_transform_and_without_old_heads(tmp_path):
+    """model.pt keeps `transform_input` (torchvision's pretrained GoogLeNet turns it on; no state_dict
+    holds it), and a file written while the heads were still kept (their keys in the state_dict) loads."""
+    torch.manual_seed(0)
+    net = torchvision.models.googlenet(weights=None, num_classes=3, aux_logits=True, transform_input=True,
+                                       init_weights=False).eval()
+    save_pruned(tmp_path / "model.pt", net, spec=ModelSpec("googlenet", 3), history=[], input_size=64)
+    blob = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert blob["flags"] == {"transform_input": True} and any(k.startswith("aux1.") for k in blob["state_dict"])
+    rebuilt = prune.load_pruned(tmp_path / "model.pt")
+    x = torch.randn(2, 3, 64, 64)
+    assert rebuilt.transform_input and rebuilt.aux1 is None
+    assert torch.equal(rebuilt(x), net(x))  # without the flag the input would be normalised differently
+    net.transform_input = False
+    assert not torch.equal(rebuilt(x), net(x))
+
+
 def test_a_model_with_a_training_only_head_is_refused_before_out_is_touched(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
     registry.register_model("aux-net", input_size=8, num_classes=2)(lambda n: Net(n, aux_in_training=True))
@@ -155,4 +177,6 @@ def test_googlenet_prunes_and_fine_tunes(tmp_path):
     code = main(["--model", "googlenet", "--data", str(data), "--input-size", "64", "--scorer", "l1", "--classes",
                  "2", "--samples-per-class", "2", "--epochs", "1", "--batch-size", "4", "--no-speed", "--quiet",
                  "--out", str(tmp_path / "o")])
-    assert code == 0 and (tmp_path / "o" / "model.pt").is_file()
+    assert code == 0
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert coverage.rebuilt_matches(tmp_path / "o", data, "googlenet", 64, report["after"]) is None

@@ -286,6 +286,10 @@ CASES = {
     "another model name": (lambda s: {"model": "embedded-plain"}, "'model'"),
     "unknown model name": (lambda s: {"model": "vgg61"}, "'model'"),
     "NaN weights": (lambda s: {"state_dict": _nan_state(s)}, "NaN"),
+    "flags not a dict": (lambda s: {"flags": ["transform_input"]}, "'flags'"),
+    "flag not a bool": (lambda s: {"flags": {"transform_input": "yes"}}, "'flags'"),
+    "unknown flag": (lambda s: {"flags": {"aux_logits": True}}, "'flags'"),
+    "flag the model lacks": (lambda s: {"flags": {"transform_input": True}}, "'flags'"),  # the embedded VGG has none
 }
 
 

@@ -13,10 +13,12 @@ from prune.core.files import torch_save
 from prune.core.history import replay_history
 from prune.errors import UsageError
 from prune.version import __version__
-from prune.zoo.models import ModelSpec, classifier, create_model
+from prune.zoo.models import ModelSpec, architecture_flags, auxiliary_heads, classifier, create_model, without_heads
 from prune.zoo.registry import model_entry
 
 FORMAT = "topoprune/pruned-model/v1"
+FLAGS = ("transform_input",)
+"""The architecture settings model.pt may hold (`architecture_flags`)."""
 
 
 def save_pruned(path: Path, model: nn.Module, *, spec: ModelSpec, history: list, input_size: int) -> None:
@@ -30,6 +32,7 @@ def save_pruned(path: Path, model: nn.Module, *, spec: ModelSpec, history: list,
             "num_classes": spec.num_classes,
             "input_size": input_size,
             "pruning_history": history,
+            **({"flags": flags} if (flags := architecture_flags(model)) else {}),  # most models have none
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         },
     )
@@ -67,6 +70,9 @@ def _fields_problem(blob: dict) -> str | None:
     for field in ("num_classes", "input_size"):
         if not _positive_int(blob.get(field)):
             return f"field {field!r} is {blob.get(field)!r}, not a positive int"
+    flags = blob.get("flags", {})  # absent in files written before it existed: the defaults
+    if not isinstance(flags, dict) or any(k not in FLAGS or not isinstance(v, bool) for k, v in flags.items()):
+        return f"field 'flags' is {flags!r}, not a dict of {', '.join(FLAGS)} → bool"
     if not isinstance(blob.get("pruning_history"), list):
         return f"field 'pruning_history' is {type(blob.get('pruning_history')).__name__}, not a list"
     state = blob.get("state_dict")
@@ -112,6 +118,10 @@ def load_pruned(path: str | Path) -> nn.Module:
     if problem is not None:
         raise refuse(problem)
     model = create_model(blob["model"], num_classes=blob["num_classes"], pretrained=False).eval()
+    for flag, value in blob.get("flags", {}).items():
+        if flag not in architecture_flags(model):
+            raise refuse(f"field 'flags' sets {flag!r}, which model {blob['model']!r} does not have")
+        setattr(model, flag, value)
     problem = _classifier_problem(model, blob)
     if problem is not None:
         raise refuse(problem)
@@ -120,10 +130,11 @@ def load_pruned(path: str | Path) -> nn.Module:
         replay_history(model, example, blob["pruning_history"])
     except ValueError as exc:
         raise refuse(f"field 'pruning_history' does not fit field 'model' ({blob['model']!r}): {exc}") from None
-    why = state_dict_mismatch(model, blob["state_dict"])
+    saved = without_heads(blob["state_dict"], auxiliary_heads(model))  # files from before the heads were dropped
+    why = state_dict_mismatch(model, saved)
     if why is not None:
         raise refuse(f"field 'state_dict' does not fit model {blob['model']!r} pruned as 'pruning_history' says: {why}")
-    state = OrderedDict(blob["state_dict"])
+    state = OrderedDict(saved)
     state._metadata = model.state_dict()._metadata  # the modules' versions, which some check (MNASNet)
     model.load_state_dict(state)
     return model.eval()

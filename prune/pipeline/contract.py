@@ -10,9 +10,11 @@ in one line naming the fix (`check_forward`).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,8 +24,24 @@ from scoring.hooks import forward_hooks
 WRAP_HINT = "wrap the model in a module whose forward returns the logits (see docs/your-model.md)"
 
 
-def _first_conv(model: nn.Module) -> nn.Conv2d | None:
-    return next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+SIZE_ERRORS = (RuntimeError, AssertionError, ValueError)
+"""What models raise for an input they cannot take (they check sizes many ways)."""
+
+
+@torch.no_grad()
+def _first_conv_run(model: nn.Module, images: torch.Tensor) -> nn.Conv2d | None:
+    """The first Conv2d a forward of `images` reaches (its input checked or not), None if none does."""
+    reached: list[nn.Module] = []
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles = [m.register_forward_pre_hook(lambda m, _i: reached.append(m)) for m in convs]
+    try:
+        model(images)
+    except SIZE_ERRORS:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return reached[0] if reached else None
 
 
 def _size_hint(name: str, size: int) -> str:
@@ -40,13 +58,13 @@ def _size_hint(name: str, size: int) -> str:
 def example_input(model: nn.Module, size: int, name: str, device: torch.device) -> torch.Tensor:
     """A zero image [1, 3, size, size] that `model` runs on; UsageError naming the fix if it cannot (a
     first conv that takes other than 3 channels, or a side the model cannot take)."""
+    example = torch.zeros(1, 3, size, size, device=device)
     try:
-        example = torch.zeros(1, 3, size, size, device=device)
         model(example)
-    except (RuntimeError, AssertionError, ValueError) as exc:  # models check their input size many ways
+    except SIZE_ERRORS as exc:
         if out_of_memory(exc):  # the machine's limit, not the model's: exit_code names what to lower
             raise
-        first = _first_conv(model)
+        first = _first_conv_run(model, example)
         if first is not None and first.in_channels != 3:
             raise UsageError(f"model {name}'s first conv takes {first.in_channels}-channel images, but images are "
                              "fed as RGB [N, 3, H, W]; wrap the model so its forward turns them into what it takes "
@@ -79,9 +97,11 @@ def _modules_run(model: nn.Module, images: torch.Tensor) -> tuple[set[str], obje
 @contextmanager
 def _state_kept(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Inside, `model` may run in train mode: its buffers (BatchNorm statistics), every module's
-    mode and the random number generators are as they were afterwards."""
+    mode and the random number generators (torch's on the CPU and `device`, Python's, numpy's)
+    are as they were afterwards."""
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
+    python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             yield
@@ -90,6 +110,8 @@ def _state_kept(model: nn.Module, device: torch.device) -> Iterator[None]:
                 b.copy_(saved)
             for m, training in modes:
                 m.training = training
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def outermost(names: set[str]) -> list[str]:
@@ -99,27 +121,29 @@ def outermost(names: set[str]) -> list[str]:
 
 @torch.no_grad()
 def check_forward(model: nn.Module, example: torch.Tensor, name: str, *, trains: bool) -> None:
-    """UsageError unless `model` maps `example` [1, 3, H, W] to logits in eval mode and, when the
-    run `trains` (fine-tuning, distillation, scratch training), a batch of two copies of it to logits
-    in train mode running no module with weights that eval mode does not run.
+    """UsageError unless `model` maps two copies of `example` [1, 3, H, W] to logits [2, classes] in
+    eval mode and, when the run `trains` (fine-tuning, distillation, scratch training), in train mode
+    too, running no module with weights that eval mode does not run.
 
-    The train-mode forward leaves the model exactly as it was (`_state_kept`): same BatchNorm
-    statistics, modes and random state, so the run's results do not depend on this check.
+    The model is left exactly as it was (`_state_kept`): same BatchNorm statistics, modes and random
+    state, so the run's results do not depend on this check.
     """
-    model.eval()
-    in_eval, out = _modules_run(model, example)
-    check_logits(out, name, mode="eval")
-    if not trains:
-        return
+    images = example.repeat(2, 1, 1, 1)  # two: train-mode BatchNorm needs more than one value per channel
     with _state_kept(model, example.device):
+        model.eval()
+        in_eval, out = _modules_run(model, images)
+        check_logits(out, name, mode="eval")
+        if not trains:
+            return
         model.train()
         try:
-            in_train, out = _modules_run(model, example.repeat(2, 1, 1, 1))
-        except (RuntimeError, ValueError) as exc:
+            in_train, out = _modules_run(model, images)
+        except (*SIZE_ERRORS, TypeError) as exc:
             if out_of_memory(exc):
                 raise
-            raise UsageError(f"model {name} cannot run in train mode on these images ({first_line(exc)}); pass a larger "
-                             "--input-size, or --no-finetune to prune without training") from None
+            raise UsageError(f"model {name} cannot run on {example.shape[-1]}x{example.shape[-1]} images in train mode "
+                             f"({first_line(exc)}); {_size_hint(name, example.shape[-1])}, or pass --no-finetune to "
+                             "prune without training") from None
     extra = outermost(in_train - in_eval)
     if extra:
         raise UsageError(f"model {name} runs {', '.join(extra)} only in train mode: pruning traces the eval-mode "

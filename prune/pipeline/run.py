@@ -353,7 +353,7 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
                                                           classes=len(data.classes)))
     model = create_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
     example = example_input(model, data.input_size, config.model, device)
-    check_forward(model, example, config.model, trains=config.finetune)
+    check_forward(model, example, config.model, trains=config.trains)
     surgeon = Surgeon(model, example)
     probe = min(config.samples_per_class, PROBE_IMAGES)
     check_finite(model, torch.cat([class_images(data, c, probe, seed=config.seed) for c in classes]))

@@ -43,7 +43,7 @@ def check_dtypes(state: dict, path: Path) -> None:
                              "save real-valued (floating-point) weights")
 
 
-def _auxiliary_heads(model: nn.Module) -> tuple[str, ...]:
+def auxiliary_heads(model: nn.Module) -> tuple[str, ...]:
     """The attribute names of the auxiliary heads of torchvision's GoogLeNet and Inception v3; () for any other model."""
     import torchvision
 
@@ -62,7 +62,7 @@ def drop_auxiliary_heads(model: nn.Module) -> tuple[str, ...]:
     The heads are training aids an eval-mode forward never runs: torch-pruning traces in eval mode,
     so a head kept would keep its unpruned input channels and break the first fine-tuning step.
     """
-    names = _auxiliary_heads(model)
+    names = auxiliary_heads(model)
     if not names or not model.aux_logits:
         return ()
     model.aux_logits = False
@@ -71,14 +71,21 @@ def drop_auxiliary_heads(model: nn.Module) -> tuple[str, ...]:
     return names
 
 
-def _without(state: dict, heads: tuple[str, ...]) -> dict:
+def architecture_flags(model: nn.Module) -> dict[str, bool]:
+    """Settings of `model` that change its outputs but no state_dict holds: `transform_input` of
+    torchvision's GoogLeNet and Inception v3 (their pretrained weights turn it on: it re-normalises
+    the input); {} for any other model. `prune.load_pruned` sets them again from model.pt."""
+    return {"transform_input": bool(model.transform_input)} if auxiliary_heads(model) else {}
+
+
+def without_heads(state: dict, heads: tuple[str, ...]) -> dict:
     """`state` without the keys of the modules named `heads` (top-level attribute names)."""
     return {k: v for k, v in state.items() if k.split(".", 1)[0] not in heads}
 
 
-def _load_checkpoint_weights(model: nn.Module, path: Path, *, dropped: tuple[str, ...] = ()) -> None:
+def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
     """Load the state_dict file `path` into `model` (UsageError naming what does not fit); the keys
-    of the `dropped` auxiliary heads, present or not in the file, are ignored."""
+    of auxiliary heads (`auxiliary_heads`), present or not in the file, are ignored."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt file or not a tensor checkpoint
@@ -87,7 +94,7 @@ def _load_checkpoint_weights(model: nn.Module, path: Path, *, dropped: tuple[str
         state = state["state_dict"]
     if isinstance(state, dict):
         check_dtypes(state, path)
-        state = _without(state, dropped)
+        state = without_heads(state, auxiliary_heads(model))
     why = state_dict_mismatch(model, state)
     if why is None:
         try:
@@ -144,8 +151,8 @@ def fit_head(model: nn.Module, num_classes: int) -> nn.Module:
     """`model` (changed in place) predicting `num_classes` classes, as timm's `num_classes=` does.
 
     The final classifier (`classifier`: the last nn.Linear, else the last nn.Conv2d) and every layer
-    of its kind with the same number of outputs (auxiliary heads such as Inception's) are
-    replaced by fresh ones with `num_classes` outputs; the rest keeps its weights. A model
+    of its kind with the same number of outputs (auxiliary heads of the same width; torchvision's
+    GoogLeNet and Inception v3 have lost theirs by then, `drop_auxiliary_heads`) are replaced by fresh ones with `num_classes` outputs; the rest keeps its weights. A model
     whose head already has `num_classes` outputs is returned unchanged.
     """
     _, head = classifier(model)
@@ -184,7 +191,8 @@ def create_model(name: str, *, weights: str | None = None, num_classes: int | No
         return _load_default_weights(entry, num_classes)
     if Path(weights).exists():
         model = entry.build(num_classes)
-        _load_checkpoint_weights(model, Path(weights), dropped=drop_auxiliary_heads(model))
+        drop_auxiliary_heads(model)
+        _load_checkpoint_weights(model, Path(weights))
         return model.eval()
     if entry.named_weights is None:
         raise UsageError(f"weights file {weights!r} not found; pass an existing checkpoint path")
