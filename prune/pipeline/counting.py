@@ -6,15 +6,19 @@ fvcore's "flop" is one multiply-add, i.e. a MAC; FLOPs here are 2 × MACs.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
 from scoring.model_state import eval_mode, model_device
+
+with warnings.catch_warnings():  # fvcore scripts a loss of its own with torch.jit.script, which torch deprecates
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
 
 _COUNTED = (nn.Conv2d, nn.Linear)
 
