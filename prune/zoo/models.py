@@ -13,6 +13,7 @@ from torch import nn
 from finetune.checkpoint import state_dict_mismatch
 from prune.errors import UsageError
 from prune.zoo.registry import ModelEntry, model_entry
+from prune.zoo.state_dicts import read_weights_file, state_dict_in, without_wrapper_prefix
 
 
 @dataclass(frozen=True)
@@ -84,17 +85,17 @@ def without_heads(state: dict, heads: tuple[str, ...]) -> dict:
 
 
 def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
-    """Load the state_dict file `path` into `model` (UsageError naming what does not fit); the keys
-    of auxiliary heads (`auxiliary_heads`), present or not in the file, are ignored."""
+    """Load the weights file `path` into `model` (UsageError naming what does not fit): a state_dict
+    or a training script's checkpoint (`prune.zoo.state_dicts`); the keys of auxiliary heads
+    (`auxiliary_heads`), present or not in the file, are ignored."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        blob = read_weights_file(path)
     except Exception as exc:  # corrupt file or not a tensor checkpoint
         raise UsageError(f"cannot read weights from {path}: {type(exc).__name__}; pass a state_dict file") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = state_dict_in(blob)
     if isinstance(state, dict):
         check_dtypes(state, path)
-        state = without_heads(state, auxiliary_heads(model))
+        state = without_heads(without_wrapper_prefix(state, model.state_dict().keys()), auxiliary_heads(model))
     why = state_dict_mismatch(model, state)
     if why is None:
         try:
