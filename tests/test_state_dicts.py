@@ -24,6 +24,13 @@ def _shifted(state: dict, by: float) -> dict:
     return {k: v + by if v.is_floating_point() else v for k, v in state.items()}
 
 
+def _averaged(state: dict) -> dict:
+    """The state_dict torch's AveragedModel (torchvision's `model_ema`) has for a model with weights `state`."""
+    model = torchvision.models.resnet18(num_classes=2)
+    model.load_state_dict(state)
+    return torch.optim.swa_utils.AveragedModel(model).state_dict()
+
+
 LAYOUTS = {
     "bare": lambda w: w,
     "DataParallel / DDP": lambda w: {f"module.{k}": v for k, v in w.items()},
@@ -32,6 +39,7 @@ LAYOUTS = {
     "timm train": lambda w: {"state_dict": w, "epoch": 9, "arch": "resnet18"},
     "Lightning": lambda w: {"state_dict": {f"model.{k}": v for k, v in w.items()}, "epoch": 1},
     "DDP inside a dict": lambda w: {"model": {f"module.model.{k}": v for k, v in w.items()}},
+    "torchvision reference with EMA": lambda w: {"model": _shifted(w, 1.0), "model_ema": _averaged(w), "epoch": 3},
 }
 
 

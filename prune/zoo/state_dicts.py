@@ -21,6 +21,8 @@ CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 SAFE_GLOBALS = [argparse.Namespace]
 """Objects besides tensors and containers a checkpoint may hold and `weights_only` may rebuild
 (torchvision's reference scripts save their command line as an argparse Namespace)."""
+AVERAGING_COUNTERS = ("n_averaged",)
+"""Top-level keys of weight-averaging wrappers (torch.optim.swa_utils.AveragedModel) that are not weights."""
 MAX_PREFIXES = 3
 """The most wrapper prefixes removed from the keys (e.g. `module.model.`)."""
 
@@ -46,7 +48,9 @@ def state_dict_in(blob: object) -> object:
 def without_wrapper_prefix(state: dict, expected: Collection[str]) -> dict:
     """`state` with the prefix every key shares removed (up to MAX_PREFIXES times) while none of
     its keys is one of the model's `expected` keys; unchanged when its keys already are, or differ
-    in their first name."""
+    in their first name. The step counter of torch's `AveragedModel` (`n_averaged`: torchvision's
+    `model_ema`) goes too when the model has no such key."""
+    state = {k: v for k, v in state.items() if k not in AVERAGING_COUNTERS or k in expected}
     for _ in range(MAX_PREFIXES):
         if not state or any(k in expected for k in state):
             break
