@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--model", default=DEFAULTS.model, help="a name of prune.list_models(): 'embedded', 'embedded-plain', "
       "a torchvision name (vgg16, resnet34, ...) or timm:<name>")
-    a("--weights", default=None, help="checkpoint path (state_dict) or torchvision weights name (IMAGENET1K_V1); "
+    a("--weights", default=None, help="checkpoint path (a state_dict, or a training script's checkpoint: docs/your-model.md) or "
+      "torchvision weights name (IMAGENET1K_V1); "
       "default: the shipped weights for 'embedded' and 'embedded-plain', random init otherwise")
     a("--data", default=None, help="ImageFolder root with train/ and val/ class folders; default: embedded shapes set")
     a("--ratio", type=float, default=argparse.SUPPRESS,

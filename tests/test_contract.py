@@ -6,7 +6,9 @@ Inception v3 prune and fine-tune."""
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -80,11 +82,13 @@ def test_the_train_mode_check_leaves_statistics_modes_and_random_state_as_they_w
     net.body[1].running_mean.normal_()  # statistics a train-mode forward would move
     state = {k: v.clone() for k, v in net.state_dict().items()}
     image = torch.randn(1, 3, 8, 8)
-    rng = torch.get_rng_state()
+    net.body.register_forward_hook(lambda *_: [random.random(), np.random.rand()] and None)  # draws from both
+    rng, python_rng, numpy_rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
     check_forward(net, image, "mine", trains=True)
     assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
     assert not any(m.training for m in net.modules())
     assert torch.equal(torch.get_rng_state(), rng)  # the dropout's draws were not taken from the run's stream
+    assert random.getstate() == python_rng and np.random.get_state()[1].tolist() == numpy_rng[1].tolist()
 
 
 def test_outermost_keeps_only_names_without_a_listed_parent():
@@ -115,6 +119,49 @@ def test_an_input_the_model_cannot_take_names_the_fix_that_fits(monkeypatch):
         example_input(nn.Sequential(nn.Conv2d(3, 4, 9), nn.Flatten()), 8, "flat", cpu)  # at its own side already
     with pytest.raises(UsageError, match="first conv takes 1-channel images, but images are fed as RGB"):
         example_input(Flat(2, channels=1), 8, "flat", cpu)
+    late_stem = Flat(2)
+    late_stem.extra = nn.Conv2d(1, 4, 1)  # registered after the stem but run first, on the images
+    late_stem.forward = lambda x: late_stem.head(late_stem.conv(late_stem.extra(x)).flatten(1))
+    with pytest.raises(UsageError, match="first conv takes 1-channel images"):  # the conv the forward reaches first
+        example_input(late_stem, 8, "flat", cpu)
+    registered_first = Flat(2)
+    registered_first.conv = nn.Conv2d(3, 4, 3, padding=1)
+    registered_first.unused = nn.Conv2d(1, 4, 1)  # takes one channel but never runs: no grey hint for a size error
+    with pytest.raises(UsageError, match="pass --input-size 8"):
+        example_input(registered_first, 12, "flat", cpu)
+
+
+class NeedsTargets(Net):
+    """Like Net, but its train-mode forward wants the labels too (a model with the loss inside)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        if self.training and y is None:
+            raise TypeError("forward() missing 1 required positional argument: 'y'")
+        return super().forward(x)
+
+
+def test_a_model_that_cannot_train_on_the_images_is_told_to_prune_without_training():
+    with pytest.raises(UsageError) as info:
+        check_forward(NeedsTargets(), EXAMPLE, "mine", trains=True)
+    text = str(info.value)
+    assert "cannot run on 8x8 images in train mode (forward() missing" in text and "--no-finetune" in text
+    assert "--input-size" not in text  # a missing argument is not a size problem
+    check_forward(NeedsTargets(), EXAMPLE, "mine", trains=False)
+
+
+def test_a_forward_that_takes_one_image_only_is_refused():
+    squeezing = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(0), nn.Linear(4 * 6 * 6, 2), nn.Unflatten(0, (1, 2)))
+    with pytest.raises(UsageError, match="runs on one image but not on a batch of two"):
+        check_forward(squeezing.eval(), EXAMPLE, "mine", trains=False)
+
+
+@pytest.mark.parametrize(("fields", "trains"), [
+    ({}, True), ({"finetune": False}, False), ({"epochs": 0}, False),
+    ({"epochs": 0, "iterative_steps": 3}, True), ({"epochs": 0, "iterative_steps": 3, "step_epochs": 0}, False),
+    ({"epochs": 0, "reinit": True}, True),
+])
+def test_the_run_trains_exactly_when_some_epoch_runs(fields, trains):
+    assert prune.PruneConfig(**fields).trains is trains
 
 
 @pytest.mark.parametrize(("name", "heads"), [("googlenet", ("aux1", "aux2")), ("inception_v3", ("AuxLogits",))])

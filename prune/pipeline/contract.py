@@ -131,7 +131,13 @@ def check_forward(model: nn.Module, example: torch.Tensor, name: str, *, trains:
     images = example.repeat(2, 1, 1, 1)  # two: train-mode BatchNorm needs more than one value per channel
     with _state_kept(model, example.device):
         model.eval()
-        in_eval, out = _modules_run(model, images)
+        try:
+            in_eval, out = _modules_run(model, images)
+        except SIZE_ERRORS as exc:
+            if out_of_memory(exc):
+                raise
+            raise UsageError(f"model {name} runs on one image but not on a batch of two ({first_line(exc)}); its "
+                             "forward must take a batch [N, 3, H, W]") from None
         check_logits(out, name, mode="eval")
         if not trains:
             return
@@ -141,9 +147,10 @@ def check_forward(model: nn.Module, example: torch.Tensor, name: str, *, trains:
         except (*SIZE_ERRORS, TypeError) as exc:
             if out_of_memory(exc):
                 raise
-            raise UsageError(f"model {name} cannot run on {example.shape[-1]}x{example.shape[-1]} images in train mode "
-                             f"({first_line(exc)}); {_size_hint(name, example.shape[-1])}, or pass --no-finetune to "
-                             "prune without training") from None
+            size = example.shape[-1]
+            other = f", or {_size_hint(name, size)}" if isinstance(exc, (RuntimeError, ValueError)) else ""
+            raise UsageError(f"model {name} cannot run on {size}x{size} images in train mode ({first_line(exc)}); "
+                             f"pass --no-finetune to prune without training{other}") from None
     extra = outermost(in_train - in_eval)
     if extra:
         raise UsageError(f"model {name} runs {', '.join(extra)} only in train mode: pruning traces the eval-mode "

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from finetune.checkpoint import state_dict_mismatch
-from prune.errors import UsageError
+from prune.errors import UsageError, first_line
 from prune.zoo.registry import ModelEntry, model_entry
-from prune.zoo.state_dicts import read_weights_file, state_dict_in, without_wrapper_prefix
+from prune.zoo.state_dicts import CHECKPOINT_KEYS, read_weights_file, state_dict_in, without_wrapper_prefix
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,14 @@ def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
     try:
         blob = read_weights_file(path)
     except Exception as exc:  # corrupt file or not a tensor checkpoint
-        raise UsageError(f"cannot read weights from {path}: {type(exc).__name__}; pass a state_dict file") from None
+        raise UsageError(f"cannot read weights from {path} ({type(exc).__name__}: {first_line(exc)[:200]}); pass a "
+                         "state_dict or a training checkpoint saved with torch.save") from None
     state = state_dict_in(blob)
+    if isinstance(state, dict) and not all(isinstance(k, str) for k in state):
+        raise UsageError(f"weights in {path} have keys that are not parameter names; pass a state_dict")
+    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{path} holds no weights (top-level keys: {', '.join(list(state)[:8]) or 'none'}); pass "
+                         f"a state_dict, or a checkpoint with it under one of {', '.join(CHECKPOINT_KEYS)}")
     if isinstance(state, dict):
         check_dtypes(state, path)
         state = without_heads(without_wrapper_prefix(state, model.state_dict().keys()), auxiliary_heads(model))
