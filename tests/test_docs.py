@@ -25,7 +25,7 @@ OTHER_TOOLS_FLAGS = {
     # torchrun, pip, benchmarks and mkdocs flags that the pages mention beside python -m prune's
     "--standalone", "--nproc_per_node", "--nnodes", "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id",
     "--quick", "--n-study", "--map-size-study", "--runtime", "--threads", "--channels-last", "--strict",
-    "--test-per-class", "--deepest",
+    "--test-per-class", "--deepest", "--finetune",
 }
 
 
