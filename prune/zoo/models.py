@@ -4,6 +4,7 @@ model registry (prune.zoo.registry) with its weights, as torchvision's `get_mode
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,9 @@ def check_dtypes(state: dict, path: Path) -> None:
 
 def auxiliary_heads(model: nn.Module) -> tuple[str, ...]:
     """The attribute names of the auxiliary heads of torchvision's GoogLeNet and Inception v3; () for any other model."""
-    import torchvision
-
+    torchvision = sys.modules.get("torchvision")  # not imported: not a torchvision model (and no import for nothing)
+    if torchvision is None:
+        return ()
     if isinstance(model, torchvision.models.GoogLeNet):
         return ("aux1", "aux2")
     if isinstance(model, torchvision.models.Inception3):
