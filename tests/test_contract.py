@@ -20,7 +20,7 @@ from benchmarks import coverage
 from prune.cli import main
 from prune.errors import UsageError
 from prune.outputs.checkpoint import save_pruned
-from prune.pipeline.contract import check_forward, example_input, outermost
+from prune.pipeline.contract import check_forward, check_plain_weights, example_input, outermost
 from prune.zoo import registry
 from prune.zoo.models import ModelSpec, create_model, drop_auxiliary_heads
 
@@ -153,6 +153,25 @@ def test_a_forward_that_takes_one_image_only_is_refused():
     squeezing = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(0), nn.Linear(4 * 6 * 6, 2), nn.Unflatten(0, (1, 2)))
     with pytest.raises(UsageError, match="runs on one image but not on a batch of two"):
         check_forward(squeezing.eval(), EXAMPLE, "mine", trains=False)
+
+
+@pytest.mark.parametrize("wrap", [nn.utils.parametrizations.weight_norm, nn.utils.parametrizations.spectral_norm,
+                                  nn.utils.weight_norm, nn.utils.spectral_norm])
+def test_parametrized_weights_are_refused_naming_them_and_how_to_remove_them(wrap):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), wrap(nn.Conv2d(4, 4, 3))).eval()
+    with pytest.raises(UsageError, match=r"parametrized weights \(2: weight_norm or spectral_norm\).*remove"):
+        check_plain_weights(net, "mine")
+    x = torch.randn(1, 3, 8, 8)
+    before = net(x)
+    if nn.utils.parametrize.is_parametrized(net[2]):
+        nn.utils.parametrize.remove_parametrizations(net[2], "weight")
+    elif hasattr(net[2], "weight_g"):
+        nn.utils.remove_weight_norm(net[2])
+    else:
+        nn.utils.remove_spectral_norm(net[2])
+    check_plain_weights(net, "mine")  # the way out the message names
+    assert torch.allclose(net(x), before, atol=1e-6)  # same weights: the network computes the same
 
 
 @pytest.mark.parametrize(("fields", "trains"), [

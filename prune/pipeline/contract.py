@@ -74,6 +74,29 @@ def example_input(model: nn.Module, size: int, name: str, device: torch.device) 
     return example
 
 
+def _parametrized(m: nn.Module) -> bool:
+    """Whether `m`'s weights are computed by a parametrization (torch.nn.utils.parametrizations' weight_norm /
+    spectral_norm, or the older hook-based torch.nn.utils.weight_norm / spectral_norm)."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    hooks = m._forward_pre_hooks.values()
+    return parametrize.is_parametrized(m) or any(isinstance(h, (WeightNorm, SpectralNorm)) for h in hooks)
+
+
+def check_plain_weights(model: nn.Module, name: str) -> None:
+    """UsageError naming the modules of `model` whose weights a parametrization computes: torch-pruning
+    removes channels from stored weights and cannot rewrite a parametrization's own tensors."""
+    found = [n for n, m in model.named_modules() if _parametrized(m)]
+    if found:
+        raise UsageError(
+            f"model {name} has parametrized weights ({', '.join(found[:3])}{', …' if len(found) > 3 else ''}: "
+            "weight_norm or spectral_norm), which torch-pruning cannot rewrite; remove them first with "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') (torch.nn.utils.remove_weight_norm / "
+            "remove_spectral_norm for the older hooks): the module keeps the weights they compute")
+
+
 def _shown(out: object) -> str:
     """`out` in a message: a tensor by its shape, anything else by its type."""
     return f"a {list(out.shape)} tensor" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"

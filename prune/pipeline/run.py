@@ -40,7 +40,7 @@ from prune.outputs.outdir import check as check_out
 from prune.outputs.report import BudgetResult, Measurement, PruneReport, StepResult, write_report
 from prune.outputs.score_store import FileScoreStore, RememberingStore, ScoreStore
 from prune.pipeline.budget import Plan, Planning, planned
-from prune.pipeline.contract import check_forward, example_input
+from prune.pipeline.contract import check_forward, check_plain_weights, example_input
 from prune.pipeline.counting import count_cost
 from prune.pipeline.iterative import merged, step_counts
 from prune.pipeline.provenance import inputs_fingerprint
@@ -354,6 +354,7 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     model = create_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
     example = example_input(model, data.input_size, config.model, device)
     check_forward(model, example, config.model, trains=config.trains)
+    check_plain_weights(model, config.model)
     surgeon = Surgeon(model, example)
     probe = min(config.samples_per_class, PROBE_IMAGES)
     check_finite(model, torch.cat([class_images(data, c, probe, seed=config.seed) for c in classes]))
