@@ -290,7 +290,8 @@ def report(settings: Settings) -> dict:
                  table(rows, settings, tb), ""]
         if mine:
             best = max(mine, key=lambda r: r["top1"])
-            text += [f"Best: `{best['scorer']}` {fmt(best['top1'], best['top1_hw95'])} over {best['seeds']} seed(s), "
+            seeds = "" if best["top1_hw95"] is None else f" over {best['seeds']} seeds"
+            text += [f"Best: `{best['scorer']}` {fmt(best['top1'], best['top1_hw95'])}{seeds}, "
                      f"{best['top1'] - unpruned:+.4f} against the unpruned network.", ""]
         text += [diff_table(diffs, tb), ""]
         if failed:
