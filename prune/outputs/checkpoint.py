@@ -13,12 +13,18 @@ from prune.core.files import torch_save
 from prune.core.history import replay_history
 from prune.errors import UsageError
 from prune.version import __version__
-from prune.zoo.models import ModelSpec, architecture_flags, auxiliary_heads, classifier, create_model, without_heads
+from prune.zoo.models import (
+    ARCHITECTURE_FLAGS,
+    ModelSpec,
+    architecture_flags,
+    auxiliary_heads,
+    classifier,
+    create_model,
+    without_heads,
+)
 from prune.zoo.registry import model_entry
 
 FORMAT = "topoprune/pruned-model/v1"
-FLAGS = ("transform_input",)
-"""The architecture settings model.pt may hold (`architecture_flags`)."""
 
 
 def save_pruned(path: Path, model: nn.Module, *, spec: ModelSpec, history: list, input_size: int) -> None:
@@ -71,8 +77,8 @@ def _fields_problem(blob: dict) -> str | None:
         if not _positive_int(blob.get(field)):
             return f"field {field!r} is {blob.get(field)!r}, not a positive int"
     flags = blob.get("flags", {})  # absent in files written before it existed: the defaults
-    if not isinstance(flags, dict) or any(k not in FLAGS or not isinstance(v, bool) for k, v in flags.items()):
-        return f"field 'flags' is {flags!r}, not a dict of {', '.join(FLAGS)} → bool"
+    if not isinstance(flags, dict) or any(k not in ARCHITECTURE_FLAGS or not isinstance(v, bool) for k, v in flags.items()):
+        return f"field 'flags' is {flags!r}, not a dict of {', '.join(ARCHITECTURE_FLAGS)} → bool"
     if not isinstance(blob.get("pruning_history"), list):
         return f"field 'pruning_history' is {type(blob.get('pruning_history')).__name__}, not a list"
     state = blob.get("state_dict")

@@ -74,11 +74,15 @@ def drop_auxiliary_heads(model: nn.Module) -> tuple[str, ...]:
     return names
 
 
+ARCHITECTURE_FLAGS = ("transform_input",)
+"""Settings of torchvision's GoogLeNet and Inception v3 that change their outputs but no state_dict holds."""
+
+
 def architecture_flags(model: nn.Module) -> dict[str, bool]:
-    """Settings of `model` that change its outputs but no state_dict holds: `transform_input` of
-    torchvision's GoogLeNet and Inception v3 (their pretrained weights turn it on: it re-normalises
-    the input); {} for any other model. `prune.load_pruned` sets them again from model.pt."""
-    return {"transform_input": bool(model.transform_input)} if auxiliary_heads(model) else {}
+    """`model`'s ARCHITECTURE_FLAGS (`transform_input`: torchvision's pretrained weights for GoogLeNet and
+    Inception v3 turn it on, it re-normalises the input); {} for any other model. `prune.load_pruned`
+    sets them again from model.pt."""
+    return {f: bool(getattr(model, f)) for f in ARCHITECTURE_FLAGS} if auxiliary_heads(model) else {}
 
 
 def without_heads(state: dict, heads: tuple[str, ...]) -> dict:
@@ -96,12 +100,12 @@ def _load_checkpoint_weights(model: nn.Module, path: Path) -> None:
         raise UsageError(f"cannot read weights from {path} ({type(exc).__name__}: {first_line(exc)[:200]}); pass a "
                          "state_dict or a training checkpoint saved with torch.save") from None
     state = state_dict_in(blob)
-    if isinstance(state, dict) and not all(isinstance(k, str) for k in state):
-        raise UsageError(f"weights in {path} have keys that are not parameter names; pass a state_dict")
-    if isinstance(state, dict) and not any(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"{path} holds no weights (top-level keys: {', '.join(list(state)[:8]) or 'none'}); pass "
-                         f"a state_dict, or a checkpoint with it under one of {', '.join(CHECKPOINT_KEYS)}")
     if isinstance(state, dict):
+        if not all(isinstance(k, str) for k in state):
+            raise UsageError(f"weights in {path} have keys that are not parameter names; pass a state_dict")
+        if not any(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UsageError(f"{path} holds no weights (top-level keys: {', '.join(list(state)[:8]) or 'none'}); "
+                             f"pass a state_dict, or a checkpoint with it under one of {', '.join(CHECKPOINT_KEYS)}")
         check_dtypes(state, path)
         state = without_heads(without_wrapper_prefix(state, model.state_dict().keys()), auxiliary_heads(model))
     why = state_dict_mismatch(model, state)
@@ -175,6 +179,13 @@ def fit_head(model: nn.Module, num_classes: int) -> nn.Module:
     return model
 
 
+def _built(entry: ModelEntry, num_classes: int) -> nn.Module:
+    """An untrained instance of `entry` without auxiliary heads (`drop_auxiliary_heads`)."""
+    model = entry.build(num_classes)
+    drop_auxiliary_heads(model)
+    return model
+
+
 def create_model(name: str, *, weights: str | None = None, num_classes: int | None = None,
                  pretrained: bool = True) -> nn.Module:
     """The registry model `name` ('embedded', 'fashion-plain', 'vgg16', 'timm:<name>', ...) in eval mode.
@@ -193,14 +204,11 @@ def create_model(name: str, *, weights: str | None = None, num_classes: int | No
     entry = model_entry(name)
     num_classes = entry.num_classes if num_classes is None else num_classes
     if weights is None and (entry.weights is None or not pretrained):
-        model = entry.build(num_classes)
-        drop_auxiliary_heads(model)
-        return model.eval()
+        return _built(entry, num_classes).eval()
     if weights is None:
         return _load_default_weights(entry, num_classes)
     if Path(weights).exists():
-        model = entry.build(num_classes)
-        drop_auxiliary_heads(model)
+        model = _built(entry, num_classes)
         _load_checkpoint_weights(model, Path(weights))
         return model.eval()
     if entry.named_weights is None:
