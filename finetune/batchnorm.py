@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Iterable, Iterator
+
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -21,35 +22,51 @@ def lone_remainder(images: int, largest: int, *, batch_norm: bool) -> bool:
     return batch_norm and images == 1 and largest > 1
 
 
+def batches_run(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], batches: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(position, images) of the batches among the first `batches` of `loader` that
+    `recalibrate_batchnorm` forwards: not empty, and not a last batch of one image after larger
+    ones (`lone_remainder`; it counts among the `batches`)."""
+    largest = 0
+    for i, (x, _) in enumerate(loader):
+        if i >= batches:
+            break
+        if len(x) and not lone_remainder(len(x), largest, batch_norm=True):
+            yield i, x
+        largest = max(largest, len(x))
+
+
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, loader: DataLoader, *, batches: int, device: torch.device | str) -> int:
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], *, batches: int,
+                          device: torch.device | str, kept: Collection[nn.Module] = (),
+                          forward: Callable[[int, torch.Tensor], object] | None = None) -> int:
     """Reset every BatchNorm's running mean/var and re-estimate them as the plain average over
     the first `batches` batches of `loader` (momentum None). Other modules stay in eval mode,
-    weights are untouched; the model is left in eval mode. Returns the number of images used.
-    A last batch of one image after larger ones is skipped (`lone_remainder`); it counts
-    among the `batches`.
+    weights are untouched; the model is left in eval mode. Returns the number of images used
+    (`batches_run`: a last batch of one image after larger ones is skipped).
 
     After pruning, the channels removed from layer l change the inputs of layer l+1, so its
     BatchNorm statistics no longer fit; this restores them before any fine-tuning.
+
+    `forward(i, images)` runs batch i (images [b, ...] on `device`) instead of `model(images)`,
+    e.g. from a cut a cache holds (`prune.pipeline.refit`); BatchNorms in `kept` keep their
+    statistics (neither reset nor re-estimated: `forward` must not run them).
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             and m not in kept]
     if not norms or batches <= 0:
         return 0
+    run = forward if forward is not None else (lambda _i, images: model(images))
     momenta = [m.momentum for m in norms]
     model.eval()
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
         m.train()
-    used = largest = 0
+    used = 0
     try:
-        for i, (x, _) in enumerate(loader):
-            if i >= batches:
-                break
-            if len(x) and not lone_remainder(len(x), largest, batch_norm=True):
-                model(x.to(device))
-                used += len(x)
-            largest = max(largest, len(x))
+        for i, x in batches_run(loader, batches):
+            run(i, x.to(device))
+            used += len(x)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

@@ -121,6 +121,7 @@ class PrefixCache:
         self._used: set[Hashable] = set()  # chunks asked for since the last change
         self._segments: dict[tuple[int, int, int | None], _Segment] = {}
         self._aim = math.inf
+        self._snapshot: list[_Signature] | None = None  # inside tracking(): the nodes' signatures at its start
         self._refresh()
 
     def runner(self, model: nn.Module, conv_name: str, key: Hashable) -> UnitRunner | None:
@@ -179,17 +180,48 @@ class PrefixCache:
         lies past the first node that changed (bitwise) is dropped, and so is every entry no chunk
         asked for since the last change (the chunks follow the layer's map sizes: an entry of a
         chunking no longer used would only hold the budget)."""
-        reach = max((e.cut for e in self._entries.values()), default=0)
-        before = _signatures(self.model, self._nodes[:reach], copy=True)
+        self._snapshot = self._signatures_to_track()
         try:
             yield
         finally:
-            self._refresh()
-            after = _signatures(self.model, self._nodes[:reach], copy=False) if len(self._nodes) >= reach else []
-            self._drop_past(_first_difference(before, after))
+            self.settle()
+            self._snapshot = None
             self._drop_unused()
-            self._segments.clear()  # they hold the modules and tensors of before
-            self._aim = math.inf
+
+    def settle(self) -> None:
+        """Inside `tracking()`: drop what the changes made so far invalidate (as its end does) and
+        track on from here, so runs between two changes (a refit after a surgery) start from
+        entries that fit the model as it is."""
+        assert self._snapshot is not None, "settle() belongs inside tracking()"
+        self._refresh()
+        before = self._snapshot
+        after = _signatures(self.model, self._nodes[:len(before)], copy=False) if len(self._nodes) >= len(before) else []
+        self._drop_past(_first_difference(before, after))
+        self._segments.clear()  # they hold the modules and tensors of before
+        self._aim = math.inf
+        self._snapshot = self._signatures_to_track()
+
+    def common_cut(self, chunks: Sequence[tuple[Hashable, slice]]) -> int:
+        """The node position where every chunk (key, where) has its entry; 0 if one has none or
+        the cuts differ."""
+        cuts = {e.cut if (e := self._entries.get((key, where.start, where.stop))) else 0 for key, where in chunks}
+        return cuts.pop() if len(cuts) == 1 else 0
+
+    def forget(self, chunks: Sequence[tuple[Hashable, slice]]) -> None:
+        """Drop the entries of these chunks (key, where): their next runs start from the images."""
+        for key, where in chunks:
+            if (key, where.start, where.stop) in self._entries:
+                self._drop((key, where.start, where.stop))
+
+    def modules_before(self, cut: int) -> set[nn.Module]:
+        """The modules (with their submodules) that only nodes before position `cut` call."""
+        modules = dict(self.model.named_modules())
+        early: set[nn.Module] = set()
+        late: set[nn.Module] = set()
+        for i, node in enumerate(self._nodes):
+            if node.op == "call_module":
+                (early if i < cut else late).update(modules[str(node.target)].modules())
+        return early - late
 
     def close(self) -> None:
         """Drop every entry and remove the spill's folder (the cache stays usable, empty)."""
@@ -198,6 +230,11 @@ class PrefixCache:
         self.spill.close()
 
     # ------------------------------------------------------------ internals
+
+    def _signatures_to_track(self) -> list[_Signature]:
+        """Copies of the signatures of the nodes before the deepest cut an entry holds."""
+        reach = max((e.cut for e in self._entries.values()), default=0)
+        return _signatures(self.model, self._nodes[:reach], copy=True)
 
     def _refresh(self) -> None:
         graph = traced_graph(self.model)

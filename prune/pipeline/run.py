@@ -44,6 +44,7 @@ from prune.pipeline.contract import check_forward, check_plain_weights, example_
 from prune.pipeline.counting import count_cost
 from prune.pipeline.iterative import merged, step_counts
 from prune.pipeline.provenance import inputs_fingerprint
+from prune.pipeline.refit import BatchNormRefit
 from prune.pipeline.scratch import reinitialise, train_recipe
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.speed import SPEED_SECONDS, device_name, measure_speedup, measure_throughput
@@ -523,8 +524,13 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
 def _refit_batchnorm(config: PruneConfig, loaded: Loaded, ctx: RunContext, batches: int,
                      model: nn.Module | None = None) -> int:
     """Re-estimate the BatchNorm statistics of `model` (default: the run's) on `batches` training batches; images used."""
-    loader = make_loader(loaded.data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
-    return recalibrate_batchnorm(loaded.model if model is None else model, loader, batches=batches, device=ctx.device)
+    return recalibrate_batchnorm(loaded.model if model is None else model, _refit_loader(config, loaded),
+                                 batches=batches, device=ctx.device)
+
+
+def _refit_loader(config: PruneConfig, loaded: Loaded) -> DataLoader:
+    """The training batches a BatchNorm refit reads: seeded, the same at every refit."""
+    return make_loader(loaded.data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
 
 
 def _scoring_data(config: PruneConfig, loaded: Loaded) -> ScoringData:
@@ -567,8 +573,8 @@ def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, stor
     source = _scoring_data(config, loaded) if loaded.scorer.info.needs_data else None
     refit = None
     if config.layer_bn_batches > 0:
-        def refit() -> int:
-            return _refit_batchnorm(config, loaded, ctx, config.layer_bn_batches)
+        refit = BatchNormRefit(loaded.model, partial(_refit_loader, config, loaded), config.layer_bn_batches,
+                               ctx.device)
     ratio, schedule = (config.ratio, config.schedule) if plan is None else (plan.ratios, plan.schedule)
     return select_and_prune(
         loaded.surgeon, loaded.scorer, source, ratio=ratio, schedule=schedule,

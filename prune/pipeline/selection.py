@@ -34,6 +34,7 @@ from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
 from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units
 from prune.pipeline.prefix_cache import PREFIX_CACHE_BYTES, PrefixCache, UnitRunner, prefix_cache, tracking
+from prune.pipeline.refit import BatchNormRefit, refit_from_cuts
 from prune.pipeline.spill import SPILL_BYTES
 from prune.pipeline.surgery import PrunableGroup, Surgeon, block_positions, channels_to_remove
 from prune.zoo.data import DataBundle, class_images
@@ -281,6 +282,15 @@ def _scoring_batches(model: nn.Module, source: ScoringData) -> Iterator[tuple[in
             yield cls, where, images[where], False
 
 
+def _refit(refit: Callable[[], object], cache: PrefixCache | None, pruned: Sequence[str]) -> None:
+    """`refit()` after the surgery of the group `pruned`, inside the cache's tracking: a
+    `BatchNormRefit` runs from the cache's cuts (`prune.pipeline.refit`, the same statistics)."""
+    if cache is not None and isinstance(refit, BatchNormRefit):
+        refit_from_cuts(refit, cache, pruned)
+    else:
+        refit()
+
+
 @torch.no_grad()
 def map_size(model: nn.Module, conv: nn.Conv2d, example: torch.Tensor) -> int:
     """Side m of `conv`'s units [m, m] for the model's input `example` [1, 3, s, s]."""
@@ -408,7 +418,7 @@ def select_and_prune(
             with tracking(cache):  # drops what the surgery and refit change
                 surgeon.prune(group, removed)
                 if refit is not None and schedule == "progressive" and i in refits:
-                    refit()
+                    _refit(refit, cache, group.names)
             decisions.append(LayerDecision(
                 name=group.name, members=group.names, channels_before=before, channels_after=before - len(removed),
                 removed=removed, map_size=m, scoring_top1=top1, scores=scores))
