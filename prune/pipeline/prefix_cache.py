@@ -22,6 +22,8 @@ Exactness, not approximation:
   re-estimates an unchanged prefix from the same batches (a seeded loader, no random
   augmentation) its statistics come out bitwise equal and the entries stay; where they differ
   (the first refit after the loaded statistics, random augmentation) the entries go;
+  the refit itself runs from the cuts it stored (`prune.pipeline.refit`), reading `settle()`'s
+  entries between the surgery and the refit;
 - the chunks are the ones the uncached path forwards (same images together, so every op sees
   the same batch); the first chunk of a class (one image, which sizes the others) is always the
   uncached forward;
