@@ -13,6 +13,11 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def running_norms(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of `model` that keep running statistics (what a refit re-estimates)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
 def lone_remainder(images: int, largest: int, *, batch_norm: bool) -> bool:
     """True for a batch of one image, after a batch of `largest` > 1 images, on a BatchNorm
     model: a train-mode forward of it fails where a map is 1x1 ("Expected more than 1 value
@@ -51,8 +56,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[tuple[torch.Tensor,
     e.g. from a cut a cache holds (`prune.pipeline.refit`); BatchNorms in `kept` keep their
     statistics (neither reset nor re-estimated: `forward` must not run them).
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-             and m not in kept]
+    norms = [m for m in running_norms(model) if m not in kept]
     if not norms or batches <= 0:
         return 0
     run = forward if forward is not None else (lambda _i, images: model(images))

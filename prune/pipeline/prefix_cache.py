@@ -134,11 +134,13 @@ class PrefixCache:
             return None
         return lambda where, images: self.units(conv_name, key, where, images)
 
-    def output_runner(self, model: nn.Module, key: Hashable, before: Sequence[str]) -> OutputRunner | None:
+    def output_runner(self, model: nn.Module, key: Hashable, before: Sequence[str], *,
+                      may_spill: bool = True) -> OutputRunner | None:
         """A runner of the model's output (e.g. logits [n, K]) for the chunks of `key`, whose values
-        are kept at the cut before the convs `before` (the group the next surgery changes); None for
-        another model, an output that is not the graph's last node (one tensor, changed by nothing
-        after it), or a conv of `before` whose units are not a node of it."""
+        are kept at the cut before the convs `before` (the group the next surgery changes), in
+        memory or, if `may_spill`, on disk; None for another model, an output that is not the
+        graph's last node (one tensor, changed by nothing after it), or a conv of `before` whose
+        units are not a node of it."""
         output = self._output
         sites = [unit_site(model, name) for name in before]
         if model is not self.model or output is None or not all(s.traced and s.path and s.path[0] in self._order
@@ -148,7 +150,7 @@ class PrefixCache:
 
         def run(where: slice, images: torch.Tensor) -> torch.Tensor:
             self._aim = min(self._aim, aim)
-            return self._run((key, where.start, where.stop), output, images)
+            return self._run((key, where.start, where.stop), output, images, may_spill=may_spill)
 
         return run
 
@@ -162,9 +164,10 @@ class PrefixCache:
         return units.detach().movedim(site.channel_dim, 1)
 
     @torch.no_grad()
-    def _run(self, chunk: Hashable, target: int, images: torch.Tensor) -> Any:
+    def _run(self, chunk: Hashable, target: int, images: torch.Tensor, *, may_spill: bool = True) -> Any:
         """The value of node position `target` for `chunk` (`images` [n, 3, H, W]): the graph run
-        from the chunk's cut (from the images without one), storing its values at the aimed cut."""
+        from the chunk's cut (from the images without one), storing its values at the aimed cut
+        (on disk too if `may_spill`)."""
         self._used.add(chunk)
         entry = self._entries.get(chunk)
         if entry is None or entry.cut > target:
@@ -173,7 +176,7 @@ class PrefixCache:
         segment = self._segment(entry.cut, target, save)
         out = segment.module(*self._inputs(entry, segment.inputs))
         if save is not None:
-            self._store(chunk, save, dict(zip(segment.saved, out[1:])))
+            self._store(chunk, save, dict(zip(segment.saved, out[1:])), may_spill=may_spill)
         return out[0]
 
     @contextmanager
@@ -215,15 +218,16 @@ class PrefixCache:
             if (key, where.start, where.stop) in self._entries:
                 self._drop((key, where.start, where.stop))
 
-    def modules_before(self, cut: int) -> set[nn.Module]:
-        """The modules (with their submodules) that only nodes before position `cut` call."""
+    def call_positions(self) -> dict[nn.Module, list[int]]:
+        """For each module the graph calls (a `call_module` node's module, with its submodules),
+        the positions of the nodes that call it."""
         modules = dict(self.model.named_modules())
-        early: set[nn.Module] = set()
-        late: set[nn.Module] = set()
+        positions: dict[nn.Module, list[int]] = {}
         for i, node in enumerate(self._nodes):
             if node.op == "call_module":
-                (early if i < cut else late).update(modules[str(node.target)].modules())
-        return early - late
+                for m in modules[str(node.target)].modules():
+                    positions.setdefault(m, []).append(i)
+        return positions
 
     def close(self) -> None:
         """Drop every entry and remove the spill's folder (the cache stays usable, empty)."""
@@ -272,16 +276,16 @@ class PrefixCache:
         values = self.spill.read(entry.path)
         return [values[name] for name in names]
 
-    def _store(self, chunk: Hashable, cut: int, values: dict[str, Any]) -> None:
-        """Keep `values` at `cut` for `chunk` if exact: in memory within its budget, else in the
-        spill within its budget (else keep the old entry)."""
+    def _store(self, chunk: Hashable, cut: int, values: dict[str, Any], *, may_spill: bool = True) -> None:
+        """Keep `values` at `cut` for `chunk` if exact: in memory within its budget, else (if
+        `may_spill`) in the spill within its budget (else keep the old entry)."""
         if any(v is _NOT_STORED for v in values.values()):
             return
         nbytes = sum(v.numel() * v.element_size() for v in values.values() if isinstance(v, torch.Tensor))
         old = self._entries.get(chunk)
         if nbytes <= self.budget_bytes - self.nbytes + (old.nbytes if old else 0):
             new = _Entry(cut, values, nbytes)
-        elif (path := self.spill.write(values, nbytes)) is not None:
+        elif may_spill and (path := self.spill.write(values, nbytes)) is not None:
             new = _Entry(cut, None, 0, path)
         else:
             return

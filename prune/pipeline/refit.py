@@ -8,9 +8,10 @@ unchanged (bitwise, `prune.pipeline.prefix_cache`) and the batches are the same 
 of each is part of its cache key), a re-estimate of the BatchNorms before the cut gives back
 the statistics they hold, bit for bit. So each batch runs from the cut the last refit left in
 the cache; only the BatchNorms at or after it are reset and re-estimated. Any batch without its
-entry (the first refits, new images, a budget that held none) makes it the whole refit, which
-stores the cut for the next one. ResNet-50 with 36 groups: a refit runs the part of the network
-after the group pruned before, not the whole network.
+entry (the first refits, new images, a budget that held none) or a BatchNorm called on both
+sides of the cut makes it the whole refit, run through the graph so that it stores the cut for
+the next one. Where the graph cannot stand for the model in train mode (a BatchNorm it does not
+call as a module: fx traced through its forward in eval mode) the refit runs the model itself.
 """
 
 from __future__ import annotations
@@ -18,16 +19,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain, islice
 
 import torch
 from torch import nn
 
-from finetune.batchnorm import batches_run, recalibrate_batchnorm
+from finetune.batchnorm import batches_run, recalibrate_batchnorm, running_norms
 from prune.pipeline.prefix_cache import PrefixCache
+from scoring.model_state import model_device
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-_NO_LABELS = torch.empty(0, dtype=torch.long)
-"""The labels of a batch held for a refit (it reads only the images)."""
 
 
 @dataclass(frozen=True)
@@ -45,23 +46,41 @@ class BatchNormRefit:
         return recalibrate_batchnorm(self.model, self.loader(), batches=self.batches, device=self.device)
 
 
+HELD_BYTES = 512 << 20
+"""The images a refit from cuts holds at once (its batches are digested before any runs); a refit
+whose batches hold more is the whole refit, streamed (`--layer-bn-batches` 5 at batch 64 and 224²: 185 MiB)."""
+
+
 def refit_from_cuts(refit: BatchNormRefit, cache: PrefixCache, before: Sequence[str]) -> int:
     """`refit()` inside `cache.tracking()` after a surgery, with the same statistics bit for bit,
     each batch run from the cut the cache holds for it; the cut is kept before the convs `before`
-    (the group just pruned: the next surgery changes only what lies after it) for the next refit.
-    The images used."""
+    (the group just pruned: the next surgery changes only what lies after it) for the next refit,
+    in memory or, on a CPU (where running the prefix again costs more than reading it back), on
+    disk. The whole refit, run as `refit()` runs it, where the graph cannot stand for the model
+    (a BatchNorm it does not call as a module, an output it cannot run to) or the batches' images
+    exceed `HELD_BYTES`. The images used."""
     cache.settle()  # entries that fit the model as the surgery left it
-    taken = [x for _, x in batches_run(refit.loader(), refit.batches)]  # held: `batches` × batch size images
-    batches = [(x, _NO_LABELS) for x in taken]
-    chunks = [(("refit", refit.batches, i, _digest(x)), slice(0, len(x))) for i, x in enumerate(taken)]
-    runners = [cache.output_runner(refit.model, key, before) for key, _ in chunks]
-    if any(run is None for run in runners):
-        return recalibrate_batchnorm(refit.model, batches, batches=len(batches), device=refit.device)
-    cut = cache.common_cut(chunks)
+    model, loader = refit.model, iter(refit.loader())
+    held: list[Batch] = []
+    for batch in islice(loader, refit.batches):
+        held.append(batch)
+        if sum(x.numel() * x.element_size() for x, _ in held) > HELD_BYTES:
+            return recalibrate_batchnorm(model, chain(held, loader), batches=refit.batches, device=refit.device)
+    taken = list(batches_run(held, refit.batches))
+    chunks = {i: (("refit", len(taken), i, _digest(x)), slice(0, len(x))) for i, x in taken}
+    on_cpu = model_device(model).type == "cpu"
+    runners = {i: cache.output_runner(model, key, before, may_spill=on_cpu) for i, (key, _) in chunks.items()}
+    calls = cache.call_positions()
+    norms = running_norms(model)
+    if any(run is None for run in runners.values()) or any(m not in calls for m in norms):
+        return recalibrate_batchnorm(model, held, batches=refit.batches, device=refit.device)
+    cut = cache.common_cut(list(chunks.values()))
+    if any(min(calls[m]) < cut <= max(calls[m]) for m in norms):
+        cut = 0  # a BatchNorm called on both sides of the cut: every call must run again
     if cut == 0:
-        cache.forget(chunks)  # every batch from the images, every BatchNorm reset
-    return recalibrate_batchnorm(refit.model, batches, batches=len(batches), device=refit.device,
-                                 kept=cache.modules_before(cut),
+        cache.forget(list(chunks.values()))  # every batch from the images, every BatchNorm reset
+    return recalibrate_batchnorm(model, held, batches=refit.batches, device=refit.device,
+                                 kept={m for m in norms if max(calls[m]) < cut},
                                  forward=lambda i, images: runners[i](chunks[i][1], images))
 
 
