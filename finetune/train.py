@@ -4,6 +4,7 @@ model's training (`prune.zoo.train_embedded`) and the experiments run the same l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,10 @@ from finetune.batches import Batches
 from finetune.batchnorm import has_batchnorm, lone_remainder
 from finetune.checkpoint import CheckpointFile, restore, save
 from finetune.schedule import step_lr, warmup_cosine_lr
+
+class Diverged(ValueError):
+    """The training loss became NaN or infinite: the weights are lost (e.g. a learning rate too large)."""
+
 
 LrSchedule = Callable[[int, int], float]
 """lr(epoch, batch): learning rate of an epoch's batch-th optimisation step (both 0-based)."""
@@ -83,7 +88,10 @@ def _one_epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(y)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(f"the training loss is {value} at epoch {epoch + 1}, batch {i + 1}")
+            total += value * len(y)
             count += len(y)
     return ddp.mean_over_ranks(total, count, torch.device(device))
 

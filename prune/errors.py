@@ -4,13 +4,16 @@ command into one line on stderr and an exit code.
     exit 2    bad input (UsageError, a missing file, a full disk, out of memory): the line names the fix
     exit 1    a bug: the line names the file in the system's temporary folder holding the traceback
     exit 130  interrupted (Ctrl-C): what resume needs is kept, the same command continues
+    exit 143  terminated (SIGTERM, e.g. a job scheduler's time limit): the same, as for Ctrl-C
 """
 
 from __future__ import annotations
 
 import errno
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,11 +22,33 @@ from pathlib import Path
 EXIT_INPUT = 2
 EXIT_BUG = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class UsageError(ValueError):
     """Bad input from the user; the message says what to change."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwinds like Ctrl-C, so what resume needs is kept."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside (main thread, where SIGTERM has its default action): SIGTERM raises `Terminated`."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextmanager
@@ -113,7 +138,11 @@ def exit_code(body: Callable[[], int | None], *, speak: bool = True) -> int:
             print(f"error: {message}", file=sys.stderr, flush=True)
 
     try:
-        return body() or 0
+        with sigterm_as_interrupt():
+            return body() or 0
+    except Terminated:
+        say("terminated; run the same command again to continue where it stopped")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         say("interrupted; run the same command again to continue where it stopped")
         return EXIT_INTERRUPTED

@@ -25,7 +25,9 @@ def _no_saved_tensor(_: object) -> torch.Tensor:
 
 def dependency_graph(model: nn.Module, example_inputs: torch.Tensor, ignored: Sequence[nn.Module] = ()) -> Any:
     """torch-pruning's DependencyGraph of `model` traced on `example_inputs` (grad enabled, no
-    saved activations kept; traced again keeping them if the forward runs a backward itself)."""
+    saved activations kept; traced again keeping them if the forward runs a backward itself).
+    Frozen parameters (requires_grad False, e.g. a frozen backbone) are traced as trainable ones
+    and frozen again after: the trace follows autograd, which skips a layer no gradient reaches."""
     import torch_pruning as tp
 
     def build() -> Any:
@@ -33,7 +35,10 @@ def dependency_graph(model: nn.Module, example_inputs: torch.Tensor, ignored: Se
                                                      ignored_layers=list(ignored), verbose=False)
 
     hooks = {m: set(m._forward_hooks) for m in model.modules()}
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     try:
+        for p in frozen:
+            p.requires_grad_(True)
         with torch.enable_grad():
             try:
                 with torch.autograd.graph.saved_tensors_hooks(lambda _: None, _no_saved_tensor):
@@ -41,6 +46,8 @@ def dependency_graph(model: nn.Module, example_inputs: torch.Tensor, ignored: Se
             except _NoSavedTensors:
                 return build()
     finally:  # torch-pruning removes its tracing hooks only after a forward that succeeds
+        for p in frozen:
+            p.requires_grad_(False)
         for module, before in hooks.items():
             for key in set(module._forward_hooks) - before:
                 del module._forward_hooks[key]

@@ -30,6 +30,15 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of `model`'s first floating-point parameter (float32 for a model with none):
+    what its input images must be."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 PROBE_SIZES = (32, 64, 224)
 """Input sides `probe_input` tries, smallest first, to trace a model a scorer has no input for."""
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from prune.core.files import write_bytes
 from prune.errors import UsageError
-from scoring.model_state import model_device
+from scoring.model_state import model_device, model_dtype
 
 OPSET = 17
 FORMATS = ("onnx",)
@@ -54,7 +54,7 @@ def onnx_bytes(model: nn.Module, *, input_size: int, opset: int = OPSET) -> byte
     (UsageError naming the install command if onnx or onnxruntime is missing)."""
     require_onnx()
     device = model_device(model)
-    example = torch.zeros(1, 3, input_size, input_size, device=device)
+    example = torch.zeros(1, 3, input_size, input_size, device=device, dtype=model_dtype(model))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from finetune.batchnorm import running_norms
 from prune.errors import UsageError, first_line, out_of_memory
 from scoring.hooks import forward_hooks
 
@@ -180,3 +181,40 @@ def check_forward(model: nn.Module, example: torch.Tensor, name: str, *, trains:
                          "network, so fine-tuning could not run them; build the model without them, or pass "
                          "--no-finetune to prune without training")
     check_logits(out, name, mode="train")
+
+
+@torch.no_grad()
+def check_batch_of_one(model: nn.Module, example: torch.Tensor, name: str, *, batch_size: int) -> None:
+    """UsageError if batches of one image (`batch_size` 1) cannot re-estimate `model`'s BatchNorm
+    statistics: a train-mode BatchNorm needs more than one value per channel, which one image
+    gives only where its map is larger than 1x1. Every run re-estimates them (the pruned
+    network's BatchNorm-refitted evaluation, the refits between layers, fine-tuning). The model
+    is left exactly as it was."""
+    norms = running_norms(model)
+    if batch_size != 1 or not norms:
+        return
+    with _state_kept(model, example.device):
+        model.eval()
+        for m in norms:
+            m.train()
+        try:
+            model(example[:1])
+        except ValueError as exc:
+            if "more than 1 value per channel" not in str(exc):
+                raise
+            raise UsageError(f"--batch-size 1 cannot re-estimate the BatchNorm statistics of model {name}: one image "
+                             "has a 1x1 map there; pass --batch-size 2 or more") from None
+
+
+def check_analysable(model: nn.Module) -> None:
+    """UsageError for a model the pruning analysis cannot take as given: a `torch.compile` wrapper
+    (its graph is dynamo's, not the module's), or weights other than float32 (scoring feeds float32
+    images and reads float32 units)."""
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise UsageError("the model is a torch.compile wrapper: prune the module it wraps (model._orig_mod), "
+                         "then compile the pruned module")
+    other = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
+                    if p.is_floating_point() and p.dtype != torch.float32})
+    if other:
+        raise UsageError(f"the model's weights are {', '.join(other)}: pruning scores float32 models; prune "
+                         "model.float() and convert the pruned model back (model.half(), model.bfloat16())")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from scoring.model_state import eval_mode, model_device
+from scoring.model_state import eval_mode, model_device, model_dtype
 
 with warnings.catch_warnings():  # fvcore scripts a loss of its own with torch.jit.script, which torch deprecates
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
@@ -53,9 +53,9 @@ def _quiet_fvcore() -> Iterator[None]:
 
 
 def count_cost(model: nn.Module, *, input_size: int) -> ModelCost:
-    """Count `model` for one [1, 3, input_size, input_size] image on its own device."""
+    """Count `model` for one [1, 3, input_size, input_size] image on its own device, in its dtype."""
     device = model_device(model)
-    x = torch.zeros(1, 3, input_size, input_size, device=device)
+    x = torch.zeros(1, 3, input_size, input_size, device=device, dtype=model_dtype(model))
     with eval_mode(model), _quiet_fvcore():
         analysis = FlopCountAnalysis(model, x)
         analysis.unsupported_ops_warnings(False)

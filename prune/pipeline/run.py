@@ -27,7 +27,7 @@ from finetune.batchnorm import recalibrate_batchnorm
 from finetune.distillation import Distillation
 from finetune.metrics import Evaluation, evaluate
 from finetune.schedule import SCHEDULES
-from finetune.train import FinetuneConfig, finetune
+from finetune.train import Diverged, FinetuneConfig, finetune
 from prune.config import ALLOCATIONS, MAX_LAYER_RATIO, PruneConfig, check_type
 from prune.core import distributed
 from prune.core.files import write_json
@@ -40,7 +40,7 @@ from prune.outputs.outdir import check as check_out
 from prune.outputs.report import BudgetResult, Measurement, PruneReport, StepResult, write_report
 from prune.outputs.score_store import FileScoreStore, RememberingStore, ScoreStore
 from prune.pipeline.budget import Plan, Planning, planned
-from prune.pipeline.contract import check_forward, check_plain_weights, example_input
+from prune.pipeline.contract import check_batch_of_one, check_forward, check_plain_weights, example_input
 from prune.pipeline.counting import count_cost
 from prune.pipeline.iterative import merged, step_counts
 from prune.pipeline.provenance import inputs_fingerprint
@@ -48,7 +48,7 @@ from prune.pipeline.refit import BatchNormRefit
 from prune.pipeline.scratch import reinitialise, train_recipe
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.speed import SPEED_SECONDS, device_name, measure_speedup, measure_throughput
-from prune.pipeline.surgery import Surgeon
+from prune.pipeline.surgery import Surgeon, channels_to_remove
 from prune.version import __version__
 from prune.zoo.data import (
     DataBundle,
@@ -255,8 +255,11 @@ def _finetune(model: nn.Module, train: Dataset, config: PruneConfig, ctx: RunCon
     loader = make_loader(train, batch_size=config.batch_size, shuffle=True, seed=config.seed, sampler=sampler)
     loss_fn = None if teacher is None else Distillation(teacher, alpha=config.distill_alpha,
                                                         temperature=config.distill_temperature)
-    return finetune(ddp.wrap(model, ctx.device), loader, config=ft, device=ctx.device, quiet=ctx.quiet,
-                    seed=config.seed, checkpoint=file, loss_fn=loss_fn)
+    try:
+        return finetune(ddp.wrap(model, ctx.device), loader, config=ft, device=ctx.device, quiet=ctx.quiet,
+                        seed=config.seed, checkpoint=file, loss_fn=loss_fn)
+    except Diverged as exc:
+        raise UsageError(f"training diverged in {name} ({exc}); lower --lr (now {config.lr:g})") from None
 
 
 @torch.no_grad()
@@ -356,13 +359,29 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     example = example_input(model, data.input_size, config.model, device)
     check_forward(model, example, config.model, trains=config.trains)
     check_plain_weights(model, config.model)
+    check_batch_of_one(model, example, config.model, batch_size=config.batch_size)
     surgeon = Surgeon(model, example)
+    _check_round_to(config, surgeon)
     probe = min(config.samples_per_class, PROBE_IMAGES)
     check_finite(model, torch.cat([class_images(data, c, probe, seed=config.seed) for c in classes]))
     scorer = make_scorer(config)
     with usage_errors():
         scorer.check(model, classes=len(classes), samples_per_class=config.samples_per_class)
     return Loaded(data, classes, model, surgeon, scorer, unreadable, finetune_set)
+
+
+def _check_round_to(config: PruneConfig, surgeon: Surgeon) -> None:
+    """UsageError if `--round-to` leaves every group whole at the run's ratio (with a target: at
+    the largest per-layer ratio it may choose), instead of a run that prunes nothing."""
+    if config.round_to == 1 or not surgeon.groups:
+        return
+    ratio = config.max_layer_ratio if config.has_target else config.ratio
+    if ratio > 0 and not any(channels_to_remove(g.num_channels, ratio, rule=config.rounding, blocks=g.blocks,
+                                                round_to=config.round_to) for g in surgeon.groups):
+        widest = max(g.num_channels for g in surgeon.groups)
+        raise UsageError(f"--round-to {config.round_to} leaves every layer of model {config.model} whole at ratio "
+                         f"{ratio:g} (the widest has {widest} channels): nothing would be pruned; pass a smaller "
+                         "--round-to (e.g. 8)")
 
 
 def _claim(out: Path, config: PruneConfig, data: DataBundle, overwrite: bool, world: distributed.World,

@@ -292,9 +292,9 @@ def _refit(refit: Callable[[], object], cache: PrefixCache | None, pruned: Seque
 
 
 @torch.no_grad()
-def map_size(model: nn.Module, conv: nn.Conv2d, example: torch.Tensor) -> int:
-    """Side m of `conv`'s units [m, m] for the model's input `example` [1, 3, s, s]."""
-    return int(collect_units(model, conv, example, name="map size").shape[-1])
+def map_size(model: nn.Module, conv: nn.Conv2d, example: torch.Tensor, name: str) -> int:
+    """Side m of the units [m, m] of `conv` (named `name`) for the model's input `example` [1, 3, s, s]."""
+    return int(collect_units(model, conv, example, name=name).shape[-1])
 
 
 def lowest(scores: torch.Tensor, n: int, *, blocks: int = 1) -> tuple[int, ...]:
@@ -397,7 +397,7 @@ def select_and_prune(
 
     def observed(g: PrunableGroup) -> tuple[int, float | None]:
         top1 = None if source is None else scoring_top1(model, source, g.names)
-        return map_size(model, g.convs[0], surgeon.example), top1
+        return map_size(model, g.convs[0], surgeon.example, g.names[0]), top1
 
     if last_refit_only and source is not None:
         raise ValueError("last_refit_only needs source=None: the scoring images read the network between surgeries")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from prune.core.throughput import Throughput
-from scoring.model_state import eval_mode
+from scoring.model_state import eval_mode, model_dtype
 
 
 def device_name(device: torch.device) -> str:
@@ -65,9 +65,9 @@ def measure_throughput(
     channels_last: bool = False,
     seconds: float = SPEED_SECONDS,
 ) -> Throughput:
-    """Images per second of `model` in eval mode on random [batch, 3, s, s] inputs: the median of
-    timed windows after a warm-up, bounded in time (`seconds`, see the constants above), with the
-    slowest and fastest window as its spread.
+    """Images per second of `model` in eval mode on random [batch, 3, s, s] inputs in the model's
+    dtype: the median of timed windows after a warm-up, bounded in time (`seconds`, see the
+    constants above), with the slowest and fastest window as its spread.
 
     amp: bf16 autocast on CPU, fp16 on CUDA. channels_last: NHWC memory format. The caller's
     model is never moved or converted (a copy is measured where needed); its modes are restored.
@@ -75,11 +75,12 @@ def measure_throughput(
     device = _resolved(torch.device(device))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = _placed(model, device, channels_last)
-    x = torch.randn(batch_size, 3, input_size, input_size, device=device).to(memory_format=fmt)
+    dtype = model_dtype(model)
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device, dtype=dtype).to(memory_format=fmt)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     with eval_mode(model), torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
         return timed_throughput(lambda: model(x), batch_size=batch_size, seconds=seconds, device=device,
-                                label=device_name(device), dtype=str(amp_dtype).replace("torch.", "") if amp else "float32",
+                                label=device_name(device), dtype=str(amp_dtype if amp else dtype).replace("torch.", ""),
                                 channels_last=channels_last)
 
 

@@ -36,6 +36,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prune.errors import UsageError, first_line, out_of_memory
+from prune.pipeline.contract import check_analysable
 from scoring.dependency import dependency_graph
 from scoring.hooks import classifier_convs, execution_order, is_depthwise, may_prune
 from scoring.model_state import eval_mode
@@ -188,6 +189,7 @@ class Surgeon:
     ) -> None:
         """`verify`: leave out the groups whose surgery stops the model running (`_working`).
         `groups`: this model's groups as already found (a copy's), instead of finding them."""
+        check_analysable(model)
         self.model = model
         self.example = example_inputs
         self._names = {m: n for n, m in model.named_modules()}
