@@ -18,6 +18,7 @@ from finetune.batchnorm import has_batchnorm, lone_remainder
 from finetune.checkpoint import CheckpointFile, restore, save
 from finetune.schedule import step_lr, warmup_cosine_lr
 
+
 class Diverged(ValueError):
     """The training loss became NaN or infinite: the weights are lost (e.g. a learning rate too large)."""
 

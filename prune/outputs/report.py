@@ -254,6 +254,7 @@ def markdown(report: dict) -> str:
         "",
         _recovery_line(s, report["finetune_losses"]),
         "",
+        *_unreadable_lines(report.get("unreadable_images", {})),
         *_step_lines(report.get("steps", [])),
         "| layer | ratio | channels before | channels after | removed |",
         "|---|---|---|---|---|",
@@ -267,6 +268,14 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _unreadable_lines(counts: dict[str, int]) -> list[str]:
+    """That unreadable image files were skipped (none: no line)."""
+    if not any(counts.values()):
+        return []
+    return [f"Unreadable image files skipped: {counts.get('train', 0)} in train/, {counts.get('val', 0)} in val/ "
+            "(accuracies are over the images that decoded).", ""]
 
 
 def _throughput_line(after: dict) -> str:

@@ -479,7 +479,17 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
             raise
         if claimed is not None:
             claimed.commit()
+    _more_unreadable(loaded, counts, world)
     return report
+
+
+def _more_unreadable(loaded: Loaded, warned: dict[str, int], world: distributed.World) -> None:
+    """Warn with the final counts where decoding the images (not only their headers, as loading
+    checks) found more unreadable files than the first warning named."""
+    counts = unreadable_counts(loaded.data)
+    if counts != warned and world.is_main:
+        warnings.warn(f"in all, {counts['train']} unreadable image files in train/ and {counts['val']} in val/ were "
+                      "skipped (report.json unreadable_images); remove or replace them", UnreadableImages, stacklevel=3)
 
 
 def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str, float],
