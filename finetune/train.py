@@ -89,10 +89,7 @@ def _one_epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise Diverged(f"the training loss is {value} at epoch {epoch + 1}, batch {i + 1}")
-            total += value * len(y)
+            total += loss.item() * len(y)
             count += len(y)
     return ddp.mean_over_ranks(total, count, torch.device(device))
 
@@ -131,6 +128,8 @@ def fit(
             on_epoch_start(epoch)
         loss = _one_epoch(model, batches, optimizer, epoch=epoch, lr=lr, augment=augment, device=device,
                           desc=f"{desc} {epoch + 1}/{epochs}", quiet=quiet, loss_fn=loss_fn)
+        if not math.isfinite(loss):  # the mean over all ranks: every rank stops alike, before the epoch is saved
+            raise Diverged(f"the mean training loss of epoch {epoch + 1} is {loss}")
         model.eval()
         losses.append(loss)
         if on_epoch_end is not None:

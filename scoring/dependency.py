@@ -35,7 +35,7 @@ def dependency_graph(model: nn.Module, example_inputs: torch.Tensor, ignored: Se
                                                      ignored_layers=list(ignored), verbose=False)
 
     hooks = {m: set(m._forward_hooks) for m in model.modules()}
-    frozen = [p for p in model.parameters() if not p.requires_grad]
+    frozen = [p for p in model.parameters() if not p.requires_grad and (p.is_floating_point() or p.is_complex())]
     try:
         for p in frozen:
             p.requires_grad_(True)

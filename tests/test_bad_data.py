@@ -65,7 +65,7 @@ def test_unreadable_train_and_val_images_are_counted(tmp_path, quick):
     assert f"{found['train']} in train/" in warning_lines(result)[0] and f"{found['val']} in val/" in warning_lines(result)[0]
     report = json.loads((out / "report.json").read_text())
     assert report["unreadable_images"] == {"train": found["train"], "val": found["val"] + 1}
-    final = f"in all, {found['train']} unreadable image files in train/ and {found['val'] + 1} in val/ were skipped"
+    final = f"more unreadable image files: {found['train']} in train/ and {found['val'] + 1} in val/ were skipped"
     assert len(warning_lines(result)) == 2 and final in warning_lines(result)[1]  # the truncated one, found later
     assert f"skipped: {found['train']} in train/, {found['val'] + 1} in val/" in (out / "report.md").read_text()
 

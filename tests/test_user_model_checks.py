@@ -14,6 +14,7 @@ from test_input_checks import SMALL, cli_error
 from torch import nn
 
 import prune
+import scoring
 from prune.errors import UsageError
 from prune.pipeline.contract import check_batch_of_one
 
@@ -44,36 +45,63 @@ def test_batches_of_one_image_with_a_batchnorm_on_1x1_maps_are_refused_and_nothi
 
 def test_a_round_to_that_leaves_every_layer_whole_is_refused(tmp_path, capsys, quick) -> None:
     line = cli_error(capsys, *quick, *SMALL, "--round-to", "4096", "--out", str(tmp_path / "o"))
-    assert "--round-to 4096 leaves every layer" in line and "nothing would be pruned" in line
+    assert "--round-to 4096 leaves every layer" in line and "at --ratio 0.5" in line and "a larger --ratio" in line
     assert not (tmp_path / "o").exists()
 
 
 def test_a_diverging_fine_tuning_is_refused_naming_the_learning_rate(tmp_path, capsys, quick) -> None:
     line = cli_error(capsys, *quick, "--classes", "2", "--samples-per-class", "2", "--quiet", "--epochs", "2",
                      "--lr", "1e30", "--out", str(tmp_path / "o"))
-    assert "diverged" in line and "lower --lr (now 1e+30)" in line
+    assert "diverged" in line and "epoch 2" in line and "lower --lr (now 1e+30)" in line
     assert not (tmp_path / "o").exists()
 
 
-def test_frozen_parameters_are_traced_and_stay_frozen() -> None:
+class WithCounter(nn.Module):
+    """`net()` holding an integer Parameter (no gradient can flow to it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = net()
+        self.steps = nn.Parameter(torch.zeros((), dtype=torch.long), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_frozen_parameters_are_traced_and_stay_frozen_through_surgery() -> None:
     example = torch.zeros(1, 3, 16, 16)
     torch.manual_seed(0)
-    free = net()
-    frozen = net()
+    free, frozen = net(), net()
     frozen.load_state_dict(free.state_dict())
-    for p in frozen[0].parameters():
+    for p in [*frozen[0].parameters(), *frozen[1].parameters()]:
         p.requires_grad_(False)
     names = [g.names for g in prune.Surgeon(free, example).groups]
-    assert names and [g.names for g in prune.Surgeon(frozen, example).groups] == names
-    assert [p.requires_grad for p in frozen.parameters()] == [False, False] + [True] * 6
+    surgeon = prune.Surgeon(frozen, example)
+    assert names and [g.names for g in surgeon.groups] == names
+    flags = [p.requires_grad for p in frozen.parameters()]
+    assert flags == [False] * 4 + [True] * 4
+    surgeon.prune(surgeon.groups[0], [0, 1, 2])  # the frozen conv and its BatchNorm get new Parameters
+    assert frozen[0].out_channels == 5 and [p.requires_grad for p in frozen.parameters()] == flags
+    assert [g.names for g in prune.Surgeon(WithCounter(), example).groups] == [("body." + n[0],) for n in names]
 
 
-@pytest.mark.parametrize("convert", ["half", "bfloat16", "compile"])
-def test_half_precision_and_compiled_models_are_refused_naming_the_fix(convert: str) -> None:
-    model = torch.compile(net()) if convert == "compile" else getattr(net(), convert)()
-    fix = "model._orig_mod" if convert == "compile" else "prune model.float()"
-    with pytest.raises(UsageError, match=fix.replace(".", r"\.").replace("(", r"\(").replace(")", r"\)")):
-        prune.Surgeon(model, torch.zeros(1, 3, 16, 16))
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "double"])
+def test_other_dtypes_prune_by_weights_and_are_refused_scoring_images(convert: str) -> None:
+    from test_prefix_cache import SOURCE
+
+    torch.manual_seed(0)
+    example = torch.zeros(1, 3, 16, 16, dtype=getattr(torch, "float64" if convert == "double" else convert))
+    model = getattr(net(), convert)()
+    prune.select_and_prune(prune.Surgeon(model, example), scoring.create("l1"), None, ratio=0.5, quiet=True)
+    assert model[0].out_channels == 4 and model[0].weight.dtype == example.dtype
+    with pytest.raises(UsageError, match=r"score and prune model\.float\(\)"):
+        prune.select_and_prune(prune.Surgeon(getattr(net(), convert)(), example), scoring.create("apoz"), SOURCE,
+                               ratio=0.5, quiet=True)
+
+
+def test_a_compiled_model_is_refused_naming_the_module_it_wraps() -> None:
+    with pytest.raises(UsageError, match=r"model\._orig_mod"):
+        prune.Surgeon(torch.compile(net()), torch.zeros(1, 3, 16, 16))
 
 
 def test_cost_and_speed_take_the_models_dtype() -> None:

@@ -21,6 +21,7 @@ from torch import nn
 from finetune.batchnorm import running_norms
 from prune.errors import UsageError, first_line, out_of_memory
 from scoring.hooks import forward_hooks
+from scoring.model_state import model_dtype
 
 WRAP_HINT = "wrap the model in a module whose forward returns the logits (see docs/your-model.md)"
 
@@ -206,15 +207,19 @@ def check_batch_of_one(model: nn.Module, example: torch.Tensor, name: str, *, ba
                              "has a 1x1 map there; pass --batch-size 2 or more") from None
 
 
-def check_analysable(model: nn.Module) -> None:
-    """UsageError for a model the pruning analysis cannot take as given: a `torch.compile` wrapper
-    (its graph is dynamo's, not the module's), or weights other than float32 (scoring feeds float32
-    images and reads float32 units)."""
+def check_not_compiled(model: nn.Module) -> None:
+    """UsageError for a `torch.compile` wrapper: the pruning analysis traces the module, whose graph
+    the wrapper hides behind dynamo's."""
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         raise UsageError("the model is a torch.compile wrapper: prune the module it wraps (model._orig_mod), "
                          "then compile the pruned module")
-    other = sorted({str(p.dtype).replace("torch.", "") for p in model.parameters()
-                    if p.is_floating_point() and p.dtype != torch.float32})
-    if other:
-        raise UsageError(f"the model's weights are {', '.join(other)}: pruning scores float32 models; prune "
-                         "model.float() and convert the pruned model back (model.half(), model.bfloat16())")
+
+
+def check_float32_for_scoring(model: nn.Module) -> None:
+    """UsageError if scoring images (float32) cannot go through `model`: its first floating-point
+    weights are of another dtype (a scorer that reads only weights takes any)."""
+    dtype = model_dtype(model)
+    if dtype != torch.float32:
+        name = str(dtype).replace("torch.", "")
+        raise UsageError(f"the model's weights are {name}: scoring feeds float32 images; score and prune "
+                         f"model.float(), then convert the pruned model back (model.to(torch.{name}))")

@@ -372,16 +372,16 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
 
 def _check_round_to(config: PruneConfig, surgeon: Surgeon) -> None:
     """UsageError if `--round-to` leaves every group whole at the run's ratio (with a target: at
-    the largest per-layer ratio it may choose), instead of a run that prunes nothing."""
+    the largest per-layer ratio it may choose, --max-layer-ratio), instead of a run that prunes nothing."""
     if config.round_to == 1 or not surgeon.groups:
         return
-    ratio = config.max_layer_ratio if config.has_target else config.ratio
+    ratio, flag = (config.max_layer_ratio, "--max-layer-ratio") if config.has_target else (config.ratio, "--ratio")
     if ratio > 0 and not any(channels_to_remove(g.num_channels, ratio, rule=config.rounding, blocks=g.blocks,
                                                 round_to=config.round_to) for g in surgeon.groups):
         widest = max(g.num_channels for g in surgeon.groups)
-        raise UsageError(f"--round-to {config.round_to} leaves every layer of model {config.model} whole at ratio "
+        raise UsageError(f"--round-to {config.round_to} leaves every layer of model {config.model} whole at {flag} "
                          f"{ratio:g} (the widest has {widest} channels): nothing would be pruned; pass a smaller "
-                         "--round-to (e.g. 8)")
+                         f"--round-to or a larger {flag}")
 
 
 def _claim(out: Path, config: PruneConfig, data: DataBundle, overwrite: bool, world: distributed.World,
@@ -488,8 +488,9 @@ def _more_unreadable(loaded: Loaded, warned: dict[str, int], world: distributed.
     checks) found more unreadable files than the first warning named."""
     counts = unreadable_counts(loaded.data)
     if counts != warned and world.is_main:
-        warnings.warn(f"in all, {counts['train']} unreadable image files in train/ and {counts['val']} in val/ were "
-                      "skipped (report.json unreadable_images); remove or replace them", UnreadableImages, stacklevel=3)
+        warnings.warn(f"decoding found more unreadable image files: {counts['train']} in train/ and {counts['val']} in "
+                      "val/ were skipped (report.json unreadable_images); remove or replace them", UnreadableImages,
+                      stacklevel=3)
 
 
 def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str, float],

@@ -32,6 +32,7 @@ from prune.core import distributed
 from prune.core.allocator import release_freed_memory
 from prune.outputs.report import LayerResult
 from prune.outputs.score_store import NO_STORE, ScoreStore
+from prune.pipeline.contract import check_float32_for_scoring
 from prune.pipeline.observe import CHUNK_BYTES, collect_units, iter_units
 from prune.pipeline.prefix_cache import PREFIX_CACHE_BYTES, PrefixCache, UnitRunner, prefix_cache, tracking
 from prune.pipeline.refit import BatchNormRefit, refit_from_cuts
@@ -382,6 +383,8 @@ def select_and_prune(
     """
     if source is None and scorer.info.needs_data:
         raise ValueError(f"scorer {scorer.info.name!r} needs data: pass a ScoringData source")
+    if source is not None:
+        check_float32_for_scoring(surgeon.model)
     model = surgeon.model
     model.eval()
     groups = list(surgeon.groups)

@@ -36,7 +36,7 @@ import torch_pruning as tp
 from torch import nn
 
 from prune.errors import UsageError, first_line, out_of_memory
-from prune.pipeline.contract import check_analysable
+from prune.pipeline.contract import check_not_compiled
 from scoring.dependency import dependency_graph
 from scoring.hooks import classifier_convs, execution_order, is_depthwise, may_prune
 from scoring.model_state import eval_mode
@@ -189,7 +189,7 @@ class Surgeon:
     ) -> None:
         """`verify`: leave out the groups whose surgery stops the model running (`_working`).
         `groups`: this model's groups as already found (a copy's), instead of finding them."""
-        check_analysable(model)
+        check_not_compiled(model)
         self.model = model
         self.example = example_inputs
         self._names = {m: n for n, m in model.named_modules()}
@@ -327,7 +327,11 @@ class Surgeon:
         tp_group = self._group(group.convs[0], sorted(int(i) for i in removed))
         if not self.graph.check_pruning_group(tp_group):
             raise RuntimeError(f"torch-pruning refused to prune group {group.name}")
+        frozen = [(m, name) for m in self.model.modules() for name, p in m.named_parameters(recurse=False)
+                  if not p.requires_grad]
         tp_group.prune()
+        for m, name in frozen:  # torch-pruning gives a pruned layer new (trainable) Parameters
+            getattr(m, name).requires_grad_(False)
 
     def clone(self) -> Surgeon:
         """A Surgeon of a deep copy of the model (same groups in the same order; this one is untouched)."""
