@@ -162,3 +162,20 @@ def test_readable_decodes_each_image_once(tmp_path, monkeypatch):
     assert [folder.readable(i) for i in range(len(folder))] == first and not all(first)
     assert len(calls) == len(set(calls)) <= len(folder)  # none twice; header-checked corrupt files not at all
     assert all(folder[i] is None for i, ok in enumerate(first) if not ok)
+
+
+def test_image_files_imagefolder_does_not_read_are_named(tmp_path):
+    """A .gif beside the PNGs is left out with a warning naming its type; a .txt goes unmentioned."""
+    import warnings
+
+    from prune.zoo.data import ImagesLeftOut, load_data
+
+    data = image_folder(tmp_path / "data", classes=2, train=2, val=1, size=8)
+    Image.new("RGB", (8, 8)).save(data / "train" / "class00" / "extra.gif")
+    (data / "train" / "class00" / "notes.txt").write_text("not an image")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bundle = load_data(str(data), input_size=8)
+    left = [str(w.message) for w in caught if issubclass(w.category, ImagesLeftOut)]
+    assert len(left) == 1 and "left out 1 image file(s)" in left[0] and "(.gif)" in left[0] and ".txt" not in left[0]
+    assert len(bundle.train) == 4 and not any(p.endswith(".gif") for p, _ in bundle.train.samples)

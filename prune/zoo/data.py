@@ -41,6 +41,10 @@ class SymlinkLoops(UserWarning):
     """Symlinked folders under a data split that loop (or repeat a folder) were not followed."""
 
 
+class ImagesLeftOut(UserWarning):
+    """Image files of a type torchvision's ImageFolder does not read (e.g. .gif) were left out."""
+
+
 @dataclass(frozen=True)
 class DataBundle:
     """train/val datasets yield (image [3, s, s] float32, label); `train_targets[i]` is the

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 from torchvision import datasets, transforms
 
-from prune.zoo.data import SymlinkLoops, _inside, decode_rgb, header_ok, walk_once
+from prune.zoo.data import ImagesLeftOut, SymlinkLoops, _inside, decode_rgb, header_ok, walk_once
 
 
 class TolerantImageFolder(datasets.ImageFolder):
@@ -62,10 +62,16 @@ class TolerantImageFolder(datasets.ImageFolder):
         valid = is_valid_file or (lambda p: datasets.folder.has_file_allowed_extension(p, extensions))
         split = os.path.realpath(directory)
         samples: list[tuple[str, int]] = []
+        left_out: list[str] = []
         for name in sorted(class_to_idx):
             files, skipped = walk_once(os.path.join(directory, name), outside=split)
             samples += [(path, class_to_idx[name]) for path in files if valid(path)]
+            left_out += [path for path in files if not valid(path) and _image_type(path)]
             self.loops += skipped
+        if left_out:
+            types = sorted({os.path.splitext(p)[1].lower() for p in left_out})
+            warnings.warn(f"left out {len(left_out)} image file(s) under {directory} of a type ImageFolder does not read "
+                          f"({', '.join(types)}); convert them to PNG or JPEG", ImagesLeftOut)
         found = {target for _, target in samples}
         empty = sorted(name for name, i in class_to_idx.items() if i not in found)
         if empty and not allow_empty:
@@ -90,3 +96,8 @@ class TolerantImageFolder(datasets.ImageFolder):
     def __getitem__(self, index: int):  # type: ignore[override]
         image = self._decode(index)
         return None if image is None else (self.transform(image), self.targets[index])
+
+
+def _image_type(path: str) -> bool:
+    """Whether `path`'s extension is one Pillow reads as an image (a .gif, not a .txt)."""
+    return os.path.splitext(path)[1].lower() in Image.registered_extensions()
