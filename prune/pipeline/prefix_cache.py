@@ -189,7 +189,7 @@ class PrefixCache:
         try:
             yield
         finally:
-            self.settle()
+            self._drop_changed()
             self._snapshot = None
             self._drop_unused()
 
@@ -198,12 +198,7 @@ class PrefixCache:
         track on from here, so runs between two changes (a refit after a surgery) start from
         entries that fit the model as it is."""
         assert self._snapshot is not None, "settle() belongs inside tracking()"
-        self._refresh()
-        before = self._snapshot
-        after = _signatures(self.model, self._nodes[:len(before)], copy=False) if len(self._nodes) >= len(before) else []
-        self._drop_past(_first_difference(before, after))
-        self._segments.clear()  # they hold the modules and tensors of before
-        self._aim = math.inf
+        self._drop_changed()
         self._snapshot = self._signatures_to_track()
 
     def common_cut(self, chunks: Sequence[tuple[Hashable, slice]]) -> int:
@@ -236,6 +231,16 @@ class PrefixCache:
         self.spill.close()
 
     # ------------------------------------------------------------ internals
+
+    def _drop_changed(self) -> None:
+        """Re-trace, and drop every entry whose cut lies past the first node that changed (bitwise)
+        since `_snapshot` was taken."""
+        self._refresh()
+        before = self._snapshot
+        after = _signatures(self.model, self._nodes[:len(before)], copy=False) if len(self._nodes) >= len(before) else []
+        self._drop_past(_first_difference(before, after))
+        self._segments.clear()  # they hold the modules and tensors of before
+        self._aim = math.inf
 
     def _signatures_to_track(self) -> list[_Signature]:
         """Copies of the signatures of the nodes before the deepest cut an entry holds."""

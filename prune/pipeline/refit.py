@@ -62,9 +62,11 @@ def refit_from_cuts(refit: BatchNormRefit, cache: PrefixCache, before: Sequence[
     cache.settle()  # entries that fit the model as the surgery left it
     model, loader = refit.model, iter(refit.loader())
     held: list[Batch] = []
+    nbytes = 0
     for batch in islice(loader, refit.batches):
         held.append(batch)
-        if sum(x.numel() * x.element_size() for x, _ in held) > HELD_BYTES:
+        nbytes += batch[0].numel() * batch[0].element_size()
+        if nbytes > HELD_BYTES:
             return recalibrate_batchnorm(model, chain(held, loader), batches=refit.batches, device=refit.device)
     taken = list(batches_run(held, refit.batches))
     chunks = {i: (("refit", len(taken), i, _digest(x)), slice(0, len(x))) for i, x in taken}

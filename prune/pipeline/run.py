@@ -23,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import scoring
 from finetune import checkpoint, ddp
-from finetune.batchnorm import recalibrate_batchnorm
 from finetune.distillation import Distillation
 from finetune.metrics import Evaluation, evaluate
 from finetune.schedule import SCHEDULES
@@ -554,13 +553,15 @@ def _job(config: PruneConfig, loaded: Loaded, ctx: RunContext, timings: dict[str
 def _refit_batchnorm(config: PruneConfig, loaded: Loaded, ctx: RunContext, batches: int,
                      model: nn.Module | None = None) -> int:
     """Re-estimate the BatchNorm statistics of `model` (default: the run's) on `batches` training batches; images used."""
-    return recalibrate_batchnorm(loaded.model if model is None else model, _refit_loader(config, loaded),
-                                 batches=batches, device=ctx.device)
+    return _batchnorm_refit(config, loaded, ctx, batches, model)()
 
 
-def _refit_loader(config: PruneConfig, loaded: Loaded) -> DataLoader:
-    """The training batches a BatchNorm refit reads: seeded, the same at every refit."""
-    return make_loader(loaded.data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+def _batchnorm_refit(config: PruneConfig, loaded: Loaded, ctx: RunContext, batches: int,
+                     model: nn.Module | None = None) -> BatchNormRefit:
+    """The re-estimation of `model`'s (default: the run's) BatchNorm statistics on the first `batches`
+    training batches of a seeded loader, the same batches at every refit."""
+    loader = partial(make_loader, loaded.data.train, batch_size=config.batch_size, shuffle=True, seed=config.seed)
+    return BatchNormRefit(loaded.model if model is None else model, loader, batches, ctx.device)
 
 
 def _scoring_data(config: PruneConfig, loaded: Loaded) -> ScoringData:
@@ -603,8 +604,7 @@ def _select_and_prune(config: PruneConfig, loaded: Loaded, ctx: RunContext, stor
     source = _scoring_data(config, loaded) if loaded.scorer.info.needs_data else None
     refit = None
     if config.layer_bn_batches > 0:
-        refit = BatchNormRefit(loaded.model, partial(_refit_loader, config, loaded), config.layer_bn_batches,
-                               ctx.device)
+        refit = _batchnorm_refit(config, loaded, ctx, config.layer_bn_batches)
     ratio, schedule = (config.ratio, config.schedule) if plan is None else (plan.ratios, plan.schedule)
     return select_and_prune(
         loaded.surgeon, loaded.scorer, source, ratio=ratio, schedule=schedule,
