@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
       "a torchvision name (vgg16, resnet34, ...) or timm:<name>")
     a("--weights", default=None, help="checkpoint path (a state_dict, or a training script's checkpoint: docs/your-model.md) or "
       "torchvision weights name (IMAGENET1K_V1); "
-      "default: the shipped weights for 'embedded' and 'embedded-plain', random init otherwise")
-    a("--data", default=None, help="ImageFolder root with train/ and val/ class folders; default: embedded shapes set")
+      "default: the shipped weights for the shipped models (embedded, embedded-plain, fashion, "
+      "fashion-plain, fashion-resnet), random init otherwise")
+    a("--data", default=None, help="ImageFolder root with train/ and val/ class folders; default: the model's own data "
+      "(the generated shapes set; Fashion-MNIST for the fashion models)")
     a("--ratio", type=float, default=argparse.SUPPRESS,
       help=f"fraction of channels removed at each prunable conv, in [0, 1) (default {DEFAULTS.ratio}; "
       "not with a target)")

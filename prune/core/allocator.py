@@ -5,7 +5,7 @@ threshold that starts at 128 KiB and rises to the size of the largest such block
 32 MiB. After the first large tensor is freed, tensors of a few MiB (one image's feature maps at
 224²) come from the heap, whose freed holes stay resident, and the scoring thread's own arena
 keeps its holes too. Scoring VGG16 at 224² this way held 0.4 GiB more at its peak (CHIP, 2
-classes × 20 images: 2.24 GiB; 1.84 with `malloc_trim` after every chunk). Fixing the mmap
+classes × 20 images: 2.24 GiB; 1.79 with `malloc_trim` after every chunk). Fixing the mmap
 threshold instead (MALLOC_MMAP_THRESHOLD_) did as well but made every large temporary a fresh
 mapping: the embedded data set took 40% longer to draw.
 """
