@@ -7,8 +7,8 @@ every layer keeps a multiple of N channels?
 In one process: the unpruned model and one pruned copy per N (random weights, channels chosen by
 `l1` through the main job's selection and surgery, `round_to=N`), each timed in eager PyTorch
 (NCHW), eager channels-last and ONNX Runtime (as `benchmarks.speed --runtime onnxruntime`),
-alternating `--repeats` times, best taken. Reported per N and runtime: FLOPs ratio
-(unpruned / pruned), speed-up (pruned / unpruned img/s) and speed-up ÷ FLOPs ratio (1: the time
+alternating `--repeats` times, best taken (every repeat kept in the JSON). Reported per N and
+runtime: FLOPs ratio (unpruned / pruned), speed-up (pruned / unpruned img/s) and speed-up ÷ FLOPs ratio (1: the time
 fell as much as the FLOPs). JSON: benchmarks/results/round_to-<model>-r<ratio>-cpu.json.
 """
 
@@ -65,17 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     flops = {k: count_cost(m, input_size=args.input_size).flops for k, m in models.items()}
     graphs = {k: onnx_bytes(m, input_size=args.input_size, opset=OPSET) for k, m in models.items()}
     load_before, started = os.getloadavg(), time.perf_counter()
-    best: dict[str, dict] = {rt: {} for rt in RUNTIMES}
+    measured: dict[str, dict] = {rt: {key: [] for key in models} for rt in RUNTIMES}
     for _ in range(args.repeats):
         for key, model in models.items():
             for rt in RUNTIMES:
-                best[rt][key] = max(best[rt].get(key, 0.0), timer(rt, model, graphs[key], args))
+                measured[rt][key].append(timer(rt, model, graphs[key], args))
+    best = {rt: {key: max(values) for key, values in by_model.items()} for rt, by_model in measured.items()}
     result = {
         "model": args.model, "ratio": args.ratio, "input_size": args.input_size,
-        "unpruned": {"flops": flops["unpruned"], "img_per_s": {rt: best[rt]["unpruned"] for rt in RUNTIMES}},
+        "unpruned": {"flops": flops["unpruned"], "img_per_s": {rt: best[rt]["unpruned"] for rt in RUNTIMES},
+                     "img_per_s_repeats": {rt: measured[rt]["unpruned"] for rt in RUNTIMES}},
         "round_to": {str(n): {
             "flops": flops[n], "flops_ratio": flops["unpruned"] / flops[n],
             "img_per_s": {rt: best[rt][n] for rt in RUNTIMES},
+            "img_per_s_repeats": {rt: measured[rt][n] for rt in RUNTIMES},
             "speedup": {rt: best[rt][n] / best[rt]["unpruned"] for rt in RUNTIMES},
             "speedup_over_flops": {rt: best[rt][n] / best[rt]["unpruned"] / (flops["unpruned"] / flops[n])
                                    for rt in RUNTIMES},

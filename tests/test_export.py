@@ -14,7 +14,7 @@ from torch import nn
 import prune
 from prune.cli import main
 from prune.errors import UsageError
-from prune.outputs.export import OPSET, check_export, export_onnx
+from prune.outputs.export import OPSET, check_export, check_exportable, export_onnx, onnx_bytes
 from prune.zoo.data import load_data
 
 RUN = ["--ratio", "0.5", "--scorer", "l1", "--no-finetune", "--classes", "2", "--samples-per-class", "4", "--quiet"]
@@ -85,3 +85,32 @@ def test_unknown_export_format_is_a_usage_error():
     with pytest.raises(UsageError, match="onnx"):
         check_export("tflite")
     assert main([*RUN, "--export", "tflite"]) == 2
+
+
+def pooled_to_three() -> nn.Module:
+    """A 6² input reaches its adaptive pooling to 3x3 as 4x4 maps: 3 does not divide 4, which
+    torch's ONNX exporter (opset 17) refuses."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(3), nn.Flatten(), nn.Linear(36, 2))
+
+
+def test_a_model_the_exporter_refuses_is_one_usage_error_and_prints_no_graph(capfd):
+    model = pooled_to_three().train()
+    with pytest.raises(UsageError) as refused:
+        check_exportable(model, input_size=6)
+    message = str(refused.value)
+    assert "adaptive_avg_pool2d" in message and "6² input" in message and "--export onnx" in message
+    assert "\n" not in message and "Please feel free" not in message and "%" not in message
+    assert model.training  # the check leaves the mode as it was
+    out, _ = capfd.readouterr()
+    assert "graph" not in out  # torch prints the whole graph to fd 1 from C++ when it fails
+    assert onnx_bytes(pooled_to_three(), input_size=8)  # 6x6 maps: 3 divides 6, exported
+
+
+def test_the_run_refuses_an_unexportable_model_before_any_work(tmp_path, capfd):
+    # torchvision's VGG pools adaptively to 7x7; the embedded data's 32² images reach it as 1x1 maps
+    out = tmp_path / "out"
+    assert main(["--model", "vgg11", *RUN, "--out", str(out), "--export", "onnx"]) == 2
+    stdout, err = capfd.readouterr()
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert "adaptive_avg_pool2d" in err and "leave out --export onnx" in err
+    assert not stdout.strip() and not out.exists()
