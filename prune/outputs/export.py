@@ -58,8 +58,13 @@ def check_export(fmt: str | None) -> None:
 def _stdout_silenced() -> Iterator[None]:
     """Send file descriptor 1 to /dev/null: torch's exporter prints the whole graph there (from C++,
     past `sys.stdout`) when it fails."""
-    sys.stdout.flush()
-    saved = os.dup(1)
+    if sys.stdout is not None:
+        sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (closed): nothing to silence
+        yield
+        return
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 1)
