@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     models = {"unpruned": pruned_pair(args.model, args.ratio, args.input_size, "round")[0]}

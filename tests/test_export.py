@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -14,7 +15,9 @@ from torch import nn
 import prune
 from prune.cli import main
 from prune.errors import UsageError
-from prune.outputs.export import OPSET, check_export, check_exportable, export_onnx, onnx_bytes
+from prune.outputs.export import OPSET, check_export, export_onnx, onnx_bytes
+from prune.pipeline import run as run_module
+from prune.pipeline.contract import check_exportable
 from prune.zoo.data import load_data
 
 RUN = ["--ratio", "0.5", "--scorer", "l1", "--no-finetune", "--classes", "2", "--samples-per-class", "4", "--quiet"]
@@ -95,22 +98,41 @@ def pooled_to_three() -> nn.Module:
 
 def test_a_model_the_exporter_refuses_is_one_usage_error_and_prints_no_graph(capfd):
     model = pooled_to_three().train()
-    with pytest.raises(UsageError) as refused:
-        check_exportable(model, input_size=6)
+    model[0].eval()  # a mixed state: every module's own mode must come back
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UsageError) as refused:  # named as a registered model made for 32² images
+        check_exportable(model, input_size=6, name="embedded", device=torch.device("cpu"))
     message = str(refused.value)
-    assert "adaptive_avg_pool2d" in message and "6² input" in message and "--export onnx" in message
+    assert "adaptive_avg_pool2d" in message and "embedded at 6² input" in message
+    assert "pass --input-size 32" in message and message.endswith("leave out --export onnx")
     assert "\n" not in message and "Please feel free" not in message and "%" not in message
-    assert model.training  # the check leaves the mode as it was
+    assert [m.training for m in model.modules()] == [True, False, True, True, True]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    os.write(1, b"printed after the check\n")  # descriptor 1 is the terminal's again
     out, _ = capfd.readouterr()
-    assert "graph" not in out  # torch prints the whole graph to fd 1 from C++ when it fails
+    assert "graph" not in out and "printed after the check" in out  # torch prints the graph to fd 1 from C++
+    assert not torch._C._jit_is_onnx_log_enabled()  # torch's exporter leaves its log on; put back off
     assert onnx_bytes(pooled_to_three(), input_size=8)  # 6x6 maps: 3 divides 6, exported
 
 
-def test_the_run_refuses_an_unexportable_model_before_any_work(tmp_path, capfd):
+def test_an_error_of_the_exporter_that_is_not_a_refusal_stays_an_error(monkeypatch):
+    def fails(*_args, **_kwargs):
+        raise RuntimeError("an exporter bug")
+
+    monkeypatch.setattr(torch.onnx, "export", fails)
+    with pytest.raises(RuntimeError, match="an exporter bug"):
+        check_exportable(pooled_to_three(), input_size=8, name="embedded", device=torch.device("cpu"))
+
+
+def test_the_run_refuses_an_unexportable_model_before_any_work(tmp_path, capfd, monkeypatch):
     # torchvision's VGG pools adaptively to 7x7; the embedded data's 32² images reach it as 1x1 maps
+    def started(*_args, **_kwargs):
+        raise AssertionError("the run claimed --out before checking the export")
+
+    monkeypatch.setattr(run_module, "_claim", started)
     out = tmp_path / "out"
     assert main(["--model", "vgg11", *RUN, "--out", str(out), "--export", "onnx"]) == 2
     stdout, err = capfd.readouterr()
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
-    assert "adaptive_avg_pool2d" in err and "leave out --export onnx" in err
+    assert "adaptive_avg_pool2d" in err and "--input-size 224" in err and "leave out --export onnx" in err
     assert not stdout.strip() and not out.exists()

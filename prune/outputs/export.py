@@ -74,23 +74,21 @@ def _stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _exporter_says(exc: Exception) -> str:
+def exporter_says(exc: Exception) -> str:
     """The first sentence of the exporter's message, without its request to report and its graph."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return re.split(r"\. Please feel free| \[Caused by", text)[0].rstrip(".")
 
 
-def onnx_bytes(model: nn.Module, *, input_size: int, opset: int = OPSET) -> bytes:
-    """`model` (eval mode) as a serialised ONNX graph: images [batch, 3, s, s] → logits [batch, K].
-
-    UsageError naming the install command if onnx or onnxruntime is missing, and one naming what
-    torch's exporter refused if it cannot export the model (e.g. an adaptive pooling to 7x7 from
-    maps whose side 7 does not divide: a model made for 224² fed smaller images).
-    """
+def onnx_bytes(model: nn.Module, *, input_size: int, opset: int = OPSET, export_params: bool = True) -> bytes:
+    """`model` (eval mode) as a serialised ONNX graph: images [batch, 3, s, s] → logits [batch, K]
+    (UsageError naming the install command if onnx or onnxruntime is missing). `export_params=False`
+    leaves the weights out (a check that the graph exports, at a third of the memory)."""
     require_onnx()
     device = model_device(model)
     example = torch.zeros(1, 3, input_size, input_size, device=device, dtype=model_dtype(model))
     buffer = io.BytesIO()
+    log_was_on = torch._C._jit_is_onnx_log_enabled()
     try:
         with warnings.catch_warnings(), _stdout_silenced():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
@@ -99,27 +97,15 @@ def onnx_bytes(model: nn.Module, *, input_size: int, opset: int = OPSET) -> byte
                 (example,),
                 buffer,
                 dynamo=False,
+                export_params=export_params,
                 opset_version=opset,
                 input_names=["images"],
                 output_names=["logits"],
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             )
-    except Exception as exc:  # torch's exporter raises several types for what it cannot export
-        said = _exporter_says(exc)
-        hint = ("feed images of the side the model was made for (e.g. 224), or " if "adaptive" in said else "")
-        raise UsageError(f"torch's ONNX exporter (opset {opset}) cannot export this model at {input_size}² input "
-                         f"({said}); {hint}leave out --export onnx") from exc
+    finally:  # torch's exporter turns its log on and leaves it on, for later exports to print graphs
+        torch._C._jit_set_onnx_log_enabled(log_was_on)
     return buffer.getvalue()
-
-
-def check_exportable(model: nn.Module, *, input_size: int) -> None:
-    """UsageError, before any work, if torch's exporter cannot export `model` at `input_size`²
-    (`onnx_bytes`'s message); the model's train/eval mode is left as it was."""
-    training = model.training
-    try:
-        onnx_bytes(model, input_size=input_size)
-    finally:
-        model.train(training)
 
 
 def onnxruntime_logits(graph: bytes, images: torch.Tensor) -> np.ndarray:

@@ -20,6 +20,7 @@ from torch import nn
 
 from finetune.batchnorm import running_norms
 from prune.errors import UsageError, first_line, out_of_memory
+from prune.outputs.export import OPSET, exporter_says, onnx_bytes
 from scoring.hooks import forward_hooks
 from scoring.model_state import model_dtype
 
@@ -223,3 +224,18 @@ def check_float32_for_scoring(model: nn.Module) -> None:
         name = str(dtype).replace("torch.", "")
         raise UsageError(f"the model's weights are {name}: scoring feeds float32 images; score and prune "
                          f"model.float(), then convert the pruned model back (model.to(torch.{name}))")
+
+
+def check_exportable(model: nn.Module, *, input_size: int, name: str, device: torch.device) -> None:
+    """UsageError, before any work, if torch's ONNX exporter refuses `model` at `input_size`² (e.g.
+    an adaptive pooling to 7x7 fed maps whose side 7 does not divide: a model made for 224² fed
+    smaller images). Only the exporter's own refusals are the input's fault; anything else it raises
+    stays an error of its own. The model's state is left as it was."""
+    try:
+        with _state_kept(model, device):
+            onnx_bytes(model, input_size=input_size, export_params=False)
+    except torch.onnx.errors.OnnxExporterError as exc:
+        said = exporter_says(exc)
+        hint = f"{_size_hint(name, input_size)}, or " if "adaptive" in said else ""
+        raise UsageError(f"torch's ONNX exporter (opset {OPSET}) cannot export {name} at {input_size}² input ({said}); "
+                         f"{hint}leave out --export onnx") from None

@@ -33,13 +33,19 @@ from prune.core.files import write_json
 from prune.errors import UsageError, usage_errors
 from prune.outputs.cache_file import CacheFile
 from prune.outputs.checkpoint import save_pruned
-from prune.outputs.export import check_export, check_exportable, export_onnx
+from prune.outputs.export import check_export, export_onnx
 from prune.outputs.outdir import Claim, claim, locked
 from prune.outputs.outdir import check as check_out
 from prune.outputs.report import BudgetResult, Measurement, PruneReport, StepResult, write_report
 from prune.outputs.score_store import FileScoreStore, RememberingStore, ScoreStore
 from prune.pipeline.budget import Plan, Planning, planned
-from prune.pipeline.contract import check_batch_of_one, check_forward, check_plain_weights, example_input
+from prune.pipeline.contract import (
+    check_batch_of_one,
+    check_exportable,
+    check_forward,
+    check_plain_weights,
+    example_input,
+)
 from prune.pipeline.counting import count_cost
 from prune.pipeline.iterative import merged, step_counts
 from prune.pipeline.provenance import inputs_fingerprint
@@ -463,8 +469,9 @@ def _run(config: PruneConfig, out: Path, overwrite: bool, quiet: bool, world: di
     if (loaded.unreadable or any(counts.values())) and world.is_main:
         warnings.warn(f"skipping unreadable image files: {counts['train']} in train/ ({loaded.unreadable} among the "
                       f"scoring images), {counts['val']} in val/; remove or replace them", UnreadableImages, stacklevel=2)
-    if export == "onnx":  # every rank alike: a model the exporter refuses fails now, not after the run
-        check_exportable(loaded.model, input_size=loaded.data.input_size)
+    if export == "onnx":  # a model the exporter refuses fails now (on every rank), not after the run
+        distributed.main_only(lambda: check_exportable(
+            loaded.model, input_size=loaded.data.input_size, name=config.model, device=device), world)
     with ExitStack() as stack:
         claimed = None
         try:
