@@ -100,6 +100,7 @@ def test_a_model_the_exporter_refuses_is_one_usage_error_and_prints_no_graph(cap
     model = pooled_to_three().train()
     model[0].eval()  # a mixed state: every module's own mode must come back
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch._C._jit_set_onnx_log_enabled(False)  # as in a fresh process (an export elsewhere may have left it on)
     with pytest.raises(UsageError) as refused:  # named as a registered model made for 32² images
         check_exportable(model, input_size=6, name="embedded", device=torch.device("cpu"))
     message = str(refused.value)
