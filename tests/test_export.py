@@ -18,6 +18,7 @@ from prune.errors import UsageError
 from prune.outputs.export import OPSET, check_export, export_onnx, onnx_bytes
 from prune.pipeline import run as run_module
 from prune.pipeline.contract import check_exportable
+from prune.zoo import registry
 from prune.zoo.data import load_data
 
 RUN = ["--ratio", "0.5", "--scorer", "l1", "--no-finetune", "--classes", "2", "--samples-per-class", "4", "--quiet"]
@@ -125,14 +126,29 @@ def test_an_error_of_the_exporter_that_is_not_a_refusal_stays_an_error(monkeypat
         check_exportable(pooled_to_three(), input_size=8, name="embedded", device=torch.device("cpu"))
 
 
+class PooledToSeven(nn.Module):
+    """Made for 224² (as torchvision's VGG, it pools adaptively to 7x7): 32² images reach the pooling
+    as 8x8 maps, and 7 does not divide 8."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                                      nn.ReLU(), nn.AdaptiveAvgPool2d(7))
+        self.classifier = nn.Linear(8 * 7 * 7, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
 def test_the_run_refuses_an_unexportable_model_before_any_work(tmp_path, capfd, monkeypatch):
-    # torchvision's VGG pools adaptively to 7x7; the embedded data's 32² images reach it as 1x1 maps
     def started(*_args, **_kwargs):
         raise AssertionError("the run claimed --out before checking the export")
 
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    registry.register_model("pooled-to-seven", input_size=224, num_classes=10)(PooledToSeven)
     monkeypatch.setattr(run_module, "_claim", started)
     out = tmp_path / "out"
-    assert main(["--model", "vgg11", *RUN, "--out", str(out), "--export", "onnx"]) == 2
+    assert main(["--model", "pooled-to-seven", *RUN, "--out", str(out), "--export", "onnx"]) == 2  # 32² images
     stdout, err = capfd.readouterr()
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert "adaptive_avg_pool2d" in err and "--input-size 224" in err and "leave out --export onnx" in err
