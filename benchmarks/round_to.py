@@ -8,8 +8,8 @@ In one process: the unpruned model and one pruned copy per N (random weights, ch
 `l1` through the main job's selection and surgery, `round_to=N`), each timed in eager PyTorch
 (NCHW), eager channels-last and ONNX Runtime (as `benchmarks.speed --runtime onnxruntime`),
 alternating `--repeats` times, best taken (every repeat kept in the JSON). Reported per N and
-runtime: FLOPs ratio (unpruned / pruned), speed-up (pruned / unpruned img/s) and speed-up ÷ FLOPs ratio (1: the time
-fell as much as the FLOPs). JSON: benchmarks/results/round_to-<model>-r<ratio>-cpu.json.
+runtime: FLOPs ratio (unpruned / pruned), speed-up (pruned / unpruned img/s) and speed-up ÷ FLOPs
+ratio (1: the time fell as much as the FLOPs). JSON: benchmarks/results/round_to-<model>-r<ratio>-cpu.json.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from prune.core.files import write_bytes
-from prune.errors import UsageError
+from prune.errors import UsageError, first_line
 from scoring.model_state import model_device, model_dtype
 
 OPSET = 17
@@ -76,8 +76,7 @@ def _stdout_silenced() -> Iterator[None]:
 
 def exporter_says(exc: Exception) -> str:
     """The first sentence of the exporter's message, without its request to report and its graph."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return re.split(r"\. Please feel free| \[Caused by", text)[0].rstrip(".")
+    return re.split(r"\. Please feel free| \[Caused by", first_line(exc))[0].rstrip(".")
 
 
 def onnx_bytes(model: nn.Module, *, input_size: int, opset: int = OPSET, export_params: bool = True) -> bytes:
