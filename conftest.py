@@ -18,6 +18,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture
+def scratch_registry(monkeypatch):
+    """Models and families registered in a test are dropped after it."""
+    from prune.zoo import registry
+
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+
+
+@pytest.fixture
 def one_thread():
     """One torch thread: small forwards are far faster than with threads fighting for cores."""
     threads = torch.get_num_threads()

@@ -10,6 +10,7 @@ command into one line on stderr and an exit code.
 from __future__ import annotations
 
 import errno
+import re
 import signal
 import sys
 import tempfile
@@ -89,9 +90,14 @@ OUT_OF_MEMORY = ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memo
 message of the RuntimeError a DataLoader worker's failure is re-raised as)."""
 
 
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+"""ANSI escape sequences (colours, bold), which some libraries put in their messages (torch's
+weights_only refusal does)."""
+
+
 def first_line(exc: BaseException) -> str:
-    """The first line of `exc`'s message (its type's name if it has none)."""
-    text = str(exc).strip()
+    """The first line of `exc`'s message, without terminal colour codes (its type's name if it has none)."""
+    text = _TERMINAL_CODES.sub("", str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 

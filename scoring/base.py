@@ -23,7 +23,7 @@ class: give consecutive classes different indices.)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -98,6 +98,12 @@ class Scorer(ABC):
         """Raise ValueError (one line naming the fix) if this scorer cannot score `model` from
         `classes` classes x `samples_per_class` images each; called before any scoring.
         The default accepts everything."""
+
+    def check_maps(self, sizes: Mapping[str, tuple[int, int]]) -> None:
+        """Raise ValueError (one line naming the fix) if this scorer cannot score units whose maps
+        have these (height, width) per conv name (each prunable conv's output on the run's input
+        size; pruning channels does not change them); called before any scoring. The default
+        accepts every size."""
 
     def reset(self, layer: LayerSpec) -> None:
         """Start scoring `layer`; forget earlier state."""

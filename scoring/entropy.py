@@ -15,7 +15,7 @@ The authors' released code (convention="authors", docs/definitions.md) differs i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -154,6 +154,14 @@ class FeatureEntropyScorer(ChunkedScorer):
         self.p = _check_p(p)
         self._total: np.ndarray | None = None
         self._classes = 0
+
+    def check_maps(self, sizes: Mapping[str, tuple[int, int]]) -> None:
+        """A unit's map is read as an m×m weighted adjacency matrix: every map must be square."""
+        for name, (height, width) in sizes.items():
+            if height != width:
+                raise ValueError(f"scorer 'entropy' reads each unit's map as an m×m matrix, and conv {name}'s maps "
+                                 f"are {height}×{width} (a stride or padding that differs between height and "
+                                 "width); choose another --scorer, e.g. hrank or l1")
 
     def reset(self, layer: LayerSpec) -> None:
         super().reset(layer)

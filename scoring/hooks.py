@@ -107,14 +107,41 @@ def execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.M
 
 
 @torch.no_grad()
+def run_order(model: nn.Module, example_inputs: torch.Tensor, kinds: tuple[type, ...]) -> tuple[list[nn.Module], Any]:
+    """(the modules of `kinds` in the order a forward of `example_inputs` runs them, every call
+    listed; the forward's output). The model's mode is left as it is."""
+    order: list[nn.Module] = []
+    with forward_hooks([m for m in model.modules() if isinstance(m, kinds)], lambda mod, _i, _o: order.append(mod)):
+        out = model(example_inputs)
+    return order, out
+
+
+def last_run(model: nn.Module, example_inputs: torch.Tensor, kinds: tuple[type, ...]) -> nn.Module | None:
+    """The module of `kinds` a forward of `example_inputs` runs last (the classifier, for
+    (nn.Linear, nn.Conv2d): whatever order `__init__` registered the modules in); None if none runs."""
+    order, _ = run_order(model, example_inputs, kinds)
+    return order[-1] if order else None
+
+
+@torch.no_grad()
+def map_sizes(model: nn.Module, example_inputs: torch.Tensor, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """(height, width) of the maps each named module outputs [N, C, H, W] on a forward of `example_inputs`."""
+    wanted = {model.get_submodule(n): n for n in names}
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(module: nn.Module, _i: tuple, out: torch.Tensor) -> None:
+        sizes[wanted[module]] = (int(out.shape[-2]), int(out.shape[-1]))
+
+    with forward_hooks(wanted, record):
+        model(example_inputs)
+    return sizes
+
+
 def classifier_convs(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
     """[the conv that is the classifier] when the last Conv2d/Linear a forward runs is a conv
     whose output channels are the model's outputs (SqueezeNet's 1x1 classifier conv); else [].
     Its channels are the classes: never pruned, as a Linear head is not."""
-    order: list[nn.Module] = []
-    heads = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    with forward_hooks(heads, lambda mod, _i, _o: order.append(mod)):
-        out = model(example_inputs)
+    order, out = run_order(model, example_inputs, (nn.Conv2d, nn.Linear))
     last = order[-1] if order else None
     if isinstance(last, nn.Conv2d) and isinstance(out, torch.Tensor) and out.ndim >= 2 \
             and out.shape[1] == last.out_channels:

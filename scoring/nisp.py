@@ -1,6 +1,6 @@
 """`nisp`: neuron importance score propagation (Yu et al. 2018).
 
-1. Score the F features that feed the model's classifier (the input of its last nn.Linear)
+1. Score the F features that feed the model's classifier (the input of the last nn.Linear its forward runs)
    with Infinite Feature Selection, Inf-FS (Roffo et al. 2015), over every class batch given.
 2. Propagate the scores back to the scored conv's output channels with s_k = |W_{k+1}|ᵀ s_{k+1}
    (paper Eq. 14), as a vector–Jacobian product through a linearised absolute copy of the model
@@ -31,7 +31,7 @@ from torch import nn
 
 from scoring.base import ClassBatch, LayerSpec
 from scoring.chunked import ChunkedScorer
-from scoring.hooks import capture, images_per_pass, run_until_stopped
+from scoring.hooks import capture, images_per_pass, last_run, run_until_stopped
 from scoring.model_state import eval_mode, model_device
 from scoring.registry import register
 
@@ -229,20 +229,19 @@ def linearised_copy(model: nn.Module, dtype: torch.dtype = torch.float64) -> nn.
     return net.to(device=device, dtype=dtype).requires_grad_(False)
 
 
-def last_linear(model: nn.Module) -> nn.Module:
-    """The model's classifier: its last registered nn.Linear (or its linearised counterpart)."""
-    linears = [m for m in model.modules() if isinstance(m, (nn.Linear, _AbsLinear))]
-    if not linears:
-        raise ValueError("nisp: the model has no nn.Linear classifier; use another scorer")
-    return linears[-1]
+def last_linear(model: nn.Module, image: torch.Tensor) -> nn.Module:
+    """The model's classifier: the last nn.Linear (or its linearised counterpart) a forward of
+    `image` [1, 3, H, W] runs, wherever `__init__` registered it."""
+    head = last_run(model, image, (nn.Linear, _AbsLinear))
+    if head is None:
+        raise ValueError("nisp: the model's forward runs no nn.Linear classifier; use another scorer")
+    return head
 
 
-def _run_to_classifier(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Forward `images` up to the classifier; its input flattened to [N, F]."""
-    with capture(last_linear(model), inputs=True) as seen:
+def _run_to_classifier(model: nn.Module, images: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """Forward `images` up to the classifier `head`; its input flattened to [N, F]."""
+    with capture(head, inputs=True) as seen:
         run_until_stopped(model, images)
-    if not seen:
-        raise ValueError("nisp: the model's last nn.Linear was not called in forward()")
     return seen[0].flatten(1)
 
 
@@ -250,10 +249,11 @@ def _classifier_inputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Classifier inputs [N, F] float32 CPU of `images` [N, 3, H, W], in passes of
     `images_per_pass` (measured on the first image, so the passes depend on the model and the
     image size only, never on chunking): a whole class of every shipped testbed in one pass."""
+    head = last_linear(model, images[:1])
     if len(images) == 0:
-        return _run_to_classifier(model, images).float().cpu()
+        return _run_to_classifier(model, images, head).float().cpu()
     step = images_per_pass(model, images[:1])
-    return torch.cat([_run_to_classifier(model, images[i : i + step]).float().cpu()
+    return torch.cat([_run_to_classifier(model, images[i : i + step], head).float().cpu()
                       for i in range(0, len(images), step)])
 
 
@@ -292,6 +292,9 @@ def _propagate(
 ) -> torch.Tensor:
     """`propagate_scores` computed in `dtype` → [C] of that dtype (inf where it overflows)."""
     net = linearised_copy(layer.model, dtype)
+    device = model_device(net)
+    dummy = torch.ones(1, *input_shape[1:], dtype=dtype, device=device)
+    head = last_linear(net, dummy)
     leaves: list[torch.Tensor] = []
 
     def make_leaf(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -304,10 +307,8 @@ def _propagate(
     except AttributeError as err:
         raise ValueError(f"nisp: the model has no module named {layer.name!r}") from err
     conv.register_forward_hook(make_leaf)
-    device = model_device(net)
-    dummy = torch.ones(1, *input_shape[1:], dtype=dtype, device=device)
     with torch.enable_grad(), _full_float32():
-        features = _run_to_classifier(net, dummy)
+        features = _run_to_classifier(net, dummy, head)
         if features.shape[1] != feature_scores.numel():
             raise ValueError(
                 f"nisp: classifier input has {features.shape[1]} features but "
@@ -375,7 +376,7 @@ class NISPScorer(ChunkedScorer):
 
     def check(self, model: nn.Module, *, classes: int, samples_per_class: int) -> None:
         """Inf-FS needs at least 2 images in all (correlations); the features are the input of
-        the model's classifier, its last nn.Linear."""
+        the model's classifier, the last nn.Linear its forward runs."""
         if classes * samples_per_class < 2:
             raise ValueError(f"scorer 'nisp' needs at least 2 scoring images, got {classes * samples_per_class}; "
                              "pass --classes 2 or more or --samples-per-class 2 or more, or choose another --scorer")

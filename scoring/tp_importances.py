@@ -389,7 +389,8 @@ def _group_items(graph: Any, conv: nn.Conv2d) -> list[nn.Module] | None:
 
 def _no_batchnorm(name: str) -> str:
     """tp-bnscale's refusal of conv `name`, whose pruning group holds no BatchNorm."""
-    return (f"tp-bnscale: conv {name!r} is followed by no BatchNorm (its channels have no scale to read); "
+    return (f"tp-bnscale: conv {name!r} is followed by no BatchNorm with a learned scale γ (affine=True), so its "
+            "channels have no scale to read; "
             "choose another scorer, e.g. --scorer tp-magnitude")
 
 

@@ -140,11 +140,10 @@ class PooledToSeven(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-def test_the_run_refuses_an_unexportable_model_before_any_work(tmp_path, capfd, monkeypatch):
+def test_the_run_refuses_an_unexportable_model_before_any_work(tmp_path, capfd, monkeypatch, scratch_registry):
     def started(*_args, **_kwargs):
         raise AssertionError("the run claimed --out before checking the export")
 
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
     registry.register_model("pooled-to-seven", input_size=224, num_classes=10)(PooledToSeven)
     monkeypatch.setattr(run_module, "_claim", started)
     out = tmp_path / "out"

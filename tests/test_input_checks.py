@@ -24,7 +24,7 @@ from prune.errors import UsageError
 from prune.outputs.checkpoint import FORMAT, read_checkpoint
 from prune.zoo import registry
 from prune.zoo.embedded_model import EmbeddedVGG
-from prune.zoo.models import create_model, fit_head
+from prune.zoo.models import classifier, create_model, fit_head
 from prune.zoo.shapes import MIN_SIZE, make_shapes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,11 +48,6 @@ def quick(tmp_path_factory) -> list[str]:
     """quick_run's flags: a 3-class folder of 8x8 images, random embedded weights, l1, 16² input."""
     return quick_run(tmp_path_factory.mktemp("quick"))
 
-
-@pytest.fixture
-def scratch_registry(monkeypatch):
-    """Models registered in a test are dropped after it."""
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
 
 
 # ---------------------------------------------------------------- 1. scorers' own requirements
@@ -90,6 +85,61 @@ def test_nisp_on_a_model_without_linear_classifier_is_a_usage_error(tmp_path, ca
                      "--out", str(tmp_path / "o"))
     assert "nisp" in line and "nn.Linear" in line and "choose another --scorer" in line
     assert not (tmp_path / "o").exists()
+
+
+class HeadFirst(nn.Module):
+    """The head `fc` registered before a squeeze-excitation of two Linears and an unused Linear:
+    the last registered nn.Linear is not the classifier, the last one the forward runs is."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, num_classes)
+        self.se_fc1, self.se_fc2 = nn.Linear(12, 4), nn.Linear(4, 12)
+        self.unused = nn.Linear(12, 7)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        gate = torch.sigmoid(self.se_fc2(torch.relu(self.se_fc1(x.mean((2, 3))))))
+        return self.fc((x * gate[:, :, None, None]).mean((2, 3)))
+
+
+def test_the_classifier_is_the_last_layer_the_forward_runs_not_the_last_registered(tmp_path, capsys,
+                                                                                   scratch_registry):
+    model = HeadFirst(5)
+    assert classifier(model, torch.zeros(1, 3, 8, 8)) == ("fc", model.fc)
+    fit_head(model, 3, 8)
+    assert (model.fc.out_features, model.se_fc2.out_features, model.unused.out_features) == (3, 12, 7)
+    registry.register_model("head-first", input_size=16, num_classes=2)(HeadFirst)
+    data = image_folder(tmp_path / "data", classes=2, train=2, val=2, size=8)
+    for scorer in ("l1", "nisp"):  # nisp scores the input of the classifier
+        out = tmp_path / scorer
+        assert main(["--model", "head-first", "--data", str(data), "--scorer", scorer, *SMALL, "--no-speed",
+                     "--out", str(out)]) == 0, capsys.readouterr().err
+        pruned = prune.load_pruned(out / "model.pt")
+        assert pruned.conv2.out_channels == 6 and pruned(torch.zeros(2, 3, 16, 16)).shape == (2, 2)
+
+
+class Oblong(nn.Module):
+    """A stride of (2, 1): the first conv's maps are twice as wide as high."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, stride=(2, 1), padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv2(torch.relu(self.conv1(x)))).mean((2, 3)))
+
+
+def test_entropy_on_maps_that_are_not_square_is_refused_before_scoring(tmp_path, capsys, scratch_registry):
+    registry.register_model("oblong", input_size=16, num_classes=2)(Oblong)
+    data = image_folder(tmp_path / "data", classes=2, train=2, val=2, size=8)
+    flags = ["--model", "oblong", "--data", str(data), *SMALL, "--no-speed"]
+    line = cli_error(capsys, *flags, "--scorer", "entropy", "--out", str(tmp_path / "o"))
+    assert "conv1's maps are 8×16" in line and "choose another --scorer" in line
+    assert not (tmp_path / "o").exists()
+    assert main([*flags, "--scorer", "hrank", "--out", str(tmp_path / "hrank")]) == 0  # the fix it names works
 
 
 def test_scorer_checks_accept_what_the_scorers_can_score():
@@ -192,13 +242,13 @@ def test_fit_head_replaces_the_classifier_and_keeps_the_rest():
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18(weights=None)
     conv1 = resnet.conv1.weight.clone()
-    assert fit_head(resnet, 3) is resnet
+    assert fit_head(resnet, 3, 32) is resnet
     assert resnet.fc.out_features == 3 and resnet.fc.in_features == 512 and torch.equal(resnet.conv1.weight, conv1)
     assert resnet.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
     head = resnet.fc
-    fit_head(resnet, 3)
+    fit_head(resnet, 3, 32)
     assert resnet.fc is head  # already the right count: unchanged
-    squeeze = fit_head(torchvision.models.squeezenet1_0(weights=None), 4)  # a 1x1 conv head
+    squeeze = fit_head(torchvision.models.squeezenet1_0(weights=None), 4, 64)  # a 1x1 conv head
     assert squeeze.classifier[1].out_channels == 4
     assert squeeze.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
 

@@ -159,6 +159,76 @@ def test_a_group_whose_surgery_breaks_the_forward_is_left_out():
     assert model.expand.out_channels == 8 and model(torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
+class GatedNet(nn.Module):
+    """A gated linear unit: the first conv's two halves multiply (a * sigmoid(b)), so torch-pruning
+    ties its channel i to channel i + 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gated, self.after = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(16, 12, 3, padding=1)
+        self.head = _head(12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.gated(x).chunk(2, dim=1)
+        return self.head(F.relu(self.after(a * torch.sigmoid(b))))
+
+
+def test_a_conv_whose_channels_torch_pruning_ties_to_each_other_is_left_out(monkeypatch):
+    with pytest.warns(UserWarning, match=r"left unpruned: 1 conv group.*gated \(torch-pruning ties its channels"):
+        surgeon = Surgeon(GatedNet().eval(), EXAMPLE)
+    assert [g.name for g in surgeon.groups] == ["after"]
+    monkeypatch.setattr(Surgeon, "_ties_own_channels", lambda self, conv: False)  # without the probe:
+    surgeon = Surgeon(GatedNet().eval(), EXAMPLE)
+    assert surgeon.groups[0].name == "gated"
+    with pytest.raises(RuntimeError, match="left gated with .* channels instead of 16"):  # loud, never misreported
+        surgeon.prune(surgeon.groups[0], [0, 4, 5, 6, 7, 8, 9, 10, 11, 15, 19, 25, 27, 29, 30, 31])
+
+
+class AttentionPooled(nn.Module):
+    """Attention pooling written as an einsum over channels and positions: torch-pruning's walk of the
+    conv's channels cycles through the reshapes without end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.attend = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 1, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = F.relu(self.conv(x))
+        weights = torch.softmax(self.attend(maps).flatten(2), -1).view(maps.shape[0], 1, *maps.shape[2:])
+        return self.fc(torch.einsum("nchw,nkhw->nc", maps, weights))
+
+
+def test_a_walk_that_does_not_end_is_refused_in_one_line_not_a_hang(monkeypatch):
+    from prune.pipeline import surgery
+
+    monkeypatch.setattr(surgery, "INDEX_LIMIT", 1 << 14)  # the same outcome, sooner
+    with pytest.raises(UsageError, match=r"conv \(torch-pruning's walk of its channels handled more than 32,768"):
+        Surgeon(AttentionPooled().eval(), torch.zeros(1, 3, 8, 8))
+
+
+class Recurrent(nn.Module):
+    """A CRNN: the second conv's map averaged over height, read as a sequence by a GRU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 12, 3, stride=(4, 1), padding=1)
+        self.rnn, self.fc = nn.GRU(12, 8, batch_first=True), nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sequence = F.relu(self.second(F.relu(self.first(x)))).mean(2).permute(0, 2, 1)
+        return self.fc(self.rnn(sequence)[0][:, -1])
+
+
+def test_a_conv_torch_pruning_cannot_follow_is_left_out_and_the_rest_prunes():
+    model = Recurrent().eval()
+    with pytest.warns(UserWarning, match=r"second \(torch-pruning cannot follow its channels: IndexError"):
+        surgeon = Surgeon(model, EXAMPLE)
+    assert [g.name for g in surgeon.groups] == ["first"]
+    select_and_prune(surgeon, scoring.create("l1"), source=None, ratio=0.5, quiet=True)
+    assert model.first.out_channels == 8 and model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
 class LayerNorm2d(nn.LayerNorm):
     """timm's channels-first LayerNorm: reads `normalized_shape` in forward (a constant in a traced graph)."""
 

@@ -22,13 +22,6 @@ from prune.zoo.models import create_model
 from prune.zoo.registry import ModelEntry, model_entry, register_family, register_model
 
 
-@pytest.fixture
-def scratch_registry(monkeypatch):
-    """Registrations made in a test are dropped after it."""
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
-    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
-
-
 class ToyNet(nn.Module):
     """Two conv layers and a linear head: [N, 3, s, s] → [N, num_classes]."""
 

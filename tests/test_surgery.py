@@ -27,6 +27,27 @@ def test_table12_params_and_flops_within_half_percent(ratio):
     assert abs(cost.flops / flops - 1) < 0.005, (cost, flops)
 
 
+class Upsampling(nn.Module):
+    """Conv2d 3→8 (16²), a transposed conv 8→4 doubling the side (32²), a Conv1d 4→6 over the rows, a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.rows = nn.Conv1d(4, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.up(torch.relu(self.conv(x)))  # [N, 4, 32, 32]
+        return self.fc(self.rows(maps.mean(2)).mean(2))  # rows: [N, 4, 32] → [N, 6, 32]
+
+
+def test_transposed_and_one_dimensional_convs_are_counted_as_convs():
+    cost = count_cost(Upsampling(), input_size=16)
+    by_hand = {"conv": 3 * 8 * 9 * 16 * 16, "up": 8 * 4 * 4 * 16 * 16, "rows": 4 * 6 * 3 * 32, "fc": 6 * 5}
+    assert cost.by_module == by_hand and cost.macs == sum(by_hand.values())
+
+
 def test_unpruned_vgg16_flops_are_twice_the_conv_and_linear_macs():
     model = torchvision.models.vgg16(weights=None)
     cost = count_cost(model, input_size=224)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import quick_run
+from helpers import image_folder, quick_run
 from test_input_checks import SMALL, cli_error
 from torch import nn
 
@@ -17,6 +17,7 @@ import prune
 import scoring
 from prune.errors import UsageError
 from prune.pipeline.contract import check_batch_of_one
+from prune.zoo import registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,6 +98,16 @@ def test_other_dtypes_prune_by_weights_and_are_refused_scoring_images(convert: s
     with pytest.raises(UsageError, match=r"score and prune model\.float\(\)"):
         prune.select_and_prune(prune.Surgeon(getattr(net(), convert)(), example), scoring.create("apoz"), SOURCE,
                                ratio=0.5, quiet=True)
+
+
+@pytest.mark.parametrize("convert", ["half", "double"])
+def test_the_main_job_refuses_other_dtypes_naming_the_conversion_not_the_input_size(tmp_path, capsys,
+                                                                                    scratch_registry, convert):
+    registry.register_model("low-net", input_size=8, num_classes=3)(lambda n: getattr(net(), convert)())
+    data = image_folder(tmp_path / "data", classes=3, train=2, val=2, size=8)
+    line = cli_error(capsys, "--model", "low-net", "--data", str(data), *SMALL, "--out", str(tmp_path / "o"))
+    assert "score and prune model.float()" in line and "--input-size" not in line
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_compiled_model_is_refused_naming_the_module_it_wraps() -> None:

@@ -93,9 +93,10 @@ def _fields_problem(blob: dict) -> str | None:
     return None
 
 
-def _classifier_problem(model: nn.Module, blob: dict) -> str | None:
-    """Why `num_classes` does not match the classifier saved in the state_dict (None if it does)."""
-    name, _ = classifier(model)
+def _classifier_problem(model: nn.Module, blob: dict, example: torch.Tensor) -> str | None:
+    """Why `num_classes` does not match the classifier saved in the state_dict (None if it does);
+    `example` [1, 3, H, W] finds the classifier (`classifier`)."""
+    name, _ = classifier(model, example)
     weight = blob["state_dict"].get(f"{name}.weight")
     if isinstance(weight, torch.Tensor) and weight.dim() >= 1 and weight.shape[0] != blob["num_classes"]:
         return (f"field 'num_classes' is {blob['num_classes']} but the state_dict's classifier {name!r} "
@@ -128,10 +129,10 @@ def load_pruned(path: str | Path) -> nn.Module:
         if flag not in architecture_flags(model):
             raise refuse(f"field 'flags' sets {flag!r}, which model {blob['model']!r} does not have")
         setattr(model, flag, value)
-    problem = _classifier_problem(model, blob)
+    example = torch.zeros(1, 3, blob["input_size"], blob["input_size"])
+    problem = _classifier_problem(model, blob, example)
     if problem is not None:
         raise refuse(problem)
-    example = torch.zeros(1, 3, blob["input_size"], blob["input_size"])
     try:
         replay_history(model, example, blob["pruning_history"])
     except ValueError as exc:

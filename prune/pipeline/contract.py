@@ -105,10 +105,15 @@ def _shown(out: object) -> str:
     return f"a {list(out.shape)} tensor" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
 
 
-def check_logits(out: object, name: str, *, mode: str) -> None:
-    """UsageError unless `out` (the model's output in `mode`, "eval" or "train") is a 2-D tensor [N, classes]."""
+def check_logits(out: object, name: str, *, mode: str, classes: int) -> None:
+    """UsageError unless `out` (the model's output in `mode`, "eval" or "train") is a 2-D tensor
+    [N, classes]: one logit per class of the data."""
     if not (isinstance(out, torch.Tensor) and out.ndim == 2):
         raise UsageError(f"model {name} returns {_shown(out)} in {mode} mode, not logits [N, classes]; {WRAP_HINT}")
+    if out.shape[1] != classes:
+        raise UsageError(f"model {name} gives {out.shape[1]} logits per image in {mode} mode but the data has {classes} "
+                         "classes; build it with one output per class (its builder gets num_classes; two classes "
+                         "need 2 logits, not 1)")
 
 
 def _modules_run(model: nn.Module, images: torch.Tensor) -> tuple[set[str], object]:
@@ -146,7 +151,7 @@ def outermost(names: set[str]) -> list[str]:
 
 
 @torch.no_grad()
-def check_forward(model: nn.Module, example: torch.Tensor, name: str, *, trains: bool) -> None:
+def check_forward(model: nn.Module, example: torch.Tensor, name: str, *, trains: bool, classes: int) -> None:
     """UsageError unless `model` maps two copies of `example` [1, 3, H, W] to logits [2, classes] in
     eval mode and, when the run `trains` (fine-tuning, distillation, scratch training), in train mode
     too, running no module with weights that eval mode does not run.
@@ -164,7 +169,7 @@ def check_forward(model: nn.Module, example: torch.Tensor, name: str, *, trains:
                 raise
             raise UsageError(f"model {name} runs on one image but not on a batch of two ({first_line(exc)}); its "
                              "forward must take a batch [N, 3, H, W]") from None
-        check_logits(out, name, mode="eval")
+        check_logits(out, name, mode="eval", classes=classes)
         if not trains:
             return
         model.train()
@@ -182,7 +187,7 @@ def check_forward(model: nn.Module, example: torch.Tensor, name: str, *, trains:
         raise UsageError(f"model {name} runs {', '.join(extra)} only in train mode: pruning traces the eval-mode "
                          "network, so fine-tuning could not run them; build the model without them, or pass "
                          "--no-finetune to prune without training")
-    check_logits(out, name, mode="train")
+    check_logits(out, name, mode="train", classes=classes)
 
 
 @torch.no_grad()
@@ -217,12 +222,13 @@ def check_not_compiled(model: nn.Module) -> None:
 
 
 def check_float32_for_scoring(model: nn.Module) -> None:
-    """UsageError if scoring images (float32) cannot go through `model`: its first floating-point
-    weights are of another dtype (a scorer that reads only weights takes any)."""
+    """UsageError if images (float32) cannot go through `model`: its first floating-point weights
+    are of another dtype. The library's weight scorers take any; the main job feeds images to every
+    model (checks, evaluation)."""
     dtype = model_dtype(model)
     if dtype != torch.float32:
         name = str(dtype).replace("torch.", "")
-        raise UsageError(f"the model's weights are {name}: scoring feeds float32 images; score and prune "
+        raise UsageError(f"the model's weights are {name} and the images float32; score and prune "
                          f"model.float(), then convert the pruned model back (model.to(torch.{name}))")
 
 

@@ -20,7 +20,8 @@ with warnings.catch_warnings():  # fvcore scripts a loss of its own with torch.j
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     from fvcore.nn import FlopCountAnalysis
 
-_COUNTED = (nn.Conv2d, nn.Linear)
+_COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+"""The layers counted: every convolution (transposed ones too) and every linear layer."""
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from prune.pipeline.budget import Plan, Planning, planned
 from prune.pipeline.contract import (
     check_batch_of_one,
     check_exportable,
+    check_float32_for_scoring,
     check_forward,
     check_plain_weights,
     example_input,
@@ -68,7 +69,7 @@ from prune.zoo.data import (
 )
 from prune.zoo.models import ModelSpec, check_model_name, create_model
 from prune.zoo.recipes import training_recipe
-from scoring.hooks import forward_hooks
+from scoring.hooks import forward_hooks, map_sizes
 from scoring.model_state import model_device
 
 PROBE_IMAGES = 4
@@ -361,8 +362,9 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
         finetune_set = Subset(data.train, balanced_subset(data.train_targets, config.train_images,
                                                           classes=len(data.classes)))
     model = create_model(config.model, weights=config.weights, num_classes=len(data.classes)).to(device).eval()
+    check_float32_for_scoring(model)
     example = example_input(model, data.input_size, config.model, device)
-    check_forward(model, example, config.model, trains=config.trains)
+    check_forward(model, example, config.model, trains=config.trains, classes=len(data.classes))
     check_plain_weights(model, config.model)
     check_batch_of_one(model, example, config.model, batch_size=config.batch_size)
     surgeon = Surgeon(model, example)
@@ -372,6 +374,7 @@ def load(config: PruneConfig, device: torch.device) -> Loaded:
     scorer = make_scorer(config)
     with usage_errors():
         scorer.check(model, classes=len(classes), samples_per_class=config.samples_per_class)
+        scorer.check_maps(map_sizes(model, example, [name for group in surgeon.groups for name in group.names]))
     return Loaded(data, classes, model, surgeon, scorer, unreadable, finetune_set)
 
 

@@ -11,7 +11,9 @@ from every block (`block_positions`), as torch-pruning's own pruners do, so ever
 conv keeps whole groups. A group whose blocks have one channel each (a conv feeding a grouped
 conv with one input channel per group) or whose blocks a concatenation misaligns is not
 prunable and is left out, as is a root torch-pruning cannot group within `INDEX_LIMIT` indices
-(channels flattened with positions again and again) and a group after whose surgery the model no longer runs (tried
+(channels flattened with positions again and again) or at all (an op its index mappings fail on),
+a root whose channels torch-pruning ties to each other (a chunk of its output gating another: it
+would remove more than the selection chose), and a group after whose surgery the model no longer runs (tried
 once on a copy, `Surgeon._working`: torch-pruning cannot rewrite a `split` by constant sizes
 or a partial residual such as `x[:, :c] += shortcut` in a model's forward). A member conv may
 have fewer or more channels than the root (concatenations, slices): `PrunableGroup.index_maps`
@@ -61,14 +63,23 @@ class _IndexBlowUp(RuntimeError):
 
 @contextmanager
 def _bounded_flatten() -> Iterator[None]:
-    """While open, torch-pruning's flatten index mapping raises `_IndexBlowUp` instead of
-    making more than INDEX_LIMIT indices (it makes len(idxs) × stride of them at once)."""
+    """While open, torch-pruning's flatten index mapping raises `_IndexBlowUp` instead of making
+    more than INDEX_LIMIT indices at once (it makes len(idxs) × stride of them), or once the
+    flattens of the block have handled more than 2 × INDEX_LIMIT indices in all: torch-pruning's
+    walk of a group can cycle through reshapes without end (an einsum over channels and positions,
+    as an attention pooling's) with lists that never pass the first bound."""
     mapping = tp.dependency.index_mapping._FlattenIndexMapping
+    handled = [0]
 
     def bounded(self, idxs):  # noqa: ANN001, ANN202 (torch-pruning's signature)
-        if not self.reverse and len(idxs) * self._stride > INDEX_LIMIT:
+        made = len(idxs) if self.reverse else len(idxs) * self._stride
+        if not self.reverse and made > INDEX_LIMIT:
             raise _IndexBlowUp(f"a flatten would make torch-pruning carry more than {INDEX_LIMIT:,} channel indices "
                                "(channels flattened with positions, again and again in a window-attention transformer)")
+        handled[0] += made
+        if handled[0] > 2 * INDEX_LIMIT:
+            raise _IndexBlowUp(f"torch-pruning's walk of its channels handled more than {2 * INDEX_LIMIT:,} indices "
+                               "without ending (channels mixed with positions, e.g. by an einsum or a matmul)")
         return original(self, idxs)
 
     with _FLATTEN_PATCH:
@@ -223,8 +234,9 @@ class Surgeon:
         return may_prune(m, self._classifiers) and m not in self._ignored
 
     def _find_groups(self, order: list[nn.Module], left_out: list[str]) -> list[PrunableGroup]:
-        """The prunable groups, roots in execution `order`; a root torch-pruning cannot group within
-        INDEX_LIMIT indices is left out and named in `left_out` ("name (reason)")."""
+        """The prunable groups, roots in execution `order`; a root torch-pruning cannot group (within
+        INDEX_LIMIT indices, or at all: a recurrent layer fed a permuted map) is left out and named in
+        `left_out` ("name (reason)")."""
         depth = {m: i for i, m in enumerate(order)}
         seen: set[nn.Module] = set()
         groups: list[PrunableGroup] = []
@@ -237,10 +249,18 @@ class Surgeon:
             except _IndexBlowUp as exc:
                 left_out.append(f"{self._names[conv]} ({exc})")
                 continue
+            except (IndexError, KeyError) as exc:  # its index mappings fail on ops they do not know
+                left_out.append(f"{self._names[conv]} (torch-pruning cannot follow its channels: "
+                                f"{type(exc).__name__}: {first_line(exc)})")
+                continue
             maps = self._member_maps(full, conv.out_channels)
             seen.update(maps)
             blocks = math.lcm(*(_channel_groups(item.dep.target.module) for item in full))
             if not self._blocks_prunable(conv, blocks):
+                continue
+            if self._ties_own_channels(conv):
+                left_out.append(f"{self._names[conv]} (torch-pruning ties its channels to each other: a chunk of "
+                                "its output combined with another, as a gated unit's a * sigmoid(b))")
                 continue
             members = sorted(maps, key=lambda m: depth.get(m, len(depth)))
             groups.append(PrunableGroup(
@@ -279,6 +299,16 @@ class Surgeon:
                 if not _same_in_every_block(item.idxs, width, groups):
                     return False
         return True
+
+    def _ties_own_channels(self, conv: nn.Conv2d) -> bool:
+        """Whether removing some of `conv`'s channels makes torch-pruning remove others of its own too
+        (which the selection's counts would not foresee): probed with a seeded random half of them,
+        which splits any tied pair with probability 1/2, all of C/2 pairs but with 2^(-C/2)."""
+        channels = conv.out_channels
+        probe = torch.randperm(channels, generator=torch.Generator().manual_seed(0))[: channels // 2]
+        asked = set(probe.tolist())
+        return any(item.dep.target.module is conv and self.graph.is_out_channel_pruning_fn(item.dep.handler)
+                   and {int(i) for i in item.idxs} != asked for item in self._group(conv, sorted(asked)))
 
     def _group(self, conv: nn.Conv2d, idxs: Sequence[int]) -> tp.dependency.Group:
         return self.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(idxs))
@@ -329,9 +359,13 @@ class Surgeon:
             raise RuntimeError(f"torch-pruning refused to prune group {group.name}")
         frozen = [(m, name) for m in self.model.modules() for name, p in m.named_parameters(recurse=False)
                   if not p.requires_grad]
+        root = group.convs[0]
+        expected = root.out_channels - len(removed)
         tp_group.prune()
         for m, name in frozen:  # torch-pruning gives a pruned layer new (trainable) Parameters
             getattr(m, name).requires_grad_(False)
+        if root.out_channels != expected:  # torch-pruning removed others than asked: never report what was not done
+            raise RuntimeError(f"torch-pruning left {group.name} with {root.out_channels} channels instead of {expected}")
 
     def clone(self) -> Surgeon:
         """A Surgeon of a deep copy of the model (same groups in the same order; this one is untouched)."""
