@@ -65,7 +65,8 @@ def test_logits_of_another_count_than_the_classes_are_refused(logits):
     """One logit for two classes (a binary head) or a builder that ignores num_classes: refused, not
     an internal error in the confusion matrix or a top-1 read from the wrong number of outputs."""
     check_forward(Net(num_classes=2), EXAMPLE, "mine", trains=True, classes=2)
-    with pytest.raises(UsageError, match=f"gives {logits} logits per image in eval mode but the data has 2 classes"):
+    given = "1 logit" if logits == 1 else f"{logits} logits"
+    with pytest.raises(UsageError, match=f"gives {given} per image in eval mode but the data has 2 classes"):
         check_forward(Net(num_classes=logits), EXAMPLE, "mine", trains=False, classes=2)
 
 

@@ -111,7 +111,8 @@ def check_logits(out: object, name: str, *, mode: str, classes: int) -> None:
     if not (isinstance(out, torch.Tensor) and out.ndim == 2):
         raise UsageError(f"model {name} returns {_shown(out)} in {mode} mode, not logits [N, classes]; {WRAP_HINT}")
     if out.shape[1] != classes:
-        raise UsageError(f"model {name} gives {out.shape[1]} logits per image in {mode} mode but the data has {classes} "
+        given = f"{out.shape[1]} logit{'' if out.shape[1] == 1 else 's'}"
+        raise UsageError(f"model {name} gives {given} per image in {mode} mode but the data has {classes} "
                          "classes; build it with one output per class (its builder gets num_classes; two classes "
                          "need 2 logits, not 1)")
 
