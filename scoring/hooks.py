@@ -99,10 +99,7 @@ def images_per_pass(model: nn.Module, image: torch.Tensor, *, most: int | None =
 def execution_order(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
     """The convs of `model` in the order a forward pass of `example_inputs` first runs them (a conv
     that does not run, as an auxiliary head in eval mode, is not listed)."""
-    order: list[nn.Module] = []
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    with forward_hooks(convs, lambda mod, _i, _o: order.append(mod)), torch.no_grad():
-        model(example_inputs)
+    order, _ = run_order(model, example_inputs, (nn.Conv2d,))
     return list(dict.fromkeys(order))
 
 
@@ -117,8 +114,7 @@ def run_order(model: nn.Module, example_inputs: torch.Tensor, kinds: tuple[type,
 
 
 def last_run(model: nn.Module, example_inputs: torch.Tensor, kinds: tuple[type, ...]) -> nn.Module | None:
-    """The module of `kinds` a forward of `example_inputs` runs last (the classifier, for
-    (nn.Linear, nn.Conv2d): whatever order `__init__` registered the modules in); None if none runs."""
+    """The module of `kinds` a forward of `example_inputs` runs last; None if none runs."""
     order, _ = run_order(model, example_inputs, kinds)
     return order[-1] if order else None
 

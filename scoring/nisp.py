@@ -242,6 +242,8 @@ def _run_to_classifier(model: nn.Module, images: torch.Tensor, head: nn.Module) 
     """Forward `images` up to the classifier `head`; its input flattened to [N, F]."""
     with capture(head, inputs=True) as seen:
         run_until_stopped(model, images)
+    if not seen:
+        raise ValueError("nisp: the model's classifier was not called in forward() for these images")
     return seen[0].flatten(1)
 
 

@@ -12,6 +12,7 @@ import torch_pruning as tp
 import torchvision
 from helpers import image_folder, quick_run
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import prune
@@ -88,36 +89,59 @@ def test_nisp_on_a_model_without_linear_classifier_is_a_usage_error(tmp_path, ca
 
 
 class HeadFirst(nn.Module):
-    """The head `fc` registered before a squeeze-excitation of two Linears and an unused Linear:
-    the last registered nn.Linear is not the classifier, the last one the forward runs is."""
+    """The head `fc` registered before a squeeze-excitation of two Linears and an unused Linear
+    (the last registered nn.Linear is not the classifier, the last one the forward runs is); with
+    `functional`, the head applied as F.linear to fc's weights (no Linear runs last)."""
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, functional: bool = False) -> None:
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 12, 3, padding=1)
         self.fc = nn.Linear(12, num_classes)
         self.se_fc1, self.se_fc2 = nn.Linear(12, 4), nn.Linear(4, 12)
-        self.unused = nn.Linear(12, 7)
+        self.unused = nn.Linear(12, 7) if not functional else None
+        self.functional = functional
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
         gate = torch.sigmoid(self.se_fc2(torch.relu(self.se_fc1(x.mean((2, 3))))))
-        return self.fc((x * gate[:, :, None, None]).mean((2, 3)))
+        pooled = (x * gate[:, :, None, None]).mean((2, 3))
+        return F.linear(pooled, self.fc.weight, self.fc.bias) if self.functional else self.fc(pooled)
 
 
-def test_the_classifier_is_the_last_layer_the_forward_runs_not_the_last_registered(tmp_path, capsys,
-                                                                                   scratch_registry):
+def test_the_classifier_is_the_layer_the_forward_runs_last_when_its_width_is_the_logits():
+    example = torch.zeros(1, 3, 8, 8)
     model = HeadFirst(5)
-    assert classifier(model, torch.zeros(1, 3, 8, 8)) == ("fc", model.fc)
-    fit_head(model, 3, 8)
-    assert (model.fc.out_features, model.se_fc2.out_features, model.unused.out_features) == (3, 12, 7)
-    registry.register_model("head-first", input_size=16, num_classes=2)(HeadFirst)
+    assert classifier(model, example) == ("fc", model.fc)
+    assert classifier(model) == ("unused", model.unused)  # without a forward: the last registered
+    functional = HeadFirst(5, functional=True)
+    assert classifier(functional, example) == ("fc", functional.fc)  # se_fc2 runs last, 12 wide: not it
+
+
+@pytest.mark.parametrize(("scorer", "functional"), [("l1", False), ("nisp", False), ("l1", True)])
+def test_a_model_whose_head_is_not_the_last_registered_prunes_and_reloads(tmp_path, capsys, scratch_registry,
+                                                                          scorer, functional):
+    registry.register_model("head-first", input_size=16, num_classes=2)(lambda n: HeadFirst(n, functional))
     data = image_folder(tmp_path / "data", classes=2, train=2, val=2, size=8)
-    for scorer in ("l1", "nisp"):  # nisp scores the input of the classifier
-        out = tmp_path / scorer
-        assert main(["--model", "head-first", "--data", str(data), "--scorer", scorer, *SMALL, "--no-speed",
-                     "--out", str(out)]) == 0, capsys.readouterr().err
-        pruned = prune.load_pruned(out / "model.pt")
-        assert pruned.conv2.out_channels == 6 and pruned(torch.zeros(2, 3, 16, 16)).shape == (2, 2)
+    out = tmp_path / "out"  # nisp scores the input of the classifier
+    assert main(["--model", "head-first", "--data", str(data), "--scorer", scorer, *SMALL, "--no-speed",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    pruned = prune.load_pruned(out / "model.pt")
+    assert pruned.conv1.out_channels == 4 and pruned(torch.zeros(2, 3, 16, 16)).shape == (2, 2)
+    assert pruned.conv2.out_channels == (12 if functional else 6)  # fc's weights used functionally: left whole
+
+
+def test_named_weights_for_another_input_size_refit_their_head_without_a_forward(scratch_registry):
+    """A named weight set's model may take only its own size (torchvision's ViT SWAG weights: 384²),
+    not the entry's: its head is refit without running it."""
+    from test_contract import Flat  # runs on 8² images only
+
+    @registry.register_family("sized", names=lambda: ["net"], description="a net for 8² images")
+    def sized(_name: str) -> registry.ModelEntry:
+        return registry.ModelEntry("sized:net", build=Flat, input_size=16, num_classes=5,
+                                   named_weights=lambda _weights: Flat(5))
+
+    model = create_model("sized:net", weights="OTHER_SIZE", num_classes=3)
+    assert model.head.out_features == 3 and model(torch.zeros(1, 3, 8, 8)).shape == (1, 3)
 
 
 class Oblong(nn.Module):
@@ -242,13 +266,13 @@ def test_fit_head_replaces_the_classifier_and_keeps_the_rest():
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18(weights=None)
     conv1 = resnet.conv1.weight.clone()
-    assert fit_head(resnet, 3, 32) is resnet
+    assert fit_head(resnet, 3) is resnet
     assert resnet.fc.out_features == 3 and resnet.fc.in_features == 512 and torch.equal(resnet.conv1.weight, conv1)
     assert resnet.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 3)
     head = resnet.fc
-    fit_head(resnet, 3, 32)
+    fit_head(resnet, 3)
     assert resnet.fc is head  # already the right count: unchanged
-    squeeze = fit_head(torchvision.models.squeezenet1_0(weights=None), 4, 64)  # a 1x1 conv head
+    squeeze = fit_head(torchvision.models.squeezenet1_0(weights=None), 4)  # a 1x1 conv head
     assert squeeze.classifier[1].out_channels == 4
     assert squeeze.eval()(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
 

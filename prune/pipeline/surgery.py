@@ -11,7 +11,8 @@ from every block (`block_positions`), as torch-pruning's own pruners do, so ever
 conv keeps whole groups. A group whose blocks have one channel each (a conv feeding a grouped
 conv with one input channel per group) or whose blocks a concatenation misaligns is not
 prunable and is left out, as is a root torch-pruning cannot group within `INDEX_LIMIT` indices
-(channels flattened with positions again and again) or at all (an op its index mappings fail on),
+(channels flattened with positions again and again), whose walk cycles without end (`_bounded_flatten`)
+or that it cannot group at all (an op its index mappings fail on),
 a root whose channels torch-pruning ties to each other (a chunk of its output gating another: it
 would remove more than the selection chose), and a group after whose surgery the model no longer runs (tried
 once on a copy, `Surgeon._working`: torch-pruning cannot rewrite a `split` by constant sizes
@@ -62,24 +63,25 @@ class _IndexBlowUp(RuntimeError):
 
 
 @contextmanager
-def _bounded_flatten() -> Iterator[None]:
+def _bounded_flatten(nodes: int) -> Iterator[None]:
     """While open, torch-pruning's flatten index mapping raises `_IndexBlowUp` instead of making
-    more than INDEX_LIMIT indices at once (it makes len(idxs) × stride of them), or once the
-    flattens of the block have handled more than 2 × INDEX_LIMIT indices in all: torch-pruning's
-    walk of a group can cycle through reshapes without end (an einsum over channels and positions,
-    as an attention pooling's) with lists that never pass the first bound."""
+    more than INDEX_LIMIT indices (it makes len(idxs) × stride of them at once), or once it has been
+    called more than 2 × `nodes` + 16 times (`nodes`: the dependency graph's): torch-pruning's walk of
+    a group can cycle through reshapes without end (an einsum over channels and positions, as an
+    attention pooling's), while a walk that ends calls it a few times (torchvision's most: 10 calls in
+    AlexNet's graph of 23 nodes, whose walk bounces between the ops around its flatten)."""
     mapping = tp.dependency.index_mapping._FlattenIndexMapping
-    handled = [0]
+    calls = [0]
 
     def bounded(self, idxs):  # noqa: ANN001, ANN202 (torch-pruning's signature)
-        made = len(idxs) if self.reverse else len(idxs) * self._stride
-        if not self.reverse and made > INDEX_LIMIT:
+        if not self.reverse and len(idxs) * self._stride > INDEX_LIMIT:
             raise _IndexBlowUp(f"a flatten would make torch-pruning carry more than {INDEX_LIMIT:,} channel indices "
                                "(channels flattened with positions, again and again in a window-attention transformer)")
-        handled[0] += made
-        if handled[0] > 2 * INDEX_LIMIT:
-            raise _IndexBlowUp(f"torch-pruning's walk of its channels handled more than {2 * INDEX_LIMIT:,} indices "
-                               "without ending (channels mixed with positions, e.g. by an einsum or a matmul)")
+        calls[0] += 1
+        if calls[0] > 2 * nodes + 16:
+            raise _IndexBlowUp(f"torch-pruning's walk of its channels passed a reshape {calls[0]} times in a graph of "
+                               f"{nodes} nodes: it cycles without end (channels mixed with positions, e.g. by an "
+                               "einsum or a matmul)")
         return original(self, idxs)
 
     with _FLATTEN_PATCH:
@@ -244,8 +246,10 @@ class Surgeon:
             if conv in seen or not self._is_root_candidate(conv):
                 continue
             try:
-                with _bounded_flatten():
+                with _bounded_flatten(len(self.graph.module2node)):
                     full = self._group(conv, range(conv.out_channels))
+                with _bounded_flatten(len(self.graph.module2node)):
+                    tied = self._ties_own_channels(conv)
             except _IndexBlowUp as exc:
                 left_out.append(f"{self._names[conv]} ({exc})")
                 continue
@@ -258,7 +262,7 @@ class Surgeon:
             blocks = math.lcm(*(_channel_groups(item.dep.target.module) for item in full))
             if not self._blocks_prunable(conv, blocks):
                 continue
-            if self._ties_own_channels(conv):
+            if tied:
                 left_out.append(f"{self._names[conv]} (torch-pruning ties its channels to each other: a chunk of "
                                 "its output combined with another, as a gated unit's a * sigmoid(b))")
                 continue

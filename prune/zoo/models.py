@@ -15,8 +15,8 @@ from finetune.checkpoint import state_dict_mismatch
 from prune.errors import UsageError, first_line
 from prune.zoo.registry import ModelEntry, model_entry
 from prune.zoo.state_dicts import CHECKPOINT_KEYS, read_weights_file, state_dict_in, without_wrapper_prefix
-from scoring.hooks import last_run
-from scoring.model_state import eval_mode, model_device
+from scoring.hooks import run_order
+from scoring.model_state import eval_mode
 
 
 @dataclass(frozen=True)
@@ -138,15 +138,29 @@ def _load_default_weights(entry: ModelEntry, num_classes: int) -> nn.Module:
     return model.eval()
 
 
-def classifier(model: nn.Module, example_inputs: torch.Tensor) -> tuple[str, nn.Linear | nn.Conv2d]:
-    """(qualified name, module) of the final classifier: the last nn.Linear or nn.Conv2d an eval-mode
-    forward of `example_inputs` [1, 3, H, W] runs (SqueezeNet's is a 1x1 conv), wherever `__init__`
-    registered it (a squeeze-excitation Linear defined after the head is not the head)."""
-    with eval_mode(model):
-        head = last_run(model, example_inputs, (nn.Linear, nn.Conv2d))
-    if head is None:
-        raise UsageError(f"{type(model).__name__} runs no nn.Linear or nn.Conv2d classifier")
-    return next(n for n, m in model.named_modules() if m is head), head
+def classifier(model: nn.Module, example_inputs: torch.Tensor | None = None) -> tuple[str, nn.Linear | nn.Conv2d]:
+    """(qualified name, module) of the final classifier, whose outputs are the classes.
+
+    With `example_inputs` [1, 3, H, W], an eval-mode forward says which: the nn.Linear or nn.Conv2d
+    it runs last if that has the logits' width (a squeeze-excitation Linear registered after the head
+    is not the head), else the last registered layer of that width (a head applied as F.linear to
+    its weights runs no layer). Without, or where no layer has that width: the last registered
+    nn.Linear, or the last nn.Conv2d of a model with none (SqueezeNet's 1x1 conv head)."""
+    if example_inputs is not None:
+        with eval_mode(model):
+            order, out = run_order(model, example_inputs, (nn.Linear, nn.Conv2d))
+        classes = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim >= 2 else None
+        if order and outputs(order[-1]) == classes:
+            return next(n for n, m in model.named_modules() if m is order[-1]), order[-1]
+        fitting = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
+                   and outputs(m) == classes]
+        if fitting:
+            return fitting[-1]
+    for kind in (nn.Linear, nn.Conv2d):
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
+        if layers:
+            return layers[-1]
+    raise UsageError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d classifier")
 
 
 def outputs(layer: nn.Linear | nn.Conv2d) -> int:
@@ -163,15 +177,16 @@ def _fresh_like(layer: nn.Linear | nn.Conv2d, num_classes: int) -> nn.Linear | n
                      dilation=layer.dilation, groups=layer.groups, padding_mode=layer.padding_mode, **options)
 
 
-def fit_head(model: nn.Module, num_classes: int, input_size: int) -> nn.Module:
+def fit_head(model: nn.Module, num_classes: int) -> nn.Module:
     """`model` (changed in place) predicting `num_classes` classes, as timm's `num_classes=` does.
 
-    The final classifier (`classifier`, found by a forward of one `input_size`² image) and every layer
+    The final classifier (`classifier`: a named weight set's model, built for its own input size,
+    registers its head last) and every layer
     of its kind with the same number of outputs (auxiliary heads of the same width; torchvision's
     GoogLeNet and Inception v3 have lost theirs by then, `drop_auxiliary_heads`) are replaced by fresh ones with `num_classes` outputs; the rest keeps its weights. A model
     whose head already has `num_classes` outputs is returned unchanged.
     """
-    _, head = classifier(model, torch.zeros(1, 3, input_size, input_size, device=model_device(model)))
+    _, head = classifier(model)
     old = outputs(head)
     if old == num_classes:
         return model
@@ -218,4 +233,4 @@ def create_model(name: str, *, weights: str | None = None, num_classes: int | No
         raise UsageError(f"weights file {weights!r} not found; pass an existing checkpoint path")
     model = entry.named_weights(weights)
     drop_auxiliary_heads(model)
-    return fit_head(model, num_classes, entry.input_size).eval()
+    return fit_head(model, num_classes).eval()
