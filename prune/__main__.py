@@ -9,7 +9,23 @@ anything else, imports timm normally later. Library users (`import prune`) get t
 untouched; nothing is hidden when timm or torch-pruning is already imported.
 """
 
+import os
+import signal
 import sys
+
+
+def _stopped_while_starting(signum: int, _frame: object) -> None:
+    """Ctrl-C or SIGTERM while the libraries import: nothing is written yet, so one line and the
+    usual exit code (130, 143) at once, not a traceback from inside an import or torch's C++."""
+    os.write(2, b"error: interrupted while starting; nothing was written\n")
+    os._exit(128 + signum)
+
+
+def _handle_while_starting() -> dict[int, object]:
+    """Install `_stopped_while_starting` for SIGINT and SIGTERM where they have their default
+    handling (a background job may ignore SIGINT: left so); the handlers it replaced."""
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    return {s: signal.signal(s, _stopped_while_starting) for s, d in defaults.items() if signal.getsignal(s) is d}
 
 
 def _import_torch_pruning_without_timm() -> None:
@@ -24,9 +40,17 @@ def _import_torch_pruning_without_timm() -> None:
             del sys.modules["timm"]
 
 
+_replaced = _handle_while_starting() if __name__ == "__main__" else {}
 _import_torch_pruning_without_timm()
 
 from prune.cli import main  # noqa: E402
 
+for _signal, _handler in _replaced.items():  # the run's own handling (prune.errors) from here on
+    signal.signal(_signal, _handler)
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        code = main()
+    except KeyboardInterrupt:  # a second Ctrl-C while the first one's line was printed
+        code = 130
+    raise SystemExit(code)

@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
       "the generated embedded data stays 32 unless this is given)")
     a("--device", default=DEFAULTS.device, help="cpu, cuda or cuda:N")
     a("--seed", type=int, default=DEFAULTS.seed, help="seed for class/image choice, scorers and fine-tuning")
-    a("--out", type=Path, default=None, help="output folder (default: runs/<model>-<scorer>-r<ratio>)")
+    a("--out", type=_user_path, default=None, help="output folder (default: runs/<model>-<scorer>-r<ratio>; a "
+      "leading ~ is the home folder, also where no shell expanded it, as in --out=~/runs/x)")
     a("--export", choices=("onnx",), default=None,
       help="also write the pruned model as <out>/model.onnx (opset 17, dynamic batch; needs pip install \"topoprune[export]\")")
     a("--overwrite", action="store_true", help="replace an --out folder that holds a different run")
@@ -174,6 +175,11 @@ def _epochs(args: argparse.Namespace) -> int:
     if recipe is not None and epochs is not None:
         raise UsageError(f"--reinit trains {args.model} with its own recipe ({recipe.epochs} epochs); drop --epochs")
     return DEFAULTS.epochs if epochs is None else epochs
+
+
+def _user_path(text: str) -> Path:
+    """`text` as a path, a leading ~ or ~user expanded (a shell leaves `--out=~/x` as it is)."""
+    return Path(text).expanduser()
 
 
 def default_out(config: PruneConfig) -> Path:

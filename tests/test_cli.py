@@ -1,6 +1,7 @@
 """The main job end to end on the embedded default (small settings), in-process."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,10 @@ def test_not_a_topoprune_checkpoint_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(3)}, path)
     with pytest.raises(ValueError, match="not a topoprune checkpoint"):
         prune.load_pruned(path)
+
+
+def test_a_leading_tilde_in_out_is_the_home_folder_even_unexpanded_by_the_shell():
+    from prune.cli import build_parser
+
+    assert build_parser().parse_args(["--out=~/runs/x"]).out == Path.home() / "runs" / "x"
+    assert build_parser().parse_args(["--out", "a/~b"]).out == Path("a/~b")  # only a leading one

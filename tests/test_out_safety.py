@@ -153,6 +153,35 @@ def test_killed_while_replacing_a_run_puts_it_back(tmp_path, quick, pattern):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_users_folder_named_like_a_moved_aside_run_is_never_taken_for_one(tmp_path, capsys, quick, overwrite):
+    out = tmp_path / "out"
+    (out / ".replaced-2024").mkdir(parents=True)
+    (out / ".replaced-2024" / "thesis.tex").write_text("precious")
+    before = snapshot(out)
+    line = main_error(capsys, *quick, *overwrite, "--out", str(out))
+    assert "holds files that are not a topoprune run" in line and snapshot(out) == before
+
+
+def test_a_run_that_cannot_be_moved_aside_whole_is_left_as_it_was(tmp_path, capsys, quick, monkeypatch):
+    """A file that will not move (immutable, another owner's) while --overwrite moves the earlier run
+    aside: one line, and every file back where it was, not hidden in .replaced-*."""
+    out = tmp_path / "out"
+    assert main([*quick, "--out", str(out)]) == 0
+    before = snapshot(out)
+    real = Path.rename
+
+    def refuse_the_report(self: Path, target: Path) -> Path:
+        if self.name == "report.json" and ".replaced-" in str(target):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", refuse_the_report)
+    line = main_error(capsys, *quick, "--ratio", "0.3", "--overwrite", "--out", str(out))
+    assert "operation not permitted" in line and snapshot(out) == before
+    assert not [p for p in out.iterdir() if p.name.startswith(".replaced-")]
+
+
 # --- case 4: --overwrite resumes its own interrupted run
 
 

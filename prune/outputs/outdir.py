@@ -62,11 +62,13 @@ def out_error(out: Path, exc: OSError) -> UsageError:
 
 
 def _is_ours(path: Path) -> bool:
-    """True for a file of our own beside a run: the lock, a temporary file, a `.replaced-*` folder (never a link)."""
+    """True for a file of our own beside a run: the lock, a temporary file, a `.replaced-*` folder
+    that is a run moved aside (empty, or holding a run.json marker: it is moved first); never a
+    link, never a folder of the user's that happens to have such a name."""
     if path.is_symlink():
         return False
     if path.name.startswith(BACKUP_PREFIX):
-        return path.is_dir()
+        return path.is_dir() and (read_marker(path) is not None or not any(path.iterdir()))
     return (path.name == LOCK_FILE and path.is_file()) or is_temp(path)
 
 
@@ -322,8 +324,12 @@ def _claim(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs:
             shutil.rmtree(earlier)
     if existed and (entries := _entries(out)):
         backup = Path(tempfile.mkdtemp(prefix=BACKUP_PREFIX, dir=out))
-        for path in reversed(_run_json_last(entries)):  # run.json first: from then on no run is here
-            path.rename(backup / path.name)
+        try:
+            for path in reversed(_run_json_last(entries)):  # run.json first: from then on no run is here
+                path.rename(backup / path.name)
+        except BaseException:  # a file that will not move (immutable, another owner): all back, as found
+            _put_back(out, backup)
+            raise
     claimed = Claim(out, resume=False, existed=existed, backup=backup)
     try:
         out.mkdir(parents=True, exist_ok=True)
