@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,6 +213,7 @@ def test_temporary_files_of_a_killed_run_are_cleaned(tmp_path, quick):
     for path in debris:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"partial")
+    shutil.copy(out / "run.json", out / ".replaced-q1" / "run.json")  # a moved-aside run: its marker goes last
     (out / "cache" / ".notes.tmp").write_text("not ours: no .topoprune.tmp ending")
     assert main([*quick, "--out", str(out)]) == 0
     assert not any(p.exists() for p in debris) and not (out / ".replaced-q1").exists()

@@ -100,6 +100,13 @@ def _run_json_last(paths: list[Path]) -> list[Path]:
     return sorted(paths, key=lambda p: p.name == RUN_FILE)
 
 
+def _drop_backup(backup: Path) -> None:
+    """Delete a `.replaced-*` folder, its run.json last: a kill meanwhile leaves one still ours (`_is_ours`)."""
+    for path in _run_json_last(list(backup.iterdir())):
+        _remove(path)
+    shutil.rmtree(backup, ignore_errors=True)
+
+
 def _cut_short(out: Path) -> Path | None:
     """The `.replaced-*` folder of a replacement a kill cut short (`out` has no run.json, it has
     one): the earlier run, partly or wholly moved aside. None if there is none."""
@@ -147,7 +154,7 @@ class Claim:
     def commit(self) -> None:
         """The run succeeded: delete the earlier run(s) it replaced, if any."""
         for backup in _backups(self.out):
-            shutil.rmtree(backup, ignore_errors=True)
+            _drop_backup(backup)
 
     def rollback(self) -> None:
         """The run failed: put the folder back as it was before the claim.
@@ -321,7 +328,7 @@ def _claim(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs:
     existed, backup = out.is_dir(), None
     if existed:
         for earlier in _backups(out):  # the run this one replaces had replaced it
-            shutil.rmtree(earlier)
+            _drop_backup(earlier)
     if existed and (entries := _entries(out)):
         backup = Path(tempfile.mkdtemp(prefix=BACKUP_PREFIX, dir=out))
         try:
