@@ -133,16 +133,26 @@ def map_sizes(model: nn.Module, example_inputs: torch.Tensor, names: Iterable[st
     return sizes
 
 
-def classifier_convs(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
-    """[the conv that is the classifier] when the last Conv2d/Linear a forward runs is a conv
-    whose output channels are the model's outputs (SqueezeNet's 1x1 classifier conv); else [].
-    Its channels are the classes: never pruned, as a Linear head is not."""
+def width(layer: nn.Conv2d | nn.Linear) -> int:
+    """Output channels of a Conv2d, output features of a Linear."""
+    return layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+
+
+def logits_layer(model: nn.Module, example_inputs: torch.Tensor) -> tuple[nn.Conv2d | nn.Linear | None, int | None]:
+    """(the nn.Conv2d or nn.Linear a forward of `example_inputs` runs last, if its width is the
+    logits' (None if not: a head applied as F.linear to its weights runs none); the logits' width,
+    the output's dim 1, None if the output is no such tensor)."""
     order, out = run_order(model, example_inputs, (nn.Conv2d, nn.Linear))
-    last = order[-1] if order else None
-    if isinstance(last, nn.Conv2d) and isinstance(out, torch.Tensor) and out.ndim >= 2 \
-            and out.shape[1] == last.out_channels:
-        return [last]
-    return []
+    classes = int(out.shape[1]) if isinstance(out, torch.Tensor) and out.ndim >= 2 else None
+    return (order[-1] if order and width(order[-1]) == classes else None), classes
+
+
+def classifier_convs(model: nn.Module, example_inputs: torch.Tensor) -> list[nn.Module]:
+    """[the conv that is the classifier] when the layer that gives the logits (`logits_layer`) is a
+    conv (SqueezeNet's 1x1 classifier conv); else []. Its channels are the classes: never pruned,
+    as a Linear head is not."""
+    head, _ = logits_layer(model, example_inputs)
+    return [head] if isinstance(head, nn.Conv2d) else []
 
 
 def is_depthwise(m: nn.Module) -> bool:

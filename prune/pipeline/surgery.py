@@ -237,8 +237,8 @@ class Surgeon:
 
     def _find_groups(self, order: list[nn.Module], left_out: list[str]) -> list[PrunableGroup]:
         """The prunable groups, roots in execution `order`; a root torch-pruning cannot group (within
-        INDEX_LIMIT indices, or at all: a recurrent layer fed a permuted map) is left out and named in
-        `left_out` ("name (reason)")."""
+        INDEX_LIMIT indices, in a walk that ends, or at all: a recurrent layer fed a permuted map) or
+        whose channels it ties to each other is left out and named in `left_out` ("name (reason)")."""
         depth = {m: i for i, m in enumerate(order)}
         seen: set[nn.Module] = set()
         groups: list[PrunableGroup] = []

@@ -15,7 +15,7 @@ from finetune.checkpoint import state_dict_mismatch
 from prune.errors import UsageError, first_line
 from prune.zoo.registry import ModelEntry, model_entry
 from prune.zoo.state_dicts import CHECKPOINT_KEYS, read_weights_file, state_dict_in, without_wrapper_prefix
-from scoring.hooks import run_order
+from scoring.hooks import logits_layer, width
 from scoring.model_state import eval_mode
 
 
@@ -148,12 +148,11 @@ def classifier(model: nn.Module, example_inputs: torch.Tensor | None = None) -> 
     nn.Linear, or the last nn.Conv2d of a model with none (SqueezeNet's 1x1 conv head)."""
     if example_inputs is not None:
         with eval_mode(model):
-            order, out = run_order(model, example_inputs, (nn.Linear, nn.Conv2d))
-        classes = out.shape[1] if isinstance(out, torch.Tensor) and out.ndim >= 2 else None
-        if order and outputs(order[-1]) == classes:
-            return next(n for n, m in model.named_modules() if m is order[-1]), order[-1]
+            head, classes = logits_layer(model, example_inputs)
+        if head is not None:
+            return next(n for n, m in model.named_modules() if m is head), head
         fitting = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))
-                   and outputs(m) == classes]
+                   and width(m) == classes]
         if fitting:
             return fitting[-1]
     for kind in (nn.Linear, nn.Conv2d):
@@ -161,11 +160,6 @@ def classifier(model: nn.Module, example_inputs: torch.Tensor | None = None) -> 
         if layers:
             return layers[-1]
     raise UsageError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d classifier")
-
-
-def outputs(layer: nn.Linear | nn.Conv2d) -> int:
-    """Output features of a Linear, output channels of a Conv2d."""
-    return layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
 
 
 def _fresh_like(layer: nn.Linear | nn.Conv2d, num_classes: int) -> nn.Linear | nn.Conv2d:
@@ -187,11 +181,11 @@ def fit_head(model: nn.Module, num_classes: int) -> nn.Module:
     whose head already has `num_classes` outputs is returned unchanged.
     """
     _, head = classifier(model)
-    old = outputs(head)
+    old = width(head)
     if old == num_classes:
         return model
     for name, layer in list(model.named_modules()):
-        if name and type(layer) is type(head) and outputs(layer) == old:
+        if name and type(layer) is type(head) and width(layer) == old:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, _fresh_like(layer, num_classes))
     return model
