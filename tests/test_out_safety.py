@@ -197,6 +197,27 @@ def test_overwrite_resumes_its_own_killed_run(tmp_path, quick):
     assert not [p for p in out.iterdir() if p.name.startswith(".replaced-")]
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_a_killed_replacement_gives_the_earlier_command_its_run_back(tmp_path, quick, overwrite):
+    """--overwrite with other settings killed mid-scoring (its run.json written, the earlier run
+    aside): the earlier command, with or without --overwrite, gets its run back as it was, not
+    recomputed; the killed command then starts again."""
+    out = tmp_path / "out"
+    assert main([*quick, "--out", str(out)]) == 0
+    before, report_before, scores = snapshot(out), report(out), (out / "cache" / "scores-000.pt").stat()
+    kill_paused(str(out / "cache" / "scores-001.pt"), [*quick, "--ratio", "0.3", "--overwrite", "--out", str(out)])
+    assert json.loads((out / "run.json").read_text()) != json.loads(before["run.json"])  # taken over
+    assert main([*quick, *overwrite, "--out", str(out)]) == 0
+    after = snapshot(out)
+    assert after.keys() == before.keys() and json.loads(after["report.json"])["layers"] == report_before["layers"]
+    assert {k: v for k, v in after.items() if not k.startswith("report.")} == {  # its cache kept: not recomputed
+        k: v for k, v in before.items() if not k.startswith("report.")}
+    assert (out / "cache" / "scores-000.pt").stat().st_ino == scores.st_ino  # put back, not scored again
+    assert main([*quick, "--ratio", "0.3", "--overwrite", "--out", str(out)]) == 0
+    assert report(out)["settings"]["ratio"] == 0.3
+    assert not [p for p in out.iterdir() if p.name.startswith(".replaced-")]
+
+
 # --- case 5: a torchrun peer killed mid-scoring
 
 

@@ -14,7 +14,8 @@ hold files of our own (`_is_ours`): the lock, temporary files of atomic writes, 
 `.replaced-*`, the earlier run being replaced. That one is moved aside run.json first and moved
 back run.json last, and the new run.json is written only once it is all aside; so a folder
 without run.json whose `.replaced-*` holds one is a replacement cut short, and the next claim
-puts the earlier run back. Every OSError from the file system becomes a one-line UsageError.
+puts the earlier run back. A replacement killed later (its run.json written) stays until a
+claim: its own command resumes it, the earlier run's command gets the earlier run back. Every OSError from the file system becomes a one-line UsageError.
 """
 
 from __future__ import annotations
@@ -124,6 +125,14 @@ def _put_back(out: Path, backup: Path) -> None:
     _remove_temps(out)
 
 
+def _discard_run(out: Path) -> None:
+    """Delete the run in `out` (not the files of our own), run.json last: a kill meanwhile leaves
+    this run, or with a `.replaced-*` beside it a replacement cut short."""
+    for path in _run_json_last(_entries(out)):
+        _remove(path)
+    _remove_temps(out)
+
+
 def _first_link(out: Path) -> Path | None:
     """A symbolic link anywhere inside `out` (links are not followed), or None."""
     for folder, dirs, files in os.walk(out):
@@ -164,9 +173,7 @@ class Claim:
         """
         if self.resume:
             return
-        for path in _run_json_last(_entries(self.out)):
-            _remove(path)
-        _remove_temps(self.out)
+        _discard_run(self.out)
         if self.backup is not None:
             _put_back(self.out, self.backup)
         if not self.existed:
@@ -246,7 +253,8 @@ def check(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1, i
     digests of weights and data, and `processes`), with or without `overwrite`. UsageError if
     `out` cannot be a folder, holds anything but a topoprune run (even with `overwrite`), a
     symbolic link, a different run and `overwrite` is False, or is in use. A replacement a kill
-    cut short counts as the earlier run it was replacing (the claim puts that back).
+    cut short counts as the earlier run it was replacing (the claim puts that back), and so does
+    a killed replacement for the command of the run it moved aside.
     """
     out = Path(out)
     try:
@@ -282,7 +290,7 @@ def _decide(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs
     if (link := _first_link(out)) is not None:
         raise _link_error(out, link)
     problem = _difference(out, earlier, fingerprint, processes, inputs)
-    if problem is None:
+    if problem is None or _replaced_this_run(out, fingerprint, processes, inputs) is not None:
         return True
     if overwrite:
         return False
@@ -305,6 +313,15 @@ def _difference(out: Path, earlier: dict, fingerprint: str, processes: int, inpu
     return None
 
 
+def _replaced_this_run(out: Path, fingerprint: str, processes: int, inputs: dict | None) -> Path | None:
+    """The `.replaced-*` folder holding this very run, moved aside by a replacing run of other
+    settings that was killed (or whose clean-up was): this run is whole there. None if there is none."""
+    if read_marker(out) is None:
+        return None
+    return next((b for b in _backups(out) if (marker := read_marker(b)) is not None
+                 and _difference(out, marker, fingerprint, processes, inputs) is None), None)
+
+
 def claim(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1, inputs: dict | None = None) -> Claim:
     """Make `out` this run's folder (see `check`); an overwritten run is moved aside until commit.
 
@@ -322,6 +339,9 @@ def _claim(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs:
     if out.is_dir():  # finish what a killed run left: a replacement cut short, temporary files
         if (cut_short := _cut_short(out)) is not None:
             _put_back(out, cut_short)
+        elif (replaced := _replaced_this_run(out, fingerprint, processes, inputs)) is not None:
+            _discard_run(out)  # the unfinished run that was replacing this one
+            _put_back(out, replaced)
         _remove_temps(out)
     if resume:
         return Claim(out, resume=True, existed=True)
