@@ -114,6 +114,13 @@ def test_a_lock_link_is_never_followed(tmp_path, capsys, quick, target):
     assert [p.name for p in out.iterdir()] == [LOCK_FILE] and (out / LOCK_FILE).is_symlink()
 
 
+def test_a_path_through_a_missing_folder_leaves_no_folder_behind(tmp_path):
+    """`--out new/../fresh` makes `new` and `fresh` (as mkdir -p); a run that leaves nothing removes both."""
+    with locked(tmp_path / "new" / ".." / "fresh"):
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "new"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_link_in_a_run_folder_is_refused(tmp_path, capsys, quick):
     """A resumed run would write its score cache through a linked cache folder: refused."""
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"

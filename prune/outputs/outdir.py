@@ -396,12 +396,13 @@ def locked(out: Path) -> Iterator[None]:
 
 
 def _remove_empty(folders: list[Path]) -> None:
-    """Remove `folders` (deepest first) while they are empty."""
+    """Remove those of `folders` (deepest first) that are empty; `a/..` in the list (`--out
+    a/../b`) is never removed (rmdir refuses `..`), `a` still is."""
     for folder in folders:
         try:
             folder.rmdir()
         except OSError:
-            return
+            continue
 
 
 def _take_lock(out: Path):
