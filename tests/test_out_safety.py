@@ -114,11 +114,19 @@ def test_a_lock_link_is_never_followed(tmp_path, capsys, quick, target):
     assert [p.name for p in out.iterdir()] == [LOCK_FILE] and (out / LOCK_FILE).is_symlink()
 
 
-def test_a_path_through_a_missing_folder_leaves_no_folder_behind(tmp_path):
-    """`--out new/../fresh` makes `new` and `fresh` (as mkdir -p); a run that leaves nothing removes both."""
-    with locked(tmp_path / "new" / ".." / "fresh"):
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "new"]
-    assert list(tmp_path.iterdir()) == []
+@pytest.mark.parametrize("path", ["new/../fresh", "new/../old/../fresh", "new/../link/inner/../fresh",
+                                  "new/../old/fresh", "./new/./fresh"])
+def test_a_path_through_a_missing_folder_leaves_no_folder_behind(tmp_path, monkeypatch, path):
+    """`--out new/../fresh` makes `new` and `fresh` (as mkdir -p); a run that leaves nothing removes
+    those and only those, never an empty folder that was there (`old`, `inner` behind a link)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "elsewhere" / "inner").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with locked(Path(path)):
+        assert Path(path).is_dir()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
 def test_a_link_in_a_run_folder_is_refused(tmp_path, capsys, quick):
@@ -223,6 +231,36 @@ def test_a_killed_replacement_gives_the_earlier_command_its_run_back(tmp_path, q
     assert main([*quick, "--ratio", "0.3", "--overwrite", "--out", str(out)]) == 0
     assert report(out)["settings"]["ratio"] == 0.3
     assert not [p for p in out.iterdir() if p.name.startswith(".replaced-")]
+
+
+def test_a_replacement_killed_while_it_drops_the_earlier_run_keeps_its_own(tmp_path, capsys, quick):
+    """A commit renames .replaced-* to .dropped-* before deleting it: a kill in that deletion leaves
+    the replacement the folder's run (the earlier command is refused, not given the remains)."""
+    out = tmp_path / "out"
+    assert main([*quick, "--out", str(out)]) == 0
+    earlier_marker = (out / "run.json").read_bytes()
+    assert main([*quick, "--ratio", "0.3", "--overwrite", "--out", str(out)]) == 0
+    (out / ".dropped-x").mkdir()  # the earlier run's last file, as a kill in its deletion leaves it
+    (out / ".dropped-x" / "run.json").write_bytes(earlier_marker)
+    replacement = {k: v for k, v in snapshot(out).items() if not k.startswith(".")}
+    line = main_error(capsys, *quick, "--out", str(out))
+    assert "holds a different run" in line
+    assert main([*quick, "--ratio", "0.3", "--out", str(out)]) == 0  # its own command: resumed, the rest dropped
+    assert {k: v for k, v in snapshot(out).items() if not k.startswith((".", "report."))} == {
+        k: v for k, v in replacement.items() if not k.startswith("report.")}
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_commit_renames_the_earlier_run_before_deleting_it(tmp_path, quick):
+    """Killed as the commit starts (before the rename): the replacement is not finished, the
+    earlier run is whole and its command gets it back."""
+    out = tmp_path / "out"
+    assert main([*quick, "--out", str(out)]) == 0
+    layers = report(out)["layers"]
+    kill_paused(str(out / ".dropped-*"), [*quick, "--ratio", "0.3", "--overwrite", "--out", str(out)])
+    assert report(out)["settings"]["ratio"] == 0.3  # every output of the replacement written
+    assert main([*quick, "--out", str(out)]) == 0
+    assert report(out)["settings"]["ratio"] == 0.5 and report(out)["layers"] == layers
 
 
 # --- case 5: a torchrun peer killed mid-scoring

@@ -14,8 +14,10 @@ hold files of our own (`_is_ours`): the lock, temporary files of atomic writes, 
 `.replaced-*`, the earlier run being replaced. That one is moved aside run.json first and moved
 back run.json last, and the new run.json is written only once it is all aside; so a folder
 without run.json whose `.replaced-*` holds one is a replacement cut short, and the next claim
-puts the earlier run back. A replacement killed later (its run.json written) stays until a
-claim: its own command resumes it, the earlier run's command gets the earlier run back. Every OSError from the file system becomes a one-line UsageError.
+puts the earlier run back. A replacement killed later, before its commit, stays until a claim:
+its own command resumes it, the earlier run's command gets the earlier run back. A commit first
+renames `.replaced-*` to `.dropped-*` (atomic: that run is gone from then on, the next claim
+finishes deleting it). Every OSError from the file system becomes a one-line UsageError.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ RUN_FILE = "run.json"
 RUN_FORMAT = "topoprune/run/v1"
 LOCK_FILE = ".topoprune.lock"
 BACKUP_PREFIX = ".replaced-"
+DROPPED_PREFIX = ".dropped-"
 INPUT_NAMES = {"version": "topoprune version", "weights_digest": "--weights file", "data_digest": "--data images"}
 
 
@@ -68,7 +71,7 @@ def _is_ours(path: Path) -> bool:
     link, never a folder of the user's that happens to have such a name."""
     if path.is_symlink():
         return False
-    if path.name.startswith(BACKUP_PREFIX):
+    if path.name.startswith((BACKUP_PREFIX, DROPPED_PREFIX)):
         return path.is_dir() and (read_marker(path) is not None or not any(path.iterdir()))
     return (path.name == LOCK_FILE and path.is_file()) or is_temp(path)
 
@@ -78,9 +81,10 @@ def _entries(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if not _is_ours(p)]
 
 
-def _backups(out: Path) -> list[Path]:
-    """The `.replaced-*` folders of `out`: earlier runs a replacing run moved aside."""
-    return [p for p in out.iterdir() if p.name.startswith(BACKUP_PREFIX) and _is_ours(p)]
+def _backups(out: Path, prefix: str = BACKUP_PREFIX) -> list[Path]:
+    """The `.replaced-*` folders of `out`: earlier runs a replacing run moved aside (with
+    `prefix=DROPPED_PREFIX`: the `.dropped-*` ones, earlier runs being deleted)."""
+    return [p for p in out.iterdir() if p.name.startswith(prefix) and _is_ours(p)]
 
 
 def _remove(path: Path) -> None:
@@ -102,7 +106,11 @@ def _run_json_last(paths: list[Path]) -> list[Path]:
 
 
 def _drop_backup(backup: Path) -> None:
-    """Delete a `.replaced-*` folder, its run.json last: a kill meanwhile leaves one still ours (`_is_ours`)."""
+    """Delete a `.replaced-*` folder: first renamed `.dropped-*` (atomic: from then on it is never
+    put back, and the next claim finishes deleting it), then emptied run.json last, so a kill
+    meanwhile leaves a folder still ours (`_is_ours`)."""
+    if backup.name.startswith(BACKUP_PREFIX):
+        backup = backup.rename(backup.with_name(DROPPED_PREFIX + backup.name.removeprefix(BACKUP_PREFIX)))
     for path in _run_json_last(list(backup.iterdir())):
         _remove(path)
     shutil.rmtree(backup, ignore_errors=True)
@@ -316,7 +324,8 @@ def _difference(out: Path, earlier: dict, fingerprint: str, processes: int, inpu
 def _replaced_this_run(out: Path, fingerprint: str, processes: int, inputs: dict | None) -> Path | None:
     """The `.replaced-*` folder holding this very run, moved aside by a replacing run of other
     settings that was killed (or whose clean-up was): this run is whole there. None if there is none."""
-    if read_marker(out) is None:
+    own = read_marker(out)
+    if own is None or _difference(out, own, fingerprint, processes, inputs) is None:
         return None
     return next((b for b in _backups(out) if (marker := read_marker(b)) is not None
                  and _difference(out, marker, fingerprint, processes, inputs) is None), None)
@@ -336,7 +345,9 @@ def claim(out: Path, fingerprint: str, *, overwrite: bool, processes: int = 1, i
 
 def _claim(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs: dict | None) -> Claim:
     resume = _decide(out, fingerprint, overwrite, processes, inputs, locked_here=True)
-    if out.is_dir():  # finish what a killed run left: a replacement cut short, temporary files
+    if out.is_dir():  # finish what a killed run left: a deletion, a replacement cut short, temporary files
+        for dropped in _backups(out, DROPPED_PREFIX):
+            _drop_backup(dropped)
         if (cut_short := _cut_short(out)) is not None:
             _put_back(out, cut_short)
         elif (replaced := _replaced_this_run(out, fingerprint, processes, inputs)) is not None:
@@ -377,10 +388,10 @@ def locked(out: Path) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    created = [out, *(p for p in out.parents if not p.exists())] if not out.exists() else []
+    created: list[Path] = []
     had_lock = os.path.lexists(out / LOCK_FILE)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        _make_folders(out, created)
         f = _take_lock(out)
     except OSError as exc:  # e.g. a full disk while the lock's text is written
         if not had_lock:
@@ -395,9 +406,23 @@ def locked(out: Path) -> Iterator[None]:
         _remove_empty(created)
 
 
+def _make_folders(out: Path, made: list[Path]) -> None:
+    """Create `out` and its missing parents one at a time, as `mkdir -p` (`a/../b` makes a and b),
+    adding each folder made to the front of `made`: only those, never one that was there."""
+    path = Path(out.anchor)
+    for part in out.parts[1 if out.anchor else 0:]:
+        path = path / part
+        if part in (".", ".."):
+            continue
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        made.insert(0, path)
+
+
 def _remove_empty(folders: list[Path]) -> None:
-    """Remove those of `folders` (deepest first) that are empty; `a/..` in the list (`--out
-    a/../b`) is never removed (rmdir refuses `..`), `a` still is."""
+    """Remove those of `folders` (folders this run made, last made first) that are empty."""
     for folder in folders:
         try:
             folder.rmdir()
