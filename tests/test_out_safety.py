@@ -129,6 +129,14 @@ def test_a_path_through_a_missing_folder_leaves_no_folder_behind(tmp_path, monke
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 
+def test_a_lock_under_a_file_is_one_usage_error(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UsageError, match="a part of the path is a file"):
+        with locked(tmp_path / "file" / "out"):
+            pass
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
 def test_a_link_in_a_run_folder_is_refused(tmp_path, capsys, quick):
     """A resumed run would write its score cache through a linked cache folder: refused."""
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
@@ -166,6 +174,16 @@ def test_killed_while_replacing_a_run_puts_it_back(tmp_path, quick, pattern):
     assert main([*quick, "--ratio", "0.3", "--overwrite", "--out", str(out)]) == 0
     assert report(out)["settings"]["ratio"] == 0.3
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("name", [".replaced-notes", ".dropped-notes", ".replaced-notes12"])
+def test_an_empty_folder_of_the_users_named_like_ours_is_kept(tmp_path, capsys, quick, name):
+    """Only names shaped as the run makes them (`.replaced-` and 8 characters) are taken for ours."""
+    out = tmp_path / "out"
+    (out / name).mkdir(parents=True)
+    for overwrite in ([], ["--overwrite"]):
+        assert "holds files that are not a topoprune run" in main_error(capsys, *quick, *overwrite, "--out", str(out))
+        assert [p.name for p in out.iterdir()] == [name]
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
@@ -233,6 +251,18 @@ def test_a_killed_replacement_gives_the_earlier_command_its_run_back(tmp_path, q
     assert not [p for p in out.iterdir() if p.name.startswith(".replaced-")]
 
 
+def test_two_killed_replacements_leave_the_finished_run_to_its_command(tmp_path, quick):
+    """--overwrite killed mid-scoring, then another --overwrite killed the same way: the first
+    replacement never committed, so the finished run is still aside and its command gets it back."""
+    out = tmp_path / "out"
+    assert main([*quick, "--out", str(out)]) == 0
+    layers = report(out)["layers"]
+    for ratio in ("0.3", "0.2"):
+        kill_paused(str(out / "cache" / "scores-001.pt"), [*quick, "--ratio", ratio, "--overwrite", "--out", str(out)])
+    assert main([*quick, "--out", str(out)]) == 0
+    assert report(out)["settings"]["ratio"] == 0.5 and report(out)["layers"] == layers
+
+
 def test_a_replacement_killed_while_it_drops_the_earlier_run_keeps_its_own(tmp_path, capsys, quick):
     """A commit renames .replaced-* to .dropped-* before deleting it: a kill in that deletion leaves
     the replacement the folder's run (the earlier command is refused, not given the remains)."""
@@ -240,8 +270,8 @@ def test_a_replacement_killed_while_it_drops_the_earlier_run_keeps_its_own(tmp_p
     assert main([*quick, "--out", str(out)]) == 0
     earlier_marker = (out / "run.json").read_bytes()
     assert main([*quick, "--ratio", "0.3", "--overwrite", "--out", str(out)]) == 0
-    (out / ".dropped-x").mkdir()  # the earlier run's last file, as a kill in its deletion leaves it
-    (out / ".dropped-x" / "run.json").write_bytes(earlier_marker)
+    (out / ".dropped-x1y2z3w4").mkdir()  # the earlier run's last file, as a kill in its deletion leaves it
+    (out / ".dropped-x1y2z3w4" / "run.json").write_bytes(earlier_marker)
     replacement = {k: v for k, v in snapshot(out).items() if not k.startswith(".")}
     line = main_error(capsys, *quick, "--out", str(out))
     assert "holds a different run" in line

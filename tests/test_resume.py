@@ -209,12 +209,12 @@ def test_temporary_files_of_a_killed_run_are_cleaned(tmp_path, quick):
     out = tmp_path / "out"
     assert main([*quick, "--out", str(out)]) == 0
     debris = [out / ".report.json.k2j3.topoprune.tmp", out / "cache" / ".scores-001.pt.x8a.topoprune.tmp",
-              out / ".replaced-q1" / "model.pt"]
+              out / ".replaced-q1w2e3r4" / "model.pt"]
     for path in debris:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"partial")
-    shutil.copy(out / "run.json", out / ".replaced-q1" / "run.json")  # a moved-aside run: its marker goes last
+    shutil.copy(out / "run.json", out / ".replaced-q1w2e3r4" / "run.json")  # a moved-aside run: its marker goes last
     (out / "cache" / ".notes.tmp").write_text("not ours: no .topoprune.tmp ending")
     assert main([*quick, "--out", str(out)]) == 0
-    assert not any(p.exists() for p in debris) and not (out / ".replaced-q1").exists()
+    assert not any(p.exists() for p in debris) and not (out / ".replaced-q1w2e3r4").exists()
     assert (out / "cache" / ".notes.tmp").exists()

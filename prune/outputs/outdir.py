@@ -15,7 +15,8 @@ hold files of our own (`_is_ours`): the lock, temporary files of atomic writes, 
 back run.json last, and the new run.json is written only once it is all aside; so a folder
 without run.json whose `.replaced-*` holds one is a replacement cut short, and the next claim
 puts the earlier run back. A replacement killed later, before its commit, stays until a claim:
-its own command resumes it, the earlier run's command gets the earlier run back. A commit first
+its own command resumes it, the earlier run's command gets the earlier run back, a third command
+with `overwrite` drops it and keeps the earlier run aside as its own backup. A commit first
 renames `.replaced-*` to `.dropped-*` (atomic: that run is gone from then on, the next claim
 finishes deleting it). Every OSError from the file system becomes a one-line UsageError.
 """
@@ -25,10 +26,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,7 @@ RUN_FORMAT = "topoprune/run/v1"
 LOCK_FILE = ".topoprune.lock"
 BACKUP_PREFIX = ".replaced-"
 DROPPED_PREFIX = ".dropped-"
+ASIDE_NAME = re.compile(r"\.(replaced|dropped)-[a-z0-9_]{8}")  # as tempfile.mkdtemp(prefix=BACKUP_PREFIX) names one
 INPUT_NAMES = {"version": "topoprune version", "weights_digest": "--weights file", "data_digest": "--data images"}
 
 
@@ -66,13 +69,14 @@ def out_error(out: Path, exc: OSError) -> UsageError:
 
 
 def _is_ours(path: Path) -> bool:
-    """True for a file of our own beside a run: the lock, a temporary file, a `.replaced-*` folder
-    that is a run moved aside (empty, or holding a run.json marker: it is moved first); never a
-    link, never a folder of the user's that happens to have such a name."""
+    """True for a file of our own beside a run: the lock, a temporary file, a `.replaced-*` (or
+    `.dropped-*`) folder that is a run moved aside (named as `tempfile.mkdtemp` names them; empty,
+    or holding a run.json marker: it is moved first); never a link, never a folder of the user's
+    that happens to have such a name."""
     if path.is_symlink():
         return False
     if path.name.startswith((BACKUP_PREFIX, DROPPED_PREFIX)):
-        return path.is_dir() and (read_marker(path) is not None or not any(path.iterdir()))
+        return bool(ASIDE_NAME.fullmatch(path.name)) and path.is_dir() and (read_marker(path) is not None or not any(path.iterdir()))
     return (path.name == LOCK_FILE and path.is_file()) or is_temp(path)
 
 
@@ -356,11 +360,13 @@ def _claim(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs:
         _remove_temps(out)
     if resume:
         return Claim(out, resume=True, existed=True)
-    existed, backup = out.is_dir(), None
-    if existed:
-        for earlier in _backups(out):  # the run this one replaces had replaced it
-            _drop_backup(earlier)
-    if existed and (entries := _entries(out)):
+    existed = out.is_dir()
+    backup = next((b for b in _backups(out) if read_marker(b) is not None), None) if existed else None
+    for other in (b for b in _backups(out) if b != backup) if existed else ():
+        _drop_backup(other)  # an empty one: a kill between its making and the first move
+    if backup is not None:  # `out` holds a replacement that never committed: it goes, the run it replaced stays aside
+        _discard_run(out)
+    elif existed and (entries := _entries(out)):
         backup = Path(tempfile.mkdtemp(prefix=BACKUP_PREFIX, dir=out))
         try:
             for path in reversed(_run_json_last(entries)):  # run.json first: from then on no run is here
@@ -395,7 +401,8 @@ def locked(out: Path) -> Iterator[None]:
         f = _take_lock(out)
     except OSError as exc:  # e.g. a full disk while the lock's text is written
         if not had_lock:
-            (out / LOCK_FILE).unlink(missing_ok=True)
+            with suppress(OSError):
+                (out / LOCK_FILE).unlink(missing_ok=True)
         _remove_empty(created)
         raise out_error(out, exc) from None
     try:
