@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     a("--model", default=DEFAULTS.model, help="a name of prune.list_models(): 'embedded', 'embedded-plain', "
-      "a torchvision name (vgg16, resnet34, ...) or timm:<name>")
+      "'fashion', 'fashion-plain', 'fashion-resnet', a torchvision name (vgg16, resnet34, ...) or timm:<name>")
     a("--weights", default=None, help="checkpoint path (a state_dict, or a training script's checkpoint: docs/your-model.md) or "
       "torchvision weights name (IMAGENET1K_V1); "
       "default: the shipped weights for the shipped models (embedded, embedded-plain, fashion, "
@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
       "the generated embedded data stays 32 unless this is given)")
     a("--device", default=DEFAULTS.device, help="cpu, cuda or cuda:N")
     a("--seed", type=int, default=DEFAULTS.seed, help="seed for class/image choice, scorers and fine-tuning")
-    a("--out", type=_user_path, default=None, help="output folder (default: runs/<model>-<scorer>-r<ratio>; a "
+    a("--out", type=_user_path, default=None, help="output folder (default: runs/<model>-<scorer>-r<ratio>, with a budget -flops<F>-<allocation> "
+      "or -speedup<S>-<allocation> in place of -r<ratio>; a "
       "leading ~ is the home folder, also where no shell expanded it, as in --out=~/runs/x)")
     a("--export", choices=("onnx",), default=None,
       help="also write the pruned model as <out>/model.onnx (opset 17, dynamic batch; needs pip install \"topoprune[export]\")")

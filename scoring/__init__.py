@@ -2,7 +2,7 @@
 
 >>> import scoring
 >>> scoring.list_scorers()            # doctest: +SKIP
-['apoz', 'entropy', 'fpgm', 'l1', 'nisp', 'random', 'selectivity',
+['apoz', 'chip', 'entropy', 'fpgm', 'hrank', 'l1', 'nisp', 'random', 'selectivity', 'thinet',
  'tp-bnscale', 'tp-fpgm', 'tp-hessian', 'tp-lamp', 'tp-magnitude', 'tp-taylor']
 >>> scorer = scoring.create("entropy")
 >>> scores = scorer(layer, class_batches)  # [C] float32, higher = keep

@@ -37,8 +37,8 @@ def _lookup(name: str) -> type[Scorer]:
     if name not in _REGISTRY:
         known = ", ".join(list_scorers())
         near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown scorer {name!r}; known scorers: {known}.{hint}")
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown scorer {name!r}; known scorers: {known}{hint}")
     return _REGISTRY[name]
 
 

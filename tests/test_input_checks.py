@@ -359,7 +359,7 @@ CASES = {
     "no state_dict": (lambda s: {"state_dict": None}, "state_dict"),
     "state_dict not a dict": (lambda s: {"state_dict": [1, 2]}, "state_dict"),
     "another model name": (lambda s: {"model": "embedded-plain"}, "'model'"),
-    "unknown model name": (lambda s: {"model": "vgg61"}, "'model'"),
+    "unknown model name": (lambda s: {"model": "vgg61"}, "import the module that registers it"),
     "NaN weights": (lambda s: {"state_dict": _nan_state(s)}, "NaN"),
     "flags not a dict": (lambda s: {"flags": ["transform_input"]}, "'flags'"),
     "flag not a bool": (lambda s: {"flags": {"transform_input": "yes"}}, "'flags'"),

@@ -69,10 +69,6 @@ def _fields_problem(blob: dict) -> str | None:
     """The first field of a model.pt `blob` that is missing or of the wrong kind (None if all fit)."""
     if not isinstance(blob.get("model"), str):
         return f"field 'model' is {blob.get('model')!r}, not a model name"
-    try:
-        model_entry(blob["model"])
-    except UsageError:
-        return f"field 'model' is {blob['model']!r}, not a model topoprune knows (prune.list_models())"
     for field in ("num_classes", "input_size"):
         if not _positive_int(blob.get(field)):
             return f"field {field!r} is {blob.get(field)!r}, not a positive int"
@@ -124,6 +120,12 @@ def load_pruned(path: str | Path) -> nn.Module:
     problem = _fields_problem(blob)
     if problem is not None:
         raise refuse(problem)
+    try:
+        model_entry(blob["model"])
+    except UsageError:
+        raise UsageError(f"{path} holds model {blob['model']!r}, which is not registered in this process: import the "
+                         "module that registers it (register_model, register_family) first; prune.list_models() "
+                         "names the models known") from None
     model = create_model(blob["model"], num_classes=blob["num_classes"], pretrained=False).eval()
     for flag, value in blob.get("flags", {}).items():
         if flag not in architecture_flags(model):
