@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     a("--model", default=DEFAULTS.model, help="a name of prune.list_models(): 'embedded', 'embedded-plain', "
-      "'fashion', 'fashion-plain', 'fashion-resnet', a torchvision name (vgg16, resnet34, ...) or timm:<name>")
+      "'fashion', 'fashion-plain', 'fashion-resnet', a torchvision name (vgg16, resnet34, ...), timm:<name>, "
+      "or one a module of yours registers (--import)")
+    a("--import", dest="imports", action="append", default=[], metavar="MODULE",
+      help="import MODULE first (repeatable): a module of yours that registers models (register_model, "
+      "register_family) or scorers (scoring.register), e.g. --import mynet for ./mynet.py")
     a("--weights", default=None, help="checkpoint path (a state_dict, or a training script's checkpoint: docs/your-model.md) or "
       "torchvision weights name (IMAGENET1K_V1); "
       "default: the shipped weights for the shipped models (embedded, embedded-plain, fashion, "
@@ -233,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     def job() -> int:
         with quiet_libraries():
             args = build_parser().parse_args(argv)
+            import_modules(args.imports)
             config = config_from_args(args)
             out = args.out or default_out(config)
             import prune
@@ -244,6 +251,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return exit_code(job, speak=_is_main_process())
+
+
+def import_modules(names: list[str]) -> None:
+    """Import each `--import` module (what it registers becomes a --model or --scorer name);
+    UsageError naming the module, and the file and line where its import failed."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            raise UsageError(f"--import {name}: {exc.msg}; pass a module importable from the current folder "
+                             "(--import mynet for ./mynet.py) or installed") from None
+        except Exception as exc:  # the module's own code failed
+            frame = traceback.extract_tb(exc.__traceback__)[-1]
+            where = f"{exc.filename}:{exc.lineno}" if isinstance(exc, SyntaxError) else f"{frame.filename}:{frame.lineno}"
+            raise UsageError(f"--import {name} failed at {where}: {type(exc).__name__}: {one_line(str(exc))}; "
+                             "fix that module") from None
 
 
 def summary_line(report: PruneReport, out: Path) -> str:

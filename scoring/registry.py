@@ -38,7 +38,8 @@ def _lookup(name: str) -> type[Scorer]:
         known = ", ".join(list_scorers())
         near = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise ValueError(f"unknown scorer {name!r}; known scorers: {known}{hint}")
+        raise ValueError(f"unknown scorer {name!r}; known scorers: {known}{hint}, or one a module of yours "
+                         "registers (scoring.register; the CLI imports it with --import MODULE)")
     return _REGISTRY[name]
 
 

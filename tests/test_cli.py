@@ -1,6 +1,9 @@
 """The main job end to end on the embedded default (small settings), in-process."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,51 @@ def test_a_leading_tilde_in_out_is_the_home_folder_even_unexpanded_by_the_shell(
 
     assert build_parser().parse_args(["--out=~/runs/x"]).out == Path.home() / "runs" / "x"
     assert build_parser().parse_args(["--out", "a/~b"]).out == Path("a/~b")  # only a leading one
+
+
+PLUGIN = '''
+import torch
+from torch import nn
+import scoring
+from prune.zoo.registry import register_model
+
+@register_model("plugnet", input_size=16, num_classes=2, mean=(0.5,) * 3, std=(0.25,) * 3)
+def plugnet(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+@scoring.register("plug-l2", needs_data=False, description="L2 norm of each filter")
+class L2(scoring.Scorer):
+    def compute(self):
+        return self.layer.conv.weight.detach().flatten(1).norm(dim=1).float().cpu()
+'''
+
+
+def test_a_module_of_the_users_registers_a_model_and_a_scorer_for_the_cli(tmp_path):
+    """`python -m prune --import plug` from the folder of plug.py: its model and scorer are names."""
+    from helpers import ROOT, image_folder
+
+    (tmp_path / "plug.py").write_text(PLUGIN)
+    data = image_folder(tmp_path / "data", classes=2, train=2, val=2, size=16)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "prune", "--model", "plugnet", "--scorer", "plug-l2", "--data", str(data),
+               "--classes", "2", "--samples-per-class", "2", "--no-finetune", "--quiet", "--out", "out"]
+    refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert refused.returncode == 2 and "--import" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    done = subprocess.run([*command, "--import", "plug"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["settings"]["model"] == "plugnet" and report["settings"]["scorer"] == "plug-l2"
+    assert [layer["channels_after"] for layer in report["layers"]] == [4, 4]
+
+
+@pytest.mark.parametrize(("source", "expected"), [("x = (\n", "plug.py:1: SyntaxError"),
+                                                   ("\n\nraise RuntimeError('no\\nGPU')\n", "plug.py:3: RuntimeError: no GPU"),
+                                                   ("import not_installed_here\n", "No module named 'not_installed_here'")])
+def test_a_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys, source, expected):
+    (tmp_path / "plug.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["--import", "plug", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --import plug") and expected in err and "\n" not in err
+    assert not (tmp_path / "out").exists()

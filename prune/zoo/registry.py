@@ -184,7 +184,8 @@ def _unknown(name: str) -> UsageError:
     kinds = [repr(n) for n in sorted(_MODELS)]
     kinds += [f"{f.description} ({', '.join(sorted(f.names()))})" for f in _bare_families()]
     kinds += [f"'{f.prefix}:<name>' ({f.description})" for f in _FAMILIES.values() if f.prefix]
-    return UsageError(f"unknown model {name!r}; use {', '.join(kinds)}.{hint}")
+    return UsageError(f"unknown model {name!r}; use {', '.join(kinds)}, or one a module of yours registers "
+                      f"(register_model; the CLI imports it with --import MODULE).{hint}")
 
 
 def model_entry(name: str) -> ModelEntry:
