@@ -152,3 +152,29 @@ def test_the_run_refuses_an_unexportable_model_before_any_work(tmp_path, capfd, 
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
     assert "adaptive_avg_pool2d" in err and "--input-size 224" in err and "leave out --export onnx" in err
     assert not stdout.strip() and not out.exists()
+
+
+@pytest.mark.parametrize(("error", "passes"), [(5e-3, True), (0.1, False)])
+def test_the_onnx_check_scales_with_the_largest_logit(tmp_path, monkeypatch, error, passes):
+    """A graph whose logits reach 40 may be off by 5e-3 on a logit near 0 (float32 rounding): kept;
+    off by 0.1 (over 1e-4 + 1e-3 · 40): refused, nothing written."""
+    from prune.outputs import export
+
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    real = export.onnxruntime_logits
+
+    def off(graph: bytes, images: torch.Tensor) -> np.ndarray:
+        logits = real(graph, images)
+        return logits + np.where(np.abs(logits) == np.abs(logits).min(), error, 0.0).astype(logits.dtype)
+
+    with torch.no_grad():
+        model[0].weight.fill_(0.0)
+        model[0].bias.copy_(torch.tensor([40.0, 0.01]))
+    monkeypatch.setattr(export, "onnxruntime_logits", off)
+    path = tmp_path / "model.onnx"
+    if passes:
+        assert export_onnx(model, path, input_size=8) == path and path.exists()
+    else:
+        with pytest.raises(RuntimeError, match="largest difference"):
+            export_onnx(model, path, input_size=8)
+        assert not path.exists()

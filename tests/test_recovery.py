@@ -267,6 +267,11 @@ def test_reinit_trains_the_pruned_architecture_from_fresh_weights(tmp_path: Path
     (["--reinit", "--epochs", "2"], ["--reinit", "recipe", "drop --epochs"]),
     (["--reinit", "--distill"], ["--reinit", "--distill"]),
     (["--reinit", "--iterative-steps", "3"], ["--reinit", "--iterative-steps"]),
+    (["--model", "resnet18", "--reinit", "--no-finetune"], ["--reinit", "--no-finetune"]),
+    (["--distill-alpha", "0.3"], ["--distill-alpha", "only with --distill"]),
+    (["--distill-temperature", "9"], ["--distill-temperature", "only with --distill"]),
+    (["--step-epochs", "3"], ["--step-epochs", "only with --iterative-steps"]),
+    (["--distill", "--epochs", "0"], ["--distill", "--epochs 0"]),
 ])
 def test_bad_recovery_input_is_one_line(tmp_path: Path, quick: list[str], capsys: pytest.CaptureFixture[str],
                                         flags: list[str], words: list[str]) -> None:

@@ -121,8 +121,9 @@ def export_onnx(model: nn.Module, path: Path, *, input_size: int, opset: int = O
     """Write `model` to `path` as ONNX (atomically, temp file then rename) and return `path`.
 
     The graph is checked with `onnx.checker` and run in ONNX Runtime on a seeded batch of 2;
-    logits that differ from PyTorch's by more than 1e-4 + 1e-3·|logit| raise RuntimeError
-    (nothing is written).
+    logits that differ from PyTorch's by more than 1e-4 + 1e-3·max|logit| raise RuntimeError
+    (nothing is written): float32 rounding grows with the size of the activations, so a logit
+    near 0 in a batch whose logits reach 40 may differ by 1e-2 in a faithful graph.
     """
     onnx, _ = require_onnx()
     graph = onnx_bytes(model, input_size=input_size, opset=opset)
@@ -130,7 +131,11 @@ def export_onnx(model: nn.Module, path: Path, *, input_size: int, opset: int = O
     images = torch.randn(2, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
     expected = model(images.to(model_device(model))).float().cpu().numpy()
     got = onnxruntime_logits(graph, images)
-    if got.shape != expected.shape or not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
-        raise RuntimeError(f"the ONNX export of the model does not reproduce its logits; {path} not written")
+    if got.shape != expected.shape:
+        raise RuntimeError(f"the ONNX export of the model gives logits {got.shape}, not {expected.shape}; {path} not written")
+    difference, tolerance = float(np.abs(got - expected).max()), 1e-4 + 1e-3 * float(np.abs(expected).max())
+    if not difference <= tolerance:
+        raise RuntimeError(f"the ONNX export of the model does not reproduce its logits (largest difference "
+                           f"{difference:.3g}, tolerance {tolerance:.3g}); {path} not written")
     write_bytes(Path(path), graph)
     return Path(path)

@@ -27,7 +27,7 @@ from finetune.distillation import Distillation
 from finetune.metrics import Evaluation, evaluate
 from finetune.schedule import SCHEDULES
 from finetune.train import Diverged, FinetuneConfig, finetune
-from prune.config import ALLOCATIONS, MAX_LAYER_RATIO, PruneConfig, check_type
+from prune.config import ALLOCATIONS, DEFAULTS, MAX_LAYER_RATIO, PruneConfig, check_type
 from prune.core import distributed
 from prune.core.files import write_json
 from prune.errors import UsageError, usage_errors
@@ -160,10 +160,12 @@ def _validate_recovery(config: PruneConfig) -> None:
                                     ("--reinit", config.reinit)) if on]
     if tuning and not config.finetune:
         raise UsageError(f"{tuning[0]} trains the pruned network, but --no-finetune was given; drop one of them")
-    if config.reinit and (config.distill or config.iterative_steps > 1):
-        other = "--distill" if config.distill else "--iterative-steps"
-        raise UsageError(f"--reinit trains the pruned architecture from fresh weights, which {other} would not "
-                         "change; drop one of them")
+    if config.reinit and config.distill:
+        raise UsageError("--reinit is the scratch baseline, the pruned architecture trained from fresh weights with "
+                         "the model's own recipe and no teacher; --distill is not part of it: drop one of them")
+    if config.reinit and config.iterative_steps > 1:
+        raise UsageError("--reinit trains the pruned architecture from fresh weights, which throws away the weights "
+                         "--iterative-steps fine-tunes between steps; drop one of them")
     if config.reinit and config.epochs < 1 and training_recipe(config.model) is None:
         raise UsageError("--reinit needs at least one training epoch; pass --epochs E (E >= 1)")
     _check_range("--distill-alpha", config.distill_alpha, 0 <= config.distill_alpha <= 1, "in [0, 1], e.g. 0.5")
@@ -173,6 +175,21 @@ def _validate_recovery(config: PruneConfig) -> None:
                                ("--round-to", config.round_to, 1)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
+    _refuse_idle_flags(config)
+
+
+def _refuse_idle_flags(config: PruneConfig) -> None:
+    """UsageError for a recovery setting that would change nothing: distillation settings without
+    --distill, --step-epochs without iterative steps, --distill with no epoch to train."""
+    idle = [flag for flag, changed in (
+        ("--distill-alpha", config.distill_alpha != DEFAULTS.distill_alpha),
+        ("--distill-temperature", config.distill_temperature != DEFAULTS.distill_temperature)) if changed]
+    if idle and not config.distill:
+        raise UsageError(f"{idle[0]} acts only with --distill; add --distill or drop {idle[0]}")
+    if config.step_epochs != DEFAULTS.step_epochs and config.iterative_steps == 1:
+        raise UsageError("--step-epochs acts only with --iterative-steps S (S > 1); add it or drop --step-epochs")
+    if config.distill and not config.trains:
+        raise UsageError("--distill with --epochs 0 trains nothing; pass --epochs E (E >= 1) or drop --distill")
 
 
 def _validate_budget(config: PruneConfig) -> None:
