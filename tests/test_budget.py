@@ -27,7 +27,7 @@ from prune import PruneConfig, Surgeon, UsageError
 from prune.core.distributed import SINGLE, World
 from prune.outputs.score_store import NO_STORE
 from prune.pipeline.allocation import StructureCost, least_loss, uniform
-from prune.pipeline.budget import Planning, make_plan
+from prune.pipeline.budget import Planning, flops_plan, make_plan
 from prune.pipeline.selection import ScoringData, select_and_prune
 from prune.pipeline.sensitivity import heldout
 from prune.zoo.data import DataBundle, class_images
@@ -224,13 +224,24 @@ def test_speed_search_is_timed_on_rank_zero_alone(monkeypatch, one_thread):
     assert plan_for_speed(2.0, world=SecondRank(rank=1, size=2, from_rank_0=[None, on_rank_0])) == on_rank_0
 
 
+def test_a_flops_plan_far_from_its_target_says_so():
+    """A plan 10% above its target under no cap (coarse widths, e.g. with --round-to) warns, naming the lever."""
+    cost = type("Cost", (), {"fraction_at": staticmethod(lambda ratios: 1 - ratios[0])})()
+    config = PruneConfig(target_flops=0.5, round_to=8, allocation="global")
+    for removed, note in ((0.45, "FLOPs fraction 0.5500 reached, not 0.5 within 3%"), (0.49, "")):
+        plan = flops_plan(cost, lambda target, r=removed: (r if target > 0 else 0.9,), config,
+                                 schedule="oneshot", curves=None)
+        assert plan.note.startswith(note) and ("--round-to" in plan.note) == bool(note), plan.note
+
+
 @pytest.mark.parametrize("allocation", ["uniform", "global", "sensitivity"])
 def test_unreachable_flops_target_says_what_was_reached(allocation, one_thread):
     plan, _ = plan_for(allocation, 0.05, cap=0.5)  # half of each layer at most: far above 0.05 of the FLOPs
     assert plan.note.startswith(f"FLOPs fraction {plan.planned_flops:.4f} reached, not 0.05"), plan.note
     assert "--max-layer-ratio 0.5" in plan.note and plan.planned_flops > 0.2
     assert [round(r * 16) for r in plan.ratios] == [8, 8]
-    assert plan_for(allocation, 0.5)[0].note == ""
+    reachable = plan_for(allocation, 0.5)[0]  # a note exactly when it lands more than 3% away
+    assert (reachable.note == "") == (abs(reachable.planned_flops / 0.5 - 1) <= 0.03), reachable.note
 
 
 def test_sensitivity_images_are_training_images_apart_from_the_scoring_images():

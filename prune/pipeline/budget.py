@@ -32,6 +32,8 @@ from prune.pipeline.surgery import Surgeon
 from prune.zoo.data import DataBundle
 
 SPEEDUP_TOLERANCE = 0.05
+FLOPS_TOLERANCE = 0.03
+"""A FLOPs plan further than this (relative) from its target says so in its note (a warning)."""
 SPEED_STEPS = 8
 """At most this many candidate FLOPs targets are measured by a speed search."""
 PLAN_FORMAT = "topoprune/plan/v2"
@@ -122,6 +124,11 @@ def flops_plan(cost: StructureCost, allocate: Callable[[float], tuple[float, ...
         note = (f"FLOPs fraction {planned_flops:.4f} reached, not {target:g}: the most the {config.allocation} "
                 f"allocation removes under --max-layer-ratio {cap:g} keeps {floor:.4f} of the FLOPs; pass a higher "
                 "--max-layer-ratio, a larger --target-flops or another --allocation")
+    elif abs(planned_flops / target - 1) > FLOPS_TOLERANCE:
+        steps = f" with --round-to {config.round_to} (widths move in steps of {config.round_to})" if config.round_to > 1 else ""
+        note = (f"FLOPs fraction {planned_flops:.4f} reached, not {target:g} within {FLOPS_TOLERANCE:.0%}: the closest "
+                f"the {config.allocation} allocation lands{steps}; try another --allocation"
+                + (" or a smaller --round-to" if steps else ""))
     return Plan(ratios, target, planned_flops, schedule, note=note, curves=curves)
 
 
