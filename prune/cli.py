@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import traceback
@@ -257,18 +258,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def import_modules(names: list[str]) -> None:
     """Import each `--import` module (what it registers becomes a --model or --scorer name);
-    UsageError naming the module, and the file and line where its import failed."""
+    UsageError naming the module, and the line of its file where its import failed."""
     for name in names:
         try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):  # a missing parent package, a relative or empty name
+            spec = None
+        if spec is None:
+            raise UsageError(f"--import {name}: no such module; pass a module importable from the current folder "
+                             "(--import mynet for ./mynet.py) or installed")
+        try:
             importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            raise UsageError(f"--import {name}: {exc.msg}; pass a module importable from the current folder "
-                             "(--import mynet for ./mynet.py) or installed") from None
-        except Exception as exc:  # the module's own code failed
-            frame = traceback.extract_tb(exc.__traceback__)[-1]
-            where = f"{exc.filename}:{exc.lineno}" if isinstance(exc, SyntaxError) else f"{frame.filename}:{frame.lineno}"
-            raise UsageError(f"--import {name} failed at {where}: {type(exc).__name__}: {one_line(str(exc))}; "
-                             "fix that module") from None
+        except Exception as exc:  # the module's own code failed (a package it imports missing included)
+            raise UsageError(f"--import {name} failed at {_failing_line(exc, spec.origin)}: {type(exc).__name__}: "
+                             f"{one_line(str(exc))}; fix that module") from None
+
+
+def _failing_line(exc: Exception, origin: str | None) -> str:
+    """file:line where `exc` left the module file `origin` (for a SyntaxError: where it is)."""
+    if isinstance(exc, SyntaxError):
+        return f"{exc.filename}:{exc.lineno}"
+    frames = traceback.extract_tb(exc.__traceback__)
+    frame = next((f for f in reversed(frames) if f.filename == origin), frames[-1])
+    return f"{frame.filename}:{frame.lineno}"
 
 
 def summary_line(report: PruneReport, out: Path) -> str:

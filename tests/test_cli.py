@@ -128,7 +128,8 @@ def test_a_module_of_the_users_registers_a_model_and_a_scorer_for_the_cli(tmp_pa
 
 @pytest.mark.parametrize(("source", "expected"), [("x = (\n", "plug.py:1: SyntaxError"),
                                                    ("\n\nraise RuntimeError('no\\nGPU')\n", "plug.py:3: RuntimeError: no GPU"),
-                                                   ("import not_installed_here\n", "No module named 'not_installed_here'")])
+                                                   ("import not_installed_here\n", "plug.py:1: ModuleNotFoundError"),
+                                                   ("import torch\ntorch.load('absent.pt')\n", "plug.py:2: FileNotFoundError")])
 def test_a_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys, source, expected):
     (tmp_path / "plug.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -136,3 +137,10 @@ def test_a_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --import plug") and expected in err and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["not_a_module_here", "not_a_package_here.sub", ".relative", ""])
+def test_a_module_that_is_not_there_is_one_line(tmp_path, capsys, name):
+    assert main(["--import", name, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --import {name}: no such module") and "\n" not in err

@@ -271,6 +271,7 @@ def test_reinit_trains_the_pruned_architecture_from_fresh_weights(tmp_path: Path
     (["--distill-alpha", "0.3"], ["--distill-alpha", "only with --distill"]),
     (["--distill-temperature", "9"], ["--distill-temperature", "only with --distill"]),
     (["--step-epochs", "3"], ["--step-epochs", "only with --iterative-steps"]),
+    (["--iterative-steps", "3", "--step-epochs", "2", "--no-finetune"], ["--step-epochs", "--no-finetune"]),
     (["--distill", "--epochs", "0"], ["--distill", "--epochs 0"]),
 ])
 def test_bad_recovery_input_is_one_line(tmp_path: Path, quick: list[str], capsys: pytest.CaptureFixture[str],

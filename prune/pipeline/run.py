@@ -186,8 +186,9 @@ def _refuse_idle_flags(config: PruneConfig) -> None:
         ("--distill-temperature", config.distill_temperature != DEFAULTS.distill_temperature)) if changed]
     if idle and not config.distill:
         raise UsageError(f"{idle[0]} acts only with --distill; add --distill or drop {idle[0]}")
-    if config.step_epochs != DEFAULTS.step_epochs and config.iterative_steps == 1:
-        raise UsageError("--step-epochs acts only with --iterative-steps S (S > 1); add it or drop --step-epochs")
+    if config.step_epochs != DEFAULTS.step_epochs and (config.iterative_steps == 1 or not config.finetune):
+        raise UsageError("--step-epochs fine-tunes between steps: it acts only with --iterative-steps S (S > 1) "
+                         "and without --no-finetune; drop --step-epochs or change those")
     if config.distill and not config.trains:
         raise UsageError("--distill with --epochs 0 trains nothing; pass --epochs E (E >= 1) or drop --distill")
 
