@@ -177,9 +177,7 @@ def _epochs(args: argparse.Namespace) -> int:
 
     epochs = getattr(args, "epochs", None)  # absent unless given
     recipe = training_recipe(args.model) if args.reinit else None
-    if args.reinit and args.no_finetune:
-        raise UsageError("--reinit trains the pruned network, but --no-finetune was given; drop one of them")
-    if args.reinit and epochs is None and recipe is None:
+    if args.reinit and not args.no_finetune and epochs is None and recipe is None:  # with it: validate's refusal
         raise UsageError(f"--reinit trains the pruned {args.model} from fresh weights, and it has no shipped training "
                          "recipe; pass the training's --epochs E (with --lr and --lr-schedule cosine)")
     if recipe is not None and epochs is not None:

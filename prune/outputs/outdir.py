@@ -361,9 +361,11 @@ def _claim(out: Path, fingerprint: str, overwrite: bool, processes: int, inputs:
     if resume:
         return Claim(out, resume=True, existed=True)
     existed = out.is_dir()
-    backup = next((b for b in _backups(out) if read_marker(b) is not None), None) if existed else None
-    for other in (b for b in _backups(out) if b != backup) if existed else ():
-        _drop_backup(other)  # an empty one: a kill between its making and the first move
+    aside = _backups(out) if existed else []
+    backup = next((b for b in aside if read_marker(b) is not None), None)
+    for other in aside:
+        if other != backup:
+            _drop_backup(other)  # an empty one: a kill between its making and the first move
     if backup is not None:  # `out` holds a replacement that never committed: it goes, the run it replaced stays aside
         _discard_run(out)
     elif existed and (entries := _entries(out)):
