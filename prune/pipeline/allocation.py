@@ -2,7 +2,8 @@
 
 Every allocation returns one ratio per prunable group of a `Surgeon`, shallow → deep, each at
 most `cap` (`--max-layer-ratio`; at least one channel is always kept). The FLOPs of a candidate
-allocation are counted by `count_cost` on a pruned copy of the model (`StructureCost`): which
+allocation are those `count_cost` counts on a pruned copy of the model (`StructureCost`, which
+reads them off the layers' weight shapes where that is exact: `prune.pipeline.shape_cost`): which
 channels go does not change the cost, only how many. Where channel rounding makes the target
 unreachable exactly, the allocation whose FLOPs fraction is closest to it is chosen.
 """
@@ -17,7 +18,8 @@ import torch
 
 from prune.pipeline.counting import count_cost
 from prune.pipeline.importance import DEFAULT_NORMALIZE, normalize_scores
-from prune.pipeline.surgery import Surgeon, aligned_removal, channels_to_remove
+from prune.pipeline.shape_cost import ShapeCost
+from prune.pipeline.surgery import Surgeon, aligned_removal, channels_to_remove, legal_count
 
 RATIO_GRID = tuple(k / 10 for k in range(1, 10))
 """The ratios at which the sensitivity curves are measured (0.1 … 0.9)."""
@@ -26,9 +28,12 @@ BISECTION_STEPS = 40
 
 class StructureCost:
     """FLOPs fraction (pruned / unpruned, by `count_cost`) of `surgeon.model` with n_l output
-    channels removed at group l; counted on pruned copies, cached by the counts."""
+    channels removed at group l; read off the weight shapes (`ShapeCost`, measured on the first
+    question) where they count exactly, else (or with `read_shapes` False) counted on a pruned
+    copy; cached by the counts."""
 
-    def __init__(self, surgeon: Surgeon, input_size: int, rounding: str = "round", round_to: int = 1) -> None:
+    def __init__(self, surgeon: Surgeon, input_size: int, rounding: str = "round", round_to: int = 1, *,
+                 read_shapes: bool = True) -> None:
         self.surgeon = surgeon
         self.input_size = input_size
         self.rounding = rounding
@@ -37,6 +42,7 @@ class StructureCost:
         self.blocks = tuple(g.blocks for g in surgeon.groups)
         self.unpruned = count_cost(surgeon.model, input_size=input_size).flops
         self._cache: dict[tuple[int, ...], float] = {}
+        self._shapes: ShapeCost | None | bool = False if read_shapes else None  # False: not measured yet; None: copies
 
     def counts(self, ratios: Sequence[float]) -> tuple[int, ...]:
         """Channels removed per group at `ratios` (the rounding `select_and_prune` applies)."""
@@ -50,12 +56,35 @@ class StructureCost:
     def fraction(self, counts: Sequence[int]) -> float:
         """FLOPs of the structure with `counts` removed (each aligned to `round_to` as
         `select_and_prune` aligns it), as a fraction of the unpruned FLOPs."""
-        key = tuple(aligned_removal(int(n), c, blocks=b, round_to=self.round_to)
-                    for n, c, b in zip(counts, self.channels, self.blocks))
+        key = self.aligned(counts)
         if key not in self._cache:
-            pruned = self.surgeon.pruned_copy(key)
-            self._cache[key] = count_cost(pruned, input_size=self.input_size).flops / self.unpruned
+            if self._shapes is False:
+                self._shapes = ShapeCost.measure(self.surgeon, self.input_size)
+            flops = None if self._shapes is None else self._shapes.flops(self._legal(key))
+            self._cache[key] = (self._counted(key) if flops is None else flops) / self.unpruned
         return self._cache[key]
+
+    def aligned(self, counts: Sequence[int]) -> tuple[int, ...]:
+        """`counts` aligned to `round_to` as `select_and_prune` aligns them."""
+        return tuple(aligned_removal(int(n), c, blocks=b, round_to=self.round_to)
+                     for n, c, b in zip(counts, self.channels, self.blocks))
+
+    def _legal(self, key: Sequence[int]) -> list[int]:
+        """The channels `Surgeon.pruned_copy` removes for `key`."""
+        return [legal_count(n, c, b) for n, c, b in zip(key, self.channels, self.blocks)]
+
+    def _counted(self, key: Sequence[int]) -> int:
+        """FLOPs of a pruned copy with `key` removed, by `count_cost`."""
+        return count_cost(self.surgeon.pruned_copy(key), input_size=self.input_size).flops
+
+    def confirmed(self, ratios: Sequence[float]) -> bool:
+        """Whether the fraction given for `ratios` is the one a pruned copy counts. If not, every
+        later fraction is counted on copies (and False says the plan needs making again)."""
+        key = self.aligned(self.counts(ratios))
+        if not self._shapes or self._counted(key) / self.unpruned == self.fraction(key):
+            return True
+        self._shapes, self._cache = None, {}
+        return False
 
     def fraction_at(self, ratios: Sequence[float]) -> float:
         """`fraction` of the structure that `ratios` give."""
@@ -172,7 +201,11 @@ def removal_order(scores: Sequence[torch.Tensor], cap: float) -> list[int]:
 
 def global_ranking(cost: StructureCost, scores: Sequence[torch.Tensor], target: float, cap: float) -> tuple[float, ...]:
     """Ratios n_l / C_l where the k globally lowest channels (`removal_order`) are removed, k
-    chosen by bisection so that the FLOPs fraction is closest to `target`."""
+    chosen by bisection so that the FLOPs fraction is closest to `target`.
+
+    With `round_to` > 1 each group's count is aligned, which moves the FLOPs off the target by up
+    to a multiple per group (far, where grouped convolutions make the multiples wide): the aligned
+    counts are then `nudged` one multiple at a time towards the target, as `uniform`'s are."""
     order = removal_order(scores, cap)
 
     def counts(k: float) -> list[int]:
@@ -182,6 +215,8 @@ def global_ranking(cost: StructureCost, scores: Sequence[torch.Tensor], target: 
         return n
 
     k = round(closest(lambda x: cost.fraction(counts(x)), 0.0, float(len(order)), target))
+    if cost.round_to > 1:
+        return nudged(cost, cost.aligned(counts(k)), target, cap)
     return tuple(n / c for n, c in zip(counts(k), cost.channels))
 
 

@@ -99,8 +99,16 @@ def allocator(p: Planning, cost: StructureCost) -> tuple[Callable[[float], tuple
 
 def make_plan(p: Planning) -> Plan:
     """The plan for `p.config`'s target (the surgeon's model is left unpruned). Every rank calls it;
-    a speed search is timed on rank 0 alone (the other ranks idle meanwhile) and its plan broadcast."""
+    a speed search is timed on rank 0 alone (the other ranks idle meanwhile) and its plan broadcast.
+    The plan's structure is counted on a pruned copy: where the weight shapes counted it otherwise
+    (`StructureCost.confirmed`), it is made again with every structure counted on copies."""
     cost = StructureCost(p.surgeon, int(p.surgeon.example.shape[-1]), p.config.rounding, p.config.round_to)
+    plan = _plan_with(p, cost)
+    return plan if cost.confirmed(plan.ratios) else _plan_with(p, cost)
+
+
+def _plan_with(p: Planning, cost: StructureCost) -> Plan:
+    """`make_plan` with its FLOPs counted by `cost`."""
     uncapped, curves = allocator(p, cost)
 
     def allocate(target: float) -> tuple[float, ...]:  # aligned widths kept within --max-layer-ratio

@@ -29,7 +29,7 @@ import math
 import threading
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -424,10 +424,10 @@ class Surgeon:
                 twin.prune(trial, twin.feasible(trial, _trial_channels(trial), torch.zeros(trial.num_channels)))
         return twin
 
-    def pruned_copy(self, counts: Sequence[int]) -> nn.Module:
+    def pruned_copy(self, counts: Sequence[int], *, after_each: Callable[[nn.Module], object] | None = None) -> nn.Module:
         """A copy of the model with `counts[l]` output channels of group l removed (the first ones
         of each block, the count made `legal_count`: only the structure, e.g. its cost or speed,
-        is meant to be read from it)."""
+        is meant to be read from it). `after_each(copy)` is called after each group's surgery."""
         if len(counts) != len(self.groups):
             raise ValueError(f"{len(counts)} channel counts for {len(self.groups)} groups")
         twin = self.clone()
@@ -435,6 +435,8 @@ class Surgeon:
             per_block = legal_count(int(n), group.num_channels, group.blocks) // group.blocks
             first = block_positions(group.num_channels, group.blocks, range(per_block))
             twin.prune(group, twin.feasible(group, first, -torch.arange(group.num_channels, dtype=torch.float32)))
+            if after_each is not None:
+                after_each(twin.model)
         return twin.model
 
     def history(self) -> list:

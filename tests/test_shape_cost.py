@@ -1,0 +1,133 @@
+"""A structure's FLOPs read off its weight shapes (`prune.pipeline.shape_cost`) equal fvcore's count
+of the pruned copy itself, on every kind of channel dependency; where they would not, the plan is
+still the one counted on copies."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from torch import nn
+
+import scoring
+from prune import PruneConfig, Surgeon
+from prune.outputs.score_store import NO_STORE
+from prune.pipeline.allocation import StructureCost
+from prune.pipeline.budget import Planning, make_plan
+from prune.pipeline.counting import count_cost
+from prune.pipeline.shape_cost import ShapeCost
+from prune.pipeline.surgery import legal_count
+from prune.zoo.embedded_model import build_embedded
+
+SIZE = 16
+
+
+def conv_bn(cin: int, cout: int, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class Concat(nn.Module):
+    """Two branches concatenated, then a conv over both (a DenseNet-like join), then a flattening head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = conv_bn(3, 12), conv_bn(3, 8)
+        self.join = conv_bn(20, 16)
+        self.head = nn.Linear(16 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.join(torch.cat([self.left(x), self.right(x)], dim=1))
+        return self.head(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+
+
+class Residual(nn.Module):
+    """A stem and two residual blocks on one stream, a strided projection block, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.blocks = nn.ModuleList([nn.Sequential(conv_bn(16, 16), conv_bn(16, 16)) for _ in range(2)])
+        self.down = nn.Sequential(nn.Conv2d(16, 24, 3, stride=2, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                                  nn.Conv2d(24, 24, 3, padding=1))
+        self.project = nn.Conv2d(16, 24, 1, stride=2)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for block in self.blocks:
+            x = x + block(x)
+        x = self.down(x) + self.project(x)
+        return self.head(x.mean((2, 3)))
+
+
+def separable() -> nn.Module:
+    """Depthwise (groups = channels) and grouped (4 groups) convolutions, as MobileNet and ResNeXt have."""
+    return nn.Sequential(conv_bn(3, 16), conv_bn(16, 16, groups=16), conv_bn(16, 32), conv_bn(32, 32, groups=4),
+                         conv_bn(32, 24), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
+
+
+def plain() -> nn.Module:
+    """A chain without BatchNorm, stride and pooling, and a head that reads every pixel of the last map."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(16, 12, 1), nn.ReLU(), nn.Flatten(), nn.Linear(12 * 4 * 4, 5))
+
+
+MODELS = {"plain": plain, "concat": Concat, "residual": Residual, "separable": separable,
+          "embedded-resnet": lambda: build_embedded("fashion-resnet")}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_shapes_count_every_pruned_structure_as_fvcore_counts_its_copy(name, one_thread):
+    torch.manual_seed(0)
+    surgeon = Surgeon(MODELS[name]().eval(), torch.zeros(1, 3, SIZE, SIZE))
+    shapes = ShapeCost.measure(surgeon, SIZE)
+    assert shapes is not None
+    rng = random.Random(0)
+    groups = surgeon.groups
+    trials = [[0] * len(groups), [g.num_channels - g.blocks for g in groups]]  # none, and all but one per block
+    trials += [[rng.randrange(g.num_channels) for g in groups] for _ in range(4)]
+    trials += [[rng.randrange(g.num_channels) if i == j else 0 for i, g in enumerate(groups)] for j in range(len(groups))]
+    for wanted in trials:
+        counts = [legal_count(n, g.num_channels, g.blocks) for n, g in zip(wanted, groups)]
+        assert shapes.flops(counts) == count_cost(surgeon.pruned_copy(counts), input_size=SIZE).flops, counts
+
+
+def planning(config: PruneConfig) -> Planning:
+    torch.manual_seed(0)
+    model = build_embedded("embedded").eval()
+    return Planning(config=config, surgeon=Surgeon(model, torch.zeros(1, 3, 32, 32)), scorer=scoring.create("l1"),
+                    source=None, data=None, store=NO_STORE)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_a_plan_the_shapes_miscount_is_made_again_on_copies(allocation, monkeypatch, one_thread):
+    """A shape model that passed its checks yet counts the head twice: the plan is the one every
+    copy counted, with its copy's FLOPs."""
+    config = PruneConfig(target_flops=0.5, allocation=allocation, round_to=8, scorer="l1")
+    measure = ShapeCost.measure
+    monkeypatch.setattr(ShapeCost, "measure", staticmethod(lambda *_: None))
+    on_copies = make_plan(planning(config))
+
+    def miscounting(surgeon: Surgeon, input_size: int) -> ShapeCost:
+        shapes = measure(surgeon, input_size)
+        return dataclasses.replace(shapes, positions={**shapes.positions, "classifier.0": 2})
+
+    monkeypatch.setattr(ShapeCost, "measure", staticmethod(miscounting))
+    p = planning(config)
+    plan = make_plan(p)
+    assert plan == on_copies
+    counts = StructureCost(p.surgeon, 32, round_to=8, read_shapes=False).counts(plan.ratios)
+    assert plan.planned_flops == count_cost(p.surgeon.pruned_copy(counts), input_size=32).flops / count_cost(
+        p.surgeon.model, input_size=32).flops
+
+
+def test_global_with_aligned_widths_lands_near_its_target(one_thread):
+    """Ranking then aligning each layer to 8 channels lands 7% above 0.5 on the embedded network; nudged, within 3%."""
+    plan = make_plan(planning(PruneConfig(target_flops=0.5, allocation="global", round_to=8, scorer="l1")))
+    assert abs(plan.planned_flops / 0.5 - 1) <= 0.03 and plan.note == "", plan
+    surgeon = planning(PruneConfig()).surgeon
+    for ratio, group in zip(plan.ratios, surgeon.groups):
+        kept = group.num_channels - round(ratio * group.num_channels)
+        assert kept % 8 == 0 or kept == group.num_channels
