@@ -270,9 +270,13 @@ def import_modules(names: list[str]) -> None:
         except Exception as exc:  # the module's own code failed (a package it imports missing included)
             raise UsageError(f"--import {name} failed at {_failing_line(exc, spec.origin)}: {type(exc).__name__}: "
                              f"{one_line(str(exc))}; fix that module") from None
+        except SystemExit as exc:  # a script's command-line code, run on import
+            raise UsageError(f"--import {name} ended the process at {_failing_line(exc, spec.origin)} (exit code "
+                             f"{exc.code!r}): a script's own command-line code runs when it is imported; put it under "
+                             "`if __name__ == \"__main__\":`") from None
 
 
-def _failing_line(exc: Exception, origin: str | None) -> str:
+def _failing_line(exc: BaseException, origin: str | None) -> str:
     """file:line where `exc` left the module file `origin` (for a SyntaxError: where it is)."""
     if isinstance(exc, SyntaxError):
         return f"{exc.filename}:{exc.lineno}"
