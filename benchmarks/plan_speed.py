@@ -96,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                             "same plan"], [row(r) for r in results])
     print(table)
     write_text(RESULTS / "plan_speed.md", "# Planning a FLOPs budget: shapes vs pruned copies\n\n"
-               f"`python -m benchmarks.plan_speed` (target 0.5 of the FLOPs, 224², one process per row's pair; "
-               f"machine in each JSON under plan_speed/).\n\n{table}\n")
+               "`python -m benchmarks.plan_speed`: target 0.5 of the FLOPs, `--round-to 8`, 224², random "
+               "weights; both ways of a row in one process, seconds of planning alone (not building the "
+               "Surgeon); machine and threads in each JSON under plan_speed/. `—`: not counted on copies "
+               f"(`--shapes-only`).\n\n{table}\n")
     return 0
 
 
