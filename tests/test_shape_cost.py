@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 
 import scoring
 from prune import PruneConfig, Surgeon
+from prune.core.distributed import World
 from prune.outputs.score_store import NO_STORE
 from prune.pipeline.allocation import StructureCost
 from prune.pipeline.budget import Planning, make_plan
@@ -74,12 +76,31 @@ def plain() -> nn.Module:
                          nn.MaxPool2d(2), nn.Conv2d(16, 12, 1), nn.ReLU(), nn.Flatten(), nn.Linear(12 * 4 * 4, 5))
 
 
+class NarrowMembers(nn.Module):
+    """main(x) + cat(a(x), b(x)) with a 9 and b 7 channels of main's 16: removing main's first n
+    channels takes min(n, 8) from a (one is kept: `Surgeon.feasible`) and the rest from b."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = conv_bn(3, 8)
+        self.main, self.a, self.b = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(8, 9, 3, padding=1), nn.Conv2d(8, 7, 1)
+        self.tail = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.main(x) + torch.cat([self.a(x), self.b(x)], 1)
+        return self.head(self.tail(y).mean((2, 3)))
+
+
 MODELS = {"plain": plain, "concat": Concat, "residual": Residual, "separable": separable,
-          "embedded-resnet": lambda: build_embedded("fashion-resnet")}
+          "embedded-resnet": lambda: build_embedded("fashion-resnet"), "narrow-members": NarrowMembers}
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_the_shapes_count_every_pruned_structure_as_fvcore_counts_its_copy(name, one_thread):
+    """Every structure the shapes count is counted as fvcore counts its copy; they leave to copies
+    (None) exactly the structures that prune a group with a member narrower than its root."""
     torch.manual_seed(0)
     surgeon = Surgeon(MODELS[name]().eval(), torch.zeros(1, 3, SIZE, SIZE))
     shapes = ShapeCost.measure(surgeon, SIZE)
@@ -88,10 +109,29 @@ def test_the_shapes_count_every_pruned_structure_as_fvcore_counts_its_copy(name,
     groups = surgeon.groups
     trials = [[0] * len(groups), [g.num_channels - g.blocks for g in groups]]  # none, and all but one per block
     trials += [[rng.randrange(g.num_channels) for g in groups] for _ in range(4)]
-    trials += [[rng.randrange(g.num_channels) if i == j else 0 for i, g in enumerate(groups)] for j in range(len(groups))]
+    trials += [[n if i == j else 0 for i in range(len(groups))] for j, g in enumerate(groups)
+               for n in range(0, g.num_channels, max(1, g.num_channels // 8))]
     for wanted in trials:
         counts = [legal_count(n, g.num_channels, g.blocks) for n, g in zip(wanted, groups)]
-        assert shapes.flops(counts) == count_cost(surgeon.pruned_copy(counts), input_size=SIZE).flops, counts
+        narrow = any(n and any(g.index_maps) for n, g in zip(counts, groups))
+        flops = shapes.flops(counts)
+        assert (flops is None) == narrow, counts
+        assert narrow or flops == count_cost(surgeon.pruned_copy(counts), input_size=SIZE).flops, counts
+
+
+@pytest.mark.parametrize(("allocation", "target"), [("uniform", 0.12), ("global", 0.24), ("global", 0.32)])
+def test_plans_with_narrow_members_are_those_counted_on_copies(allocation, target, monkeypatch, one_thread):
+    torch.manual_seed(0)
+    model = NarrowMembers().eval()
+    config = PruneConfig(target_flops=target, allocation=allocation, round_to=2, scorer="l1")
+
+    def plan() -> object:
+        return make_plan(Planning(config=config, surgeon=Surgeon(model, torch.zeros(1, 3, SIZE, SIZE)),
+                                  scorer=scoring.create("l1"), source=None, data=None, store=NO_STORE))
+
+    with_shapes = plan()
+    monkeypatch.setattr(ShapeCost, "measure", staticmethod(lambda *_: None))
+    assert with_shapes == plan()
 
 
 def planning(config: PruneConfig) -> Planning:
@@ -131,3 +171,37 @@ def test_global_with_aligned_widths_lands_near_its_target(one_thread):
     for ratio, group in zip(plan.ratios, surgeon.groups):
         kept = group.num_channels - round(ratio * group.num_channels)
         assert kept % 8 == 0 or kept == group.num_channels
+
+
+@dataclass(frozen=True)
+class Recorded(World):
+    """A rank of 2 whose broadcasts are recorded (rank 0: returns its own object; other ranks: rank 0's, in order)."""
+
+    sent: list = field(default_factory=list)
+
+    def broadcast(self, obj, src: int = 0):
+        if self.rank == 0:
+            self.sent.append(obj)
+            return obj
+        return self.sent.pop(0)
+
+
+def test_a_speed_plan_made_again_on_rank_zero_keeps_the_ranks_in_step(monkeypatch, one_thread):
+    """Rank 0 makes a miscounted speed plan again inside its own search: it broadcasts what rank 1 waits for, no more."""
+    from prune.pipeline import budget
+
+    monkeypatch.setattr(budget, "measure_speedup", lambda model, baseline, **_: (
+        count_cost(baseline, input_size=32).flops / count_cost(model, input_size=32).flops))
+    measure = ShapeCost.measure
+    monkeypatch.setattr(ShapeCost, "measure", staticmethod(lambda surgeon, size: dataclasses.replace(
+        measure(surgeon, size), positions={**measure(surgeon, size).positions, "classifier.0": 2})))
+    searches = []
+    search = budget.speed_search
+    monkeypatch.setattr(budget, "speed_search", lambda *a, **k: searches.append(1) or search(*a, **k))
+    config = PruneConfig(target_speedup=3.0, scorer="l1")
+    rank_0 = Recorded(rank=0, size=2)
+    plan = make_plan(dataclasses.replace(planning(config), world=rank_0))
+    assert len(searches) == 2 and len(rank_0.sent) == 2  # made again; main_only's "no error", then the plan
+    rank_1 = Recorded(rank=1, size=2, sent=list(rank_0.sent))
+    assert make_plan(dataclasses.replace(planning(config), world=rank_1)) == plan and not rank_1.sent
+    assert len(searches) == 2  # rank 1 searched nothing

@@ -99,26 +99,26 @@ def allocator(p: Planning, cost: StructureCost) -> tuple[Callable[[float], tuple
 
 def make_plan(p: Planning) -> Plan:
     """The plan for `p.config`'s target (the surgeon's model is left unpruned). Every rank calls it;
-    a speed search is timed on rank 0 alone (the other ranks idle meanwhile) and its plan broadcast.
-    The plan's structure is counted on a pruned copy: where the weight shapes counted it otherwise
-    (`StructureCost.confirmed`), it is made again with every structure counted on copies."""
+    a speed search is timed on rank 0 alone (the other ranks idle meanwhile) and its plan broadcast."""
     cost = StructureCost(p.surgeon, int(p.surgeon.example.shape[-1]), p.config.rounding, p.config.round_to)
-    plan = _plan_with(p, cost)
-    return plan if cost.confirmed(plan.ratios) else _plan_with(p, cost)
-
-
-def _plan_with(p: Planning, cost: StructureCost) -> Plan:
-    """`make_plan` with its FLOPs counted by `cost`."""
     uncapped, curves = allocator(p, cost)
 
     def allocate(target: float) -> tuple[float, ...]:  # aligned widths kept within --max-layer-ratio
         return capped(cost, uncapped(target), p.config.max_layer_ratio)
 
     schedule = "oneshot" if p.config.allocation == "global" else p.config.schedule
-    if p.config.target_speedup is None:
-        return flops_plan(cost, allocate, p.config, schedule=schedule, curves=curves)
-    searched = distributed.main_only(lambda: speed_search(p.surgeon, cost, allocate, p.config), p.world)
+    if p.config.target_speedup is None:  # the same on every rank: each counts the same structures
+        return recounted(cost, lambda: flops_plan(cost, allocate, p.config, schedule=schedule, curves=curves))
+    searched = distributed.main_only(lambda: recounted(cost, lambda: speed_search(p.surgeon, cost, allocate, p.config)),
+                                     p.world)
     return replace(p.world.broadcast(searched), schedule=schedule, curves=curves)
+
+
+def recounted(cost: StructureCost, make: Callable[[], Plan]) -> Plan:
+    """The plan `make` makes, made again with every structure counted on pruned copies where the
+    weight shapes counted its own structure otherwise (`StructureCost.confirmed`)."""
+    plan = make()
+    return plan if cost.confirmed(plan.ratios) else make()
 
 
 def flops_plan(cost: StructureCost, allocate: Callable[[float], tuple[float, ...]], config: PruneConfig, *,

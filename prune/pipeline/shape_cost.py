@@ -2,13 +2,19 @@
 
 fvcore counts a convolution or linear layer as (its weight's elements) × (the positions it is
 applied at: output pixels, input pixels for a transposed convolution, rows for a linear layer), and
-removing channels changes the weights' shapes, never the positions. Removing n channels of a group
-changes each layer's weight shape by n / n₀ times what removing n₀ of them changed, and the changes
-of different groups add: `ShapeCost.measure` reads both from two pruned copies of the model (each
-group's change recorded as torch-pruning makes it) and keeps the model only where it counts both
-copies exactly as fvcore does. A budget's search then asks thousands of structures at the price of
-arithmetic (`prune.pipeline.allocation.StructureCost`); the plan it settles on is counted on a copy
-once more (`StructureCost.confirmed`).
+removing channels changes the weights' shapes, never the positions. Where every layer a group
+touches matches its root channel for channel (or a fixed number of its features per channel, as a
+flattened head does), removing n of the group's channels changes each weight shape by n / n₀ times
+what removing n₀ of them did, and the changes of different groups add up.
+
+`ShapeCost.measure` reads each group's change off a pruned copy with all but one channel per block
+of every group removed, and keeps a group only where a second copy with one block's worth removed
+changes every shape in the same proportion and the group has no member narrower than its root
+(there `Surgeon.feasible` may keep channels back, and which members lose channels depends on how
+many go). The kept groups are checked together on a third copy against fvcore. A structure that
+prunes a group not kept is counted on a copy (`flops` says None). A budget's search thus asks
+thousands of structures at the price of arithmetic (`prune.pipeline.allocation.StructureCost`),
+and the plan it settles on is counted on a copy once more (`StructureCost.confirmed`).
 """
 
 from __future__ import annotations
@@ -20,17 +26,21 @@ from dataclasses import dataclass
 from torch import nn
 
 from prune.pipeline.counting import count_cost
-from prune.pipeline.surgery import Surgeon, legal_count
+from prune.pipeline.surgery import PrunableGroup, Surgeon, legal_count
 
 Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class GroupChange:
-    """What removing `probe` channels of one group did: the change of each layer's weight shape it touched."""
+    """What removing `probe` channels of one group did: the change of each layer's weight shape it
+    touched. `probe` 0: the group is not modelled (a structure that prunes it is counted on a copy)."""
 
     probe: int
     layers: tuple[tuple[str, Shape], ...]
+
+
+NOT_MODELLED = GroupChange(0, ())
 
 
 @dataclass(frozen=True)
@@ -44,13 +54,13 @@ class ShapeCost:
 
     def flops(self, removed: Sequence[int]) -> int | None:
         """FLOPs (2 × MACs) with `removed[g]` output channels of group g gone (legal counts, as
-        `Surgeon.pruned_copy` removes them); None where a change does not scale to a whole number."""
+        `Surgeon.pruned_copy` removes them); None where a pruned group is not modelled."""
         shapes = {name: list(shape) for name, shape in self.shapes.items()}
         for change, n in zip(self.changes, removed):
             if n == 0:
                 continue
             if change.probe == 0:
-                return None  # the probe removed none of this group: its change is unknown
+                return None
             for name, delta in change.layers:
                 for dim, d in enumerate(delta):
                     step, rest = divmod(d * n, change.probe)
@@ -61,36 +71,31 @@ class ShapeCost:
 
     @classmethod
     def measure(cls, surgeon: Surgeon, input_size: int) -> ShapeCost | None:
-        """The shape model of `surgeon`'s model, or None where it does not count two pruned copies
-        (about half and about a quarter / three quarters of every group removed) exactly as fvcore does."""
+        """The shape model of `surgeon`'s model, or None where fvcore does not count a layer as
+        weight elements × positions or the modelled groups miscount a pruned copy."""
         unpruned = count_cost(surgeon.model, input_size=input_size)
-        weights = _weights(surgeon.model, unpruned.by_module)
+        shapes = _weights(surgeon.model, unpruned.by_module)
         positions = {}
-        for name, w in weights.items():
-            elements = math.prod(w)
-            if unpruned.by_module[name] % elements:
+        for name, shape in shapes.items():
+            if unpruned.by_module[name] % math.prod(shape):
                 return None  # counted as something other than weight elements × positions
-            positions[name] = unpruned.by_module[name] // elements
-        half = _probe(surgeon, [c // 2 for c in _channels(surgeon)], weights)
-        model = ShapeCost(positions, weights, tuple(_changes(weights, half)))
-        other = [c // 4 if g % 2 else 3 * c // 4 for g, c in enumerate(_channels(surgeon))]
-        for counts, pruned in ((half.counts, half.model), (other, _probe(surgeon, other, weights).model)):
-            if model.flops(counts) != count_cost(pruned, input_size=input_size).flops:
-                return None
-        return model
+            positions[name] = unpruned.by_module[name] // math.prod(shape)
+        groups = surgeon.groups
+        most = _changes(shapes, _probe(surgeon, [g.num_channels - g.blocks for g in groups], shapes))
+        least = _changes(shapes, _probe(surgeon, [g.blocks for g in groups], shapes))
+        model = ShapeCost(positions, shapes, tuple(_kept(g, a, b) for g, a, b in zip(groups, most, least)))
+        half = [legal_count(g.num_channels // 2, g.num_channels, g.blocks) if c.probe else 0
+                for g, c in zip(groups, model.changes)]
+        checked = count_cost(surgeon.pruned_copy(half), input_size=input_size).flops
+        return model if model.flops(half) == checked else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Probe:
-    """A pruned copy, the legal counts removed from each group, and the weight shapes after each group's surgery."""
+    """The legal counts removed from each group of a pruned copy, and its weight shapes after each group's surgery."""
 
-    model: nn.Module
     counts: list[int]
     after: list[dict[str, Shape]]
-
-
-def _channels(surgeon: Surgeon) -> list[int]:
-    return [g.num_channels for g in surgeon.groups]
 
 
 def _weights(model: nn.Module, names: Iterable[str]) -> dict[str, Shape]:
@@ -104,8 +109,8 @@ def _probe(surgeon: Surgeon, wanted: Sequence[int], layers: Iterable[str]) -> _P
     shapes of `layers` read after each group's surgery."""
     counts = [legal_count(n, g.num_channels, g.blocks) for n, g in zip(wanted, surgeon.groups)]
     after: list[dict[str, Shape]] = []
-    model = surgeon.pruned_copy(counts, after_each=lambda m: after.append(_weights(m, list(layers))))
-    return _Probe(model, counts, after)
+    surgeon.pruned_copy(counts, after_each=lambda m: after.append(_weights(m, list(layers))))
+    return _Probe(counts, after)
 
 
 def _changes(unpruned: dict[str, Shape], probe: _Probe) -> list[GroupChange]:
@@ -117,3 +122,13 @@ def _changes(unpruned: dict[str, Shape], probe: _Probe) -> list[GroupChange]:
         changes.append(GroupChange(n, layers))
         before = after
     return changes
+
+
+def _kept(group: PrunableGroup, most: GroupChange, least: GroupChange) -> GroupChange:
+    """`most` where the group has no narrower member and `least` changed every shape in proportion, else NOT_MODELLED."""
+    if any(group.index_maps) or most.probe == 0 or least.probe == 0 or [n for n, _ in most.layers] != [
+            n for n, _ in least.layers]:
+        return NOT_MODELLED
+    proportional = all(a * least.probe == b * most.probe
+                       for (_, da), (_, db) in zip(most.layers, least.layers) for a, b in zip(da, db))
+    return most if proportional else NOT_MODELLED
