@@ -3,20 +3,22 @@
     python -m benchmarks.plan_speed                                  # resnet18, mobilenet_v2, regnet_x_400mf
     python -m benchmarks.plan_speed --models densenet121 --shapes-only
 
-Per model (torchvision, random weights, 224²) and allocation (`uniform`, `global` with `l1`
-scores), `--target-flops 0.5 --round-to 8`, in one process: the plan made twice, once with every
-candidate structure counted on a pruned copy by fvcore (`StructureCost(read_shapes=False)`) and
-once read off the weight shapes (`prune.pipeline.shape_cost`), each on a fresh `StructureCost`.
+Per model (torchvision, random weights drawn after seed 0, 224²) and allocation (`uniform`, `global`
+with `l1` scores), `--target-flops 0.5 --round-to 8`, in one process: the plan made twice, once with
+every candidate structure counted on a pruned copy by fvcore (`StructureCost(read_shapes=False)`)
+and once read off the weight shapes (`prune.pipeline.shape_cost`), each on a fresh `StructureCost`.
 Reported: the wall time of each, their ratio, the FLOPs fraction reached, and whether the two plans
-are the same ratios (they must be: the shape count is exact, and the plan is counted on a copy once
-more). One JSON per model and allocation under benchmarks/results/plan_speed/ (a rerun skips those
-there, so a long run resumes); the table in benchmarks/results/plan_speed.md.
+are the same ratios (they must be: structures are read off the shapes only where that is exact, and
+the plan is counted on a copy once more). One JSON per model and allocation under
+benchmarks/results/plan_speed/ (a rerun skips those there, so a long run resumes); the table in
+benchmarks/results/plan_speed.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 
@@ -32,6 +34,9 @@ from prune.pipeline.selection import stored_or_scored
 MODELS = ("resnet18", "mobilenet_v2", "regnet_x_400mf")
 ALLOCATIONS = ("uniform", "global")
 FOLDER = RESULTS / "plan_speed"
+NOTE = ("The committed rows were measured while another process shared the 2 cores (a first run on an idler "
+        "machine took 311 s / 1.3 s for RegNet-X-400MF uniform and 130 s / 13 s for global); the ratios "
+        "are of one process each, both ways under the same load.\n")
 
 
 def allocate(allocation: str, surgeon: Surgeon) -> Callable[[StructureCost, float], tuple[float, ...]]:
@@ -56,9 +61,11 @@ def timed_plan(surgeon: Surgeon, plan: Callable, args: argparse.Namespace, *, re
 
 def one(model: str, allocation: str, args: argparse.Namespace) -> dict:
     """Both ways of planning `model` with `allocation`."""
+    torch.manual_seed(0)  # the random weights `global`'s l1 scores rank
     net = getattr(torchvision.models, model)(weights=None).eval()
     surgeon = Surgeon(net, torch.zeros(1, 3, args.input_size, args.input_size))
     plan = allocate(allocation, surgeon)
+    load_before = os.getloadavg()
     result = {"model": model, "allocation": allocation, "groups": len(surgeon.groups),
               "shapes": timed_plan(surgeon, plan, args, read_shapes=True)}
     if not args.shapes_only:
@@ -67,6 +74,8 @@ def one(model: str, allocation: str, args: argparse.Namespace) -> dict:
         result["speedup"] = result["copies"]["seconds"] / result["shapes"]["seconds"]
     return result | {"settings": {"target_flops": args.target_flops, "round_to": args.round_to,
                                   "input_size": args.input_size, "threads": torch.get_num_threads()},
+                     "load_average_1_5_15": {"before": [round(v, 2) for v in load_before],
+                                             "after": [round(v, 2) for v in os.getloadavg()]},
                      "machine": machine()}
 
 
@@ -99,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                "`python -m benchmarks.plan_speed`: target 0.5 of the FLOPs, `--round-to 8`, 224², random "
                "weights; both ways of a row in one process, seconds of planning alone (not building the "
                "Surgeon); machine and threads in each JSON under plan_speed/. `—`: not counted on copies "
-               f"(`--shapes-only`).\n\n{table}\n")
+               f"(`--shapes-only`).\n\n{table}\n\n{NOTE}")
     return 0
 
 

@@ -119,11 +119,34 @@ def test_the_shapes_count_every_pruned_structure_as_fvcore_counts_its_copy(name,
         assert narrow or flops == count_cost(surgeon.pruned_copy(counts), input_size=SIZE).flops, counts
 
 
-@pytest.mark.parametrize(("allocation", "target"), [("uniform", 0.12), ("global", 0.24), ("global", 0.32)])
-def test_plans_with_narrow_members_are_those_counted_on_copies(allocation, target, monkeypatch, one_thread):
+class ReadsItsWidth(nn.Module):
+    """A forward that reads the width of c's map: n runs once more where c keeps fewer than 4
+    channels, and p reads all but c's last channel, q the last (p loses every input past 15 of 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c = conv_bn(3, 8), conv_bn(8, 16)
+        self.n, self.p, self.q = nn.Conv2d(16, 8, 1), nn.Conv2d(15, 8, 1), nn.Conv2d(1, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(self.a(x))
+        width = y.shape[1]
+        z = self.n(y) + self.p(y[:, : width - 1]) + self.q(y[:, width - 1:])
+        if width < 4:
+            z = z + self.n(y)
+        return self.head(z.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("model", "allocation", "target", "round_to"), [
+    (NarrowMembers, "uniform", 0.12, 2), (NarrowMembers, "global", 0.24, 2), (NarrowMembers, "global", 0.32, 2),
+    (ReadsItsWidth, "uniform", 0.08, 1), (ReadsItsWidth, "uniform", 0.072, 2), (ReadsItsWidth, "global", 0.2, 1)])
+def test_plans_are_those_counted_on_copies(model, allocation, target, round_to, monkeypatch, one_thread):
+    """Where removal is piecewise (narrow members), a probe cannot be pruned or a layer runs more
+    often once narrower, the plan is still the one every copy counts."""
     torch.manual_seed(0)
-    model = NarrowMembers().eval()
-    config = PruneConfig(target_flops=target, allocation=allocation, round_to=2, scorer="l1")
+    model = model().eval()
+    config = PruneConfig(target_flops=target, allocation=allocation, round_to=round_to, scorer="l1")
 
     def plan() -> object:
         return make_plan(Planning(config=config, surgeon=Surgeon(model, torch.zeros(1, 3, SIZE, SIZE)),

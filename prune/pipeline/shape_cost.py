@@ -11,7 +11,9 @@ what removing n₀ of them did, and the changes of different groups add up.
 of every group removed, and keeps a group only where a second copy with one block's worth removed
 changes every shape in the same proportion and the group has no member narrower than its root
 (there `Surgeon.feasible` may keep channels back, and which members lose channels depends on how
-many go). The kept groups are checked together on a third copy against fvcore. A structure that
+many go). fvcore must count every layer of both copies at the unpruned model's positions (not so
+where the forward reads the width, e.g. runs a layer once more when narrower: then no model, nor
+where a copy cannot be pruned or run), and the kept groups are checked together on a third copy. A structure that
 prunes a group not kept is counted on a copy (`flops` says None). A budget's search thus asks
 thousands of structures at the price of arithmetic (`prune.pipeline.allocation.StructureCost`),
 and the plan it settles on is counted on a copy once more (`StructureCost.confirmed`).
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from prune.errors import out_of_memory
 from prune.pipeline.counting import count_cost
 from prune.pipeline.surgery import PrunableGroup, Surgeon, legal_count
 
@@ -71,8 +74,9 @@ class ShapeCost:
 
     @classmethod
     def measure(cls, surgeon: Surgeon, input_size: int) -> ShapeCost | None:
-        """The shape model of `surgeon`'s model, or None where fvcore does not count a layer as
-        weight elements × positions or the modelled groups miscount a pruned copy."""
+        """The shape model of `surgeon`'s model, or None where fvcore does not count every layer of
+        the unpruned model and of both probes as weight elements × positions (the same positions),
+        where a probe cannot be pruned or run, or where the modelled groups miscount a third copy."""
         unpruned = count_cost(surgeon.model, input_size=input_size)
         shapes = _weights(surgeon.model, unpruned.by_module)
         positions = {}
@@ -81,8 +85,17 @@ class ShapeCost:
                 return None  # counted as something other than weight elements × positions
             positions[name] = unpruned.by_module[name] // math.prod(shape)
         groups = surgeon.groups
-        most = _changes(shapes, _probe(surgeon, [g.num_channels - g.blocks for g in groups], shapes))
-        least = _changes(shapes, _probe(surgeon, [g.blocks for g in groups], shapes))
+        try:  # beyond --max-layer-ratio, torch-pruning may refuse a probe or the copy not run: then copies
+            probes = [_probe(surgeon, [g.num_channels - g.blocks for g in groups], shapes, input_size),
+                      _probe(surgeon, [g.blocks for g in groups], shapes, input_size)]
+        except Exception as exc:  # whatever torch-pruning or the model's forward raises
+            if out_of_memory(exc):
+                raise
+            return None
+        if any(probe.counted != {name: positions[name] * math.prod(probe.shapes()[name]) for name in shapes}
+               for probe in probes):
+            return None  # a layer applied at other positions once narrower (a forward that reads the width)
+        most, least = (_changes(shapes, probe) for probe in probes)
         model = ShapeCost(positions, shapes, tuple(_kept(g, a, b) for g, a, b in zip(groups, most, least)))
         half = [legal_count(g.num_channels // 2, g.num_channels, g.blocks) if c.probe else 0
                 for g, c in zip(groups, model.changes)]
@@ -92,10 +105,17 @@ class ShapeCost:
 
 @dataclass(frozen=True)
 class _Probe:
-    """The legal counts removed from each group of a pruned copy, and its weight shapes after each group's surgery."""
+    """The legal counts removed from each group of a pruned copy, its weight shapes after each
+    group's surgery (`unpruned` before any), and fvcore's MACs of each counted layer of the copy."""
 
     counts: list[int]
     after: list[dict[str, Shape]]
+    unpruned: dict[str, Shape]
+    counted: dict[str, int]
+
+    def shapes(self) -> dict[str, Shape]:
+        """The copy's weight shapes."""
+        return self.after[-1] if self.after else self.unpruned
 
 
 def _weights(model: nn.Module, names: Iterable[str]) -> dict[str, Shape]:
@@ -104,13 +124,13 @@ def _weights(model: nn.Module, names: Iterable[str]) -> dict[str, Shape]:
     return {name: tuple(modules[name].weight.shape) for name in names}
 
 
-def _probe(surgeon: Surgeon, wanted: Sequence[int], layers: Iterable[str]) -> _Probe:
+def _probe(surgeon: Surgeon, wanted: Sequence[int], unpruned: dict[str, Shape], input_size: int) -> _Probe:
     """`Surgeon.pruned_copy` with `wanted` channels of each group (made legal counts), the weight
-    shapes of `layers` read after each group's surgery."""
+    shapes of the layers of `unpruned` read after each group's surgery, and the copy counted."""
     counts = [legal_count(n, g.num_channels, g.blocks) for n, g in zip(wanted, surgeon.groups)]
     after: list[dict[str, Shape]] = []
-    surgeon.pruned_copy(counts, after_each=lambda m: after.append(_weights(m, list(layers))))
-    return _Probe(counts, after)
+    copy = surgeon.pruned_copy(counts, after_each=lambda m: after.append(_weights(m, unpruned)))
+    return _Probe(counts, after, unpruned, count_cost(copy, input_size=input_size).by_module)
 
 
 def _changes(unpruned: dict[str, Shape], probe: _Probe) -> list[GroupChange]:
