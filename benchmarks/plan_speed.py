@@ -34,9 +34,9 @@ from prune.pipeline.selection import stored_or_scored
 MODELS = ("resnet18", "mobilenet_v2", "regnet_x_400mf")
 ALLOCATIONS = ("uniform", "global")
 FOLDER = RESULTS / "plan_speed"
-NOTE = ("The committed rows were measured while another process shared the 2 cores (a first run on an idler "
-        "machine took 311 s / 1.3 s for RegNet-X-400MF uniform and 130 s / 13 s for global); the ratios "
-        "are of one process each, both ways under the same load.\n")
+NOTE = ("Timings move with the machine's load (1-minute load average before and after each row in its JSON): an "
+        "earlier run beside another process took 311-508 s with copies and 1.2-1.3 s with shapes for RegNet-X-400MF "
+        "`uniform`. The ratio of a row is of one process, both ways under the same load.\n")
 
 
 def allocate(allocation: str, surgeon: Surgeon) -> Callable[[StructureCost, float], tuple[float, ...]]:
