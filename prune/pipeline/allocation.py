@@ -42,7 +42,8 @@ class StructureCost:
         self.blocks = tuple(g.blocks for g in surgeon.groups)
         self.unpruned = count_cost(surgeon.model, input_size=input_size).flops
         self._cache: dict[tuple[int, ...], float] = {}
-        self._shapes: ShapeCost | None | bool = False if read_shapes else None  # False: not measured yet; None: copies
+        self._shapes: ShapeCost | None = None
+        self._to_measure = read_shapes  # the shape model is measured on the first question
 
     def counts(self, ratios: Sequence[float]) -> tuple[int, ...]:
         """Channels removed per group at `ratios` (the rounding `select_and_prune` applies)."""
@@ -58,8 +59,8 @@ class StructureCost:
         `select_and_prune` aligns it), as a fraction of the unpruned FLOPs."""
         key = self.aligned(counts)
         if key not in self._cache:
-            if self._shapes is False:
-                self._shapes = ShapeCost.measure(self.surgeon, self.input_size)
+            if self._to_measure:
+                self._shapes, self._to_measure = ShapeCost.measure(self.surgeon, self.input_size), False
             flops = None if self._shapes is None else self._shapes.flops(self._legal(key))
             self._cache[key] = (self._counted(key) if flops is None else flops) / self.unpruned
         return self._cache[key]
@@ -81,7 +82,8 @@ class StructureCost:
         """Whether the fraction given for `ratios` is the one a pruned copy counts. If not, every
         later fraction is counted on copies (and False says the plan needs making again)."""
         key = self.aligned(self.counts(ratios))
-        if not self._shapes or self._counted(key) / self.unpruned == self.fraction(key):
+        given = self.fraction(key)
+        if self._shapes is None or self._counted(key) / self.unpruned == given:
             return True
         self._shapes, self._cache = None, {}
         return False
