@@ -34,9 +34,9 @@ from prune.pipeline.selection import stored_or_scored
 MODELS = ("resnet18", "mobilenet_v2", "regnet_x_400mf")
 ALLOCATIONS = ("uniform", "global")
 FOLDER = RESULTS / "plan_speed"
-NOTE = ("Timings move with the machine's load (1-minute load average before and after each row in its JSON): an "
-        "earlier run beside another process took 311-508 s with copies and 1.2-1.3 s with shapes for RegNet-X-400MF "
-        "`uniform`. The ratio of a row is of one process, both ways under the same load.\n")
+NOTE = ("Timings move with the machine's load (1-minute load average before and after each row in its JSON); "
+        "the ratio of a row is of one process, both ways under the same load. Seconds include the plan's "
+        "recount on a copy (`StructureCost.confirmed`), not building the Surgeon.\n")
 
 
 def allocate(allocation: str, surgeon: Surgeon) -> Callable[[StructureCost, float], tuple[float, ...]]:
@@ -53,8 +53,8 @@ def timed_plan(surgeon: Surgeon, plan: Callable, args: argparse.Namespace, *, re
     started = time.perf_counter()
     cost = StructureCost(surgeon, args.input_size, round_to=args.round_to, read_shapes=read_shapes)
     ratios = plan(cost, args.target_flops)
+    confirmed = cost.confirmed(ratios)  # as make_plan does: the plan counted on a copy once more
     seconds = time.perf_counter() - started
-    confirmed = cost.confirmed(ratios)
     return {"seconds": round(seconds, 2), "ratios": list(ratios), "flops_fraction": cost.fraction_at(ratios),
             "confirmed_on_a_copy": confirmed}
 
@@ -106,8 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     write_text(RESULTS / "plan_speed.md", "# Planning a FLOPs budget: shapes vs pruned copies\n\n"
                "`python -m benchmarks.plan_speed`: target 0.5 of the FLOPs, `--round-to 8`, 224², random "
-               "weights; both ways of a row in one process, seconds of planning alone (not building the "
-               "Surgeon); machine and threads in each JSON under plan_speed/. `—`: not counted on copies "
+               "weights; both ways of a row in one process; machine and threads in each JSON under plan_speed/. `—`: not counted on copies "
                f"(`--shapes-only`).\n\n{table}\n\n{NOTE}")
     return 0
 

@@ -271,8 +271,9 @@ def import_modules(names: list[str]) -> None:
             raise UsageError(f"--import {name} failed at {_failing_line(exc, spec.origin)}: {type(exc).__name__}: "
                              f"{one_line(str(exc))}; fix that module") from None
         except SystemExit as exc:  # a script's command-line code, run on import
+            code = 0 if exc.code is None else exc.code
             raise UsageError(f"--import {name} ended the process at {_failing_line(exc, spec.origin)} (exit code "
-                             f"{exc.code!r}): a script's own command-line code runs when it is imported; put it under "
+                             f"{code!r}): a script's own command-line code runs when it is imported; put it under "
                              "`if __name__ == \"__main__\":`") from None
 
 

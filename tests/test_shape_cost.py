@@ -19,8 +19,8 @@ from prune.outputs.score_store import NO_STORE
 from prune.pipeline.allocation import StructureCost
 from prune.pipeline.budget import Planning, make_plan
 from prune.pipeline.counting import count_cost
-from prune.pipeline.shape_cost import ShapeCost
-from prune.pipeline.surgery import legal_count
+from prune.pipeline.shape_cost import NOT_MODELLED, GroupChange, ShapeCost, _kept
+from prune.pipeline.surgery import PrunableGroup, legal_count
 from prune.zoo.embedded_model import build_embedded
 
 SIZE = 16
@@ -119,28 +119,74 @@ def test_the_shapes_count_every_pruned_structure_as_fvcore_counts_its_copy(name,
         assert narrow or flops == count_cost(surgeon.pruned_copy(counts), input_size=SIZE).flops, counts
 
 
-class ReadsItsWidth(nn.Module):
-    """A forward that reads the width of c's map: n runs once more where c keeps fewer than 4
-    channels, and p reads all but c's last channel, q the last (p loses every input past 15 of 16)."""
+class RunsMoreWhenNarrow(nn.Module):
+    """A forward that reads the width of c's map: n runs once more where c keeps fewer than 4 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.c, self.n = conv_bn(3, 8), conv_bn(8, 16), nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.c(self.a(x))
+        z = self.n(y) + self.n(y) if y.shape[1] < 4 else self.n(y)
+        return self.head(z.mean((2, 3)))
+
+
+class SlicesByWidth(nn.Module):
+    """p reads all but the last channel of c's map, q the last: torch-pruning refuses to take c
+    down to one channel (p would lose every input), which the cap never asks."""
 
     def __init__(self) -> None:
         super().__init__()
         self.a, self.c = conv_bn(3, 8), conv_bn(8, 16)
-        self.n, self.p, self.q = nn.Conv2d(16, 8, 1), nn.Conv2d(15, 8, 1), nn.Conv2d(1, 8, 1)
+        self.p, self.q = nn.Conv2d(15, 8, 1), nn.Conv2d(1, 8, 1)
         self.head = nn.Linear(8, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.c(self.a(x))
         width = y.shape[1]
-        z = self.n(y) + self.p(y[:, : width - 1]) + self.q(y[:, width - 1:])
-        if width < 4:
-            z = z + self.n(y)
-        return self.head(z.mean((2, 3)))
+        return self.head((self.p(y[:, : width - 1]) + self.q(y[:, width - 1:])).mean((2, 3)))
+
+
+def test_a_forward_that_reads_the_width_or_a_probe_refused_leaves_every_structure_to_copies(one_thread):
+    for model in (RunsMoreWhenNarrow, SlicesByWidth):
+        torch.manual_seed(0)
+        assert ShapeCost.measure(Surgeon(model().eval(), torch.zeros(1, 3, SIZE, SIZE)), SIZE) is None, model
+
+
+def test_a_group_is_modelled_only_where_its_change_is_proportional_and_no_member_is_narrower():
+    wide, narrow = (PrunableGroup(names=("c",), convs=(nn.Conv2d(3, 8, 1),), index_maps=maps) for maps in
+                    ((None,), (((0, 1), (0, 1)),)))
+    most = GroupChange(6, (("c", (-6, 0, 0, 0)), ("d", (0, -6, 0, 0))))
+    proportional = GroupChange(2, (("c", (-2, 0, 0, 0)), ("d", (0, -2, 0, 0))))
+    assert _kept(wide, most, proportional) == most
+    assert _kept(narrow, most, proportional) == NOT_MODELLED
+    assert _kept(wide, most, GroupChange(2, (("c", (-2, 0, 0, 0)), ("d", (0, -1, 0, 0))))) == NOT_MODELLED
+    assert _kept(wide, most, GroupChange(2, (("c", (-2, 0, 0, 0)),))) == NOT_MODELLED  # d unchanged at one block
+
+
+def test_groups_that_miscount_the_third_copy_are_no_model(monkeypatch, one_thread):
+    """Probes that pass, but fvcore counts the half-pruned copy 2 FLOPs otherwise: no shape model."""
+    from prune.pipeline import shape_cost
+
+    surgeon = Surgeon(plain().eval(), torch.zeros(1, 3, SIZE, SIZE))
+    assert ShapeCost.measure(surgeon, SIZE) is not None
+    calls = []
+
+    def off_on_the_third_copy(model: nn.Module, *, input_size: int):
+        calls.append(1)
+        cost = count_cost(model, input_size=input_size)
+        return dataclasses.replace(cost, macs=cost.macs + 1) if len(calls) == 4 else cost  # unpruned, 2 probes, half
+
+    monkeypatch.setattr(shape_cost, "count_cost", off_on_the_third_copy)
+    assert ShapeCost.measure(surgeon, SIZE) is None and len(calls) == 4
 
 
 @pytest.mark.parametrize(("model", "allocation", "target", "round_to"), [
     (NarrowMembers, "uniform", 0.12, 2), (NarrowMembers, "global", 0.24, 2), (NarrowMembers, "global", 0.32, 2),
-    (ReadsItsWidth, "uniform", 0.08, 1), (ReadsItsWidth, "uniform", 0.072, 2), (ReadsItsWidth, "global", 0.2, 1)])
+    (RunsMoreWhenNarrow, "uniform", 0.08, 1), (RunsMoreWhenNarrow, "uniform", 0.072, 2),
+    (SlicesByWidth, "uniform", 0.2, 1), (SlicesByWidth, "global", 0.2, 1)])
 def test_plans_are_those_counted_on_copies(model, allocation, target, round_to, monkeypatch, one_thread):
     """Where removal is piecewise (narrow members), a probe cannot be pruned or a layer runs more
     often once narrower, the plan is still the one every copy counts."""
@@ -210,7 +256,8 @@ class Recorded(World):
 
 
 def test_a_speed_plan_made_again_on_rank_zero_keeps_the_ranks_in_step(monkeypatch, one_thread):
-    """Rank 0 makes a miscounted speed plan again inside its own search: it broadcasts what rank 1 waits for, no more."""
+    """Rank 0 makes a miscounted speed plan again inside its own search: it broadcasts what rank 1
+    waits for, no more."""
     from prune.pipeline import budget
 
     monkeypatch.setattr(budget, "measure_speedup", lambda model, baseline, **_: (

@@ -13,7 +13,9 @@ changes every shape in the same proportion and the group has no member narrower 
 (there `Surgeon.feasible` may keep channels back, and which members lose channels depends on how
 many go). fvcore must count every layer of both copies at the unpruned model's positions (not so
 where the forward reads the width, e.g. runs a layer once more when narrower: then no model, nor
-where a copy cannot be pruned or run), and the kept groups are checked together on a third copy. A structure that
+where a copy cannot be pruned or run), and the kept groups are checked together on a third copy.
+Checks at three widths cannot rule out a forward that reads the width only between them: such a
+miscount can steer the search, but the FLOPs a plan reports are always counted on a copy. A structure that
 prunes a group not kept is counted on a copy (`flops` says None). A budget's search thus asks
 thousands of structures at the price of arithmetic (`prune.pipeline.allocation.StructureCost`),
 and the plan it settles on is counted on a copy once more (`StructureCost.confirmed`).
@@ -21,6 +23,7 @@ and the plan it settles on is counted on a copy once more (`StructureCost.confir
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ from prune.pipeline.counting import count_cost
 from prune.pipeline.surgery import PrunableGroup, Surgeon, legal_count
 
 Shape = tuple[int, ...]
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,23 +88,29 @@ class ShapeCost:
             if unpruned.by_module[name] % math.prod(shape):
                 return None  # counted as something other than weight elements × positions
             positions[name] = unpruned.by_module[name] // math.prod(shape)
-        groups = surgeon.groups
         try:  # beyond --max-layer-ratio, torch-pruning may refuse a probe or the copy not run: then copies
-            probes = [_probe(surgeon, [g.num_channels - g.blocks for g in groups], shapes, input_size),
-                      _probe(surgeon, [g.blocks for g in groups], shapes, input_size)]
+            return _checked(surgeon, input_size, positions, shapes)
         except Exception as exc:  # whatever torch-pruning or the model's forward raises
             if out_of_memory(exc):
                 raise
+            _log.info("candidate FLOPs are counted on pruned copies: a probe failed (%s: %s)", type(exc).__name__, exc)
             return None
-        if any(probe.counted != {name: positions[name] * math.prod(probe.shapes()[name]) for name in shapes}
-               for probe in probes):
-            return None  # a layer applied at other positions once narrower (a forward that reads the width)
-        most, least = (_changes(shapes, probe) for probe in probes)
-        model = ShapeCost(positions, shapes, tuple(_kept(g, a, b) for g, a, b in zip(groups, most, least)))
-        half = [legal_count(g.num_channels // 2, g.num_channels, g.blocks) if c.probe else 0
-                for g, c in zip(groups, model.changes)]
-        checked = count_cost(surgeon.pruned_copy(half), input_size=input_size).flops
-        return model if model.flops(half) == checked else None
+
+
+def _checked(surgeon: Surgeon, input_size: int, positions: dict[str, int],
+             shapes: dict[str, Shape]) -> ShapeCost | None:
+    """`ShapeCost.measure`'s model from its probes, None where a check fails."""
+    groups = surgeon.groups
+    probes = [_probe(surgeon, [g.num_channels - g.blocks for g in groups], shapes, input_size),
+              _probe(surgeon, [g.blocks for g in groups], shapes, input_size)]
+    if any(probe.counted != {name: positions[name] * math.prod(probe.shapes()[name]) for name in shapes}
+           for probe in probes):
+        return None  # a layer applied at other positions once narrower (a forward that reads the width)
+    most, least = (_changes(shapes, probe) for probe in probes)
+    model = ShapeCost(positions, shapes, tuple(_kept(g, a, b) for g, a, b in zip(groups, most, least)))
+    half = [legal_count(g.num_channels // 2, g.num_channels, g.blocks) if c.probe else 0
+            for g, c in zip(groups, model.changes)]
+    return model if model.flops(half) == count_cost(surgeon.pruned_copy(half), input_size=input_size).flops else None
 
 
 @dataclass(frozen=True)
@@ -145,8 +155,9 @@ def _changes(unpruned: dict[str, Shape], probe: _Probe) -> list[GroupChange]:
 
 
 def _kept(group: PrunableGroup, most: GroupChange, least: GroupChange) -> GroupChange:
-    """`most` where the group has no narrower member and `least` changed every shape in proportion, else NOT_MODELLED."""
-    if any(group.index_maps) or most.probe == 0 or least.probe == 0 or [n for n, _ in most.layers] != [
+    """`most` where the group has no narrower member and `least` changed every shape in proportion,
+    else NOT_MODELLED."""
+    if any(group.index_maps) or 0 in (most.probe, least.probe) or [n for n, _ in most.layers] != [
             n for n, _ in least.layers]:
         return NOT_MODELLED
     proportional = all(a * least.probe == b * most.probe
