@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import io
 import os
 import sys
 import traceback
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -265,16 +266,20 @@ def import_modules(names: list[str]) -> None:
         if spec is None:
             raise UsageError(f"--import {name}: no such module; pass a module importable from the current folder "
                              "(--import mynet for ./mynet.py) or installed")
+        printed = io.StringIO()  # what the module prints on stderr: passed on once imported, else the last line said
         try:
-            importlib.import_module(name)
+            with redirect_stderr(printed):
+                importlib.import_module(name)
         except Exception as exc:  # the module's own code failed (a package it imports missing included)
             raise UsageError(f"--import {name} failed at {_failing_line(exc, spec.origin)}: {type(exc).__name__}: "
                              f"{one_line(str(exc))}; fix that module") from None
-        except SystemExit as exc:  # a script's command-line code, run on import
+        except SystemExit as exc:  # a script's command-line code (e.g. its argparse), run on import
             code = 0 if exc.code is None else exc.code
+            said = [line for line in printed.getvalue().splitlines() if line.strip()]
             raise UsageError(f"--import {name} ended the process at {_failing_line(exc, spec.origin)} (exit code "
-                             f"{code!r}): a script's own command-line code runs when it is imported; put it under "
-                             "`if __name__ == \"__main__\":`") from None
+                             f"{code!r}{', saying: ' + one_line(said[-1]) if said else ''}): a script's own command-line "
+                             "code runs when it is imported; put it under `if __name__ == \"__main__\":`") from None
+        sys.stderr.write(printed.getvalue())  # e.g. its warnings, once it imported
 
 
 def _failing_line(exc: BaseException, origin: str | None) -> str:

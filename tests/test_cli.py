@@ -130,7 +130,9 @@ def test_a_module_of_the_users_registers_a_model_and_a_scorer_for_the_cli(tmp_pa
                                                    ("\n\nraise RuntimeError('no\\nGPU')\n", "plug.py:3: RuntimeError: no GPU"),
                                                    ("import not_installed_here\n", "plug.py:1: ModuleNotFoundError"),
                                                    ("import torch\ntorch.load('absent.pt')\n", "plug.py:2: FileNotFoundError"),
-                                                   ("import sys\n\nsys.exit(3)\n", "plug.py:3 (exit code 3)")])
+                                                   ("import sys\n\nsys.exit(3)\n", "plug.py:3 (exit code 3)"),
+                                                   ("import argparse\nargparse.ArgumentParser().parse_args(['--lr'])\n",
+                                                    "error: unrecognized arguments: --lr): a script's own")])
 def test_a_module_that_fails_to_import_is_one_line(tmp_path, monkeypatch, capsys, source, expected):
     (tmp_path / "plug.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
