@@ -18,7 +18,7 @@ from prune.core.distributed import World
 from prune.outputs.score_store import NO_STORE
 from prune.pipeline.allocation import StructureCost
 from prune.pipeline.budget import Planning, make_plan
-from prune.pipeline.counting import count_cost
+from prune.pipeline.counting import ModelCost, count_cost
 from prune.pipeline.shape_cost import NOT_MODELLED, GroupChange, ShapeCost, _kept
 from prune.pipeline.surgery import PrunableGroup, legal_count
 from prune.zoo.embedded_model import build_embedded
@@ -93,6 +93,11 @@ class NarrowMembers(nn.Module):
         return self.head(self.tail(y).mean((2, 3)))
 
 
+def measured(surgeon: Surgeon) -> ShapeCost | None:
+    """`ShapeCost.measure` of `surgeon` at SIZE."""
+    return ShapeCost.measure(surgeon, count_cost(surgeon.model, input_size=SIZE))
+
+
 MODELS = {"plain": plain, "concat": Concat, "residual": Residual, "separable": separable,
           "embedded-resnet": lambda: build_embedded("fashion-resnet"), "narrow-members": NarrowMembers}
 
@@ -103,7 +108,7 @@ def test_the_shapes_count_every_pruned_structure_as_fvcore_counts_its_copy(name,
     (None) exactly the structures that prune a group with a member narrower than its root."""
     torch.manual_seed(0)
     surgeon = Surgeon(MODELS[name]().eval(), torch.zeros(1, 3, SIZE, SIZE))
-    shapes = ShapeCost.measure(surgeon, SIZE)
+    shapes = measured(surgeon)
     assert shapes is not None
     rng = random.Random(0)
     groups = surgeon.groups
@@ -152,7 +157,7 @@ class SlicesByWidth(nn.Module):
 def test_a_forward_that_reads_the_width_or_a_probe_refused_leaves_every_structure_to_copies(one_thread):
     for model in (RunsMoreWhenNarrow, SlicesByWidth):
         torch.manual_seed(0)
-        assert ShapeCost.measure(Surgeon(model().eval(), torch.zeros(1, 3, SIZE, SIZE)), SIZE) is None, model
+        assert measured(Surgeon(model().eval(), torch.zeros(1, 3, SIZE, SIZE))) is None, model
 
 
 def test_a_group_is_modelled_only_where_its_change_is_proportional_and_no_member_is_narrower():
@@ -171,16 +176,16 @@ def test_groups_that_miscount_the_third_copy_are_no_model(monkeypatch, one_threa
     from prune.pipeline import shape_cost
 
     surgeon = Surgeon(plain().eval(), torch.zeros(1, 3, SIZE, SIZE))
-    assert ShapeCost.measure(surgeon, SIZE) is not None
+    assert measured(surgeon) is not None
     calls = []
 
     def off_on_the_third_copy(model: nn.Module, *, input_size: int):
         calls.append(1)
         cost = count_cost(model, input_size=input_size)
-        return dataclasses.replace(cost, macs=cost.macs + 1) if len(calls) == 4 else cost  # unpruned, 2 probes, half
+        return dataclasses.replace(cost, macs=cost.macs + 1) if len(calls) == 3 else cost  # 2 probes, then half
 
     monkeypatch.setattr(shape_cost, "count_cost", off_on_the_third_copy)
-    assert ShapeCost.measure(surgeon, SIZE) is None and len(calls) == 4
+    assert measured(surgeon) is None and len(calls) == 3
 
 
 @pytest.mark.parametrize(("model", "allocation", "target", "round_to"), [
@@ -219,8 +224,8 @@ def test_a_plan_the_shapes_miscount_is_made_again_on_copies(allocation, monkeypa
     monkeypatch.setattr(ShapeCost, "measure", staticmethod(lambda *_: None))
     on_copies = make_plan(planning(config))
 
-    def miscounting(surgeon: Surgeon, input_size: int) -> ShapeCost:
-        shapes = measure(surgeon, input_size)
+    def miscounting(surgeon: Surgeon, unpruned: ModelCost) -> ShapeCost:
+        shapes = measure(surgeon, unpruned)
         return dataclasses.replace(shapes, positions={**shapes.positions, "classifier.0": 2})
 
     monkeypatch.setattr(ShapeCost, "measure", staticmethod(miscounting))
@@ -263,8 +268,8 @@ def test_a_speed_plan_made_again_on_rank_zero_keeps_the_ranks_in_step(monkeypatc
     monkeypatch.setattr(budget, "measure_speedup", lambda model, baseline, **_: (
         count_cost(baseline, input_size=32).flops / count_cost(model, input_size=32).flops))
     measure = ShapeCost.measure
-    monkeypatch.setattr(ShapeCost, "measure", staticmethod(lambda surgeon, size: dataclasses.replace(
-        measure(surgeon, size), positions={**measure(surgeon, size).positions, "classifier.0": 2})))
+    monkeypatch.setattr(ShapeCost, "measure", staticmethod(lambda surgeon, unpruned: dataclasses.replace(
+        measure(surgeon, unpruned), positions={**measure(surgeon, unpruned).positions, "classifier.0": 2})))
     searches = []
     search = budget.speed_search
     monkeypatch.setattr(budget, "speed_search", lambda *a, **k: searches.append(1) or search(*a, **k))

@@ -40,7 +40,8 @@ class StructureCost:
         self.round_to = round_to
         self.channels = tuple(g.num_channels for g in surgeon.groups)
         self.blocks = tuple(g.blocks for g in surgeon.groups)
-        self.unpruned = count_cost(surgeon.model, input_size=input_size).flops
+        self._unpruned = count_cost(surgeon.model, input_size=input_size)
+        self.unpruned = self._unpruned.flops
         self._cache: dict[tuple[int, ...], float] = {}
         self._shapes: ShapeCost | None = None
         self._to_measure = read_shapes  # the shape model is measured on the first question
@@ -60,7 +61,7 @@ class StructureCost:
         key = self.aligned(counts)
         if key not in self._cache:
             if self._to_measure:
-                self._shapes, self._to_measure = ShapeCost.measure(self.surgeon, self.input_size), False
+                self._shapes, self._to_measure = ShapeCost.measure(self.surgeon, self._unpruned), False
             flops = None if self._shapes is None else self._shapes.flops(self._legal(key))
             self._cache[key] = (self._counted(key) if flops is None else flops) / self.unpruned
         return self._cache[key]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from prune.errors import out_of_memory
-from prune.pipeline.counting import count_cost
+from prune.pipeline.counting import ModelCost, count_cost
 from prune.pipeline.surgery import PrunableGroup, Surgeon, legal_count
 
 Shape = tuple[int, ...]
@@ -77,11 +77,11 @@ class ShapeCost:
         return 2 * sum(self.positions[name] * math.prod(shape) for name, shape in shapes.items())
 
     @classmethod
-    def measure(cls, surgeon: Surgeon, input_size: int) -> ShapeCost | None:
-        """The shape model of `surgeon`'s model, or None where fvcore does not count every layer of
-        the unpruned model and of both probes as weight elements × positions (the same positions),
-        where a probe cannot be pruned or run, or where the modelled groups miscount a third copy."""
-        unpruned = count_cost(surgeon.model, input_size=input_size)
+    def measure(cls, surgeon: Surgeon, unpruned: ModelCost) -> ShapeCost | None:
+        """The shape model of `surgeon`'s model (`unpruned`: its `count_cost`), or None where fvcore
+        does not count every layer of the unpruned model and of both probes as weight elements ×
+        positions (the same positions), where a probe cannot be pruned or run, or where the modelled
+        groups miscount a third copy."""
         shapes = _weights(surgeon.model, unpruned.by_module)
         positions = {}
         for name, shape in shapes.items():
@@ -89,7 +89,7 @@ class ShapeCost:
                 return None  # counted as something other than weight elements × positions
             positions[name] = unpruned.by_module[name] // math.prod(shape)
         try:  # beyond --max-layer-ratio, torch-pruning may refuse a probe or the copy not run: then copies
-            return _checked(surgeon, input_size, positions, shapes)
+            return _checked(surgeon, unpruned.input_size, positions, shapes)
         except Exception as exc:  # whatever torch-pruning or the model's forward raises
             if out_of_memory(exc):
                 raise
